@@ -1,0 +1,67 @@
+"""Generation defaults, read from a checkpoint's generation_config.json as transformers does."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from florence_jax.config import Florence2Config
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_length: int = 20
+    max_new_tokens: int | None = None
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 0
+    early_stopping: bool | str = False
+    length_penalty: float = 1.0
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    pad_token_id: int = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2
+    suppress_tokens: tuple[int, ...] = ()
+
+    @classmethod
+    def from_model_config(cls, cfg: Florence2Config) -> GenerationConfig:
+        t = cfg.text_config
+        suppress = tuple(range(cfg.num_real_tokens, t.vocab_size)) if cfg.num_real_tokens is not None else ()
+        return cls(
+            forced_bos_token_id=t.forced_bos_token_id, forced_eos_token_id=t.forced_eos_token_id,
+            pad_token_id=t.pad_token_id, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
+            decoder_start_token_id=t.decoder_start_token_id, suppress_tokens=suppress,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], base: GenerationConfig | None = None) -> GenerationConfig:
+        base = base or cls()
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {}
+        for k, v in d.items():
+            if k not in names or v is None and k not in ("forced_bos_token_id", "forced_eos_token_id",
+                                                          "max_new_tokens"):
+                continue
+            if k == "eos_token_id" and isinstance(v, list):
+                v = v[0]
+            if k == "suppress_tokens":
+                v = tuple(sorted(set(base.suppress_tokens) | set(v or ())))
+            kw[k] = v
+        return dataclasses.replace(base, **kw)
+
+    @classmethod
+    def from_pretrained_dir(cls, directory: str | Path, cfg: Florence2Config) -> GenerationConfig:
+        base = cls.from_model_config(cfg)
+        path = Path(directory) / "generation_config.json"
+        if path.exists():
+            return cls.from_dict(json.loads(path.read_text()), base)
+        return base
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["suppress_tokens"] = list(self.suppress_tokens) or None
+        return {k: v for k, v in d.items() if v is not None}

@@ -1,0 +1,220 @@
+"""BART encoder-decoder (Florence-2's language model) in Flax NNX, with a preallocated KV cache.
+
+Post-LayerNorm layers, learned positions with an offset of 2, ``layernorm_embedding``, optional
+sqrt(d_model) embedding scale, exact GELU: what transformers' ``BartModel`` computes. The token
+embedding lives once, in ``BartModel.shared``; encoder and decoder receive it at call time, so the
+parameter tree holds it at one path (PyTorch's tied ``embed_tokens`` copies are aliases of it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from florence_jax.config import Florence2Config
+from florence_jax.modeling.layers import activation, attention, layer_norm, linear, maybe_remat
+
+POSITION_OFFSET = 2  # BART's learned positions are indexed from 2 (a fairseq legacy).
+
+
+class LayerCache(NamedTuple):
+    """Self-attention keys/values of one decoder layer, ``(batch, max_length, heads, head_dim)``."""
+
+    key: jax.Array
+    value: jax.Array
+
+
+class BartAttention(nnx.Module):
+    def __init__(self, cfg: Florence2Config, num_heads: int, *, rngs: nnx.Rngs):
+        d = cfg.text_config.d_model
+        self.num_heads = num_heads
+        self.head_dim = d // num_heads
+        self.impl = cfg.attention_impl
+        self.k_proj = linear(cfg, d, d, rngs=rngs)
+        self.v_proj = linear(cfg, d, d, rngs=rngs)
+        self.q_proj = linear(cfg, d, d, rngs=rngs)
+        self.out_proj = linear(cfg, d, d, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.text_config.attention_dropout)
+
+    def _heads(self, x):
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+    def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
+    def __call__(self, x, key, value, mask, rngs=None):
+        q = self._heads(self.q_proj(x))
+        out = attention(q, key, value, scale=self.head_dim**-0.5, mask=mask, impl=self.impl,
+                        dropout=self.dropout, rngs=rngs)
+        return self.out_proj(out.reshape(*x.shape[:-1], -1))
+
+
+class _FFN(nnx.Module):
+    def _init_ffn(self, cfg: Florence2Config, ffn_dim: int, rngs):
+        t = cfg.text_config
+        self.act = activation(t.activation_function)
+        self.fc1 = linear(cfg, t.d_model, ffn_dim, rngs=rngs)
+        self.fc2 = linear(cfg, ffn_dim, t.d_model, rngs=rngs)
+        self.final_layer_norm = layer_norm(cfg, t.d_model, eps=t.layer_norm_eps, rngs=rngs)
+        self.dropout = nnx.Dropout(t.dropout)
+        self.activation_dropout = nnx.Dropout(t.activation_dropout)
+
+    def _ffn(self, h, rngs):
+        r = h
+        h = self.activation_dropout(self.act(self.fc1(h)), rngs=rngs)
+        h = self.dropout(self.fc2(h), rngs=rngs)
+        return self.final_layer_norm(r + h)
+
+
+class EncoderLayer(_FFN):
+    def __init__(self, cfg: Florence2Config, *, rngs: nnx.Rngs):
+        t = cfg.text_config
+        self.self_attn = BartAttention(cfg, t.encoder_attention_heads, rngs=rngs)
+        self.self_attn_layer_norm = layer_norm(cfg, t.d_model, eps=t.layer_norm_eps, rngs=rngs)
+        self._init_ffn(cfg, t.encoder_ffn_dim, rngs)
+
+    def __call__(self, h, mask, rngs=None):
+        k, v = self.self_attn.project_kv(h)
+        a = self.dropout(self.self_attn(h, k, v, mask, rngs), rngs=rngs)
+        h = self.self_attn_layer_norm(h + a)
+        return self._ffn(h, rngs)
+
+
+class DecoderLayer(_FFN):
+    def __init__(self, cfg: Florence2Config, *, rngs: nnx.Rngs):
+        t = cfg.text_config
+        self.self_attn = BartAttention(cfg, t.decoder_attention_heads, rngs=rngs)
+        self.self_attn_layer_norm = layer_norm(cfg, t.d_model, eps=t.layer_norm_eps, rngs=rngs)
+        self.encoder_attn = BartAttention(cfg, t.decoder_attention_heads, rngs=rngs)
+        self.encoder_attn_layer_norm = layer_norm(cfg, t.d_model, eps=t.layer_norm_eps, rngs=rngs)
+        self._init_ffn(cfg, t.decoder_ffn_dim, rngs)
+
+    def __call__(self, h, self_mask, cross_kv, cross_mask, cache: LayerCache | None = None, index=None,
+                 rngs=None):
+        k, v = self.self_attn.project_kv(h)
+        if cache is not None:
+            # Write this step's keys/values at `index` and attend over the whole preallocated buffer;
+            # the caller's mask hides positions not yet written.
+            k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), index, axis=1)
+            cache = LayerCache(k, v)
+        a = self.dropout(self.self_attn(h, k, v, self_mask, rngs), rngs=rngs)
+        h = self.self_attn_layer_norm(h + a)
+        a = self.dropout(self.encoder_attn(h, cross_kv[0], cross_kv[1], cross_mask, rngs), rngs=rngs)
+        h = self.encoder_attn_layer_norm(h + a)
+        return self._ffn(h, rngs), cache
+
+
+class _Stack(nnx.Module):
+    def _init_stack(self, cfg: Florence2Config, rngs):
+        t = cfg.text_config
+        self.embed_positions = nnx.Embed(t.max_position_embeddings + POSITION_OFFSET, t.d_model,
+                                         dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.layernorm_embedding = layer_norm(cfg, t.d_model, eps=t.layer_norm_eps, rngs=rngs)
+        self.dropout = nnx.Dropout(t.dropout)
+        self.remat_policy = cfg.remat_policy
+
+    def _embed(self, inputs_embeds, start, rngs):
+        length = inputs_embeds.shape[1]
+        positions = start + jnp.arange(length) + POSITION_OFFSET
+        h = inputs_embeds + self.embed_positions(positions)[None].astype(inputs_embeds.dtype)
+        return self.dropout(self.layernorm_embedding(h), rngs=rngs)
+
+
+class BartEncoder(_Stack):
+    def __init__(self, cfg: Florence2Config, *, rngs: nnx.Rngs):
+        self._init_stack(cfg, rngs)
+        self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.text_config.encoder_layers)])
+
+    def __call__(self, inputs_embeds, attention_mask=None, rngs=None):
+        """``inputs_embeds`` already hold the (scaled) token embeddings with image features merged in."""
+        h = self._embed(inputs_embeds, 0, rngs)
+        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+        for layer in self.layers:
+            h = maybe_remat(lambda lyr, x, m, r: lyr(x, m, r), self.remat_policy)(layer, h, mask, rngs)
+        return h
+
+
+class BartDecoder(_Stack):
+    def __init__(self, cfg: Florence2Config, *, rngs: nnx.Rngs):
+        self._init_stack(cfg, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.text_config.decoder_layers)])
+
+    def cross_kv(self, encoder_hidden_states) -> list[tuple[jax.Array, jax.Array]]:
+        """Cross-attention keys/values of every layer, computed once per generation."""
+        return [layer.encoder_attn.project_kv(encoder_hidden_states) for layer in self.layers]
+
+    def __call__(
+        self,
+        inputs_embeds,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        decoder_attention_mask=None,
+        *,
+        cross_kv=None,
+        cache: list[LayerCache] | None = None,
+        index=None,
+        rngs=None,
+    ):
+        """Teacher forcing (``cache=None``) or one incremental step writing at ``index`` of ``cache``.
+
+        Returns ``(hidden_states, new_cache)``.
+        """
+        length = inputs_embeds.shape[1]
+        if cross_kv is None:
+            cross_kv = self.cross_kv(encoder_hidden_states)
+        cross_mask = (
+            None if encoder_attention_mask is None else encoder_attention_mask.astype(bool)[:, None, None, :]
+        )
+        if cache is None:
+            start = 0
+            self_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+            if decoder_attention_mask is not None:
+                self_mask = self_mask & decoder_attention_mask.astype(bool)[:, None, None, :]
+        else:
+            start = index
+            max_len = cache[0].key.shape[1]
+            q_pos = index + jnp.arange(length)
+            self_mask = (jnp.arange(max_len)[None, :] <= q_pos[:, None])[None, None]
+            if decoder_attention_mask is not None:  # (B, max_len) padding over the cache positions
+                self_mask = self_mask & decoder_attention_mask.astype(bool)[:, None, None, :]
+        h = self._embed(inputs_embeds, start, rngs)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
+
+            def run(lyr, x, sm, ckv, cm, lc, r, _index=index):
+                return lyr(x, sm, ckv, cm, lc, _index, r)
+
+            h, layer_cache = maybe_remat(run, self.remat_policy if cache is None else "none")(
+                layer, h, self_mask, cross_kv[i], cross_mask, layer_cache, rngs
+            )
+            new_cache.append(layer_cache)
+        return h, (None if cache is None else new_cache)
+
+    def init_cache(self, batch: int, max_length: int, dtype) -> list[LayerCache]:
+        layer = self.layers[0].self_attn
+        shape = (batch, max_length, layer.num_heads, layer.head_dim)
+        return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers]
+
+
+class BartModel(nnx.Module):
+    def __init__(self, cfg: Florence2Config, *, rngs: nnx.Rngs):
+        t = cfg.text_config
+        self.shared = nnx.Embed(t.vocab_size, t.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.encoder = BartEncoder(cfg, rngs=rngs)
+        self.decoder = BartDecoder(cfg, rngs=rngs)
+        self.embed_scale = math.sqrt(t.d_model) if t.scale_embedding else 1.0
+        self.pad_token_id = t.pad_token_id
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings as transformers' ``get_input_embeddings()`` returns them (scale included)."""
+        e = self.shared(input_ids)
+        # nn.Embedding(padding_idx=pad) never sends gradient to the padding row; neither do we.
+        e = jnp.where((input_ids == self.pad_token_id)[..., None], jax.lax.stop_gradient(e), e)
+        return e * self.embed_scale if self.embed_scale != 1.0 else e

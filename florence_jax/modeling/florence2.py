@@ -1,0 +1,218 @@
+"""Florence-2: DaViT -> projector -> image features merged at ``<image>`` tokens -> BART -> tied LM head."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from florence_jax.config import Florence2Config
+from florence_jax.modeling.bart import BartModel
+from florence_jax.modeling.davit import DaViT
+from florence_jax.modeling.layers import layer_norm, linear
+
+
+class Buffer(nnx.Variable):
+    """A constant carried with the parameters (saved and loaded) but never trained."""
+
+
+def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
+    """The reference's cosine temporal table: sin in even columns, cos in odd ones."""
+    half = dim // 2
+    freq = np.exp(np.arange(half, dtype=np.float32) * -(math.log(10000) / half))
+    angles = np.arange(num_positions, dtype=np.float32)[:, None] * freq[None, :]
+    table = np.empty((num_positions, dim), np.float32)
+    table[:, 0::2] = np.sin(angles)
+    table[:, 1::2] = np.cos(angles)
+    return table
+
+
+class LearnedPositionEmbedding2D(nnx.Module):
+    def __init__(self, cfg: Florence2Config, *, rngs: nnx.Rngs):
+        v = cfg.vision_config
+        dim = v.embed_dim[-1]
+        kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
+        self.row_embeddings = nnx.Embed(v.max_position_embeddings, dim // 2, **kw)
+        self.column_embeddings = nnx.Embed(v.max_position_embeddings, dim - dim // 2, **kw)
+
+    def __call__(self, h: int, w: int) -> jax.Array:
+        """(H, W, C): column embedding in the first half of the channels, row embedding in the second."""
+        x = self.column_embeddings(jnp.arange(w))
+        y = self.row_embeddings(jnp.arange(h))
+        return jnp.concatenate(
+            [jnp.broadcast_to(x[None], (h, w, x.shape[-1])), jnp.broadcast_to(y[:, None], (h, w, y.shape[-1]))],
+            axis=-1,
+        )
+
+
+class CosineTemporalEmbedding(nnx.Module):
+    def __init__(self, cfg: Florence2Config):
+        v = cfg.vision_config
+        table = sinusoid_table(v.max_temporal_embeddings, v.embed_dim[-1])
+        self.pos_idx_to_embed = Buffer(jnp.asarray(table, dtype=cfg.param_dtype))
+
+
+class MultiModalProjector(nnx.Module):
+    """Adds 2-D and temporal positions, pools (1 mean token + H*W tokens), projects and normalises."""
+
+    def __init__(self, cfg: Florence2Config, *, rngs: nnx.Rngs):
+        v = cfg.vision_config
+        self.image_projection = linear(cfg, v.embed_dim[-1], v.projection_dim, use_bias=False, rngs=rngs)
+        self.image_proj_norm = layer_norm(cfg, v.projection_dim, rngs=rngs)
+        self.image_position_embed = LearnedPositionEmbedding2D(cfg, rngs=rngs)
+        self.visual_temporal_embed = CosineTemporalEmbedding(cfg)
+
+    def __call__(self, features_nhwc: jax.Array) -> jax.Array:
+        b, h, w, c = features_nhwc.shape
+        x = features_nhwc + self.image_position_embed(h, w)[None].astype(features_nhwc.dtype)
+        x = x.reshape(b, h * w, c)
+        # One frame: the temporal embedding of frame 0 is added to every token.
+        x = x + self.visual_temporal_embed.pos_idx_to_embed[0].astype(x.dtype)
+        pooled = jnp.mean(x.astype(jnp.float32), axis=1, keepdims=True).astype(x.dtype)
+        x = jnp.concatenate([pooled, x], axis=1)
+        return self.image_proj_norm(self.image_projection(x))
+
+
+class Florence2Model(nnx.Module):
+    def __init__(self, cfg: Florence2Config, *, rngs: nnx.Rngs):
+        self.vision_tower = DaViT(cfg, rngs=rngs)
+        self.multi_modal_projector = MultiModalProjector(cfg, rngs=rngs)
+        self.language_model = BartModel(cfg, rngs=rngs)
+
+
+@flax.struct.dataclass
+class Seq2SeqLMOutput:
+    logits: jax.Array
+    encoder_last_hidden_state: jax.Array | None = None
+    image_features: jax.Array | None = None
+
+
+def merge_image_features(inputs_embeds: jax.Array, input_ids: jax.Array, image_features: jax.Array,
+                         image_token_id: int) -> jax.Array:
+    """Place row b's image features, in order, at row b's ``<image>`` positions.
+
+    Equals transformers' ``masked_scatter`` when every row holds exactly ``image_features.shape[1]``
+    image tokens, which is what the processor produces.
+    """
+    is_image = input_ids == image_token_id
+    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_features, slot[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered.astype(inputs_embeds.dtype), inputs_embeds)
+
+
+class Florence2ForConditionalGeneration(nnx.Module):
+    """The whole model. ``model(input_ids=..., pixel_values=..., ...)`` returns ``.logits``.
+
+    ``pixel_values`` are NCHW as transformers' processor returns them (``image_layout="NHWC"`` accepts
+    the data pipeline's layout and skips the transpose).
+    """
+
+    def __init__(self, config: Florence2Config, *, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.model = Florence2Model(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            t = config.text_config
+            self.lm_head = linear(config, t.d_model, t.vocab_size, use_bias=False, rngs=rngs)
+        self.eval()  # inference mode by default, as transformers' from_pretrained returns it
+
+    # ------------------------------------------------------------------ pieces
+    def get_image_features(self, pixel_values, *, image_layout: str = "NCHW", rngs=None) -> jax.Array:
+        """Vision tower + projector: ``(batch, 1 + H*W, projection_dim)``."""
+        x = jnp.asarray(pixel_values)
+        if image_layout == "NCHW":
+            x = x.transpose(0, 2, 3, 1)
+        elif image_layout != "NHWC":
+            raise ValueError(f"image_layout must be NCHW or NHWC, got {image_layout!r}")
+        feats = self.model.vision_tower(x.astype(self.config.dtype), rngs)
+        return self.model.multi_modal_projector(feats)
+
+    def embed_inputs(self, input_ids, image_features=None) -> jax.Array:
+        lm = self.model.language_model
+        embeds = lm.embed(input_ids)
+        if image_features is not None:
+            embeds = merge_image_features(embeds, input_ids, image_features, self.config.image_token_id)
+        return embeds
+
+    def encode(self, input_ids, pixel_values=None, attention_mask=None, *, image_features=None,
+               image_layout: str = "NCHW", rngs=None) -> jax.Array:
+        input_ids = jnp.asarray(input_ids)
+        if image_features is None and pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, image_layout=image_layout, rngs=rngs)
+        embeds = self.embed_inputs(input_ids, image_features)
+        mask = None if attention_mask is None else jnp.asarray(attention_mask)
+        return self.model.language_model.encoder(embeds, mask, rngs)
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            return self.model.language_model.shared.attend(hidden)
+        return self.lm_head(hidden)
+
+    def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask=None,
+               decoder_attention_mask=None, rngs=None) -> jax.Array:
+        lm = self.model.language_model
+        embeds = lm.embed(jnp.asarray(decoder_input_ids))
+        h, _ = lm.decoder(
+            embeds, encoder_hidden_states,
+            None if attention_mask is None else jnp.asarray(attention_mask),
+            None if decoder_attention_mask is None else jnp.asarray(decoder_attention_mask),
+            rngs=rngs,
+        )
+        return self.logits_from_hidden(h)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        *,
+        image_features=None,
+        image_layout: str = "NCHW",
+        rngs: nnx.Rngs | None = None,
+    ) -> Seq2SeqLMOutput:
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        input_ids = jnp.asarray(input_ids)
+        if image_features is None and pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, image_layout=image_layout, rngs=rngs)
+        enc = self.encode(input_ids, attention_mask=attention_mask, image_features=image_features, rngs=rngs)
+        if decoder_input_ids is None:
+            start = self.config.text_config.decoder_start_token_id
+            decoder_input_ids = jnp.full((input_ids.shape[0], 1), start, jnp.int32)
+        logits = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask, rngs)
+        return Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=enc, image_features=image_features)
+
+    # ------------------------------------------------------------------ checkpoints and generation
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision: str | None = None, dtype: Any = "float32",
+                        param_dtype: Any = "float32", **kwargs) -> Florence2ForConditionalGeneration:
+        """Load a Hub id or local directory (either checkpoint layout); see :mod:`florence_jax.weights`."""
+        from florence_jax.weights.load import load_pretrained
+
+        return load_pretrained(cls, name_or_path, revision=revision, dtype=dtype, param_dtype=param_dtype,
+                               **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write a transformers-native directory (config, generation config, safetensors)."""
+        from florence_jax.weights.export import save_pretrained
+
+        save_pretrained(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        from florence_jax.weights.export import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
+        """Greedy or beam-search generation; see :func:`florence_jax.generation.generate`."""
+        from florence_jax.generation import generate
+
+        return generate(self, input_ids, pixel_values, attention_mask, **kwargs)

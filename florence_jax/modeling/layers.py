@@ -1,0 +1,84 @@
+"""Shared building blocks: activations, attention core, LayerNorm/Linear factories with PyTorch defaults."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = {
+    # transformers' ACT2FN names -> jax functions. "gelu" is the exact erf form, as in PyTorch.
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+def linear(cfg, din: int, dout: int, *, use_bias: bool = True, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        din, dout, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
+    )
+
+
+def layer_norm(cfg, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # PyTorch's nn.LayerNorm default epsilon is 1e-5 (flax's is 1e-6).
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    mask: jax.Array | None = None,
+    impl: str = "xla",
+    dropout: nnx.Dropout | None = None,
+    rngs: nnx.Rngs | None = None,
+) -> jax.Array:
+    """Softmax attention over ``(batch, length, heads, head_dim)`` inputs.
+
+    ``mask`` is boolean, broadcastable to ``(batch, heads, q_len, k_len)``, True where attention is
+    allowed. Scores and softmax are computed in float32 whatever the compute dtype. A fully masked row
+    gives a uniform distribution, as transformers' eager attention does with its finfo.min bias.
+    ``impl="dot_product"`` routes to ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU)
+    when no attention dropout is active.
+    """
+    use_dropout = dropout is not None and dropout.rate > 0 and not dropout.deterministic
+    if impl == "dot_product" and not use_dropout:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale).astype(v.dtype)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if use_dropout:
+        probs = dropout(probs, rngs=rngs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def maybe_remat(fn, policy: str):
+    """Wrap a module call with ``nnx.remat`` according to the config's ``remat_policy``."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return nnx.remat(fn)
+    if policy == "dots":
+        return nnx.remat(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"unknown remat_policy {policy!r}; expected none, full or dots")
+
+
+Dtype = Any
