@@ -13,7 +13,7 @@ TINY_VISION = dict(
     max_position_embeddings=20, drop_path_rate=0.1,
 )
 TINY_TEXT = dict(
-    vocab_size=1064, d_model=24, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+    vocab_size=1024, d_model=24, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=128,
     dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
 )

@@ -1,0 +1,187 @@
+"""Model inputs for Florence-2: transformers' processor for text, a fast numpy path for images.
+
+Text goes through transformers' ``Florence2Processor`` (task prompts, image placeholder tokens,
+BOS/EOS); re-implementing the tokenizer would only create a second source of truth. Images in the
+data pipeline go through :class:`ImageTransform` instead: the same PIL conversion and bicubic
+resize as the processor's PIL backend, then one lookup table per channel for rescale + normalize,
+bit-identical to the processor's ``pixel_values`` and cheap enough for grain workers.
+
+transformers is imported lazily so this module (and the data pipeline) imports without torch and
+without paying transformers' import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from florence_jax.postprocess import coordinates_to_loc_tokens, dequantize, quantize_coordinates
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageTransform",
+    "coordinates_to_loc_tokens",
+    "dequantize",
+    "load_processor",
+    "prepare_inputs",
+    "quantize_coordinates",
+    "to_rgb",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_processor(name_or_path: str | os.PathLike, revision: str | None = None) -> ProcessorMixin:
+    """transformers' native Florence-2 processor from a Hub id or a local directory.
+
+    Never runs remote code: checkpoints in the original ``trust_remote_code`` layout must be
+    converted first (transformers' Florence-2 conversion script).
+    """
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(os.fspath(name_or_path), revision=revision, trust_remote_code=False)
+
+
+def prepare_inputs(
+    processor: ProcessorMixin,
+    images: Image.Image | Sequence[Image.Image],
+    texts: str | Sequence[str],
+    max_length: int | None = None,
+    padding: bool | str = "longest",
+) -> dict[str, np.ndarray]:
+    """Run the processor and return the arrays the JAX model takes.
+
+    ``input_ids``/``attention_mask`` are int32 ``(B, L)`` and ``pixel_values`` float32 NCHW, with
+    the same values as ``processor(text=texts, images=images, return_tensors="np")``.
+    ``padding="max_length"`` with ``max_length`` gives static shapes for jit. Prompts are never
+    truncated (cutting one would drop its ``</s>`` silently): a prompt longer than ``max_length``
+    raises instead.
+    """
+    kwargs: dict[str, Any] = {"padding": padding}
+    if max_length is not None:
+        kwargs["max_length"] = max_length
+    encoded = processor(text=texts, images=images, return_tensors="np", **kwargs)
+    input_ids = np.asarray(encoded["input_ids"])
+    if max_length is not None and input_ids.shape[-1] > max_length:
+        raise ValueError(f"prompt needs {input_ids.shape[-1]} tokens, more than max_length={max_length}")
+    return {
+        "input_ids": input_ids.astype(np.int32),
+        "attention_mask": np.asarray(encoded["attention_mask"]).astype(np.int32),
+        "pixel_values": np.asarray(encoded["pixel_values"]).astype(np.float32),
+    }
+
+
+def _as_height_width(size: Any) -> tuple[int, int]:
+    """``{"height": h, "width": w}`` (dict or transformers' SizeDict) -> ``(h, w)``."""
+    get = size.get if isinstance(size, Mapping) else functools.partial(getattr, size)
+    height, width = get("height", None), get("width", None)
+    if height is None or width is None:
+        raise ValueError(f"ImageTransform needs an exact height and width, got size={size!r}")
+    return int(height), int(width)
+
+
+def _triple(value: float | Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in value) if isinstance(value, Sequence) else (float(value),) * 3
+    if len(values) != 3:
+        raise ValueError(f"expected one value or three (RGB), got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB exactly as transformers does it: transparency (an alpha band, or a
+    ``transparency`` entry as palette and L images carry) is composited onto white, other modes
+    (L, CMYK, I;16, 1, ...) use PIL's own conversion."""
+    # RGB images go through the check too: a PNG tRNS chunk marks one colour as transparent.
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image -> normalized float32 array, equal to the processor's ``pixel_values``.
+
+    Picklable and stateless apart from a cached 256x3 lookup table, so it can be handed to data
+    loader workers. ``size`` is ``(height, width)``; ``resample`` a PIL filter (3 = bicubic).
+
+    Matches transformers' PIL backend (``CLIPImageProcessorPil``, what transformers uses without
+    torchvision). With torchvision installed, ``AutoProcessor`` picks the torchvision backend,
+    whose bicubic resize is torch's, not PIL's: expect small differences from this path there.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    rescale_factor: float = 1 / 255
+    resample: int = Image.Resampling.BICUBIC
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+    @classmethod
+    def from_processor(cls, processor: Any) -> ImageTransform:
+        """Settings of a processor's (or directly an image processor's) resize/rescale/normalize."""
+        image_processor = getattr(processor, "image_processor", processor)
+        if getattr(image_processor, "do_center_crop", False):
+            raise NotImplementedError("center cropping is not part of Florence-2's preprocessing")
+        if not getattr(image_processor, "do_resize", True):
+            raise NotImplementedError("ImageTransform always resizes; the processor does not")
+        if not getattr(image_processor, "do_convert_rgb", True):
+            raise NotImplementedError("ImageTransform always converts to RGB; the processor does not")
+        return cls(
+            size=_as_height_width(image_processor.size),
+            mean=_triple(image_processor.image_mean),
+            std=_triple(image_processor.image_std),
+            rescale_factor=float(image_processor.rescale_factor),
+            resample=int(image_processor.resample),
+            do_rescale=bool(image_processor.do_rescale),
+            do_normalize=bool(image_processor.do_normalize),
+        )
+
+    @functools.cached_property
+    def _table(self) -> np.ndarray:
+        """float32 ``(256, 3)``: the output for each uint8 value and channel.
+
+        Same operations and dtypes as transformers (float64 rescale, cast to float32, then
+        ``(x - mean) / std`` in float32), so the table reproduces it bit for bit.
+        """
+        values = np.arange(256, dtype=np.float64)[:, None].repeat(3, axis=1)
+        if self.do_rescale:
+            values = values * self.rescale_factor
+        table = values.astype(np.float32)
+        if self.do_normalize:
+            table = (table - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return table
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """RGB conversion and resize only, as uint8 PIL (for caching decoded, resized images)."""
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+        height, width = self.size
+        return to_rgb(image).resize((width, height), resample=self.resample)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """float32 ``(H, W, 3)``: channels last, the model's internal layout."""
+        pixels = np.asarray(self.resize(image), dtype=np.uint8)
+        return self._table[pixels, np.arange(3)]
+
+    def chw(self, image: Image.Image) -> np.ndarray:
+        """float32 ``(3, H, W)``, the layout of transformers' ``pixel_values``."""
+        return np.ascontiguousarray(self(image).transpose(2, 0, 1))
+
+    def batch(self, images: Sequence[Image.Image], channels_first: bool = False) -> np.ndarray:
+        """Stack images into ``(B, H, W, 3)``, or ``(B, 3, H, W)`` with ``channels_first``."""
+        stacked = np.stack([self(image) for image in images])
+        return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)) if channels_first else stacked
