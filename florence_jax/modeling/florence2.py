@@ -122,14 +122,20 @@ class Florence2ForConditionalGeneration(nnx.Module):
         self.eval()  # inference mode by default, as transformers' from_pretrained returns it
 
     # ------------------------------------------------------------------ pieces
-    def get_image_features(self, pixel_values, *, image_layout: str = "NCHW", rngs=None) -> jax.Array:
-        """Vision tower + projector: ``(batch, 1 + H*W, projection_dim)``."""
+    def get_image_features(self, pixel_values, *, image_layout: str = "NCHW", rngs=None,
+                           freeze_vision: bool = False) -> jax.Array:
+        """Vision tower + projector: ``(batch, 1 + H*W, projection_dim)``.
+
+        ``freeze_vision`` stops gradients at the tower's output, so its backward pass is never computed.
+        """
         x = jnp.asarray(pixel_values)
         if image_layout == "NCHW":
             x = x.transpose(0, 2, 3, 1)
         elif image_layout != "NHWC":
             raise ValueError(f"image_layout must be NCHW or NHWC, got {image_layout!r}")
         feats = self.model.vision_tower(x.astype(self.config.dtype), rngs)
+        if freeze_vision:
+            feats = jax.lax.stop_gradient(feats)
         return self.model.multi_modal_projector(feats)
 
     def embed_inputs(self, input_ids, image_features=None) -> jax.Array:
@@ -177,12 +183,14 @@ class Florence2ForConditionalGeneration(nnx.Module):
         image_features=None,
         image_layout: str = "NCHW",
         rngs: nnx.Rngs | None = None,
+        freeze_vision: bool = False,
     ) -> Seq2SeqLMOutput:
         if input_ids is None:
             raise ValueError("input_ids is required")
         input_ids = jnp.asarray(input_ids)
         if image_features is None and pixel_values is not None:
-            image_features = self.get_image_features(pixel_values, image_layout=image_layout, rngs=rngs)
+            image_features = self.get_image_features(pixel_values, image_layout=image_layout, rngs=rngs,
+                                                     freeze_vision=freeze_vision)
         enc = self.encode(input_ids, attention_mask=attention_mask, image_features=image_features, rngs=rngs)
         if decoder_input_ids is None:
             start = self.config.text_config.decoder_start_token_id

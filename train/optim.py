@@ -1,0 +1,88 @@
+"""Optimizer: schedule, global-norm clipping, AdamW, and frozen parameters by regex over paths.
+
+Frozen parameters are routed to ``optax.set_to_zero()`` through ``optax.multi_transform``: they get no
+Adam moments at all, and the update leaves them bit-identical. (The reference PyTorch recipe sets an
+attribute PyTorch ignores, so its "frozen" encoder trains; here freezing is structural.)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import optax
+
+from train.config import OptimConfig
+
+TRAINABLE, VISION, FROZEN = "trainable", "vision", "frozen"
+
+
+def path_str(keypath) -> str:
+    """Dotted parameter path (``model.vision_tower.convs.0.conv.kernel``) from a jax key path."""
+    parts = []
+    for k in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    if parts and parts[-1] == "value":  # nnx.Variable flattens to its value
+        parts.pop()
+    return ".".join(parts)
+
+
+def param_labels(params, freeze: Sequence[str], vision_lr: float | None = None):
+    """A pytree of labels (same structure as ``params``): frozen, vision (own learning rate) or trainable."""
+    patterns = [re.compile(p) for p in freeze]
+
+    def label(keypath, _):
+        path = path_str(keypath)
+        if any(p.search(path) for p in patterns):
+            return FROZEN
+        if vision_lr is not None and ".vision_tower." in f".{path}":
+            return VISION
+        return TRAINABLE
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_schedule(cfg: OptimConfig, peak: float, total_steps: int) -> optax.Schedule:
+    total = max(total_steps, 1)
+    warm = min(cfg.warmup_steps, total)
+    if cfg.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(peak, 0.0, max(total - warm, 1))
+    elif cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, max(total - warm, 1))
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm])
+
+
+def make_optimizer(cfg: OptimConfig, params, total_steps: int):
+    """Returns ``(tx, labels, schedule)``; ``labels`` marks every leaf trainable/vision/frozen."""
+    labels = param_labels(params, cfg.freeze, cfg.vision_learning_rate)
+
+    def adamw(lr):
+        return optax.adamw(make_schedule(cfg, lr, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay)
+
+    transforms = {TRAINABLE: adamw(cfg.learning_rate), FROZEN: optax.set_to_zero()}
+    if cfg.vision_learning_rate is not None:
+        transforms[VISION] = adamw(cfg.vision_learning_rate)
+    chain = [optax.multi_transform(transforms, labels)]
+    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+        chain.insert(0, optax.clip_by_global_norm(cfg.max_grad_norm))
+    return optax.chain(*chain), labels, make_schedule(cfg, cfg.learning_rate, total_steps)
+
+
+def count_params(params, labels) -> dict[str, int]:
+    counts = {TRAINABLE: 0, VISION: 0, FROZEN: 0}
+    for p, lab in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
+        counts[lab] += int(p.size)
+    return {"trainable": counts[TRAINABLE] + counts[VISION], "frozen": counts[FROZEN]}

@@ -1,0 +1,163 @@
+"""Build the model and the sharded train state from a config."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from florence_jax import Florence2Config, Florence2ForConditionalGeneration, TextConfig, VisionConfig
+from florence_jax.config import PRESETS, resolve_dtype
+from florence_jax.sharding import param_sharding_fn, param_spec
+from train.config import ModelConfig, OptimConfig
+from train.optim import FROZEN, make_optimizer, path_str
+from train.step import StepFns, TrainState
+
+log = logging.getLogger(__name__)
+
+
+def tiny_config(vocab_size: int, image_token_id: int) -> Florence2Config:
+    """A ~2-5M parameter Florence-2 for the CPU demo and tests (real structure, small widths)."""
+    return Florence2Config(
+        vision_config=VisionConfig(
+            depths=(1, 1, 1, 1), embed_dim=(32, 64, 96, 128), num_heads=(2, 4, 6, 8), num_groups=(2, 4, 6, 8),
+            window_size=4, projection_dim=128, drop_path_rate=0.0,
+        ),
+        text_config=TextConfig(
+            vocab_size=vocab_size, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, max_position_embeddings=512,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        ),
+        image_token_id=image_token_id,
+    )
+
+
+def model_config_for(cfg: ModelConfig, tokenizer=None) -> Florence2Config | None:
+    """The Florence2Config of a ``random:<preset>`` model (None for checkpoints)."""
+    if not cfg.name_or_path.startswith("random:"):
+        return None
+    preset = cfg.name_or_path.split(":", 1)[1]
+    if tokenizer is None:
+        raise ValueError("a random model needs the tokenizer to size its vocabulary")
+    vocab = -(-len(tokenizer) // 64) * 64
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if preset == "tiny":
+        fc = tiny_config(vocab, image_token_id)
+    elif preset in PRESETS:
+        fc = PRESETS[preset]()
+        fc = fc.replace(text_config=dataclasses.replace(fc.text_config, vocab_size=vocab),
+                        image_token_id=image_token_id)
+    else:
+        raise ValueError(f"unknown random preset {preset!r}; expected tiny, base or large")
+    fc = fc.replace(num_real_tokens=len(tokenizer))
+    return fc
+
+
+def _apply_model_options(fc: Florence2Config, cfg: ModelConfig) -> Florence2Config:
+    fc = fc.replace(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
+                    attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy)
+    if cfg.dropout is not None:
+        t = fc.text_config
+        fc = fc.replace(text_config=dataclasses.replace(
+            t, dropout=cfg.dropout, attention_dropout=cfg.dropout, activation_dropout=cfg.dropout))
+    if cfg.drop_path_rate is not None:
+        fc = fc.replace(vision_config=dataclasses.replace(fc.vision_config, drop_path_rate=cfg.drop_path_rate))
+    return fc
+
+
+def create_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: int = 0, min_shard_size: int = 2**18):
+    """Load (or randomly initialise) the model straight into its sharding on ``mesh``."""
+    fc = model_config_for(cfg, tokenizer)
+    if fc is None:
+        overrides = {}
+        model = Florence2ForConditionalGeneration.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            sharding_fn=param_sharding_fn(mesh, min_shard_size), config_overrides=overrides,
+        )
+        model.config = _apply_model_options(model.config, cfg)
+        if (model.config.attention_impl != "xla" or model.config.remat_policy != "none" or cfg.dropout is not None
+                or cfg.drop_path_rate is not None):
+            model = _rebuild_with_config(model, model.config)
+        return model
+    fc = _apply_model_options(fc, cfg)
+
+    # Initialise under jit with out_shardings so parameters never gather on one device (big_vision style).
+    abstract = nnx.eval_shape(lambda: Florence2ForConditionalGeneration(fc, rngs=nnx.Rngs(seed)))
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = _state_shardings(abs_state, mesh, min_shard_size)
+
+    @jax.jit
+    def init():
+        return nnx.split(Florence2ForConditionalGeneration(fc, rngs=nnx.Rngs(seed)))[1]
+
+    state = jax.jit(init.__wrapped__ if hasattr(init, "__wrapped__") else init, out_shardings=shardings)()
+    model = nnx.merge(graphdef, state)
+    from florence_jax.generation_config import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_model_config(fc)
+    return model
+
+
+def _rebuild_with_config(model, fc: Florence2Config):
+    """Same parameters, new static options (attention implementation, remat, dropout)."""
+    _, state = nnx.split(model)
+    abstract = nnx.eval_shape(lambda: Florence2ForConditionalGeneration(fc, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    new = nnx.merge(graphdef, state)
+    new.generation_config = getattr(model, "generation_config", None)
+    return new
+
+
+def _state_shardings(state, mesh: Mesh, min_size: int):
+    from train.optim import path_str
+
+    def spec(keypath, x):
+        return NamedSharding(mesh, param_spec(path_str(keypath), tuple(x.shape), mesh, min_size=min_size))
+
+    return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def init_train_state(model, optim: OptimConfig, total_steps: int, mesh: Mesh, *, grad_accum_steps: int = 1,
+                     min_shard_size: int = 2**18):
+    """Split the model, build the optimizer and its sharded state; return ``(fns, state)``."""
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx, labels, schedule = make_optimizer(optim, params, total_steps)
+    vision_labels = [lab for kp, lab in jax.tree_util.tree_leaves_with_path(labels)
+                     if ".vision_tower." in "." + ".".join(str(getattr(k, "key", k)) for k in kp) + "."]
+    freeze_vision = bool(vision_labels) and all(lab == FROZEN for lab in vision_labels)
+    t = model.config.text_config
+    fns = StepFns(graphdef=graphdef, tx=tx, labels=labels, pad_token_id=t.pad_token_id,
+                  decoder_start_token_id=t.decoder_start_token_id, freeze_vision=freeze_vision,
+                  grad_accum_steps=grad_accum_steps)
+    repl = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # Parameters not yet on the mesh (e.g. loaded to one device) go to their rule-given sharding.
+    targets = _state_shardings(params, mesh, min_shard_size)
+    params = jax.tree.map(lambda x, s: x if _on_mesh(x, mesh) else jax.device_put(x, s), params, targets)
+    rest = jax.tree.map(lambda x: x if _on_mesh(x, mesh) else jax.device_put(x, repl), rest)
+    by_path = {path_str(kp): x.sharding for kp, x in jax.tree_util.tree_leaves_with_path(params)}
+
+    def opt_sharding(kp, x):
+        # Adam moments mirror a parameter (their key path ends with its path): same sharding.
+        parts = path_str(kp).split(".")
+        for i in range(len(parts)):
+            s = by_path.get(".".join(parts[i:]))
+            if s is not None:
+                return s
+        return repl  # counters and other scalars
+
+    opt_sh = jax.tree_util.tree_map_with_path(opt_sharding, jax.eval_shape(tx.init, params))
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params, rest=rest,
+                       opt_state=opt_state)
+    model.eval()
+    return fns, state, schedule
+
+
+def _on_mesh(x, mesh) -> bool:
+    s = getattr(x, "sharding", None)
+    return isinstance(s, NamedSharding) and s.mesh == mesh

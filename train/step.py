@@ -1,0 +1,120 @@
+"""Pure train and eval steps over split NNX state, jitted with explicit shardings by the caller.
+
+A batch is a dict of arrays: ``pixel_values`` (B, H, W, 3) NHWC, ``input_ids`` / ``attention_mask``
+(B, Lp), ``labels`` (B, Lt) and ``label_mask`` (B, Lt) (1 on real target tokens, eos included), and for
+evaluation ``example_mask`` (B,) (0 on rows that only pad the last batch).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from florence_jax.losses import shift_tokens_right, token_cross_entropy
+from train.optim import FROZEN
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of nnx.Param
+    rest: Any  # nnx.State of everything else (buffers); never updated
+    opt_state: Any
+
+
+@flax.struct.dataclass
+class StepFns:
+    """Static pieces the step closes over (not traced)."""
+
+    graphdef: Any = flax.struct.field(pytree_node=False)
+    tx: Any = flax.struct.field(pytree_node=False)
+    labels: Any = flax.struct.field(pytree_node=False)
+    pad_token_id: int = flax.struct.field(pytree_node=False, default=1)
+    decoder_start_token_id: int = flax.struct.field(pytree_node=False, default=2)
+    freeze_vision: bool = flax.struct.field(pytree_node=False, default=False)
+    grad_accum_steps: int = flax.struct.field(pytree_node=False, default=1)
+
+
+def _forward_loss(fns: StepFns, params, rest, batch, rng, total_weight):
+    model = nnx.merge(fns.graphdef, params, rest)
+    labels = batch["labels"]
+    mask = batch["label_mask"]
+    if "example_mask" in batch:
+        mask = mask * batch["example_mask"][:, None]
+    decoder_input_ids = shift_tokens_right(jnp.where(mask > 0, labels, fns.pad_token_id), fns.pad_token_id,
+                                           fns.decoder_start_token_id)
+    out = model(
+        input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+        decoder_input_ids=decoder_input_ids, image_layout="NHWC", rngs=nnx.Rngs(dropout=rng),
+        freeze_vision=fns.freeze_vision,
+    )
+    losses, weights = token_cross_entropy(out.logits, labels, mask)
+    return losses.sum() / total_weight, (losses.sum(), weights.sum())
+
+
+def train_step(fns: StepFns, state: TrainState, batch: dict, rng: jax.Array):
+    """One optimizer step on a global batch (split into ``grad_accum_steps`` micro-batches).
+
+    The loss is the mean over every real target token of the global batch, whatever the split.
+    """
+    rng = jax.random.fold_in(rng, state.step)
+    total_weight = jnp.maximum(batch["label_mask"].astype(jnp.float32).sum(), 1.0)
+    grad_fn = jax.value_and_grad(_forward_loss, argnums=1, has_aux=True)
+    if fns.grad_accum_steps == 1:
+        (_, (loss_sum, n_tok)), grads = grad_fn(fns, state.params, state.rest, batch, rng, total_weight)
+    else:
+        k = fns.grad_accum_steps
+        micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+        def body(carry, xs):
+            g_acc, l_acc, n_acc = carry
+            mb, i = xs
+            (_, (ls, n)), g = grad_fn(fns, state.params, state.rest, mb, jax.random.fold_in(rng, i), total_weight)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + ls, n_acc + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, loss_sum, n_tok), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(k)))
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
+    # Frozen leaves are returned as they are (not p + 0), so they stay bit-identical.
+    params = jax.tree.map(lambda p, u, lab: p if lab == FROZEN else (p + u).astype(p.dtype),
+                          state.params, updates, fns.labels)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics = {"loss": loss_sum / jnp.maximum(n_tok, 1.0), "grad_norm": grad_norm, "tokens": n_tok}
+    return new_state, metrics
+
+
+def eval_step(fns: StepFns, params, rest, batch: dict):
+    """Summed token loss and token count over real rows (padding rows of the last batch excluded)."""
+    _, (loss_sum, n_tok) = _forward_loss(fns, params, rest, batch, jax.random.key(0), 1.0)
+    return {"loss_sum": loss_sum, "tokens": n_tok}
+
+
+def jit_train_step(fns: StepFns, state: TrainState, batch_sharding, *, donate: bool = True):
+    """``step(state, batch, rng) -> (state, metrics)`` jitted with explicit shardings.
+
+    The state keeps the shardings it has (rules over parameter paths), the batch is split over the data
+    axes, metrics come back replicated, and the old state's buffers are donated.
+    """
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    repl = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        functools.partial(train_step, fns),
+        in_shardings=(state_sh, batch_sharding, repl),
+        out_shardings=(state_sh, repl),
+        donate_argnums=(0,) if donate else (),
+    )
+
+
+def jit_eval_step(fns: StepFns, state: TrainState, batch_sharding):
+    repl = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    params_sh = jax.tree.map(lambda x: x.sharding, state.params)
+    rest_sh = jax.tree.map(lambda x: x.sharding, state.rest)
+    return jax.jit(functools.partial(eval_step, fns), in_shardings=(params_sh, rest_sh, batch_sharding),
+                   out_shardings=repl)
