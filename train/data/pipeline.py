@@ -1,0 +1,418 @@
+"""Grain input pipeline: records -> static-shape numpy batches, checkpointable, robust to bad records.
+
+Layout of one pipeline (``DataPipeline.train`` / ``.eval``)::
+
+    MapDataset.range(len(source))            record indices, so eval can recover references by index
+      [even per-process shard]               training: every process gets the same number of records
+      .shuffle(seed).repeat(num_epochs)      training: a new permutation each epoch, fixed by seed
+      .map(ExampleEncoder)                   read record, template, decode + resize + normalize, tokenize, pad
+      .to_iter_dataset(ReadOptions)          thread prefetch in whichever process runs it
+      [.mp_prefetch(worker_count)]           the map above then runs in grain worker processes
+      -> _CountingBatcher                    main process: drop + count bad records, count truncations, stack
+
+Batching happens after the skip, in the main process, so a bad record never leaves a hole in a batch and the
+counters live in one place (the iterator's ``counters``, also saved in its state). Everything is indexed and
+seeded, so ``get_state``/``set_state`` on the returned iterator resumes the exact batch sequence.
+
+Batches (numpy): ``pixel_values`` float32 (B, H, W, 3) NHWC; ``input_ids``/``attention_mask`` int32 (B, Lp)
+with Lp = image_seq_length + max_prompt_tokens, laid out exactly as ``Florence2Processor`` does (image
+placeholders, ``<s>``, prompt, ``</s>``, right padding); ``labels`` int32 (B, Lt) = the tokenizer's
+``text_target`` ids (``<s>`` ... ``</s>``), ``label_mask`` float32 (1 on real target tokens incl. ``</s>``).
+Eval batches add ``example_mask`` int32 (1 real row, 0 padding) and ``index`` int32 (record index, -1 padding).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from florence_jax.processing import ImageTransform
+from train.data.templates import BadRecordError, Example, get_template
+
+__all__ = ["DataConfig", "DataPipeline", "ExampleEncoder", "load_image"]
+
+log = logging.getLogger(__name__)
+
+_SKIP = "_skip"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Input pipeline settings.
+
+    ``batch_size`` is per process. ``max_prompt_tokens`` counts the text tokens after the image placeholders
+    (``<s>`` and ``</s>`` included), so the encoder input length is ``image_seq_length + max_prompt_tokens``;
+    ``max_target_tokens`` includes ``<s>``/``</s>``. Longer prompts/targets are cut (keeping the final ``</s>``)
+    and counted. ``image_size`` None means the processor's size; another value must equal it (the number of
+    image tokens is the processor's). ``num_epochs`` None repeats training data forever. ``worker_count`` 0
+    decodes in the main process (threads only). ``drop_remainder`` applies to training; evaluation always pads.
+    """
+
+    batch_size: int = 8
+    max_prompt_tokens: int = 64
+    max_target_tokens: int = 32
+    image_size: int | None = None
+    seed: int = 0
+    num_epochs: int | None = None
+    shuffle: bool = True
+    worker_count: int = 0
+    worker_buffer_size: int = 2
+    read_threads: int = 4
+    drop_remainder: bool = True
+    template: str = "docvqa"
+
+
+def load_image(value: Any) -> Image.Image:
+    """Decode whatever a record holds for its image into a fully loaded PIL image.
+
+    Accepts a PIL image, a ``{"bytes", "path"}`` dict (the ``datasets`` Image storage), raw bytes or a path.
+    Raises ``BadRecordError`` ("missing_image" / "bad_image"); ``load()`` forces the full decode here so a
+    truncated file fails now rather than inside the transform.
+    """
+    if value is None:
+        raise BadRecordError("missing_image")
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if data:
+            value = data
+        elif path:
+            value = path
+        else:
+            raise BadRecordError("missing_image", "image dict has neither bytes nor path")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, bytes | bytearray | memoryview):
+            image = Image.open(io.BytesIO(bytes(value)))
+        elif isinstance(value, str | os.PathLike):
+            if not os.path.exists(value):
+                raise BadRecordError("missing_image", f"no file {os.fspath(value)!r}")
+            image = Image.open(value)
+        else:
+            raise BadRecordError("bad_image", f"unsupported image value of type {type(value).__name__}")
+        image.load()
+    except BadRecordError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise BadRecordError("bad_image", f"{type(e).__name__}: {e}") from e
+    return image
+
+
+class ExampleEncoder:
+    """Record index -> padded numpy example (or a skip marker). Picklable: runs in grain worker processes.
+
+    Tokenization follows ``Florence2Processor``: its prompt construction (task tokens such as ``<OCR>`` become
+    natural-language prompts), then ``<s>`` + prompt + ``</s>`` tokenized without extra special tokens, after
+    ``image_seq_length`` image placeholders. Targets are ``tokenizer(text_target=...)`` ids.
+    """
+
+    def __init__(
+        self,
+        source: Sequence[dict[str, Any]],
+        processor: Any,
+        config: DataConfig,
+        image_transform: Callable[[Image.Image], np.ndarray] | None = None,
+    ):
+        if config.max_prompt_tokens < 2 or config.max_target_tokens < 2:
+            raise ValueError("max_prompt_tokens and max_target_tokens must leave room for <s> and </s>")
+        self.source = source
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.template = get_template(config.template)
+        self.image_transform = image_transform or ImageTransform.from_processor(processor)
+        size = getattr(self.image_transform, "size", None)
+        if config.image_size is not None and size is not None and tuple(size) != (config.image_size,) * 2:
+            raise ValueError(
+                f"DataConfig.image_size={config.image_size} but the processor resizes to {tuple(size)}; "
+                "build the processor at the size you train at (it also fixes the number of image tokens)"
+            )
+        self.image_shape = (*(tuple(size) if size is not None else (config.image_size,) * 2), 3)
+        self.image_seq_length = int(processor.num_image_tokens)
+        self.prompt_length = self.image_seq_length + config.max_prompt_tokens
+        self.target_length = config.max_target_tokens
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        self.bos_id = int(self.tokenizer.bos_token_id)
+        self.image_token_id = int(processor.image_token_id)
+
+    # -- text
+
+    def prompt_ids(self, prompt: str) -> tuple[list[int], bool]:
+        """Text token ids after the image placeholders (``<s>`` ... ``</s>``), cut to fit; and whether cut."""
+        construct = getattr(self.processor, "_construct_prompts", None)
+        text = construct([prompt])[0] if construct is not None else prompt
+        tok = self.tokenizer
+        ids = list(tok(tok.bos_token + text + tok.eos_token, add_special_tokens=False)["input_ids"])
+        limit = self.prompt_length - self.image_seq_length
+        if len(ids) > limit:
+            return ids[: limit - 1] + [self.eos_id], True
+        return ids, False
+
+    def target_ids(self, target: str) -> tuple[list[int], bool]:
+        """``text_target`` token ids (``<s>`` ... ``</s>``), cut to fit keeping ``</s>``; and whether cut."""
+        ids = list(self.tokenizer(text_target=target)["input_ids"])
+        if len(ids) > self.target_length:
+            return ids[: self.target_length - 1] + [self.eos_id], True
+        return ids, False
+
+    def _text_arrays(self, prompt_ids: list[int], target_ids: list[int]) -> dict[str, np.ndarray]:
+        input_ids = np.full(self.prompt_length, self.pad_id, np.int32)
+        attention_mask = np.zeros(self.prompt_length, np.int32)
+        n = self.image_seq_length + len(prompt_ids)
+        input_ids[: self.image_seq_length] = self.image_token_id
+        input_ids[self.image_seq_length : n] = prompt_ids
+        attention_mask[:n] = 1
+        labels = np.full(self.target_length, self.pad_id, np.int32)
+        label_mask = np.zeros(self.target_length, np.float32)
+        labels[: len(target_ids)] = target_ids
+        label_mask[: len(target_ids)] = 1.0
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "label_mask": label_mask}
+
+    # -- records
+
+    def example(self, index: int) -> Example:
+        return self.template(self.source[int(index)])
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        try:
+            try:
+                record = self.source[index]
+            except Exception as e:  # noqa: BLE001 - an unreadable row is one bad record, not a dead run
+                raise BadRecordError("unreadable_record", f"{type(e).__name__}: {e}") from e
+            example = self.template(record)
+            image = load_image(example.image)
+            try:
+                pixels = np.asarray(self.image_transform(image), dtype=np.float32)
+            except Exception as e:  # noqa: BLE001
+                raise BadRecordError("bad_image", f"transform failed: {type(e).__name__}: {e}") from e
+            if pixels.shape != self.image_shape:
+                raise BadRecordError("bad_image", f"transform gave shape {pixels.shape}, want {self.image_shape}")
+        except BadRecordError as e:
+            log.debug("skipping record %d: %s", index, e)
+            return {_SKIP: e.reason, "index": index}
+        prompt_ids, prompt_cut = self.prompt_ids(example.prompt)
+        target_ids, target_cut = self.target_ids(example.target)
+        return {
+            "pixel_values": pixels,
+            **self._text_arrays(prompt_ids, target_ids),
+            "index": index,
+            "truncated_prompt": prompt_cut,
+            "truncated_target": target_cut,
+        }
+
+    def padding_example(self) -> dict[str, Any]:
+        """A filler row for padded eval batches: a valid minimal input (image tokens, ``<s></s>``) so no
+        attention row is fully masked, with label_mask 0 and index -1."""
+        arrays = self._text_arrays([self.bos_id, self.eos_id], [self.eos_id])
+        arrays["label_mask"][:] = 0.0
+        return {"pixel_values": np.zeros(self.image_shape, np.float32), **arrays, "index": -1}
+
+
+_BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "label_mask")
+
+
+class _CountingBatchIterator(grain.DatasetIterator):
+    """Drops skip markers (counting reasons), counts truncations, stacks rows into batches.
+
+    Pulls exactly the elements of the batch it returns, so the parent's state is always at a batch boundary
+    and get_state/set_state round-trip precisely. In eval mode it pads the last batch and then emits empty
+    (all padding) batches up to ``num_batches`` so every process runs the same number of eval steps.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, batcher: _CountingBatcher):
+        super().__init__(parent)
+        self._b = batcher
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._emitted = 0
+        self._exhausted = False
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b = self._b
+        if b.num_batches is not None and self._emitted >= b.num_batches:
+            raise StopIteration
+        rows: list[dict[str, Any]] = []
+        while len(rows) < b.batch_size and not self._exhausted:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                break
+            if _SKIP in element:
+                self.counters["skipped"] += 1
+                self.counters[f"skipped_{element[_SKIP]}"] += 1
+                continue
+            self.counters["examples"] += 1
+            for flag in ("truncated_prompt", "truncated_target"):
+                self.counters[flag] += int(bool(element[flag]))
+            rows.append(element)
+        if len(rows) < b.batch_size:
+            if b.num_batches is None and (not rows or b.drop_remainder):
+                raise StopIteration
+            rows += [b.padding] * (b.batch_size - len(rows))
+        self._emitted += 1
+        batch = {key: np.stack([r[key] for r in rows]) for key in _BATCH_KEYS}
+        if b.eval_mode:
+            batch["example_mask"] = np.asarray([r["index"] >= 0 for r in rows], np.int32)
+            batch["index"] = np.asarray([r["index"] for r in rows], np.int32)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "parent": self._parent.get_state(),
+            "counters": dict(self.counters),
+            "emitted": self._emitted,
+            "exhausted": self._exhausted,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self.counters = collections.Counter(state["counters"])
+        self._emitted = int(state["emitted"])
+        self._exhausted = bool(state["exhausted"])
+
+
+class _CountingBatcher(grain.IterDataset):
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        batch_size: int,
+        drop_remainder: bool,
+        padding: dict[str, Any],
+        eval_mode: bool,
+        num_batches: int | None,
+    ):
+        super().__init__(parent)
+        self.batch_size = batch_size
+        self.drop_remainder = drop_remainder
+        self.padding = padding
+        self.eval_mode = eval_mode
+        self.num_batches = num_batches
+
+    def __iter__(self) -> _CountingBatchIterator:
+        return _CountingBatchIterator(self._parent.__iter__(), self)
+
+    def __str__(self) -> str:
+        return f"CountingBatcher(batch_size={self.batch_size}, eval={self.eval_mode})"
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's mp_prefetch reads absl flags (worker profiling) and raises UnparsedFlagAccessError in programs
+    that never parsed them (anything not started by ``absl.app.run``, e.g. pytest). Marking them parsed keeps
+    every flag at its default; a later ``app.run``/``FLAGS(argv)`` still parses normally."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    if shard_index is not None and shard_count is not None:
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+        return shard_index, shard_count
+    if shard_index is not None or shard_count is not None:
+        raise ValueError("pass both shard_index and shard_count, or neither (then jax decides)")
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+class DataPipeline:
+    """Source + processor + config -> grain datasets of batches for training and evaluation.
+
+    ``iter(pipeline.train())`` yields training batches (shuffled, sharded per process, remainder dropped);
+    ``iter(pipeline.eval())`` yields padded eval batches covering this process's records exactly once. The
+    iterators have ``counters`` (examples, skipped[_reason], truncated_prompt/target) and checkpointable state.
+    """
+
+    def __init__(
+        self,
+        source: Sequence[dict[str, Any]],
+        processor: Any,
+        config: DataConfig,
+        image_transform: Callable[[Image.Image], np.ndarray] | None = None,
+    ):
+        self.source = source
+        self.config = config
+        self.encoder = ExampleEncoder(source, processor, config, image_transform)
+
+    def _to_batches(self, indices: grain.MapDataset, eval_mode: bool, num_batches: int | None) -> grain.IterDataset:
+        cfg = self.config
+        ds = indices.map(self.encoder).to_iter_dataset(
+            grain.ReadOptions(num_threads=max(1, cfg.read_threads), prefetch_buffer_size=2 * cfg.batch_size)
+        )
+        if cfg.worker_count > 0:
+            _ensure_absl_flags_parsed()
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
+                )
+            )
+        return _CountingBatcher(
+            ds, cfg.batch_size, cfg.drop_remainder, self.encoder.padding_example(), eval_mode, num_batches
+        )
+
+    def train(self, shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
+        """Training batches for this process (defaults: jax.process_index()/process_count()).
+
+        Records are first cut to a multiple of the process count so every process has the same number of
+        batches per epoch (a multi-host step would otherwise hang on the process that ran out).
+        """
+        index, count = _process_shard(shard_index, shard_count)
+        n = len(self.source) - len(self.source) % count
+        if n == 0:
+            raise ValueError(f"{len(self.source)} records cannot be split over {count} processes")
+        indices = grain.MapDataset.range(n)[index::count]
+        if self.config.shuffle:
+            indices = indices.shuffle(seed=self.config.seed)
+        indices = indices.repeat(self.config.num_epochs)
+        return self._to_batches(indices, eval_mode=False, num_batches=None)
+
+    def num_eval_batches(self, shard_count: int = 1) -> int:
+        """Eval batches per process: the same on every process (the largest shard, rounded up)."""
+        return math.ceil(math.ceil(len(self.source) / shard_count) / self.config.batch_size)
+
+    def eval(self, shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
+        """Eval batches: this process's records in order, once, padded with ``example_mask`` 0 rows."""
+        index, count = _process_shard(shard_index, shard_count)
+        indices = grain.MapDataset.range(len(self.source))[index::count]
+        return self._to_batches(indices, eval_mode=True, num_batches=self.num_eval_batches(count))
+
+    def references(self, indices: Sequence[int] | np.ndarray) -> list[tuple[str, ...]]:
+        """Reference answers for record indices (as in an eval batch's ``index``; -1 gives ``()``)."""
+        out = []
+        for i in np.asarray(indices).reshape(-1).tolist():
+            if i < 0:
+                out.append(())
+                continue
+            try:
+                out.append(self.encoder.example(i).references)
+            except BadRecordError:
+                out.append(())
+        return out
+
+    def batch_spec(self, eval_mode: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype of every batch array (all static), e.g. for ahead-of-time compilation."""
+        b, enc = self.config.batch_size, self.encoder
+        spec = {
+            "pixel_values": ((b, *enc.image_shape), np.dtype(np.float32)),
+            "input_ids": ((b, enc.prompt_length), np.dtype(np.int32)),
+            "attention_mask": ((b, enc.prompt_length), np.dtype(np.int32)),
+            "labels": ((b, enc.target_length), np.dtype(np.int32)),
+            "label_mask": ((b, enc.target_length), np.dtype(np.float32)),
+        }
+        if eval_mode:
+            spec["example_mask"] = ((b,), np.dtype(np.int32))
+            spec["index"] = ((b,), np.dtype(np.int32))
+        return spec

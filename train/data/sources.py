@@ -1,0 +1,236 @@
+"""Open a data source as a random-access sequence of records (plain dicts).
+
+Grain wants ``len()`` and ``[i]``; training wants the same code path for a Hub dataset, local parquet/arrow
+files, a ``save_to_disk`` folder and a JSONL file of ``{"image": "relative/path.png", ...}`` lines. Everything
+except JSONL goes through ``datasets`` (so Hub ids honour ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` and the
+cache like any ``load_dataset`` call).
+
+Image columns are read *undecoded* (``{"bytes", "path"}`` dicts, or a path string for JSONL): decoding happens in
+the grain workers, where a corrupt image is one skipped record instead of an exception raised while indexing
+the dataset. A source that cannot be opened at all raises ``SourceError`` naming the path, at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+__all__ = ["KINDS", "DatasetRecords", "JsonlRecords", "SourceError", "SourceSpec", "detect_kind", "open_source"]
+
+log = logging.getLogger(__name__)
+
+SourceKind = Literal["hub", "parquet", "arrow", "disk", "jsonl"]
+KINDS: tuple[str, ...] = ("hub", "parquet", "arrow", "disk", "jsonl")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+class SourceError(RuntimeError):
+    """A data source that cannot be read at all (missing, unreadable, empty, wrong split)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """Where records come from.
+
+    ``path``: a Hub dataset id (``"lmms-lab/DocVQA"``), a parquet/arrow file, glob or folder, a
+    ``save_to_disk`` folder, or a ``.jsonl`` file. ``kind`` is detected from the path when None (see
+    ``detect_kind``). ``split`` selects the split for Hub datasets and ``DatasetDict`` folders; ``name`` is the Hub
+    config name. ``image_column`` is the column holding images: it is read undecoded, and for JSONL relative paths
+    in it are resolved against the JSONL file's folder.
+    """
+
+    path: str
+    kind: SourceKind | None = None
+    split: str = "train"
+    name: str | None = None
+    revision: str | None = None
+    cache_dir: str | None = None
+    image_column: str = "image"
+
+
+def _expand(path: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Files for a file, a glob, or a folder (searched recursively for ``suffixes``), sorted for determinism."""
+    if os.path.isdir(path):
+        files = [
+            f for suf in suffixes for f in glob.glob(os.path.join(path, "**", f"*{suf}"), recursive=True)
+        ]
+    else:
+        files = glob.glob(path, recursive=True)
+    return sorted(f for f in set(files) if os.path.isfile(f))
+
+
+def detect_kind(path: str) -> SourceKind:
+    """Guess the source kind from the path.
+
+    ``*.jsonl`` -> jsonl; a folder with ``dataset_dict.json`` or ``state.json`` (what ``save_to_disk`` writes)
+    -> disk; a parquet/arrow file, glob or folder of them -> parquet/arrow; anything else that does not exist
+    locally and looks like ``name`` or ``owner/name`` -> hub. Missing local-looking paths are an error here,
+    not a confusing Hub lookup.
+    """
+    lower = path.lower()
+    if lower.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        return "jsonl"
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(
+            os.path.join(path, "state.json")
+        ):
+            return "disk"
+        if _expand(path, (".parquet",)):
+            return "parquet"
+        if _expand(path, (".arrow",)):
+            return "arrow"
+        raise SourceError(f"data source {path!r}: folder holds no parquet/arrow files and is not a save_to_disk folder")
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if lower.endswith(".arrow"):
+        return "arrow"
+    if glob.has_magic(path) or os.path.exists(path):
+        raise SourceError(f"data source {path!r}: cannot tell its kind from the name; pass kind= explicitly")
+    if not _HUB_ID.fullmatch(path):
+        raise SourceError(f"data source {path!r}: no such file or folder (and not a Hub dataset id)")
+    return "hub"
+
+
+class DatasetRecords(Sequence):
+    """A ``datasets.Dataset`` as a sequence of dicts, with image columns left undecoded.
+
+    Picklable (datasets pickles memory-mapped tables by file reference), so grain worker processes can index it.
+    """
+
+    def __init__(self, dataset: Any, description: str):
+        import datasets
+
+        for column, feature in dataset.features.items():
+            if isinstance(feature, datasets.Image) and feature.decode:
+                dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        self.dataset = dataset
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if not isinstance(index, int):
+            index = int(index)
+        return self.dataset[index]
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.dataset.column_names)
+
+    def __repr__(self) -> str:
+        return f"DatasetRecords({self.description}, {len(self)} records)"
+
+
+class JsonlRecords(Sequence):
+    """JSONL lines as dicts; relative image paths resolved against the file's folder.
+
+    Lines that are not a JSON object are dropped at load with a warning and counted in ``invalid_lines``: one
+    bad line should not stop a run, but it should be visible.
+    """
+
+    def __init__(self, path: str, image_column: str = "image"):
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        self.invalid_lines = 0
+        base = os.path.dirname(os.path.abspath(path))
+        opener = _open_text_gz if path.endswith(".gz") else open
+        with opener(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    log.warning("%s:%d: invalid JSON (%s); line skipped", path, lineno, e)
+                    self.invalid_lines += 1
+                    continue
+                if not isinstance(record, dict):
+                    log.warning("%s:%d: not a JSON object; line skipped", path, lineno)
+                    self.invalid_lines += 1
+                    continue
+                image = record.get(image_column)
+                if isinstance(image, str) and image and not os.path.isabs(image) and "://" not in image:
+                    record[image_column] = os.path.join(base, image)
+                self.records.append(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        return dict(self.records[int(index)])
+
+    def __repr__(self) -> str:
+        return f"JsonlRecords({self.path!r}, {len(self)} records)"
+
+
+def _open_text_gz(path: str, encoding: str) -> Any:
+    import gzip
+
+    return gzip.open(path, "rt", encoding=encoding)
+
+
+def _open_datasets(spec: SourceSpec, kind: str) -> Any:
+    import datasets
+
+    if kind == "hub":
+        ds = datasets.load_dataset(
+            spec.path, spec.name, split=spec.split, revision=spec.revision, cache_dir=spec.cache_dir
+        )
+    elif kind in ("parquet", "arrow"):
+        files = _expand(spec.path, (f".{kind}",))
+        if not files:
+            raise SourceError(f"data source {spec.path!r}: no {kind} files match")
+        if kind == "parquet":
+            ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=spec.cache_dir)
+        else:
+            parts = [datasets.Dataset.from_file(f) for f in files]
+            ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    elif kind == "disk":
+        ds = datasets.load_from_disk(spec.path)
+        if isinstance(ds, datasets.DatasetDict):
+            if spec.split not in ds:
+                raise SourceError(
+                    f"data source {spec.path!r}: no split {spec.split!r} (has {sorted(ds.keys())})"
+                )
+            ds = ds[spec.split]
+    else:
+        raise SourceError(f"data source {spec.path!r}: unknown kind {kind!r} (expected one of {KINDS})")
+    if not isinstance(ds, datasets.Dataset):
+        raise SourceError(f"data source {spec.path!r}: expected one split, got {type(ds).__name__}")
+    return ds
+
+
+def open_source(spec: SourceSpec | str) -> Sequence[dict[str, Any]]:
+    """Open ``spec`` (or a bare path) as a random-access sequence of record dicts.
+
+    Raises ``SourceError`` naming the path when it cannot be read at all or holds no records.
+    """
+    if isinstance(spec, str):
+        spec = SourceSpec(spec)
+    kind = spec.kind or detect_kind(spec.path)
+    if kind not in KINDS:
+        raise SourceError(f"data source {spec.path!r}: unknown kind {kind!r} (expected one of {KINDS})")
+    try:
+        if kind == "jsonl":
+            if not os.path.isfile(spec.path):
+                raise SourceError(f"data source {spec.path!r}: no such JSONL file")
+            records: Sequence[dict[str, Any]] = JsonlRecords(spec.path, spec.image_column)
+        else:
+            description = f"{kind}:{spec.path}" + (f"[{spec.split}]" if kind in ("hub", "disk") else "")
+            records = DatasetRecords(_open_datasets(spec, kind), description)
+    except SourceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to open is reported the same way, with its cause
+        raise SourceError(f"cannot read data source {spec.path!r} (kind={kind}): {type(e).__name__}: {e}") from e
+    if len(records) == 0:
+        raise SourceError(f"data source {spec.path!r} (kind={kind}) holds no records")
+    return records

@@ -1,0 +1,97 @@
+"""Answer-quality metrics for document VQA: ANLS, exact match, character error rate.
+
+Pure functions over strings, so the evaluation loop, the synthetic data's question-only bound and the tests all
+score answers the same way.
+
+Normalization (``normalize_answer``): lower-case, collapse every run of whitespace to one space, strip. This is
+what the DocVQA leaderboard does (its answers are compared case-insensitively and ignoring spacing); nothing
+else (punctuation, articles) is removed.
+
+ANLS follows the DocVQA definition: for each reference, similarity ``s = 1 - lev(pred, ref) / max(len(pred),
+len(ref))``; the score is the best ``s`` over the references, and a best score below ``threshold`` counts as 0
+(so a similarity of exactly 0.5 is kept, as in the common ``anls`` implementations). Two empty strings are
+identical (score 1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from rapidfuzz.distance import Levenshtein
+
+__all__ = [
+    "anls",
+    "character_error_rate",
+    "exact_match",
+    "mean_anls",
+    "normalize_answer",
+    "similarity",
+]
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, collapse whitespace runs to single spaces, strip."""
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+def similarity(a: str, b: str) -> float:
+    """Normalized Levenshtein similarity ``1 - lev(a, b) / max(len(a), len(b))`` of already-normalized strings.
+
+    Two empty strings are identical (1.0).
+    """
+    longest = max(len(a), len(b))
+    if longest == 0:
+        return 1.0
+    return 1.0 - Levenshtein.distance(a, b) / longest
+
+
+def anls(prediction: str, references: Sequence[str], threshold: float = 0.5) -> float:
+    """DocVQA ANLS of one prediction against its reference answers, in [0, 1].
+
+    Takes the best similarity over references (any accepted answer is fine) and zeroes it when below
+    ``threshold`` (a wrong answer gets no partial credit for sharing a few letters).
+
+    An empty reference list scores 0.0: the question has no accepted answer, so no prediction can be right.
+    Data loaders drop such records before evaluation; returning 0 instead of raising keeps a stray one from
+    crashing a long evaluation while still not rewarding anything.
+    """
+    if isinstance(references, str):
+        raise TypeError("references must be a sequence of strings, not a single string")
+    pred = normalize_answer(prediction)
+    best = max((similarity(pred, normalize_answer(ref)) for ref in references), default=0.0)
+    return best if best >= threshold else 0.0
+
+
+def mean_anls(
+    predictions: Sequence[str], references_list: Sequence[Sequence[str]], threshold: float = 0.5
+) -> float:
+    """Mean ANLS over a set of questions (the DocVQA leaderboard number). Empty input scores 0.0."""
+    if len(predictions) != len(references_list):
+        raise ValueError(f"{len(predictions)} predictions but {len(references_list)} reference lists")
+    if not predictions:
+        return 0.0
+    total = sum(anls(p, refs, threshold) for p, refs in zip(predictions, references_list))
+    return total / len(predictions)
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when the normalized prediction equals any normalized reference, else 0.0 (empty references: 0.0)."""
+    if isinstance(references, str):
+        raise TypeError("references must be a sequence of strings, not a single string")
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(ref) for ref in references))
+
+
+def character_error_rate(prediction: str, reference: str) -> float:
+    """Levenshtein distance / len(reference), on the raw strings (no normalization: OCR cares about case).
+
+    Can exceed 1 when the prediction is longer than the reference. An empty reference gives 0.0 for an empty
+    prediction and ``len(prediction)`` otherwise (every character is an insertion), so it never divides by zero.
+    """
+    distance = Levenshtein.distance(prediction, reference)
+    if not reference:
+        return float(distance)
+    return distance / len(reference)

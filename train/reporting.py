@@ -1,0 +1,103 @@
+"""What a user sees and keeps: console summaries, metrics.jsonl, TensorBoard events, eval.jsonl, a plot.
+
+Only process 0 writes; other processes get a writer whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+log = logging.getLogger("train")
+
+
+class Reporter:
+    def __init__(self, workdir: Path, enabled: bool | None = None):
+        self.workdir = Path(workdir)
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._tb = None
+        if self.enabled:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            except ImportError:  # optional: metrics.jsonl has everything
+                log.warning("tensorboardX not installed; TensorBoard events are not written")
+
+    def print(self, msg: str = "") -> None:
+        if self.enabled:
+            print(msg, flush=True)
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.workdir / name, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def train_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._append("metrics.jsonl", {"step": step, "time": time.time(), **metrics})
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"train/{k}", v, step)
+
+    def eval_metrics(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._append("eval.jsonl", record)
+        if self._tb is not None:
+            for k in ("val_loss", "anls"):
+                if record.get(k) is not None:
+                    self._tb.add_scalar(f"eval/{k}", record[k], record["step"])
+
+    def plot(self) -> Path | None:
+        """training_curves.png: training loss and learning rate by step, validation loss and ANLS."""
+        if not self.enabled:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        train = _read_jsonl(self.workdir / "metrics.jsonl")
+        evals = _read_jsonl(self.workdir / "eval.jsonl")
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        if train:
+            axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+            axes[0].set_xlabel("step")
+            axes[0].set_title("training loss")
+            axes[1].plot([r["step"] for r in train], [r.get("lr", 0) for r in train])
+            axes[1].set_title("learning rate")
+        if evals:
+            steps = [r["step"] for r in evals]
+            axes[0].plot(steps, [r["val_loss"] for r in evals], "o-", label="validation loss")
+            axes[0].legend()
+            axes[2].plot(steps, [r["anls"] for r in evals], "o-")
+            axes[2].set_ylim(0, 1)
+            axes[2].set_title("validation ANLS")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = self.workdir / "training_curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
