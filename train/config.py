@@ -36,6 +36,8 @@ class DataConfig:
     # A Hub dataset id (e.g. "HuggingFaceM4/DocumentVQA"), a local parquet/arrow/JSONL file or glob,
     # a `datasets.save_to_disk` folder, or "synthetic".
     source: str = "synthetic"
+    # Validation data when it is another file/folder (local data); None: `source` at `eval_split`.
+    eval_source: str | None = None
     train_split: str = "train"
     eval_split: str = "validation"
     template: str = "docvqa"  # record -> (prompt, target, references)

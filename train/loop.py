@@ -77,7 +77,7 @@ def get_sources(cfg: TrainConfig, workdir: Path):
             _barrier("synthetic_data")
         return open_source(str(out / "train.parquet")), open_source(str(out / "validation.parquet"))
     train = open_source(SourceSpec(path=d.source, split=d.train_split))
-    val = open_source(SourceSpec(path=d.source, split=d.eval_split))
+    val = open_source(SourceSpec(path=d.eval_source or d.source, split=d.eval_split))
     return train, val
 
 
@@ -201,6 +201,10 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     if cfg.batch_size % cfg.grad_accum_steps or micro % n_dev:
         raise ValueError(f"batch_size {cfg.batch_size} / grad_accum_steps {cfg.grad_accum_steps} must be a "
                          f"multiple of the {n_dev} devices")
+    eval_bs = cfg.eval.batch_size or cfg.batch_size
+    if eval_bs % n_dev:
+        raise ValueError(f"eval batch size {eval_bs} must be a multiple of the {n_dev} devices "
+                         "(set --config.eval.batch_size)")
     per_process_records = len(train_src) // jax.process_count()
     steps_per_epoch = per_process_records // (cfg.batch_size // jax.process_count())
     if steps_per_epoch == 0:

@@ -131,12 +131,16 @@ class ExampleEncoder:
         self.template = get_template(config.template)
         self.image_transform = image_transform or ImageTransform.from_processor(processor)
         size = getattr(self.image_transform, "size", None)
-        if config.image_size is not None and size is not None and tuple(size) != (config.image_size,) * 2:
+        if size is None:
+            if config.image_size is None:
+                raise ValueError("an image_transform without a .size needs DataConfig.image_size")
+            size = (config.image_size, config.image_size)
+        elif config.image_size is not None and tuple(size) != (config.image_size,) * 2:
             raise ValueError(
                 f"DataConfig.image_size={config.image_size} but the processor resizes to {tuple(size)}; "
                 "build the processor at the size you train at (it also fixes the number of image tokens)"
             )
-        self.image_shape = (*(tuple(size) if size is not None else (config.image_size,) * 2), 3)
+        self.image_shape = (*(int(v) for v in size), 3)
         self.image_seq_length = int(processor.num_image_tokens)
         self.prompt_length = self.image_seq_length + config.max_prompt_tokens
         self.target_length = config.max_target_tokens
@@ -176,7 +180,12 @@ class ExampleEncoder:
         label_mask = np.zeros(self.target_length, np.float32)
         labels[: len(target_ids)] = target_ids
         label_mask[: len(target_ids)] = 1.0
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "label_mask": label_mask}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "label_mask": label_mask,
+        }
 
     # -- records
 
@@ -197,7 +206,9 @@ class ExampleEncoder:
             except Exception as e:  # noqa: BLE001
                 raise BadRecordError("bad_image", f"transform failed: {type(e).__name__}: {e}") from e
             if pixels.shape != self.image_shape:
-                raise BadRecordError("bad_image", f"transform gave shape {pixels.shape}, want {self.image_shape}")
+                raise BadRecordError(
+                    "bad_image", f"transform gave shape {pixels.shape}, want {self.image_shape}"
+                )
         except BadRecordError as e:
             log.debug("skipping record %d: %s", index, e)
             return {_SKIP: e.reason, "index": index}
@@ -236,6 +247,7 @@ class _CountingBatchIterator(grain.DatasetIterator):
         self.counters: collections.Counter[str] = collections.Counter()
         self._emitted = 0
         self._exhausted = False
+        self._skip_run = 0
 
     def __next__(self) -> dict[str, np.ndarray]:
         b = self._b
@@ -251,7 +263,14 @@ class _CountingBatchIterator(grain.DatasetIterator):
             if _SKIP in element:
                 self.counters["skipped"] += 1
                 self.counters[f"skipped_{element[_SKIP]}"] += 1
+                self._skip_run += 1
+                if b.max_skip_run is not None and self._skip_run >= b.max_skip_run:
+                    raise RuntimeError(
+                        f"{self._skip_run} records in a row were unusable (a whole epoch of this shard): "
+                        f"nothing to train on. Counters: {dict(self.counters)}"
+                    )
                 continue
+            self._skip_run = 0
             self.counters["examples"] += 1
             for flag in ("truncated_prompt", "truncated_target"):
                 self.counters[flag] += int(bool(element[flag]))
@@ -273,6 +292,7 @@ class _CountingBatchIterator(grain.DatasetIterator):
             "counters": dict(self.counters),
             "emitted": self._emitted,
             "exhausted": self._exhausted,
+            "skip_run": self._skip_run,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -280,6 +300,7 @@ class _CountingBatchIterator(grain.DatasetIterator):
         self.counters = collections.Counter(state["counters"])
         self._emitted = int(state["emitted"])
         self._exhausted = bool(state["exhausted"])
+        self._skip_run = int(state["skip_run"])
 
 
 class _CountingBatcher(grain.IterDataset):
@@ -291,8 +312,10 @@ class _CountingBatcher(grain.IterDataset):
         padding: dict[str, Any],
         eval_mode: bool,
         num_batches: int | None,
+        max_skip_run: int | None,
     ):
         super().__init__(parent)
+        self.max_skip_run = max_skip_run
         self.batch_size = batch_size
         self.drop_remainder = drop_remainder
         self.padding = padding
@@ -347,7 +370,9 @@ class DataPipeline:
         self.config = config
         self.encoder = ExampleEncoder(source, processor, config, image_transform)
 
-    def _to_batches(self, indices: grain.MapDataset, eval_mode: bool, num_batches: int | None) -> grain.IterDataset:
+    def _to_batches(
+        self, indices: grain.MapDataset, eval_mode: bool, num_batches: int | None, max_skip_run: int | None
+    ) -> grain.IterDataset:
         cfg = self.config
         ds = indices.map(self.encoder).to_iter_dataset(
             grain.ReadOptions(num_threads=max(1, cfg.read_threads), prefetch_buffer_size=2 * cfg.batch_size)
@@ -360,7 +385,13 @@ class DataPipeline:
                 )
             )
         return _CountingBatcher(
-            ds, cfg.batch_size, cfg.drop_remainder, self.encoder.padding_example(), eval_mode, num_batches
+            ds,
+            cfg.batch_size,
+            cfg.drop_remainder,
+            self.encoder.padding_example(),
+            eval_mode,
+            num_batches,
+            max_skip_run,
         )
 
     def train(self, shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
@@ -377,7 +408,8 @@ class DataPipeline:
         if self.config.shuffle:
             indices = indices.shuffle(seed=self.config.seed)
         indices = indices.repeat(self.config.num_epochs)
-        return self._to_batches(indices, eval_mode=False, num_batches=None)
+        # A whole epoch of unusable records in a row would otherwise spin forever on repeat.
+        return self._to_batches(indices, eval_mode=False, num_batches=None, max_skip_run=n // count)
 
     def num_eval_batches(self, shard_count: int = 1) -> int:
         """Eval batches per process: the same on every process (the largest shard, rounded up)."""
@@ -387,7 +419,9 @@ class DataPipeline:
         """Eval batches: this process's records in order, once, padded with ``example_mask`` 0 rows."""
         index, count = _process_shard(shard_index, shard_count)
         indices = grain.MapDataset.range(len(self.source))[index::count]
-        return self._to_batches(indices, eval_mode=True, num_batches=self.num_eval_batches(count))
+        return self._to_batches(
+            indices, eval_mode=True, num_batches=self.num_eval_batches(count), max_skip_run=None
+        )
 
     def references(self, indices: Sequence[int] | np.ndarray) -> list[tuple[str, ...]]:
         """Reference answers for record indices (as in an eval batch's ``index``; -1 gives ``()``)."""

@@ -21,7 +21,15 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-__all__ = ["KINDS", "DatasetRecords", "JsonlRecords", "SourceError", "SourceSpec", "detect_kind", "open_source"]
+__all__ = [
+    "KINDS",
+    "DatasetRecords",
+    "JsonlRecords",
+    "SourceError",
+    "SourceSpec",
+    "detect_kind",
+    "open_source",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +95,9 @@ def detect_kind(path: str) -> SourceKind:
             return "parquet"
         if _expand(path, (".arrow",)):
             return "arrow"
-        raise SourceError(f"data source {path!r}: folder holds no parquet/arrow files and is not a save_to_disk folder")
+        raise SourceError(
+            f"data source {path!r}: folder holds no parquet/arrow files and is not a save_to_disk folder"
+        )
     if lower.endswith(".parquet"):
         return "parquet"
     if lower.endswith(".arrow"):
@@ -230,7 +240,9 @@ def open_source(spec: SourceSpec | str) -> Sequence[dict[str, Any]]:
     except SourceError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to open is reported the same way, with its cause
-        raise SourceError(f"cannot read data source {spec.path!r} (kind={kind}): {type(e).__name__}: {e}") from e
+        raise SourceError(
+            f"cannot read data source {spec.path!r} (kind={kind}): {type(e).__name__}: {e}"
+        ) from e
     if len(records) == 0:
         raise SourceError(f"data source {spec.path!r} (kind={kind}) holds no records")
     return records

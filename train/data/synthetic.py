@@ -148,7 +148,9 @@ def _logo(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float)
         s = r * 0.82
         draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=white)
     elif shape == "diamond":
-        draw.polygon([(cx, cy - r * 1.1), (cx + r * 1.1, cy), (cx, cy + r * 1.1), (cx - r * 1.1, cy)], fill=white)
+        draw.polygon(
+            [(cx, cy - r * 1.1), (cx + r * 1.1, cy), (cx, cy + r * 1.1), (cx - r * 1.1, cy)], fill=white
+        )
     elif shape == "plus":
         w = r * 0.34
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=white)
@@ -200,7 +202,9 @@ def render_document(attrs: dict[str, str], image_size: int, rng: np.random.Gener
     # Small print for realism only: no question depends on it.
     small = _font(max(5, round(6 * k)), bold=False)
     draw.text((100 * k, 8 * k), f"No {rng.integers(1000, 9999)}", fill=(255, 255, 255), font=small)
-    draw.text((60 * k, 100 * k), f"{rng.integers(1, 99)}.{rng.integers(0, 99):02d}", fill=(90, 90, 90), font=small)
+    draw.text(
+        (60 * k, 100 * k), f"{rng.integers(1, 99)}.{rng.integers(0, 99):02d}", fill=(90, 90, 90), font=small
+    )
     # The stamp goes last so it covers whatever it lands on.
     stamp_centres = {"top": (64, 15), "bottom": (64, 113), "left": (16, 76), "right": (112, 76)}
     if attrs["stamp"] in stamp_centres:
@@ -388,9 +392,13 @@ class QuestionOnlyBound:
     overall: float
 
     def __str__(self) -> str:
-        lines = [f"question-only ANLS bound: {self.overall:.3f} (mix-weighted over {len(self.per_template)} templates)"]
+        lines = [
+            f"question-only ANLS bound: {self.overall:.3f} (mix-weighted over {len(self.per_template)} templates)"
+        ]
         for name, (score, best) in self.per_template.items():
-            lines.append(f"  {name:<8} {score:.3f}  best constant answer {best!r}  weight {self.weights[name]:.2f}")
+            lines.append(
+                f"  {name:<8} {score:.3f}  best constant answer {best!r}  weight {self.weights[name]:.2f}"
+            )
         return "\n".join(lines)
 
 
@@ -412,7 +420,9 @@ def _best_constant(values: Sequence[str], threshold: float) -> tuple[float, str]
         ops = Levenshtein.editops(a, b)
         candidates.update(ops[:i].apply(a, b) for i in range(1, len(ops)))
     alphabet = sorted(set("".join(values)))
-    ranked = sorted(((_expected_anls(c, values, threshold), c) for c in candidates), key=lambda t: (-t[0], t[1]))
+    ranked = sorted(
+        ((_expected_anls(c, values, threshold), c) for c in candidates), key=lambda t: (-t[0], t[1])
+    )
     best_score, best = ranked[0]
     for score, current in ranked[:8]:
         improved = True
