@@ -13,7 +13,7 @@ from florence_jax.config import Florence2Config
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_length: int = 20
+    max_length: int | None = None  # None: transformers' default of 20 new tokens
     max_new_tokens: int | None = None
     num_beams: int = 1
     no_repeat_ngram_size: int = 0
@@ -44,7 +44,7 @@ class GenerationConfig:
         kw = {}
         for k, v in d.items():
             if k not in names or v is None and k not in ("forced_bos_token_id", "forced_eos_token_id",
-                                                          "max_new_tokens"):
+                                                          "max_new_tokens", "max_length"):
                 continue
             if k == "eos_token_id" and isinstance(v, list):
                 v = v[0]

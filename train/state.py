@@ -127,9 +127,7 @@ def init_train_state(model, optim: OptimConfig, total_steps: int, mesh: Mesh, *,
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx, labels, schedule = make_optimizer(optim, params, total_steps)
-    vision_labels = [lab for kp, lab in jax.tree_util.tree_leaves_with_path(labels)
-                     if ".vision_tower." in "." + ".".join(str(getattr(k, "key", k)) for k in kp) + "."]
-    freeze_vision = bool(vision_labels) and all(lab == FROZEN for lab in vision_labels)
+    freeze_vision = _vision_frozen(labels)
     t = model.config.text_config
     fns = StepFns(graphdef=graphdef, tx=tx, labels=labels, pad_token_id=t.pad_token_id,
                   decoder_start_token_id=t.decoder_start_token_id, freeze_vision=freeze_vision,
@@ -139,18 +137,7 @@ def init_train_state(model, optim: OptimConfig, total_steps: int, mesh: Mesh, *,
     targets = _state_shardings(params, mesh, min_shard_size)
     params = jax.tree.map(lambda x, s: x if _on_mesh(x, mesh) else jax.device_put(x, s), params, targets)
     rest = jax.tree.map(lambda x: x if _on_mesh(x, mesh) else jax.device_put(x, repl), rest)
-    by_path = {path_str(kp): x.sharding for kp, x in jax.tree_util.tree_leaves_with_path(params)}
-
-    def opt_sharding(kp, x):
-        # Adam moments mirror a parameter (their key path ends with its path): same sharding.
-        parts = path_str(kp).split(".")
-        for i in range(len(parts)):
-            s = by_path.get(".".join(parts[i:]))
-            if s is not None:
-                return s
-        return repl  # counters and other scalars
-
-    opt_sh = jax.tree_util.tree_map_with_path(opt_sharding, jax.eval_shape(tx.init, params))
+    opt_sh = opt_state_shardings(tx, params, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params, rest=rest,
                        opt_state=opt_state)
@@ -161,3 +148,51 @@ def init_train_state(model, optim: OptimConfig, total_steps: int, mesh: Mesh, *,
 def _on_mesh(x, mesh) -> bool:
     s = getattr(x, "sharding", None)
     return isinstance(s, NamedSharding) and s.mesh == mesh
+
+
+def opt_state_shardings(tx, params, mesh: Mesh):
+    """Shardings of ``tx.init(params)``: Adam moments take their parameter's sharding (their key path
+    ends with the parameter's path); counters and other scalars are replicated. ``params`` may be
+    arrays or ShapeDtypeStructs carrying shardings."""
+    repl = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_path = {path_str(kp): x.sharding for kp, x in jax.tree_util.tree_leaves_with_path(params)}
+
+    def opt_sharding(kp, x):
+        parts = path_str(kp).split(".")
+        for i in range(len(parts)):
+            s = by_path.get(".".join(parts[i:]))
+            if s is not None:
+                return s
+        return repl
+
+    return jax.tree_util.tree_map_with_path(opt_sharding, jax.eval_shape(tx.init, params))
+
+
+def abstract_train_state(fc: Florence2Config, optim: OptimConfig, total_steps: int, mesh: Mesh, *,
+                         grad_accum_steps: int = 1, min_shard_size: int = 2**18):
+    """``(fns, state)`` with ShapeDtypeStruct leaves carrying their shardings: no memory, no weights.
+    Used for ahead-of-time compilation (also for TPU topologies this machine does not have)."""
+    abstract = nnx.eval_shape(lambda: Florence2ForConditionalGeneration(fc, rngs=nnx.Rngs(0)))
+    abstract.train()
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    tx, labels, _ = make_optimizer(optim, params, total_steps)
+    repl = NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def with_sharding(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    params = with_sharding(params, _state_shardings(params, mesh, min_shard_size))
+    rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), rest)
+    opt_state = with_sharding(jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), params=params, rest=rest,
+                       opt_state=opt_state)
+    t = fc.text_config
+    fns = StepFns(graphdef=graphdef, tx=tx, labels=labels, pad_token_id=t.pad_token_id,
+                  decoder_start_token_id=t.decoder_start_token_id,
+                  freeze_vision=_vision_frozen(labels), grad_accum_steps=grad_accum_steps)
+    return fns, state
+
+
+def _vision_frozen(labels) -> bool:
+    vision = [lab for kp, lab in jax.tree_util.tree_leaves_with_path(labels) if ".vision_tower." in f".{path_str(kp)}."]
+    return bool(vision) and all(lab == FROZEN for lab in vision)

@@ -22,6 +22,32 @@ def _conv(cfg: Florence2Config, din: int, dout: int, k: int, stride: int, pad: i
     )
 
 
+class DepthwiseConv(nnx.Module):
+    """3x3 depthwise conv (stride 1, padding 1) as nine shifted multiply-adds.
+
+    Same parameters as ``nnx.Conv(C, C, (3, 3), feature_group_count=C)`` (kernel (3, 3, 1, C), bias (C,)),
+    so checkpoints map identically; XLA fuses the shifted sum into one elementwise loop, which on CPU is
+    about twice as fast as a grouped convolution forward and backward.
+    """
+
+    def __init__(self, cfg: Florence2Config, dim: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+        self.kernel = nnx.Param(init(rngs.params(), (3, 3, 1, dim), cfg.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype))
+        self.dtype = cfg.dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        k = self.kernel[...].astype(self.dtype)
+        h, w = x.shape[1], x.shape[2]
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        out = self.bias[...].astype(self.dtype)
+        for i in range(3):
+            for j in range(3):
+                out = out + xp[:, i : i + h, j : j + w, :] * k[i, j, 0]
+        return out
+
+
 def _drop_path(rate: float) -> nnx.Dropout | None:
     # Stochastic depth = dropout of whole samples: broadcast the mask over every non-batch axis.
     return nnx.Dropout(rate, broadcast_dims=(1, 2)) if rate > 0.0 else None
@@ -118,10 +144,10 @@ class _DaViTBlockHalf(nnx.Module):
 
     def _init_common(self, cfg: Florence2Config, stage: int, drop_path_rate: float, rngs: nnx.Rngs):
         dim = cfg.vision_config.embed_dim[stage]
-        self.conv1 = _conv(cfg, dim, dim, 3, 1, 1, dim, rngs)
+        self.conv1 = DepthwiseConv(cfg, dim, rngs=rngs)
         self.norm1 = layer_norm(cfg, dim, rngs=rngs)
         self.drop_path1 = _drop_path(drop_path_rate)
-        self.conv2 = _conv(cfg, dim, dim, 3, 1, 1, dim, rngs)
+        self.conv2 = DepthwiseConv(cfg, dim, rngs=rngs)
         self.norm2 = layer_norm(cfg, dim, rngs=rngs)
         self.ffn = VisionMLP(cfg, stage, rngs=rngs)
         self.drop_path2 = _drop_path(drop_path_rate)

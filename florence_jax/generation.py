@@ -1,0 +1,497 @@
+"""Greedy and beam-search generation that reproduces transformers' ``generate()`` token for token.
+
+Design
+------
+*One executable per (shapes, structural settings).* :func:`generate` splits the model with
+``nnx.split`` and calls a module-level ``jax.jit`` whose static arguments are the ``GraphDef`` and a
+small frozen :class:`DecodeStatic` (total length, number of beams, n-gram size, image layout). The
+parameters travel as a jit *argument*, so a fine-tuned or reloaded model reuses the executable and no
+weights are baked in as constants. Everything a user tunes per call without changing shapes (length
+penalty, early-stopping mode, forced BOS/EOS, EOS/pad ids, min length, the suppressed-token mask) is a
+traced :class:`DecodeControls` pytree, so sweeping those never recompiles.
+
+*Encoder once, decoder incrementally.* Inside the executable the vision tower, projector and BART
+encoder run once; each decoder layer's cross-attention keys/values are projected once
+(``BartDecoder.cross_kv``); the decoder then runs one token per step against a preallocated
+self-attention cache ``[LayerCache(key, value)] * layers`` of shape
+``(batch * num_beams, max_length - 1, heads, head_dim)``. Step ``t`` feeds the token at position
+``t`` and writes that position's keys/values; the mask hides positions not yet written. The last
+token is never fed back, hence ``max_length - 1`` slots.
+
+*Why ``lax.while_loop``.* The number of steps is data dependent (every row hits EOS, or beam search's
+early-stopping heuristic says no running beam can still win). A ``while_loop`` keeps the whole search
+on the device with static shapes, stops as soon as transformers would, and compiles the decoder step
+once instead of unrolling ``max_length`` copies of it. The Python loop transformers runs would cost a
+host round trip per token.
+
+*Beam bookkeeping (transformers 5.x vectorised ``_beam_search``, mirrored operation by operation).*
+Per batch row we keep ``num_beams`` running hypotheses (token buffer, accumulated log-prob) and
+``num_beams`` finished slots (token buffer, length-normalised score, finished bit, generated length).
+Each step takes the top ``2 * num_beams`` of ``num_beams * vocab`` accumulated log-probs (twice the
+beams so that at least ``num_beams`` candidates have not just emitted EOS), then
+
+1. the next running beams are the top ``num_beams`` candidates after adding ``-1e9`` to those that
+   hit a stopping criterion (EOS or max length);
+2. candidates among the *first* ``num_beams`` that hit a criterion are scored
+   ``sum_logprobs / generated_len ** length_penalty`` (``generated_len`` counts EOS but not the
+   decoder start token) and merged with the finished slots by top-``num_beams``; ``-1e9`` penalties
+   keep running candidates, full rows (``early_stopping=True``) and rows the heuristic closed out;
+3. the KV cache rows are gathered by the surviving beams' parents;
+4. the early-stop heuristic compares the best running score, normalised by the current generated
+   length (or by ``max_length - 1`` for ``early_stopping="never"`` with a positive penalty), with the
+   worst finished score.
+
+The loop ends when no row can improve, when every row is full under ``early_stopping=True``, or when
+every candidate hit a stopping criterion (max length). Logits processors run in transformers' order
+(no-repeat n-gram, min length, forced BOS, forced EOS, suppress tokens): on raw logits for greedy, on
+log-softmax scores for beam search. Length-penalty denominators are computed on the host in double
+precision and rounded to float32, exactly as PyTorch divides a float32 tensor by a Python float.
+
+Outputs follow transformers' layout: ``decoder_start_token_id`` first, pad after EOS, cropped to the
+longest returned sequence, so shape ``(batch, <= 1 + max_new_tokens)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import EllipsisType
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from florence_jax.generation_config import GenerationConfig
+from florence_jax.modeling.bart import LayerCache
+
+_NEG = -1.0e9  # transformers' "very large negative" beam score (exact in float32)
+_DEFAULT_NEW_TOKENS = 20  # transformers' model-agnostic default when no length is set anywhere
+_FROM_CONFIG: EllipsisType = ...  # sentinel: None would mean "disable" for forced_*/suppress_tokens
+
+
+@dataclass(frozen=True)
+class DecodeStatic:
+    """Settings that change shapes or program structure: part of the compilation key."""
+
+    max_length: int  # total decoder length, decoder_start token included (transformers' convention)
+    num_beams: int
+    no_repeat_ngram_size: int
+    image_layout: str = "NCHW"
+
+
+class DecodeControls(NamedTuple):
+    """Per-call settings traced as arrays, so changing them does not recompile."""
+
+    eos: jax.Array  # int32 scalar
+    pad: jax.Array  # int32 scalar: what greedy writes after EOS
+    fill: jax.Array  # int32 scalar: what beam search writes after EOS (pad, or EOS when pad is 0)
+    start: jax.Array  # int32 scalar: decoder_start_token_id
+    forced_bos: jax.Array  # int32 scalar, -1 = none
+    forced_eos: jax.Array  # int32 scalar, -1 = none
+    min_length: jax.Array  # int32 scalar: EOS is banned while the sequence is shorter
+    suppress: jax.Array  # (vocab,) bool
+    early_stop_true: jax.Array  # bool scalar: early_stopping is True
+    finish_denom: jax.Array  # (max_length + 1,) f32: float32(n ** length_penalty), n = generated tokens
+    heuristic_denom: jax.Array  # (max_length + 1,) f32 by current length, for the early-stop heuristic
+
+
+class DecodeOutput(NamedTuple):
+    """Device-side result of the decode loop (uncropped)."""
+
+    sequences: jax.Array  # (batch, max_length) int32
+    length: jax.Array  # int32 scalar: the transformers output length; crop sequences[:, :length]
+    scores: jax.Array | None  # (batch,) f32 beam sequence scores; None for greedy
+
+
+# ------------------------------------------------------------------------------------------ settings
+def _generation_config(model) -> GenerationConfig:
+    gc = getattr(model, "generation_config", None)
+    return gc if gc is not None else GenerationConfig.from_model_config(model.config)
+
+
+def resolve_settings(
+    model,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    min_length: int | None = None,
+    min_new_tokens: int | None = None,
+    num_beams: int | None = None,
+    no_repeat_ngram_size: int | None = None,
+    early_stopping: bool | str | None = None,
+    length_penalty: float | None = None,
+    forced_bos_token_id: int | None | EllipsisType = _FROM_CONFIG,
+    forced_eos_token_id: int | None | EllipsisType = _FROM_CONFIG,
+    suppress_tokens: tuple[int, ...] | list[int] | None | EllipsisType = _FROM_CONFIG,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    decoder_start_token_id: int | None = None,
+    image_layout: str = "NCHW",
+) -> tuple[DecodeStatic, DecodeControls]:
+    """Merge explicit arguments over ``model.generation_config`` the way transformers does.
+
+    Length: ``max_new_tokens`` wins over ``max_length``; ``max_length`` counts the decoder start token
+    (so ``max_length=L`` yields at most ``L - 1`` new tokens). With neither given anywhere, transformers
+    generates its default 20 new tokens.
+    """
+    gc = _generation_config(model)
+    if max_new_tokens is None and max_length is None:
+        max_new_tokens = gc.max_new_tokens
+        if max_new_tokens is None:
+            if gc.max_length is None:
+                max_new_tokens = _DEFAULT_NEW_TOKENS
+            else:
+                max_length = gc.max_length
+    if max_new_tokens is not None:
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        total = 1 + int(max_new_tokens)
+    else:
+        total = int(max_length)
+    if total < 2:
+        raise ValueError(f"max_length={total} leaves no room after the decoder start token")
+    max_positions = model.config.text_config.max_position_embeddings
+    if total - 1 > max_positions:
+        raise ValueError(f"generation needs {total - 1} decoder positions; the model has {max_positions}")
+
+    num_beams = int(gc.num_beams if num_beams is None else num_beams)
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    ngram = int(gc.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size)
+    early_stopping = gc.early_stopping if early_stopping is None else early_stopping
+    if isinstance(early_stopping, str):
+        if early_stopping != "never":
+            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    else:
+        early_stopping = bool(early_stopping)
+    length_penalty = gc.length_penalty if length_penalty is None else length_penalty
+    forced_bos = gc.forced_bos_token_id if forced_bos_token_id is _FROM_CONFIG else forced_bos_token_id
+    forced_eos = gc.forced_eos_token_id if forced_eos_token_id is _FROM_CONFIG else forced_eos_token_id
+    suppress = gc.suppress_tokens if suppress_tokens is _FROM_CONFIG else (suppress_tokens or ())
+    eos = gc.eos_token_id if eos_token_id is None else eos_token_id
+    pad = gc.pad_token_id if pad_token_id is None else pad_token_id
+    pad = eos if pad is None else pad  # transformers falls back to EOS (with a warning)
+    start = gc.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
+    min_len = max(int(min_length or 0), 1 + int(min_new_tokens) if min_new_tokens else 0)
+
+    vocab = model.config.text_config.vocab_size
+    mask = np.zeros((vocab,), bool)
+    mask[[t for t in suppress if 0 <= t < vocab]] = True
+
+    def denominators(lengths: list[int]) -> np.ndarray:
+        # Python's int ** float in double, rounded to float32: what ``tensor / python_float`` divides by.
+        return np.asarray([float(n**length_penalty) if n > 0 else 1.0 for n in lengths], np.float32)
+
+    finish = denominators(list(range(total + 1)))
+    if early_stopping == "never" and length_penalty > 0.0:
+        heuristic = denominators([total - 1] * (total + 1))
+    else:
+        heuristic = denominators([max(n - 1, 0) for n in range(total + 1)])
+
+    i32 = np.int32
+    controls = DecodeControls(
+        eos=i32(eos), pad=i32(pad), fill=i32(pad if pad else eos), start=i32(start),
+        forced_bos=i32(-1 if forced_bos is None else forced_bos),
+        forced_eos=i32(-1 if forced_eos is None else forced_eos),
+        min_length=i32(min_len), suppress=mask, early_stop_true=np.bool_(early_stopping is True),
+        finish_denom=finish, heuristic_denom=heuristic,
+    )
+    return DecodeStatic(total, num_beams, ngram, image_layout), controls
+
+
+# ------------------------------------------------------------------------------------------ processors
+def _ban_repeated_ngrams(scores: jax.Array, ids: jax.Array, cur_len: jax.Array, n: int) -> jax.Array:
+    """``NoRepeatNGramLogitsProcessor`` on a static buffer whose first ``cur_len`` columns are valid.
+
+    The next token would complete an n-gram starting with the current (n-1)-token suffix; every earlier
+    window whose first n-1 tokens equal that suffix bans its last token. Windows must lie entirely
+    inside the valid prefix, so the suffix's own window (one token short) never bans anything.
+    """
+    rows, length = ids.shape
+    vocab = scores.shape[-1]
+    num_windows = length - n + 1
+    if num_windows <= 0:
+        return scores
+    windows = jnp.stack([ids[:, j:j + num_windows] for j in range(n)], axis=-1)  # (rows, W, n)
+    prefix = jax.lax.dynamic_slice_in_dim(ids, jnp.maximum(cur_len + 1 - n, 0), n - 1, axis=1)
+    valid = jnp.arange(num_windows) + n <= cur_len
+    matches = jnp.all(windows[..., :-1] == prefix[:, None, :], axis=-1) & valid[None, :]
+    target = jnp.where(matches, jnp.clip(windows[..., -1], 0, vocab), vocab)  # spare column: no ban
+    banned = jnp.zeros((rows, vocab + 1), bool).at[jnp.arange(rows)[:, None], target].set(True)
+    return jnp.where(banned[:, :vocab], -jnp.inf, scores)
+
+
+def _process(scores: jax.Array, ids: jax.Array, cur_len: jax.Array, c: DecodeControls,
+             s: DecodeStatic) -> jax.Array:
+    """transformers' logits-processor list, in its order, for a ``(rows, vocab)`` float32 score matrix."""
+    vocab_ids = jnp.arange(scores.shape[-1])
+    if s.no_repeat_ngram_size > 0:
+        scores = _ban_repeated_ngrams(scores, ids, cur_len, s.no_repeat_ngram_size)
+    scores = jnp.where((cur_len < c.min_length) & (vocab_ids == c.eos)[None], -jnp.inf, scores)
+
+    def forced(token):  # every score -inf except the forced token's 0
+        return jnp.where(vocab_ids == token, 0.0, -jnp.inf).astype(scores.dtype)[None]
+
+    scores = jnp.where((c.forced_bos >= 0) & (cur_len == 1), forced(c.forced_bos), scores)
+    scores = jnp.where((c.forced_eos >= 0) & (cur_len == s.max_length - 1), forced(c.forced_eos), scores)
+    return jnp.where(c.suppress[None], -jnp.inf, scores)
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def _step_logits(model, tokens: jax.Array, index: jax.Array, cross_kv, cross_mask, cache):
+    """One decoder step for ``tokens`` of shape (rows,) at position ``index``; float32 logits."""
+    lm = model.model.language_model
+    h, cache = lm.decoder(lm.embed(tokens[:, None]), None, cross_mask, cross_kv=cross_kv, cache=cache,
+                          index=index)
+    return model.logits_from_hidden(h)[:, 0].astype(jnp.float32), cache
+
+
+def _greedy(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeControls,
+            s: DecodeStatic) -> DecodeOutput:
+    batch, total = enc.shape[0], s.max_length
+    decoder = model.model.language_model.decoder
+    cross_kv = decoder.cross_kv(enc)
+    seq = jnp.full((batch, total), c.pad, jnp.int32).at[:, 0].set(c.start)
+    carry = (jnp.int32(1), seq, jnp.ones((batch,), bool),
+             decoder.init_cache(batch, total - 1, model.config.dtype))
+
+    def cond(carry):
+        cur_len, _, unfinished, _ = carry
+        return (cur_len < total) & jnp.any(unfinished)
+
+    def body(carry):
+        cur_len, seq, unfinished, cache = carry
+        tokens = jax.lax.dynamic_index_in_dim(seq, cur_len - 1, axis=1, keepdims=False)
+        logits, cache = _step_logits(model, tokens, cur_len - 1, cross_kv, enc_mask, cache)
+        nxt = jnp.argmax(_process(logits, seq, cur_len, c, s), axis=-1).astype(jnp.int32)
+        nxt = jnp.where(unfinished, nxt, c.pad)  # finished rows are padded
+        seq = jax.lax.dynamic_update_index_in_dim(seq, nxt, cur_len, axis=1)
+        unfinished = unfinished & (nxt != c.eos) & (cur_len + 1 < total)
+        return cur_len + 1, seq, unfinished, cache
+
+    cur_len, seq, _, _ = jax.lax.while_loop(cond, body, carry)
+    return DecodeOutput(seq, cur_len, None)
+
+
+def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """``x[b, idx[b, j], ...]``: transformers' ``_gather_beams``."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+class _BeamState(NamedTuple):
+    cur_len: jax.Array  # int32: tokens in every running sequence (decoder start included)
+    running: jax.Array  # (B, nb, L) running token buffers
+    running_scores: jax.Array  # (B, nb) accumulated log-probs
+    sequences: jax.Array  # (B, nb, L) finished hypotheses (placeholders until filled)
+    scores: jax.Array  # (B, nb) length-normalised scores of the finished slots
+    finished: jax.Array  # (B, nb) bool: slot holds a finished hypothesis
+    lengths: jax.Array  # (B, nb) int32: generated tokens of the slot's hypothesis (0 = placeholder)
+    unsatisfied: jax.Array  # (B, 1) bool: early-stop heuristic says the row can still improve
+    cache: list[LayerCache]
+    done: jax.Array  # bool
+
+
+def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeControls,
+                 s: DecodeStatic) -> DecodeOutput:
+    batch, nb, total = enc.shape[0], s.num_beams, s.max_length
+    k = 2 * nb  # max(2, 1 + number of EOS ids) * num_beams with one EOS id
+    decoder = model.model.language_model.decoder
+    # Beams of a row share the encoder output: project cross K/V once, then repeat (as transformers'
+    # repeat_interleave of encoder outputs does).
+    cross_kv = [(jnp.repeat(ck, nb, 0), jnp.repeat(cv, nb, 0)) for ck, cv in decoder.cross_kv(enc)]
+    cross_mask = None if enc_mask is None else jnp.repeat(enc_mask, nb, 0)
+    top_mask = jnp.arange(k) < nb
+    row_offset = jnp.arange(batch, dtype=jnp.int32)[:, None] * nb
+
+    buf = jnp.full((batch, nb, total), c.fill, jnp.int32).at[:, :, 0].set(c.start)
+    state = _BeamState(
+        cur_len=jnp.int32(1), running=buf,
+        running_scores=jnp.zeros((batch, nb), jnp.float32).at[:, 1:].set(_NEG),  # only beam 0 is live
+        sequences=buf, scores=jnp.full((batch, nb), _NEG, jnp.float32),
+        finished=jnp.zeros((batch, nb), bool), lengths=jnp.zeros((batch, nb), jnp.int32),
+        unsatisfied=jnp.ones((batch, 1), bool),
+        cache=decoder.init_cache(batch * nb, total - 1, model.config.dtype), done=jnp.bool_(False),
+    )
+
+    def body(st: _BeamState) -> _BeamState:
+        cur_len = st.cur_len
+        flat = st.running.reshape(batch * nb, total)
+        tokens = jax.lax.dynamic_index_in_dim(flat, cur_len - 1, axis=1, keepdims=False)
+        logits, cache = _step_logits(model, tokens, cur_len - 1, cross_kv, cross_mask, st.cache)
+        log_probs = _process(jax.nn.log_softmax(logits, axis=-1), flat, cur_len, c, s)
+        vocab = log_probs.shape[-1]
+        acc = (log_probs.reshape(batch, nb, vocab) + st.running_scores[:, :, None]).reshape(batch, nb * vocab)
+
+        # Top 2*nb continuations over all beams of a row.
+        topk_lp, topk_idx = jax.lax.top_k(acc, k)
+        parent = (topk_idx // vocab).astype(jnp.int32)
+        token = (topk_idx % vocab).astype(jnp.int32)
+        topk_seqs = jax.lax.dynamic_update_index_in_dim(_gather(st.running, parent), token, cur_len, axis=2)
+        hits = (token == c.eos) | (cur_len + 1 >= total)  # EOS or max-length stopping criteria
+
+        # Running beams for the next step: the best nb candidates that did not stop.
+        topk_running_lp = topk_lp + hits.astype(jnp.float32) * _NEG
+        _, keep = jax.lax.top_k(topk_running_lp, nb)
+        running = _gather(topk_seqs, keep)
+        running_scores = _gather(topk_running_lp, keep)
+        running_parent = _gather(parent, keep)
+
+        # Finished hypotheses: only the first nb candidates may enter, with the length penalty.
+        just_finished = hits & top_mask[None]
+        fin = topk_lp / c.finish_denom[cur_len]  # generated length = cur_len + 1 - decoder prompt (1)
+        full = jnp.all(st.finished, axis=-1, keepdims=True) & c.early_stop_true
+        fin = fin + full.astype(jnp.float32) * _NEG
+        fin = fin + (~st.unsatisfied).astype(jnp.float32) * _NEG
+        fin = fin + (~just_finished).astype(jnp.float32) * _NEG
+        merged_scores = jnp.concatenate([st.scores, fin], axis=1)
+        _, sel = jax.lax.top_k(merged_scores, nb)
+        sequences = _gather(jnp.concatenate([st.sequences, topk_seqs], axis=1), sel)
+        scores = _gather(merged_scores, sel)
+        finished = _gather(jnp.concatenate([st.finished, just_finished], axis=1), sel)
+        lengths = _gather(jnp.concatenate([st.lengths, jnp.broadcast_to(cur_len, (batch, k))], axis=1), sel)
+
+        # Reorder the self-attention cache to follow the surviving beams.
+        rows = (running_parent + row_offset).reshape(-1)
+        cache = [LayerCache(jnp.take(lc.key, rows, axis=0), jnp.take(lc.value, rows, axis=0)) for lc in cache]
+
+        cur_len = cur_len + 1
+        best_running = running_scores[:, :1] / c.heuristic_denom[cur_len]
+        worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
+        unsatisfied = st.unsatisfied & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
+        can_improve = jnp.any(unsatisfied)
+        open_beam = ~(jnp.all(finished) & c.early_stop_true)
+        can_continue = ~jnp.all(hits)
+        done = ~(can_improve & open_beam & can_continue) | (cur_len >= total)
+        return _BeamState(cur_len, running, running_scores, sequences, scores, finished, lengths, unsatisfied,
+                          cache, done)
+
+    st = jax.lax.while_loop(lambda st: ~st.done, body, state)
+    length = 1 + jnp.max(st.lengths[:, 0])
+    return DecodeOutput(st.sequences[:, 0], length.astype(jnp.int32), st.scores[:, 0])
+
+
+def _decode(model, enc, enc_mask, controls: DecodeControls, static: DecodeStatic) -> DecodeOutput:
+    if static.num_beams == 1:
+        return _greedy(model, enc, enc_mask, controls, static)
+    return _beam_search(model, enc, enc_mask, controls, static)
+
+
+def _merge_eval(graphdef, state):
+    """A copy of the model in inference mode: generation never applies dropout (the caller's model
+    keeps whatever mode it is in)."""
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate_jit(graphdef, static: DecodeStatic, state, input_ids, pixel_values, attention_mask,
+                  controls: DecodeControls) -> DecodeOutput:
+    model = _merge_eval(graphdef, state)
+    enc = model.encode(input_ids, pixel_values, attention_mask, image_layout=static.image_layout)
+    return _decode(model, enc, attention_mask, controls, static)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode_jit(graphdef, static: DecodeStatic, state, encoder_hidden_states, attention_mask,
+                controls: DecodeControls) -> DecodeOutput:
+    model = _merge_eval(graphdef, state)
+    return _decode(model, encoder_hidden_states, attention_mask, controls, static)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _encode_jit(graphdef, image_layout: str, state, input_ids, pixel_values, attention_mask) -> jax.Array:
+    model = _merge_eval(graphdef, state)
+    return model.encode(input_ids, pixel_values, attention_mask, image_layout=image_layout)
+
+
+# ------------------------------------------------------------------------------------------ public API
+def _ids(x) -> np.ndarray | jax.Array:
+    return x.astype(jnp.int32) if isinstance(x, jax.Array) else np.asarray(x, np.int32)
+
+
+def _finish(out: DecodeOutput, return_scores: bool):
+    length = int(out.length)
+    sequences = np.asarray(out.sequences)[:, :length]
+    if not return_scores:
+        return sequences
+    return sequences, None if out.scores is None else np.asarray(out.scores)
+
+
+def generate(
+    model,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    min_length: int | None = None,
+    min_new_tokens: int | None = None,
+    num_beams: int | None = None,
+    no_repeat_ngram_size: int | None = None,
+    early_stopping: bool | str | None = None,
+    length_penalty: float | None = None,
+    forced_bos_token_id: int | None | EllipsisType = _FROM_CONFIG,
+    forced_eos_token_id: int | None | EllipsisType = _FROM_CONFIG,
+    suppress_tokens: tuple[int, ...] | list[int] | None | EllipsisType = _FROM_CONFIG,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    decoder_start_token_id: int | None = None,
+    image_layout: str = "NCHW",
+    return_scores: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+    """Greedy (``num_beams=1``) or beam search, matching transformers' ``generate()`` token for token.
+
+    Unset arguments come from ``model.generation_config``. Prompts may be right-padded; pass their
+    ``attention_mask`` (without one the encoder attends to every position, as transformers does).
+    Returns int32 ``(batch, <= 1 + max_new_tokens)`` sequences starting with the decoder start token,
+    pad after EOS; with ``return_scores`` also the beam ``sequences_scores`` (None for greedy, which
+    transformers does not score). Compiled once per (input shapes, ``DecodeStatic``); see the module
+    docstring.
+    """
+    static, controls = resolve_settings(
+        model, max_new_tokens=max_new_tokens, max_length=max_length, min_length=min_length,
+        min_new_tokens=min_new_tokens, num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
+        early_stopping=early_stopping, length_penalty=length_penalty, forced_bos_token_id=forced_bos_token_id,
+        forced_eos_token_id=forced_eos_token_id, suppress_tokens=suppress_tokens, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id, image_layout=image_layout,
+    )
+    graphdef, state = nnx.split(model)
+    mask = None if attention_mask is None else _ids(attention_mask)
+    out = _generate_jit(graphdef, static, state, _ids(input_ids), pixel_values, mask, controls)
+    return _finish(out, return_scores)
+
+
+def encode(model, input_ids, pixel_values=None, attention_mask=None, *, image_layout: str = "NCHW") -> jax.Array:
+    """Vision tower + projector + encoder under jit: the input of :func:`generate_from_encoder`."""
+    graphdef, state = nnx.split(model)
+    mask = None if attention_mask is None else _ids(attention_mask)
+    return _encode_jit(graphdef, image_layout, state, _ids(input_ids), pixel_values, mask)
+
+
+def generate_from_encoder(model, encoder_hidden_states, attention_mask=None, *, return_scores: bool = False,
+                          **kwargs: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+    """:func:`generate` from precomputed encoder outputs (same keyword arguments), decoder loop only."""
+    fn = make_decode_fn(model, **kwargs)
+    return _finish(fn(encoder_hidden_states, attention_mask), return_scores)
+
+
+def make_decode_fn(model, **kwargs: Any) -> Callable[..., DecodeOutput]:
+    """Bind the model's current parameters and settings to the jitted decode loop, for benchmarking.
+
+    ``fn(encoder_hidden_states, attention_mask=None)`` returns a :class:`DecodeOutput` of device arrays
+    without a host sync (call ``jax.block_until_ready`` on it to time the decoder alone). Accepts the
+    keyword arguments of :func:`generate` except ``pixel_values``/``return_scores``.
+    """
+    static, controls = resolve_settings(model, **kwargs)
+    graphdef, state = nnx.split(model)
+
+    def fn(encoder_hidden_states, attention_mask=None) -> DecodeOutput:
+        mask = None if attention_mask is None else _ids(attention_mask)
+        return _decode_jit(graphdef, static, state, encoder_hidden_states, mask, controls)
+
+    return fn

@@ -1,0 +1,99 @@
+"""Ahead-of-time compilation of the train step for a config, on abstract inputs (no weights, no data)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from florence_jax.config import PRESETS, resolve_dtype
+from florence_jax.sharding import batch_sharding, make_mesh
+from train.config import TrainConfig
+from train.state import _apply_model_options, abstract_train_state, tiny_config
+from train.step import jit_train_step
+
+
+def target_devices(topology: str | None):
+    """Devices to compile for: this machine's, or a TPU slice described by libtpu. Returns (devices, chip)."""
+    if not topology:
+        devs = jax.devices()
+        return devs, devs[0].platform
+    try:
+        from jax.experimental import topologies
+    except ImportError as e:  # pragma: no cover
+        raise SystemExit(f"jax.experimental.topologies unavailable: {e}") from e
+    chip = topology.split(":")[0]
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                            chips_per_host_bounds=_chips_per_host(topology), num_slices=1)
+    except Exception as e:
+        raise SystemExit(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {e}); "
+                         "install libtpu: pip install 'florence-jax[tpu]'") from e
+    return list(topo.devices), chip
+
+
+def _chips_per_host(topology: str) -> tuple[int, int, int]:
+    chip, shape = topology.split(":")
+    dims = [int(x) for x in shape.split("x")]
+    if chip in ("v4", "v5p"):  # 4 chips per host as 2x2x1
+        return (2, 2, 1)
+    if chip in ("v5e", "v5litepod", "v6e"):
+        return (2, 2, 1) if len(dims) == 2 else (2, 2, 1)
+    return (2, 2, 1)
+
+
+def model_config_of(cfg: TrainConfig):
+    name = cfg.model.name_or_path
+    if name.startswith("random:tiny"):
+        fc = tiny_config(vocab_size=1088, image_token_id=1024)
+    else:
+        preset = "large" if "large" in name.lower() else "base"
+        if name.startswith("random:"):
+            preset = name.split(":", 1)[1]
+        fc = PRESETS[preset]()
+    return _apply_model_options(fc, cfg.model)
+
+
+def abstract_batch(cfg: TrainConfig, fc, sharding):
+    b = cfg.batch_size
+    size = cfg.data.image_size
+    seq = fc.image_seq_length(size) + cfg.data.max_prompt_tokens
+    t = cfg.data.max_target_tokens
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    return {
+        "pixel_values": spec((b, size, size, 3), jnp.float32),
+        "input_ids": spec((b, seq), jnp.int32),
+        "attention_mask": spec((b, seq), jnp.int32),
+        "labels": spec((b, t), jnp.int32),
+        "label_mask": spec((b, t), jnp.float32),
+    }
+
+
+def compile_train_step(cfg: TrainConfig, devices) -> dict:
+    """Lower and compile the config's train step for ``devices``; return memory figures in bytes."""
+    fc = model_config_of(cfg)
+    data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp
+    mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])
+    fns, state = abstract_train_state(fc, cfg.optim, 1000, mesh, grad_accum_steps=cfg.grad_accum_steps,
+                                      min_shard_size=cfg.mesh.fsdp_min_size)
+    bsh = batch_sharding(mesh)
+    batch = abstract_batch(cfg, fc, bsh)
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=repl)
+    step = jit_train_step(fns, state, bsh)
+    t0 = time.time()
+    compiled = step.lower(state, batch, key).compile()
+    seconds = time.time() - t0
+    mem = compiled.memory_analysis()
+    out = {"mesh": dict(mesh.shape), "compile_seconds": seconds, "dtype": str(resolve_dtype(cfg.model.dtype))}
+    names = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
+             "temp": "temp_size_in_bytes", "alias": "alias_size_in_bytes"}
+    for k, attr in names.items():
+        out[k] = int(getattr(mem, attr, 0) or 0) if mem is not None else 0
+    # Donated state aliases the output: count it once.
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out

@@ -1,0 +1,78 @@
+"""Compile a config's real train step ahead of time, on this machine, and print per-device memory.
+
+    python -m scripts.aot_compile --config gpu_a100.py                 # simulated CPU devices
+    python -m scripts.aot_compile --config tpu_v4_32.py --topology v4:2x2x4   # a TPU pod slice (needs libtpu)
+
+Nothing is downloaded and no weights are read: the model is abstract (shapes from the config's preset:
+names containing "large" use Florence-2-large, others base), the batch is abstract at the config's
+shapes, and the step is lowered with the config's mesh and shardings. With ``--topology`` the target is
+a TPU slice described by libtpu (``jax.experimental.topologies``), so a user learns before renting the
+pod whether the step compiles and fits its HBM. Exit code 1 when it does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# HBM per chip in GiB (public figures).
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32, "a100": 40, "h100": 80}
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m scripts.aot_compile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--topology", help="TPU topology, e.g. v5e:4x4, v4:2x2x4, v5p:2x2x2 (needs libtpu)")
+    p.add_argument("--hbm_gib", type=float, help="memory per device to check against (default: by chip/config)")
+    p.add_argument("--cpu_devices", type=int, help="simulated CPU devices (default: the config's mesh size)")
+    return p.parse_known_args(argv)
+
+
+def main(argv=None) -> int:
+    args, rest = _parse(argv)
+    overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
+    from train.config import load_config
+
+    cfg = load_config(args.config, overrides)
+    if not args.topology:
+        n = args.cpu_devices or _mesh_size(cfg)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    from scripts.aot import compile_train_step, target_devices
+
+    devices, chip = target_devices(args.topology)
+    hbm = args.hbm_gib or HBM_GIB.get(chip) or _gpu_hbm_from_name(args.config)
+    report = compile_train_step(cfg, devices)
+    print(f"config       {args.config}  ({cfg.model.name_or_path}, batch {cfg.batch_size}, "
+          f"{cfg.data.image_size}px, freeze={list(cfg.optim.freeze)})")
+    print(f"target       {args.topology or f'{len(devices)} x {devices[0].platform}'}  mesh {report['mesh']}")
+    print(f"compiled in  {report['compile_seconds']:.1f}s")
+    gib = 1024**3
+    for k in ("argument", "output", "temp", "alias", "total"):
+        print(f"  {k:<9} {report[k] / gib:8.2f} GiB per device")
+    if hbm:
+        ok = report["total"] <= hbm * gib
+        print(f"  {'fits' if ok else 'DOES NOT FIT'} in {hbm:g} GiB per device "
+              f"({100 * report['total'] / (hbm * gib):.0f}% used)")
+        del jax
+        return 0 if ok else 1
+    return 0
+
+
+def _mesh_size(cfg) -> int:
+    d, f = cfg.mesh.data, cfg.mesh.fsdp
+    return (d if d > 0 else 1) * f
+
+
+def _gpu_hbm_from_name(name: str) -> float | None:
+    for chip in ("a100", "h100"):
+        if chip in name:
+            return HBM_GIB[chip]
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

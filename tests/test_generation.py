@@ -1,0 +1,176 @@
+"""Generation parity with transformers' ``generate()`` (greedy and beam search) on a tiny random model.
+
+The conftest model is too flat for generation tests: every prompt yields the same one or two repeated
+tokens (a random post-LN decoder with a tied head mostly copies its input token, and the encoder's
+influence is lost). A copy with sharper decoder positions and cross-attention gives diverse
+input-dependent outputs, so the comparison exercises n-gram bans, beam reordering and finished
+hypotheses; ``_assert_diverse`` fails the test if the references ever degenerate again.
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_IMAGE, TINY_IMAGE_TOKEN
+
+from florence_jax import Florence2ForConditionalGeneration
+from florence_jax.generation import encode, generate, generate_from_encoder, make_decode_fn
+
+N_IMG = 1 + (TINY_IMAGE // 8) ** 2
+PROMPT_LENGTHS = (7, 4, 2)  # right padding on rows 1 and 2
+MAX_NEW = 20  # transformers' default: the no-argument call below reuses the greedy executable
+
+
+@pytest.fixture(scope="module")
+def gen_pair(tiny_hf_dir, tmp_path_factory):
+    from transformers import Florence2ForConditionalGeneration as HF
+
+    from florence_jax.testing.models import save_hf_model
+
+    hf = HF.from_pretrained(tiny_hf_dir).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "decoder.embed_positions" in name or ("encoder_attn." in name and p.ndim >= 2):
+                p.mul_(10.0)
+    directory = save_hf_model(hf, tmp_path_factory.mktemp("tiny_gen"))
+    return hf, Florence2ForConditionalGeneration.from_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    width = N_IMG + max(PROMPT_LENGTHS)
+    ids = np.full((len(PROMPT_LENGTHS), width), 1, np.int64)  # pad_token_id = 1
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(PROMPT_LENGTHS):
+        ids[i, :N_IMG] = TINY_IMAGE_TOKEN
+        ids[i, N_IMG:N_IMG + n] = rng.integers(3, 900, n)
+        mask[i, :N_IMG + n] = 1
+    pixels = rng.normal(size=(len(PROMPT_LENGTHS), 3, TINY_IMAGE, TINY_IMAGE)).astype(np.float32)
+    return ids, pixels, mask
+
+
+def _reference(hf, prompts, **kw):
+    ids, pixels, mask = prompts
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
+                          attention_mask=torch.tensor(mask), return_dict_in_generate=True, output_scores=True, **kw)
+    scores = getattr(out, "sequences_scores", None)
+    return out.sequences.numpy(), None if scores is None else scores.numpy()
+
+
+def _assert_diverse(seqs: np.ndarray):
+    """Each row uses several distinct tokens and the rows differ: the model is not a constant."""
+    gen = seqs[:, 1:]
+    assert all(len(set(row.tolist())) >= 4 for row in gen), seqs
+    assert len({tuple(row.tolist()) for row in gen}) == len(gen), seqs
+
+
+# A frequent token of the references used as EOS, so hypotheses finish at different steps and the
+# finished-beam bookkeeping, length penalty and padding after EOS are exercised.
+EARLY_EOS = dict(eos_token_id=229, forced_eos_token_id=229)
+
+CASES = {
+    "greedy": dict(num_beams=1),
+    "greedy_ngram3_early_eos": dict(num_beams=1, no_repeat_ngram_size=3, **EARLY_EOS),
+    "beam3": dict(num_beams=3, early_stopping=False),
+    "beam3_early_eos_lp2": dict(num_beams=3, early_stopping=False, length_penalty=2.0, **EARLY_EOS),
+    "beam3_ngram3_es_true": dict(num_beams=3, no_repeat_ngram_size=3, early_stopping=True),
+    "beam3_ngram3_es_true_early_eos_lp07": dict(num_beams=3, no_repeat_ngram_size=3, early_stopping=True,
+                                                length_penalty=0.7, **EARLY_EOS),
+    "beam3_ngram3_es_false_early_eos_lp15": dict(num_beams=3, no_repeat_ngram_size=3, early_stopping=False,
+                                                 length_penalty=1.5, **EARLY_EOS),
+    "beam3_es_never_early_eos_lp05": dict(num_beams=3, early_stopping="never", length_penalty=0.5, **EARLY_EOS),
+    # Every row fills its beams before max length: the loop must stop early and crop like transformers.
+    "beam3_es_true_all_rows_stop_early": dict(num_beams=3, early_stopping=True, eos_token_id=623,
+                                              forced_eos_token_id=623),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_transformers(gen_pair, prompts, case):
+    hf, ours = gen_pair
+    kw = dict(CASES[case], max_new_tokens=MAX_NEW)
+    ref, ref_scores = _reference(hf, prompts, **kw)
+    if "eos_token_id" in kw:  # some hypotheses really end early (else the case tests nothing new)
+        lengths = [int(np.argmax(row == kw["eos_token_id"])) if (row == kw["eos_token_id"]).any() else 0
+                   for row in ref[:, 1:]]
+        assert min(lengths) < MAX_NEW - 1 and len(set(lengths)) > 1, ref
+    else:
+        _assert_diverse(ref)
+    got, scores = generate(ours, *prompts, return_scores=True, **kw)
+    assert got.dtype == np.int32 and got.shape[1] <= 1 + MAX_NEW
+    np.testing.assert_array_equal(got, ref)
+    if case.endswith("stop_early"):
+        assert ref.shape[1] < 1 + MAX_NEW
+    if kw["num_beams"] > 1:
+        np.testing.assert_allclose(scores, ref_scores, atol=1e-5, rtol=0)
+    else:
+        assert scores is None
+
+
+def test_default_and_max_length_conventions(gen_pair, prompts):
+    """No length argument: transformers' default 20 new tokens; ``max_length`` counts the start token."""
+    hf, ours = gen_pair
+    ref, _ = _reference(hf, prompts)
+    np.testing.assert_array_equal(generate(ours, *prompts), ref)
+    assert ref.shape[1] == 21
+    ref, _ = _reference(hf, prompts, max_length=21, num_beams=3)
+    np.testing.assert_array_equal(generate(ours, *prompts, max_length=21, num_beams=3), ref)
+    assert ref.shape[1] == 21
+
+
+def test_suppress_tokens_never_generated(gen_pair, prompts):
+    hf, ours = gen_pair
+    plain = generate(ours, *prompts, max_new_tokens=MAX_NEW, num_beams=3)
+    banned = sorted({int(t) for t in np.unique(plain[:, 1:]) if t not in (1, 2)})[:6]
+    assert banned
+    for beams in (1, 3):
+        kw = dict(max_new_tokens=MAX_NEW, num_beams=beams, suppress_tokens=banned)
+        got = generate(ours, *prompts, **kw)
+        assert not np.isin(got, banned).any(), got
+        np.testing.assert_array_equal(got, _reference(hf, prompts, **kw)[0])
+
+
+def test_forced_eos_at_max_length(gen_pair, prompts):
+    _, ours = gen_pair
+    for beams in (1, 3):
+        got = generate(ours, *prompts, max_new_tokens=MAX_NEW, num_beams=beams, forced_eos_token_id=2)
+        assert got.shape == (len(PROMPT_LENGTHS), 1 + MAX_NEW)
+        assert (got[:, -1] == 2).all() and (got[:, 0] == 2).all()
+        got = generate(ours, *prompts, max_new_tokens=MAX_NEW, num_beams=beams, forced_eos_token_id=None)
+        assert (got[:, -1] != 2).any()  # without the processor nothing forces it
+
+
+def test_second_call_does_not_compile(gen_pair, prompts):
+    _, ours = gen_pair
+    kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3)
+    first = generate(ours, *prompts, early_stopping=True, **kw)
+    events: list[str] = []
+
+    def listener(event: str, duration: float, **_):
+        if event.startswith("/jax/core/compile"):
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        again = generate(ours, *prompts, early_stopping=True, **kw)
+        # Length penalty, early-stopping mode and special ids are traced, not compiled in.
+        generate(ours, *prompts, early_stopping="never", length_penalty=0.3, **EARLY_EOS, **kw)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert events == []
+    np.testing.assert_array_equal(first, again)
+
+
+def test_decode_only_entry_points(gen_pair, prompts):
+    _, ours = gen_pair
+    ids, pixels, mask = prompts
+    kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True)
+    full, full_scores = ours.generate(ids, pixels, mask, return_scores=True, **kw)  # the model's method
+    enc = encode(ours, ids, pixels, mask)
+    seqs, scores = generate_from_encoder(ours, enc, mask, return_scores=True, **kw)
+    np.testing.assert_array_equal(seqs, full)
+    np.testing.assert_allclose(scores, full_scores, atol=1e-6)
+    out = jax.block_until_ready(make_decode_fn(ours, **kw)(enc, mask))
+    np.testing.assert_array_equal(np.asarray(out.sequences)[:, :int(out.length)], full)
