@@ -109,7 +109,7 @@ class Florence2Config:
     vision_config: VisionConfig = field(default_factory=VisionConfig)
     text_config: TextConfig = field(default_factory=TextConfig)
     image_token_id: int = 51289
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = True  # always: the LM head is the shared embedding
     num_real_tokens: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -142,13 +142,17 @@ class Florence2Config:
             raise ValueError(f"unsupported architecture {archs}; expected Florence2ForConditionalGeneration")
         if "vision_config" not in d or "text_config" not in d:
             raise ValueError("config.json lacks vision_config/text_config: not a Florence-2 checkpoint")
+        tied = d.get("tie_word_embeddings", True) and (d.get("text_config") or {}).get("tie_word_embeddings", True)
+        if not tied:
+            # Untied BART keeps separate encoder, decoder and output embeddings; every Florence-2
+            # checkpoint ties them, and so does this port.
+            raise ValueError("tie_word_embeddings=false is not supported: Florence-2 ties its word embeddings")
         vision = _vision_from_dict(d["vision_config"] or {})
         text = _text_from_dict(d["text_config"] or {})
         original = is_original_layout(d)
         kw: dict[str, Any] = dict(
             vision_config=vision,
             text_config=text,
-            tie_word_embeddings=d.get("tie_word_embeddings", True),
         )
         if original:
             # The original layout has no <image> token: it is appended right after the vocabulary and

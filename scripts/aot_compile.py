@@ -35,7 +35,10 @@ def main(argv=None) -> int:
     from train.config import load_config
 
     cfg = load_config(args.config, overrides)
-    if not args.topology:
+    if args.topology:
+        # libtpu looks for a TPU VM's worker list at start-up; compiling for a topology needs none.
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    else:
         n = args.cpu_devices or _mesh_size(cfg)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
         os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -193,3 +193,12 @@ def test_large_config_converts_with_all_shapes_checked():
     shapes["model.language_model.decoder.layers.11.fc2.weight"] = (1024, 4095)
     with pytest.raises(CheckpointError, match="layers.11.fc2"):
         check_conversion(Florence2ForConditionalGeneration, ours_cfg, shapes)
+
+
+def test_untied_embeddings_are_a_clear_error(tmp_path, tiny_hf_dir):
+    d = _copy(tiny_hf_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        Florence2ForConditionalGeneration.from_pretrained(d)

@@ -116,9 +116,6 @@ class Florence2ForConditionalGeneration(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.model = Florence2Model(config, rngs=rngs)
-        if not config.tie_word_embeddings:
-            t = config.text_config
-            self.lm_head = linear(config, t.d_model, t.vocab_size, use_bias=False, rngs=rngs)
         self.eval()  # inference mode by default, as transformers' from_pretrained returns it
 
     # ------------------------------------------------------------------ pieces
@@ -155,9 +152,8 @@ class Florence2ForConditionalGeneration(nnx.Module):
         return self.model.language_model.encoder(embeds, mask, rngs)
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
-        if self.config.tie_word_embeddings:
-            return self.model.language_model.shared.attend(hidden)
-        return self.lm_head(hidden)
+        """The tied LM head: hidden states against the shared embedding."""
+        return self.model.language_model.shared.attend(hidden)
 
     def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask=None,
                decoder_attention_mask=None, rngs=None) -> jax.Array:

@@ -130,8 +130,7 @@ def _flat_path(path: tuple) -> str:
 
 
 def plan_conversion(
-    keys: list[str], original: bool, get: Callable[[str], np.ndarray] | None = None
-) -> tuple[dict[str, tuple[str, list[tuple[str, str]]]], list[str]]:
+    keys: list[str], original: bool, get: Callable[[str], np.ndarray] | None = None) -> tuple[dict[str, tuple[str, list[tuple[str, str]]]], list[str]]:
     """Map checkpoint keys to NNX paths.
 
     Returns ``{nnx_path: (checkpoint_key, [(stage, transform), ...])}`` and a list of keys no rule

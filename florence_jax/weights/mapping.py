@@ -71,8 +71,6 @@ RULES: tuple[Rule, ...] = (
          r"model\.multi_modal_projector\.image_position_embed\.(row|column)_embeddings", "none"),
     # The constant cosine table is stored as a buffer in both worlds.
     Rule("{p}", "{p}", r"model\.multi_modal_projector\.visual_temporal_embed\.pos_idx_to_embed", "none"),
-    # Untied LM head (Florence-2 always ties it, but the config allows otherwise).
-    Rule("{p}.weight", "{p}.kernel", r"lm_head", "linear"),
     # Every other weight belongs to an nn.Linear; every bias is copied as is.
     Rule("{p}.weight", "{p}.kernel", r"model\..*", "linear"),
     Rule("{p}.bias", "{p}.bias", r"model\..*", "none"),
