@@ -167,3 +167,21 @@ def test_base_size_parity(tmp_path):
         ref = hf(**_torch(batch)).logits.numpy()
     out = np.asarray(jax.jit(lambda **kw: ours(**kw).logits)(**batch))
     np.testing.assert_allclose(out, ref, atol=5e-4, rtol=0)
+
+    # The original remote-code layout of the same weights loads to the same parameters.
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from florence_jax.testing.models import original_config_dict, to_original_layout
+    from florence_jax.weights.load import iter_flax_params
+
+    orig = tmp_path / "original"
+    orig.mkdir()
+    save_file(to_original_layout(load_file(str(tmp_path / "model.safetensors")), 51289), str(orig / "model.safetensors"))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (orig / "config.json").write_text(json.dumps(original_config_dict(cfg, 51289)))
+    a = dict(iter_flax_params(ours))
+    for k, v in iter_flax_params(Florence2ForConditionalGeneration.from_pretrained(orig)):
+        n = 51289 if k.endswith("shared.embedding") else None
+        assert np.array_equal(np.asarray(v)[:n], np.asarray(a[k])[:n]), k

@@ -88,6 +88,14 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     for k in pa:
         np.testing.assert_allclose(pb[k], pa[k], atol=1e-6, err_msg=k)
 
+    # scripts.export rebuilds the same model from the run's last checkpoint.
+    from scripts.export import main as export_main
+
+    assert export_main(["--workdir", str(ref), "--out", str(tmp_path / "exported")]) == 0
+    pe = load_file(str(tmp_path / "exported/model.safetensors"))
+    assert set(pe) == set(pa) and all(np.array_equal(pe[k], pa[k]) for k in pa)
+    assert (tmp_path / "exported/tokenizer.json").exists()
+
 
 def test_unknown_field_and_bad_value_fail_before_compiling(capsys):
     assert main(["--config", "cpu_demo.py", "--config.optim.learnin_rate=1"]) == 2
@@ -96,3 +104,20 @@ def test_unknown_field_and_bad_value_fail_before_compiling(capsys):
     assert "expected an integer" in capsys.readouterr().err
     assert main(["--config", "no_such_config.py"]) == 2
     assert "cpu_demo.py" in capsys.readouterr().err  # lists the known configs
+
+
+@pytest.mark.slow
+def test_cpu_demo_reaches_its_anls_target(tmp_path):
+    """The README's main job: the embedded default reaches validation ANLS >= 0.6 (question-only bound ~0.25)."""
+    from train.data.synthetic import question_only_bound
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "train.main", "--config", "cpu_demo.py", "--workdir", str(tmp_path)],
+                   cwd=ROOT, env=env, check=True, timeout=1800)
+    minutes = (time.time() - t0) / 60
+    evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert evals[0]["step"] == 0 and evals[0]["anls"] < 0.3
+    assert evals[-1]["anls"] >= 0.6, evals[-1]
+    assert question_only_bound(threshold=0.5).overall < 0.3
+    print(f"cpu demo: ANLS {evals[-1]['anls']:.3f} in {minutes:.1f} min")

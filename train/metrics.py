@@ -15,6 +15,7 @@ identical (score 1).
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -22,6 +23,7 @@ from rapidfuzz.distance import Levenshtein
 
 __all__ = [
     "anls",
+    "best_constant_answer",
     "character_error_rate",
     "exact_match",
     "mean_anls",
@@ -95,3 +97,47 @@ def character_error_rate(prediction: str, reference: str) -> float:
     if not reference:
         return float(distance)
     return distance / len(reference)
+
+
+def _expected_anls(candidate: str, values: Sequence[str], threshold: float) -> float:
+    return sum(anls(candidate, [v], threshold) for v in values) / len(values)
+
+
+def best_constant_answer(values: Sequence[str], threshold: float = 0.5) -> tuple[float, str]:
+    """The best fixed answer when the true one is uniform over ``values``: (max_c E_v[anls(c, v)], c).
+
+    This is what a predictor that ignores the image can score on one question. Candidates: every value, the
+    empty string and every string on an optimal edit path between two values (compromises within half an edit
+    distance of both live there, e.g. "bree" for red/green/blue), then hill-climbing on single-character edits
+    over the values' alphabet from the best few. The expectation is exact; the maximization is a thorough
+    search, not a proof, so the score is the best such a trick was found to reach.
+    """
+    values = [normalize_answer(v) for v in values]
+    if not values:
+        raise ValueError("no values")
+    candidates = set(values) | {""}
+    for a, b in itertools.permutations(values, 2):
+        ops = Levenshtein.editops(a, b)
+        candidates.update(ops[:i].apply(a, b) for i in range(1, len(ops)))
+    alphabet = sorted(set("".join(values)))
+    ranked = sorted(
+        ((_expected_anls(c, values, threshold), c) for c in candidates), key=lambda t: (-t[0], t[1])
+    )
+    best_score, best = ranked[0]
+    for score, current in ranked[:8]:
+        improved = True
+        while improved:
+            improved = False
+            neighbours = {current[:i] + current[i + 1 :] for i in range(len(current))}
+            for i in range(len(current) + 1):
+                for ch in alphabet:
+                    neighbours.add(current[:i] + ch + current[i:])
+                    if i < len(current):
+                        neighbours.add(current[:i] + ch + current[i + 1 :])
+            for candidate in sorted(neighbours):
+                value = _expected_anls(candidate, values, threshold)
+                if value > score + 1e-12:
+                    score, current, improved = value, candidate, True
+        if score > best_score + 1e-12:
+            best_score, best = score, current
+    return best_score, best

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from florence_jax.config import Florence2Config
-from florence_jax.modeling.layers import activation, attention, layer_norm, linear, maybe_remat
+from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat
 
 POSITION_OFFSET = 2  # BART's learned positions are indexed from 2 (a fairseq legacy).
 
@@ -112,8 +112,7 @@ class DecoderLayer(_FFN):
 class _Stack(nnx.Module):
     def _init_stack(self, cfg: Florence2Config, rngs):
         t = cfg.text_config
-        self.embed_positions = nnx.Embed(t.max_position_embeddings + POSITION_OFFSET, t.d_model,
-                                         dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.embed_positions = embed(cfg, t.max_position_embeddings + POSITION_OFFSET, t.d_model, rngs=rngs)
         self.layernorm_embedding = layer_norm(cfg, t.d_model, eps=t.layer_norm_eps, rngs=rngs)
         self.dropout = nnx.Dropout(t.dropout)
         self.remat_policy = cfg.remat_policy
@@ -205,8 +204,7 @@ class BartDecoder(_Stack):
 class BartModel(nnx.Module):
     def __init__(self, cfg: Florence2Config, *, rngs: nnx.Rngs):
         t = cfg.text_config
-        self.shared = nnx.Embed(t.vocab_size, t.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.shared = embed(cfg, t.vocab_size, t.d_model, rngs=rngs)
         self.encoder = BartEncoder(cfg, rngs=rngs)
         self.decoder = BartDecoder(cfg, rngs=rngs)
         self.embed_scale = math.sqrt(t.d_model) if t.scale_embedding else 1.0

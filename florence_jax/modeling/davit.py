@@ -12,13 +12,14 @@ import numpy as np
 from flax import nnx
 
 from florence_jax.config import Florence2Config
-from florence_jax.modeling.layers import activation, attention, layer_norm, linear, maybe_remat
+from florence_jax.modeling.layers import INIT_STD, activation, attention, layer_norm, linear, maybe_remat
 
 
 def _conv(cfg: Florence2Config, din: int, dout: int, k: int, stride: int, pad: int, groups: int, rngs):
     return nnx.Conv(
         din, dout, kernel_size=(k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        feature_group_count=groups, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+        feature_group_count=groups, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=nnx.initializers.normal(INIT_STD), rngs=rngs,
     )
 
 
@@ -31,7 +32,7 @@ class DepthwiseConv(nnx.Module):
     """
 
     def __init__(self, cfg: Florence2Config, dim: int, *, rngs: nnx.Rngs):
-        init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+        init = nnx.initializers.normal(INIT_STD)
         self.kernel = nnx.Param(init(rngs.params(), (3, 3, 1, dim), cfg.param_dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype))
         self.dtype = cfg.dtype

@@ -14,7 +14,7 @@ from flax import nnx
 from florence_jax.config import Florence2Config
 from florence_jax.modeling.bart import BartModel
 from florence_jax.modeling.davit import DaViT
-from florence_jax.modeling.layers import layer_norm, linear
+from florence_jax.modeling.layers import embed, layer_norm, linear
 
 
 class Buffer(nnx.Variable):
@@ -36,9 +36,8 @@ class LearnedPositionEmbedding2D(nnx.Module):
     def __init__(self, cfg: Florence2Config, *, rngs: nnx.Rngs):
         v = cfg.vision_config
         dim = v.embed_dim[-1]
-        kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
-        self.row_embeddings = nnx.Embed(v.max_position_embeddings, dim // 2, **kw)
-        self.column_embeddings = nnx.Embed(v.max_position_embeddings, dim - dim // 2, **kw)
+        self.row_embeddings = embed(cfg, v.max_position_embeddings, dim // 2, rngs=rngs)
+        self.column_embeddings = embed(cfg, v.max_position_embeddings, dim - dim // 2, rngs=rngs)
 
     def __call__(self, h: int, w: int) -> jax.Array:
         """(H, W, C): column embedding in the first half of the channels, row embedding in the second."""

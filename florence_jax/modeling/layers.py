@@ -27,10 +27,20 @@ def activation(name: str):
         raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
+# transformers initialises Florence-2's Linear, Conv2d and Embedding weights from N(0, 0.02) (biases 0,
+# LayerNorms 1/0); random-init training starts from the same distribution.
+INIT_STD = 0.02
+
+
+def embed(cfg, num: int, dim: int, *, rngs: nnx.Rngs) -> nnx.Embed:
+    return nnx.Embed(num, dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                     embedding_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
+
+
 def linear(cfg, din: int, dout: int, *, use_bias: bool = True, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(
         din, dout, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
+        kernel_init=nnx.initializers.normal(INIT_STD), rngs=rngs,
     )
 
 

@@ -2,16 +2,15 @@
 
 Why this exists: the CPU demo trains a ~2-5M-parameter Florence-2 from scratch in ~10 minutes and must show
 real learning (validation ANLS >= 0.6) on data where guessing from the question alone cannot pass 0.3. A model
-that small, that fast, does not learn to read small print, but it does pick up colour, layout, large marks and
-counts. So every answer here is a big, coarse feature of the page:
+that small, that fast, does not learn to read small print, so every answer is a big, coarse feature of the page:
 
 ==========  ==================================  =====================================================
-template    question                            answer (drawn uniformly, independently per document)
+template    question                            answer (5 values, each with probability 1/5)
 ==========  ==================================  =====================================================
-colour      What colour is the header band?     red / green / blue / yellow / orange / purple: the
-                                                full-width band across the top
+colour      What colour is the header band?     red / cyan / blue / yellow / purple: the full-width
+                                                band across the top
 stamp       Which side has the stamp?           top / bottom / left / right / none: a big black disc
-items       How many items are listed?          1 / 2 / 3 / 4: thick dark bars in the body
+items       How many items are listed?          1 - 5: thick dark bars in the body
 logo        What shape is the logo?             circle / star / diamond / plus / box: a big white
                                                 shape on the band
 doctype     What type of document is this?      invoice / receipt / form / letter / menu: each has its
@@ -19,10 +18,20 @@ doctype     What type of document is this?      invoice / receipt / form / lette
                                                 and its name printed large under the band
 ==========  ==================================  =====================================================
 
+House styles (``coupling``). Measured with a 1.9M-parameter transformers Florence-2 (DaViT 32-64-96-128, BART
+d=128, 2+2 layers, AdamW 1e-3, batch 32): with all five attributes drawn independently, validation accuracy
+stayed at chance for 1,800 steps (at init the logits hardly depend on the image, and five unrelated weak
+signals do not get it out of that). With every document drawn from one of 5 "issuers" whose documents share
+all attributes, it reached 0.66 after 300 steps. So a share ``coupling`` of documents (default 0.8) comes from
+an issuer's house style (issuer k: the k-th value of every template), the rest have independent attributes.
+Each template's answer stays uniform either way, so the question-only bound is unchanged; recognising the
+issuer alone is worth ``coupling + (1 - coupling) / 5`` (0.84 at 0.8); beyond that the model must read each
+attribute. ``coupling=0`` gives fully independent attributes.
+
 The answer words were chosen so that no single string, however contrived, earns much ANLS against all of them
-(``question_only_bound`` measures this; with these sets it is ~0.25). Short English words sharing letters
+(``question_only_bound`` measures this; with these sets it is ~0.24). Short English words sharing letters
 ("red", "green", "blue") let a compromise string such as "bree" score >= 0.5 against several answers at once,
-so the sets are larger or more dissimilar than the obvious ones.
+so the sets avoid such families.
 
 Records follow the Hugging Face DocVQA schema (``questionId``, ``question``, ``question_types``, ``image``,
 ``docId``, ``ucsf_document_id``, ``ucsf_document_page_no``, ``answers``) and are written to parquet with the
@@ -44,9 +53,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from rapidfuzz.distance import Levenshtein
 
-from train.metrics import anls
+from train.metrics import best_constant_answer
 
 __all__ = [
     "DOC_TYPES",
@@ -77,14 +85,13 @@ class QuestionTemplate:
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (214, 39, 40),
-    "green": (44, 160, 44),
-    "blue": (31, 90, 220),
+    "cyan": (0, 200, 215),
+    "blue": (31, 70, 220),
     "yellow": (250, 215, 20),
-    "orange": (255, 127, 14),
     "purple": (148, 60, 189),
 }
 STAMP_SIDES = ("top", "bottom", "left", "right", "none")
-ITEM_COUNTS = ("1", "2", "3", "4")
+ITEM_COUNTS = ("1", "2", "3", "4", "5")
 LOGO_SHAPES = ("circle", "star", "diamond", "plus", "box")
 DOC_TYPES = ("invoice", "receipt", "form", "letter", "menu")
 
@@ -95,6 +102,10 @@ TEMPLATES: tuple[QuestionTemplate, ...] = (
     QuestionTemplate("logo", "What shape is the logo?", LOGO_SHAPES, ("figure/diagram",)),
     QuestionTemplate("doctype", "What type of document is this?", DOC_TYPES, ("layout",)),
 )
+NUM_STYLES = 5  # house styles: style k uses the k-th value of every template
+DEFAULT_COUPLING = 0.8
+if any(len(t.values) != NUM_STYLES for t in TEMPLATES):
+    raise RuntimeError("house styles need every template to have NUM_STYLES values")
 
 
 def features() -> Any:
@@ -187,7 +198,9 @@ def render_document(attrs: dict[str, str], image_size: int, rng: np.random.Gener
     elif doc_type == "menu":
         draw.rectangle(box(2, 32, 126, 126), outline=(90, 50, 20), width=max(1, round(4 * k)))
     elif doc_type == "invoice":
-        draw.rectangle(box(29 + dx, 47 + dy, 99 + dx, 97 + dy), outline=(0, 0, 0), width=max(1, round(2 * k)))
+        draw.rectangle(
+            box(29 + dx, 46 + dy, 99 + dx, 100 + dy), outline=(0, 0, 0), width=max(1, round(2 * k))
+        )
     # Header band with the logo on it.
     draw.rectangle(box(0, 0, 128, 30), fill=_jitter_colour(COLOURS[attrs["colour"]], rng))
     _logo(draw, attrs["logo"], (17 + dx) * k, 15 * k, 11 * k)
@@ -197,13 +210,13 @@ def render_document(attrs: dict[str, str], image_size: int, rng: np.random.Gener
     # Items: thick bars, one per listed item (ragged like text lines on letters).
     for i in range(int(attrs["items"])):
         right = 94 + dx if doc_type != "letter" else 70 + float(rng.integers(0, 25))
-        y = 50 + dy + 12 * i
-        draw.rectangle(box(34 + dx, y, right, y + 7), fill=_INK)
+        y = 50 + dy + 10 * i
+        draw.rectangle(box(34 + dx, y, right, y + 6), fill=_INK)
     # Small print for realism only: no question depends on it.
     small = _font(max(5, round(6 * k)), bold=False)
     draw.text((100 * k, 8 * k), f"No {rng.integers(1000, 9999)}", fill=(255, 255, 255), font=small)
     draw.text(
-        (60 * k, 100 * k), f"{rng.integers(1, 99)}.{rng.integers(0, 99):02d}", fill=(90, 90, 90), font=small
+        (60 * k, 104 * k), f"{rng.integers(1, 99)}.{rng.integers(0, 99):02d}", fill=(90, 90, 90), font=small
     )
     # The stamp goes last so it covers whatever it lands on.
     stamp_centres = {"top": (64, 15), "bottom": (64, 113), "left": (16, 76), "right": (112, 76)}
@@ -228,11 +241,15 @@ def make_records(
     seed: int = 0,
     *,
     questions_per_doc: int = 2,
+    coupling: float = DEFAULT_COUPLING,
     first_question_id: int = 0,
     first_doc_id: int = 0,
 ) -> list[dict[str, Any]]:
-    """``num_records`` DocVQA rows: documents with independent uniform attributes, ``questions_per_doc`` distinct
-    templates each (uniformly chosen, so every template is asked equally often)."""
+    """``num_records`` DocVQA rows: documents in a house style with probability ``coupling``, else with
+    independent uniform attributes; ``questions_per_doc`` distinct templates each (uniformly chosen, so every
+    template is asked equally often)."""
+    if not 0.0 <= coupling <= 1.0:
+        raise ValueError(f"coupling must be in [0, 1], got {coupling}")
     if not 1 <= questions_per_doc <= len(TEMPLATES):
         raise ValueError(f"questions_per_doc must be in [1, {len(TEMPLATES)}], got {questions_per_doc}")
     rng = np.random.default_rng(seed)
@@ -240,7 +257,11 @@ def make_records(
     for doc in itertools.count(first_doc_id):
         if len(records) >= num_records:
             break
-        attrs = {t.name: t.values[rng.integers(len(t.values))] for t in TEMPLATES}
+        if rng.random() < coupling:
+            style = int(rng.integers(NUM_STYLES))
+            attrs = {t.name: t.values[style] for t in TEMPLATES}
+        else:
+            attrs = {t.name: t.values[rng.integers(len(t.values))] for t in TEMPLATES}
         image = {"bytes": _png(render_document(attrs, image_size, rng)), "path": None}
         for t_index in rng.permutation(len(TEMPLATES))[:questions_per_doc]:
             if len(records) >= num_records:
@@ -354,6 +375,7 @@ def generate(
     seed: int = 0,
     *,
     questions_per_doc: int = 2,
+    coupling: float = DEFAULT_COUPLING,
     bad: BadRecords | None = None,
 ) -> dict[str, str]:
     """Write ``train.parquet`` (``num_train`` rows) and ``validation.parquet`` (``num_val`` rows) to ``out_dir``.
@@ -362,7 +384,7 @@ def generate(
     ``num / questions_per_doc`` distinct images per split. Validation documents are fresh draws (another seed
     stream, disjoint ids). ``bad`` injects trouble into the training split only. Returns {split: path}.
     """
-    train = make_records(num_train, image_size, seed, questions_per_doc=questions_per_doc)
+    train = make_records(num_train, image_size, seed, questions_per_doc=questions_per_doc, coupling=coupling)
     if bad is not None:
         train, _ = inject_bad_records(train, bad, seed)
     val = make_records(
@@ -370,6 +392,7 @@ def generate(
         image_size,
         seed + 1_000_003,
         questions_per_doc=questions_per_doc,
+        coupling=coupling,
         first_question_id=10_000_000,
         first_doc_id=10_000_000,
     )
@@ -402,53 +425,12 @@ class QuestionOnlyBound:
         return "\n".join(lines)
 
 
-def _expected_anls(candidate: str, values: Sequence[str], threshold: float) -> float:
-    return sum(anls(candidate, [v], threshold) for v in values) / len(values)
-
-
-def _best_constant(values: Sequence[str], threshold: float) -> tuple[float, str]:
-    """Max over strings c of E_v[anls(c, v)], v uniform over ``values``.
-
-    Candidates: every value, the empty string and every string on an optimal edit path between two values
-    (where compromises that sit within half an edit distance of both live), then hill-climbing on single-character
-    edits over the values' alphabet from the best few. The expectation itself is exact; the maximization is a
-    thorough search, not a proof, so the number is the best any such trick was found to reach.
-    """
-    values = [v.lower() for v in values]
-    candidates = set(values) | {""}
-    for a, b in itertools.permutations(values, 2):
-        ops = Levenshtein.editops(a, b)
-        candidates.update(ops[:i].apply(a, b) for i in range(1, len(ops)))
-    alphabet = sorted(set("".join(values)))
-    ranked = sorted(
-        ((_expected_anls(c, values, threshold), c) for c in candidates), key=lambda t: (-t[0], t[1])
-    )
-    best_score, best = ranked[0]
-    for score, current in ranked[:8]:
-        improved = True
-        while improved:
-            improved = False
-            neighbours = {current[:i] + current[i + 1 :] for i in range(len(current))}
-            for i in range(len(current) + 1):
-                for ch in alphabet:
-                    neighbours.add(current[:i] + ch + current[i:])
-                    if i < len(current):
-                        neighbours.add(current[:i] + ch + current[i + 1 :])
-            for n in sorted(neighbours):
-                s = _expected_anls(n, values, threshold)
-                if s > score + 1e-12:
-                    score, current, improved = s, n, True
-        if score > best_score + 1e-12:
-            best_score, best = score, current
-    return best_score, best
-
-
 def question_only_bound(
     templates: Sequence[QuestionTemplate] = TEMPLATES, threshold: float = 0.5
 ) -> QuestionOnlyBound:
     """Best expected ANLS from the question alone, from the generator's answer sets (uniform per template) and
     its question mix (every template equally often)."""
-    per_template = {t.name: _best_constant(t.values, threshold) for t in templates}
+    per_template = {t.name: best_constant_answer(t.values, threshold) for t in templates}
     weights = {t.name: 1.0 / len(templates) for t in templates}
     overall = sum(weights[name] * score for name, (score, _) in per_template.items())
     return QuestionOnlyBound(per_template=per_template, weights=weights, overall=overall)

@@ -1,0 +1,80 @@
+"""Export a training run's checkpoint as a transformers-loadable directory (model + processor).
+
+    python -m scripts.export --workdir runs/gpu_a100 --out exported/ [--step N | --best] [--push_to_hub REPO]
+
+The run's saved config rebuilds the model; the checkpoint restores into it; ``save_pretrained`` writes
+config.json, generation_config.json and safetensors in the transformers-native layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scripts.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="a training run's directory (holds config.json, checkpoints/)")
+    p.add_argument("--out", required=True, help="where to write the exported model")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    g.add_argument("--best", action="store_true", help="the checkpoint with the best validation ANLS")
+    p.add_argument("--push_to_hub", help="also upload to this Hub repo id")
+    args = p.parse_args(argv)
+
+    workdir = Path(args.workdir)
+    if not (workdir / "config.json").exists():
+        print(f"error: {workdir} has no config.json: not a training run directory", file=sys.stderr)
+        return 2
+    from flax import nnx
+
+    from florence_jax.sharding import make_mesh
+    from train.checkpoint import Checkpointer, abstract_like
+    from train.config import TrainConfig, apply_override
+    from train.loop import get_processor
+    from train.state import create_model, init_train_state
+
+    cfg = _config_from_json(json.loads((workdir / "config.json").read_text()), TrainConfig, apply_override)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    step = ckpt.best_step() if args.best else (args.step if args.step is not None else ckpt.latest_step())
+    if step is None:
+        print(f"error: no {'best ' if args.best else ''}checkpoint in {workdir / 'checkpoints'}", file=sys.stderr)
+        return 2
+    processor = get_processor(cfg, workdir)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    model = create_model(cfg.model, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
+                         min_shard_size=cfg.mesh.fsdp_min_size)
+    _, state, _ = init_train_state(model, cfg.optim, 1, mesh, min_shard_size=cfg.mesh.fsdp_min_size)
+    state, _, _ = ckpt.restore(step, abstract_like(state))
+    ckpt.close()
+    nnx.update(model, state.params, state.rest)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    print(f"exported step {step} of {workdir} to {args.out}")
+    if args.push_to_hub:
+        model.push_to_hub(args.push_to_hub, processor=processor)
+        print(f"pushed to {args.push_to_hub}")
+    return 0
+
+
+def _config_from_json(d: dict, cls, apply_override):
+    """Rebuild a TrainConfig from its saved JSON through the same type-checked override path."""
+    cfg = cls()
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            if isinstance(value, list):
+                value = "(" + ",".join(str(x) for x in value) + ")"
+            apply_override(cfg, f"{prefix[:-1]}={'none' if value is None else value}")
+
+    walk("", d)
+    return cfg
+
+
+if __name__ == "__main__":
+    sys.exit(main())
