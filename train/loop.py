@@ -243,7 +243,7 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
     counts = count_params(state.params, fns.labels)
     rep.print(_summary(cfg, mesh, counts, steps_per_epoch, total_steps, len(train_src), len(val_src)))
-    if "synthetic" == cfg.data.source:
+    if cfg.data.source == "synthetic":
         from train.data.synthetic import question_only_bound
 
         bound = question_only_bound(threshold=cfg.eval.anls_threshold)

@@ -73,10 +73,9 @@ def create_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: int = 0,
     """Load (or randomly initialise) the model straight into its sharding on ``mesh``."""
     fc = model_config_for(cfg, tokenizer)
     if fc is None:
-        overrides = {}
         model = Florence2ForConditionalGeneration.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            sharding_fn=param_sharding_fn(mesh, min_shard_size), config_overrides=overrides,
+            sharding_fn=param_sharding_fn(mesh, min_shard_size),
         )
         model.config = _apply_model_options(model.config, cfg)
         if (model.config.attention_impl != "xla" or model.config.remat_policy != "none" or cfg.dropout is not None
@@ -90,11 +89,10 @@ def create_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: int = 0,
     graphdef, abs_state = nnx.split(abstract)
     shardings = _state_shardings(abs_state, mesh, min_shard_size)
 
-    @jax.jit
     def init():
         return nnx.split(Florence2ForConditionalGeneration(fc, rngs=nnx.Rngs(seed)))[1]
 
-    state = jax.jit(init.__wrapped__ if hasattr(init, "__wrapped__") else init, out_shardings=shardings)()
+    state = jax.jit(init, out_shardings=shardings)()
     model = nnx.merge(graphdef, state)
     from florence_jax.generation_config import GenerationConfig
 

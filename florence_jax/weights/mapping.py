@@ -82,7 +82,6 @@ TIED_ALIASES = (
     "model.language_model.decoder.embed_tokens.weight",
     "lm_head.weight",
 )
-SHARED_EMBEDDING = "model.language_model.shared.weight"
 
 # Original remote-code layout -> native keys: (regex, replacement, transform applied on the way).
 ORIGINAL_RENAMES: tuple[tuple[str, str, str], ...] = (

@@ -55,7 +55,8 @@ class DataConfig:
     ``max_target_tokens`` includes ``<s>``/``</s>``. Longer prompts/targets are cut (keeping the final ``</s>``)
     and counted. ``image_size`` None means the processor's size; another value must equal it (the number of
     image tokens is the processor's). ``num_epochs`` None repeats training data forever. ``worker_count`` 0
-    decodes in the main process (threads only). ``drop_remainder`` applies to training; evaluation always pads.
+    decodes in the main process (threads only). ``drop_remainder`` applies to training; evaluation ignores
+    ``shuffle``, ``num_epochs`` and ``drop_remainder`` (one ordered pass, last batch padded).
     """
 
     batch_size: int = 8
@@ -398,7 +399,9 @@ class DataPipeline:
         """Training batches for this process (defaults: jax.process_index()/process_count()).
 
         Records are first cut to a multiple of the process count so every process has the same number of
-        batches per epoch (a multi-host step would otherwise hang on the process that ran out).
+        batches per epoch (a multi-host step would otherwise hang on the process that ran out). Bad records are
+        skipped after sharding, so with a finite ``num_epochs`` and unevenly spread bad records processes can
+        still differ by a batch at the very end: multi-host runs should stop by step count.
         """
         index, count = _process_shard(shard_index, shard_count)
         n = len(self.source) - len(self.source) % count
