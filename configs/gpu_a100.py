@@ -5,14 +5,12 @@ AdamW lr 1e-6, linear schedule without warmup, 7 epochs, vision tower really fro
 gradient, no moments), padding excluded from the loss, gradient clipping at 1.0, bf16 compute with fp32
 master weights, validation on the whole split (beam 3), resumable checkpoints.
 
-Batch size estimate for an A100-40GB (base model, 768x768, frozen vision tower, bf16 compute):
-  parameters fp32 232M x 4 B                      ~0.9 GB
-  Adam moments for the 140M trainable (non-vision) ~1.1 GB; gradients ~0.6 GB
-  activations per example: vision forward only (no backward, stop_gradient) is transient, ~0.3 GB peak;
-  encoder 6 layers x ~600 tokens x 768 + decoder: ~60 MB saved for backward in bf16
-  => ~0.1 GB/example steady plus a ~0.3 GB x batch transient in the vision forward
-  batch 64: ~2.6 GB + 64 x ~0.4 GB ~ 28 GB, leaving headroom for XLA temporaries; 96 is the ceiling.
-We use 64 (the reference used 6 per GPU because its "frozen" tower still trained).
+Batch size: `python -m scripts.aot_compile --config gpu_a100.py` compiles this step (base model, 768x768,
+frozen tower, bf16) with the CPU compiler and reports per-device memory: batch 64 needs 68.6 GiB (does not
+fit 40 GiB), batch 32 needs 35.7 GiB (fits, 89%). The CPU compiler's figure is an upper bound for the GPU
+(it keeps more bf16 work in float32 and schedules without a memory limit), so 32 is the largest batch
+this check guarantees; on the device, try 48 and watch the memory, or raise `grad_accum_steps` for a
+larger effective batch. The vision tower's forward dominates: 192x192 stage-0 grids x 64 images.
 """
 
 from train.config import DataConfig, EvalConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
@@ -23,7 +21,7 @@ def get_config() -> TrainConfig:
         seed=0,
         max_steps=0,
         num_epochs=7,
-        batch_size=64,
+        batch_size=32,
         checkpoint_every_steps=500,
         eval_every_steps=0,  # each epoch's end
         log_every_steps=20,
@@ -54,5 +52,5 @@ def get_config() -> TrainConfig:
             freeze=(r"^model\.vision_tower\.",),
         ),
         mesh=MeshConfig(data=-1, fsdp=1),
-        eval=EvalConfig(num_beams=3, max_new_tokens=64, batch_size=64),
+        eval=EvalConfig(num_beams=3, max_new_tokens=64, batch_size=32),
     )
