@@ -48,6 +48,8 @@ def test_parquet_with_bad_records_trains_and_counts_skips(tmp_path):
     counters = summary["data_counters"]
     assert counters["skipped"] >= 5  # 2 corrupt + 1 missing + 2 empty answers, each counted
     assert counters.get("skipped_empty_answers", 0) >= 1 and counters.get("skipped_bad_image", 0) >= 1
+    # Skipped records do not change batch shapes: the step compiled at most once (zero on a cache hit).
+    assert summary["train_step_recompiles"] == 0 and summary["train_step_compiles"] <= 1
     evals = [json.loads(x) for x in (wd / "eval.jsonl").read_text().splitlines()]
     assert evals[-1]["num_examples"] == 10 and {"step", "epoch", "val_loss", "anls"} <= set(evals[-1])
     # The export loads in transformers.

@@ -24,6 +24,7 @@ import numpy as np
 
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
+from train.compiles import CompileWatch
 from train.config import TrainConfig
 from train.evaluate import Evaluator, format_samples
 from train.optim import count_params
@@ -277,10 +278,12 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     last_metrics: dict[str, float] = {}
     data_state = iterator.get_state()
     preempted = False
+    step_compiles = CompileWatch("train step")
     with _Preemption() as preemption:
         while step < total_steps:
             batch, data_state = next(prefetch)
-            state, metrics = train_step(state, batch, rng)
+            with step_compiles:
+                state, metrics = train_step(state, batch, rng)
             step += 1
             if step % cfg.log_every_steps == 0 or step == total_steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -318,7 +321,8 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         progress.close()
     ckpt.wait()
     summary = {"step": step, "total_steps": total_steps, "best": best, "last_train": last_metrics,
-               "preempted": preempted, "data_counters": dict(getattr(iterator, "counters", {}))}
+               "preempted": preempted, "data_counters": dict(getattr(iterator, "counters", {})),
+               "train_step_compiles": step_compiles.compiles, "train_step_recompiles": step_compiles.recompiles}
     if not preempted and step >= total_steps:
         if cfg.export_at_end:
             nnx_update(model, state)
