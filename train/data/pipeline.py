@@ -76,13 +76,16 @@ class DataConfig:
 def load_image(value: Any) -> Image.Image:
     """Decode whatever a record holds for its image into a fully loaded PIL image.
 
-    Accepts a PIL image, a ``{"bytes", "path"}`` dict (the ``datasets`` Image storage), raw bytes or a path.
+    Accepts a PIL image, a ``{"bytes", "path"}`` dict (the ``datasets`` Image storage), raw bytes, a path, or
+    a uint8 ``(H, W, 3)`` array (a prepared dataset's ready pixels).
     Raises ``BadRecordError`` ("missing_image" / "bad_image"); ``load()`` forces the full decode here so a
     truncated file fails now rather than inside the transform.
     """
     if value is None:
         raise BadRecordError("missing_image")
     if isinstance(value, dict):
+        if value.get("prepared_error"):
+            raise BadRecordError(value["prepared_error"], "unusable when the dataset was prepared")
         data, path = value.get("bytes"), value.get("path")
         if data:
             value = data
@@ -93,6 +96,10 @@ def load_image(value: Any) -> Image.Image:
     try:
         if isinstance(value, Image.Image):
             image = value
+        elif isinstance(value, np.ndarray):  # ready pixels (train/data/prepared.py): (H, W, 3) uint8
+            if value.dtype != np.uint8 or value.ndim != 3 or value.shape[2] != 3:
+                raise BadRecordError("bad_image", f"pixel array {value.dtype}{value.shape}, want uint8 (H, W, 3)")
+            image = Image.fromarray(value, "RGB")
         elif isinstance(value, bytes | bytearray | memoryview):
             image = Image.open(io.BytesIO(bytes(value)))
         elif isinstance(value, str | os.PathLike):
@@ -149,6 +156,8 @@ class ExampleEncoder:
         self.eos_id = int(self.tokenizer.eos_token_id)
         self.bos_id = int(self.tokenizer.bos_token_id)
         self.image_token_id = int(processor.image_token_id)
+        # A FeatureStore (train/feature_cache.py): yield cached vision features instead of pixels.
+        self.features = None
 
     # -- text
 
@@ -201,27 +210,35 @@ class ExampleEncoder:
             except Exception as e:  # noqa: BLE001 - an unreadable row is one bad record, not a dead run
                 raise BadRecordError("unreadable_record", f"{type(e).__name__}: {e}") from e
             example = self.template(record)
-            image = load_image(example.image)
-            try:
-                pixels = np.asarray(self.image_transform(image), dtype=np.float32)
-            except Exception as e:  # noqa: BLE001
-                raise BadRecordError("bad_image", f"transform failed: {type(e).__name__}: {e}") from e
-            if pixels.shape != self.image_shape:
-                raise BadRecordError(
-                    "bad_image", f"transform gave shape {pixels.shape}, want {self.image_shape}"
-                )
+            if self.features is not None:
+                # Vision features computed once (train/feature_cache.py): no image decode at all.
+                pixels = self.features[index]
+                if pixels is None:
+                    raise BadRecordError("bad_image", "no usable image when the feature cache was built")
+            else:
+                pixels = self._pixels(example)
         except BadRecordError as e:
             log.debug("skipping record %d: %s", index, e)
             return {_SKIP: e.reason, "index": index}
         prompt_ids, prompt_cut = self.prompt_ids(example.prompt)
         target_ids, target_cut = self.target_ids(example.target)
         return {
-            "pixel_values": pixels,
+            "image_features" if self.features is not None else "pixel_values": pixels,
             **self._text_arrays(prompt_ids, target_ids),
             "index": index,
             "truncated_prompt": prompt_cut,
             "truncated_target": target_cut,
         }
+
+    def _pixels(self, example: Example) -> np.ndarray:
+        image = load_image(example.image)
+        try:
+            pixels = np.asarray(self.image_transform(image), dtype=np.float32)
+        except Exception as e:  # noqa: BLE001
+            raise BadRecordError("bad_image", f"transform failed: {type(e).__name__}: {e}") from e
+        if pixels.shape != self.image_shape:
+            raise BadRecordError("bad_image", f"transform gave shape {pixels.shape}, want {self.image_shape}")
+        return pixels
 
     def padding_example(self) -> dict[str, Any]:
         """A filler row for padded eval batches: a valid minimal input (image tokens, ``<s></s>``) so no
@@ -281,7 +298,8 @@ class _CountingBatchIterator(grain.DatasetIterator):
                 raise StopIteration
             rows += [b.padding] * (b.batch_size - len(rows))
         self._emitted += 1
-        batch = {key: np.stack([r[key] for r in rows]) for key in _BATCH_KEYS}
+        keys = _BATCH_KEYS if "pixel_values" in rows[0] else ("image_features", *_BATCH_KEYS[1:])
+        batch = {key: np.stack([r[key] for r in rows]) for key in keys}
         if b.eval_mode:
             batch["example_mask"] = np.asarray([r["index"] >= 0 for r in rows], np.int32)
             batch["index"] = np.asarray([r["index"] for r in rows], np.int32)

@@ -33,8 +33,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SourceKind = Literal["hub", "parquet", "arrow", "disk", "jsonl"]
-KINDS: tuple[str, ...] = ("hub", "parquet", "arrow", "disk", "jsonl")
+SourceKind = Literal["hub", "parquet", "arrow", "disk", "jsonl", "prepared"]
+KINDS: tuple[str, ...] = ("hub", "parquet", "arrow", "disk", "jsonl", "prepared")
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -86,6 +86,8 @@ def detect_kind(path: str) -> SourceKind:
     lower = path.lower()
     if lower.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
         return "jsonl"
+    if lower.endswith(".array_record"):  # a dataset resized once by scripts/prepare_data.py
+        return "prepared"
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(
             os.path.join(path, "state.json")
@@ -234,6 +236,10 @@ def open_source(spec: SourceSpec | str) -> Sequence[dict[str, Any]]:
             if not os.path.isfile(spec.path):
                 raise SourceError(f"data source {spec.path!r}: no such JSONL file")
             records: Sequence[dict[str, Any]] = JsonlRecords(spec.path, spec.image_column)
+        elif kind == "prepared":
+            from train.data.prepared import PreparedRecords
+
+            records = PreparedRecords(spec.path)
         else:
             description = f"{kind}:{spec.path}" + (f"[{spec.split}]" if kind in ("hub", "disk") else "")
             records = DatasetRecords(_open_datasets(spec, kind), description)
