@@ -299,10 +299,11 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
     batch, nb, total = enc.shape[0], s.num_beams, s.max_length
     k = 2 * nb  # max(2, 1 + number of EOS ids) * num_beams with one EOS id
     decoder = model.model.language_model.decoder
-    # Beams of a row share the encoder output: project cross K/V once, then repeat (as transformers'
-    # repeat_interleave of encoder outputs does).
-    cross_kv = [(jnp.repeat(ck, nb, 0), jnp.repeat(cv, nb, 0)) for ck, cv in decoder.cross_kv(enc)]
-    cross_mask = None if enc_mask is None else jnp.repeat(enc_mask, nb, 0)
+    # Beams of a row share the encoder output: its cross K/V are projected once and never repeated per beam
+    # (transformers repeats the encoder output num_beams times); cross-attention groups each row's beam
+    # queries against them, which reads num_beams times less memory per step.
+    cross_kv = decoder.cross_kv(enc)
+    cross_mask = enc_mask
     top_mask = jnp.arange(k) < nb
     row_offset = jnp.arange(batch, dtype=jnp.int32)[:, None] * nb
 

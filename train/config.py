@@ -46,6 +46,9 @@ class DataConfig:
     max_target_tokens: int = 64  # answer tokens incl. eos, truncated and counted
     num_workers: int = 0  # grain worker processes for decode + resize (0: in the main process)
     max_eval_examples: int = 0  # 0: the whole validation split
+    # Frozen vision tower only: compute its features once per training record (cached in the workdir)
+    # and train on them instead of pixels; no stochastic depth in the frozen tower, no image augmentation.
+    cache_vision_features: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -184,6 +184,22 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def _use_feature_cache(cfg: TrainConfig, fns, train_pipe, train_src, model, workdir: Path) -> None:
+    from train.feature_cache import build_or_load
+
+    if not fns.freeze_vision:
+        raise ValueError("config.data.cache_vision_features needs a frozen vision tower: keep "
+                         r"'^model\.vision_tower\.' in config.optim.freeze (or turn the cache off)")
+    key = {"model": cfg.model.name_or_path, "revision": cfg.model.revision, "seed": cfg.seed,
+           "image_size": cfg.data.image_size, "dtype": cfg.model.dtype, "template": cfg.data.template,
+           "source": repr(train_src), "records": len(train_src)}
+    if cfg.model.name_or_path.startswith("random:"):
+        key["synthetic"] = dataclasses.asdict(cfg.data.synthetic)
+    store = build_or_load(workdir / "vision_features", key, train_pipe, model, dtype=cfg.model.dtype,
+                          progress=jax.process_index() == 0)
+    train_pipe.encoder.features = store
+
+
 # ------------------------------------------------------------------------------------------ run
 def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     """Train (or resume) in ``workdir``; returns the final summary (also in ``workdir/summary.json``)."""
@@ -218,6 +234,8 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                                             grad_accum_steps=cfg.grad_accum_steps,
                                             min_shard_size=cfg.mesh.fsdp_min_size)
     bsh = batch_sharding(mesh)
+    if cfg.data.cache_vision_features:
+        _use_feature_cache(cfg, fns, train_pipe, train_src, model, workdir)
 
     def to_global(host_batch):
         if jax.process_count() == 1:

@@ -48,8 +48,15 @@ class BartAttention(nnx.Module):
 
     def __call__(self, x, key, value, mask, rngs=None):
         q = self._heads(self.q_proj(x))
+        rows, groups = x.shape[0], x.shape[0] // key.shape[0]
+        if groups > 1:
+            # Beam search: the beams of a row (consecutive rows of x) share one encoder output, so their
+            # queries attend to the row's keys/values as extra query positions; nothing is repeated.
+            q = q.reshape(key.shape[0], groups * q.shape[1], *q.shape[2:])
         out = attention(q, key, value, scale=self.head_dim**-0.5, mask=mask, impl=self.impl,
                         dropout=self.dropout, rngs=rngs)
+        if groups > 1:
+            out = out.reshape(rows, -1, *out.shape[2:])
         return self.out_proj(out.reshape(*x.shape[:-1], -1))
 
 

@@ -1,0 +1,682 @@
+"""Ours against the PyTorch reference, in one run, on one device: train steps, generation, data pipeline.
+
+    python -m scripts.benchmark                       # the device's default settings (CPU: base, 768px, fp32)
+    python -m scripts.benchmark --json bench.json     # also write the figures as JSON
+    python -m scripts.benchmark --only train_frozen,decode_beam3 --repeats 5
+
+The reference is transformers' ``Florence2ForConditionalGeneration`` run the way the reference fine-tuning
+recipe runs it (``model(..., labels=...)``, ``loss.backward()``, ``torch.optim.AdamW``, a linear schedule;
+``generate()`` for inference), on the same random base-size weights (saved once and loaded by both, so
+nothing is downloaded), the same batch, resolution and precision. Compile / warm-up time is reported
+separately; each figure is the median of ``--repeats`` timed runs, with the spread (min-max).
+
+Rows (the ``--json`` keys): ``train_frozen`` / ``train_full`` (examples/s of a full optimizer step, vision
+tower frozen or trained), ``train_frozen_cached`` (the frozen step on vision features computed once, as
+``data.cache_vision_features`` trains; its one-time cost per example is reported beside it), ``generate_greedy`` / ``generate_beam3`` (sequences/s end to end: vision tower,
+encoder, a fixed number of new tokens), ``decode_beam3`` (the decoding loop alone, from the same encoder
+outputs), ``data`` (images/s of one worker turning encoded image bytes + text into a model-ready example).
+Each holds ``ours``, ``reference``, ``unit`` and ``ratio`` (ours / reference, higher is better).
+MFU uses the step's FLOP count from the compiled XLA program and the device's peak (``--peak_tflops``;
+known for A100/H100/H200/TPU, not for CPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+ROWS = ("train_frozen", "train_full", "generate_greedy", "generate_beam3", "decode_beam3", "data",
+        "train_frozen_cached")
+PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "v4": 275.0, "v5e": 197.0, "v5 lite": 197.0,
+               "v5p": 459.0, "v6": 918.0}
+VISION_FROZEN = r"^model\.vision_tower\."
+
+
+@dataclasses.dataclass
+class Settings:
+    size: str = "base"
+    image_size: int = 768
+    dtype: str = "float32"
+    train_batch: int = 2
+    gen_batch: int = 4
+    new_tokens: int = 256
+    prompt_tokens: int = 16  # text tokens after the image tokens, padded
+    target_tokens: int = 32
+    no_repeat_ngram_size: int = 3  # what Florence-2's Hub generation configs set
+    repeats: int = 3
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+    torch_compile: bool = False
+    data_images: int = 16
+
+
+def defaults_for(platform_name: str) -> Settings:
+    if platform_name == "cpu":
+        return Settings()
+    # One accelerator: bf16 compute (fp32 master weights), batches that keep it busy.
+    return Settings(dtype="bfloat16", train_batch=32, gen_batch=32, repeats=5, attention_impl="dot_product",
+                    data_images=64)
+
+
+# ------------------------------------------------------------------------------------------ timing
+@dataclasses.dataclass
+class Timing:
+    first_s: float  # first call: compile / warm-up included
+    times_s: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times_s)
+
+    def spread(self) -> str:
+        return f"{min(self.times_s):.3g}-{max(self.times_s):.3g} s"
+
+
+def measure(fn: Callable[[], Any], repeats: int) -> Timing:
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(first, times)
+
+
+def progress(msg: str) -> None:
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ models
+def build_reference(s: Settings, directory: str):
+    """A random transformers Florence-2 of the chosen size, saved as safetensors for our loader."""
+    import torch
+
+    from florence_jax.testing.models import BASE_TEXT, BASE_VISION, LARGE_TEXT, LARGE_VISION, hf_config
+
+    vision, text = (BASE_VISION, BASE_TEXT) if s.size == "base" else (LARGE_VISION, LARGE_TEXT)
+    cfg = hf_config(vision, text)
+    torch.manual_seed(0)
+    from transformers import Florence2ForConditionalGeneration
+
+    model = Florence2ForConditionalGeneration(cfg).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def torch_device(platform_name: str):
+    import torch
+
+    return torch.device("cuda" if platform_name == "gpu" and torch.cuda.is_available() else "cpu")
+
+
+def load_ours(directory: str, s: Settings, mesh):
+    from train.config import ModelConfig
+    from train.state import create_model
+
+    cfg = ModelConfig(name_or_path=directory, dtype=s.dtype, param_dtype="float32",
+                      attention_impl=s.attention_impl, remat_policy=s.remat_policy)
+    return create_model(cfg, mesh)
+
+
+def make_batch(fc, s: Settings, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A DocVQA-shaped batch: image tokens, ``<s>`` + question + ``</s>`` (right-padded), a short answer."""
+    rng = np.random.default_rng(seed)
+    t = fc.text_config
+    n_img = fc.image_seq_length(s.image_size)
+    lp = n_img + s.prompt_tokens
+    input_ids = np.full((batch, lp), t.pad_token_id, np.int32)
+    attention_mask = np.zeros((batch, lp), np.int32)
+    labels = np.full((batch, s.target_tokens), t.pad_token_id, np.int32)
+    label_mask = np.zeros((batch, s.target_tokens), np.float32)
+    for i in range(batch):
+        q = int(rng.integers(s.prompt_tokens // 2, s.prompt_tokens - 1))
+        input_ids[i, :n_img] = fc.image_token_id
+        input_ids[i, n_img] = t.bos_token_id
+        input_ids[i, n_img + 1 : n_img + q] = rng.integers(10, 50000, q - 1)
+        input_ids[i, n_img + q] = t.eos_token_id
+        attention_mask[i, : n_img + q + 1] = 1
+        a = int(rng.integers(s.target_tokens // 4, s.target_tokens - 1))
+        labels[i, : a] = rng.integers(10, 50000, a)
+        labels[i, a] = t.eos_token_id
+        label_mask[i, : a + 1] = 1.0
+    pixels = rng.standard_normal((batch, s.image_size, s.image_size, 3)).astype(np.float32)
+    return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": labels, "label_mask": label_mask}
+
+
+# ------------------------------------------------------------------------------------------ train
+def bench_train_ours(directory: str, s: Settings, frozen: bool, cached: bool = False) -> dict[str, Any]:
+    """Our jitted train step; with ``cached`` the batch carries vision features computed once
+    (``data.cache_vision_features``) and the step skips the tower."""
+    import jax
+
+    from florence_jax.sharding import batch_sharding
+    from train.config import OptimConfig
+    from train.state import init_train_state
+    from train.step import jit_train_step
+
+    mesh = one_device_mesh()
+    model = load_ours(directory, s, mesh)
+    host = make_batch(_fc(directory, s), s, s.train_batch)
+    feature_s = None
+    if cached:
+        fn = jax.jit(lambda m, x: m.get_image_features(x, image_layout="NHWC"))
+        jax.block_until_ready(fn(model, host["pixel_values"]))
+        t0 = time.perf_counter()
+        host["image_features"] = np.asarray(jax.block_until_ready(fn(model, host.pop("pixel_values"))))
+        feature_s = time.perf_counter() - t0
+    optim = OptimConfig(learning_rate=1e-6, schedule="linear", freeze=(VISION_FROZEN,) if frozen else ())
+    fns, state, _ = init_train_state(model, optim, 1000, mesh)
+    del model
+    bsh = batch_sharding(mesh)
+    batch = jax.device_put(host, bsh)
+    step = jit_train_step(fns, state, bsh)
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - t0
+    flops = _flops(compiled)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch, key)
+        jax.block_until_ready(metrics["loss"])
+
+    timing = measure(run, s.repeats)
+    timing.first_s += compile_s
+    mem = _peak_memory_ours(compiled)
+    return {"timing": timing, "flops": flops, "memory_bytes": mem, "feature_s": feature_s}
+
+
+def _fc(directory: str, s: Settings):
+    from florence_jax.config import Florence2Config
+
+    return Florence2Config.from_json_file(os.path.join(directory, "config.json"))
+
+
+def _flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, list):
+            cost = cost[0]
+        return float(cost["flops"]) if cost and "flops" in cost else None
+    except Exception:  # noqa: BLE001 - not every backend reports costs
+        return None
+
+
+def _peak_memory_ours(compiled) -> int | None:
+    import jax
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def bench_train_reference(ref, s: Settings, frozen: bool, device) -> dict[str, Any]:
+    import torch
+    from transformers import get_scheduler
+
+    fc = _fc_from_torch(ref)
+    b = make_batch(fc, s, s.train_batch)
+    model = ref.to(device).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if frozen:  # frozen for real (requires_grad=False), unlike the recipe's attribute that torch ignores
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    sched = get_scheduler("linear", optimizer=opt, num_warmup_steps=0, num_training_steps=1000)
+    labels = np.where(b["label_mask"] > 0, b["labels"], -100)
+    inputs = {
+        "input_ids": torch.from_numpy(b["input_ids"]).long().to(device),
+        "attention_mask": torch.from_numpy(b["attention_mask"]).long().to(device),
+        "pixel_values": torch.from_numpy(b["pixel_values"].transpose(0, 3, 1, 2).copy()).to(device),
+        "labels": torch.from_numpy(labels).long().to(device),
+    }
+    autocast = _autocast(s, device)
+    fwd = torch.compile(model) if s.torch_compile else model
+
+    def run():
+        with autocast:
+            loss = fwd(**inputs).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timing = measure(run, s.repeats)
+    mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return {"timing": timing, "memory_bytes": mem}
+
+
+def _fc_from_torch(ref):
+    from florence_jax.config import Florence2Config
+
+    return Florence2Config.from_dict(ref.config.to_dict())
+
+
+def _autocast(s: Settings, device):
+    import contextlib
+
+    import torch
+
+    if s.dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------ generation
+def gen_kwargs(s: Settings, beams: int) -> dict[str, Any]:
+    # A fixed number of new tokens: EOS is banned until the end, so both sides do the same work.
+    return dict(num_beams=beams, max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens,
+                no_repeat_ngram_size=s.no_repeat_ngram_size, early_stopping=True)
+
+
+def bench_generate_ours(model, s: Settings, beams: int, decode_only: bool) -> dict[str, Any]:
+    import jax
+
+    from florence_jax.generation import encode, generate, make_decode_fn
+
+    b = make_batch(model.config, s, s.gen_batch, seed=1)
+    ids, mask, pixels = b["input_ids"], b["attention_mask"], jax.device_put(b["pixel_values"])
+    kw = gen_kwargs(s, beams)
+    if decode_only:
+        enc = jax.block_until_ready(encode(model, ids, pixels, mask, image_layout="NHWC"))
+        fn = make_decode_fn(model, **kw)
+        out = {}
+
+        def run():
+            out["seq"] = jax.block_until_ready(fn(enc, mask)).sequences
+
+        timing = measure(run, s.repeats)
+        return {"timing": timing, "sequences": np.asarray(out["seq"])}
+    out = {}
+
+    def run():
+        out["seq"] = generate(model, ids, pixels, mask, image_layout="NHWC", **kw)
+
+    timing = measure(run, s.repeats)
+    return {"timing": timing, "sequences": out["seq"]}
+
+
+def bench_generate_reference(ref, s: Settings, beams: int, decode_only: bool, device) -> dict[str, Any]:
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    fc = _fc_from_torch(ref)
+    b = make_batch(fc, s, s.gen_batch, seed=1)
+    model = ref.to(device).eval()
+    ids = torch.from_numpy(b["input_ids"]).long().to(device)
+    mask = torch.from_numpy(b["attention_mask"]).long().to(device)
+    pixels = torch.from_numpy(b["pixel_values"].transpose(0, 3, 1, 2).copy()).to(device)
+    kw = gen_kwargs(s, beams)
+    autocast = _autocast(s, device)
+    out = {}
+    if decode_only:
+        with torch.inference_mode(), autocast:
+            embeds = model.get_input_embeddings()(ids)
+            feats = model.get_image_features(pixels)
+            feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+            embeds = embeds.masked_scatter((ids == fc.image_token_id)[..., None].expand_as(embeds),
+                                           feats.to(embeds.dtype))
+            enc = model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+
+        def run():
+            with torch.inference_mode(), autocast:
+                out["seq"] = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc),
+                                            attention_mask=mask, **kw)
+            _sync(device)
+    else:
+        def run():
+            with torch.inference_mode(), autocast:
+                out["seq"] = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, **kw)
+            _sync(device)
+
+    timing = measure(run, s.repeats)
+    return {"timing": timing, "sequences": out["seq"].cpu().numpy()}
+
+
+def token_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    n = min(a.shape[1], b.shape[1])
+    return float((a[:, :n] == b[:, :n]).mean())
+
+
+# ------------------------------------------------------------------------------------------ data
+def _document_bytes(n: int, seed: int = 0) -> list[bytes]:
+    """Scanned-page-sized JPEGs (1700x2200, DocVQA's typical page) with text and boxes."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img = Image.new("RGB", (1700, 2200), (250, 250, 245))
+        d = ImageDraw.Draw(img)
+        for _ in range(60):
+            x, y = int(rng.integers(50, 1500)), int(rng.integers(50, 2100))
+            d.text((x, y), f"Invoice {int(rng.integers(0, 10**6))}", fill=(20, 20, 20))
+            d.rectangle([x, y + 20, x + int(rng.integers(50, 200)), y + 24], fill=tuple(int(v) for v in
+                        rng.integers(0, 255, 3)))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def bench_data(s: Settings) -> dict[str, Any]:
+    from florence_jax.testing.processor import build_tiny_processor
+    from train.config import DataConfig
+    from train.data.pipeline import ExampleEncoder
+
+    images = _document_bytes(s.data_images)
+    records = [{"image": {"bytes": b, "path": None}, "question": "What is the invoice number?",
+                "answers": ["123456"]} for b in images]
+    processor = build_tiny_processor(image_size=s.image_size)
+    enc_config = DataConfig(template="docvqa", image_size=s.image_size, max_prompt_tokens=s.prompt_tokens,
+                            max_target_tokens=s.target_tokens)
+    enc = ExampleEncoder(records, processor, enc_config)
+
+    def ours():
+        for i in range(len(records)):
+            enc(i)
+
+    def reference():  # the recipe's collate: PIL decode + processor(text, images) per batch
+        from PIL import Image
+
+        for i in range(0, len(images), s.train_batch):
+            chunk = images[i : i + s.train_batch]
+            pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in chunk]
+            processor(text=["<DocVQA>What is the invoice number?"] * len(pil), images=pil,
+                      return_tensors="np", padding=True)
+
+    # The same records resized once (scripts/prepare_data.py): what epochs 2..N cost.
+    from florence_jax.processing import ImageTransform
+    from train.data.prepared import decode_record, prepare_one
+
+    transform = ImageTransform.from_processor(processor)
+    blobs = [prepare_one((r, transform, "image")) for r in records]
+
+    class Prepared:
+        def __len__(self):
+            return len(blobs)
+
+        def __getitem__(self, i):
+            return decode_record(blobs[i])
+
+    enc_prepared = ExampleEncoder(Prepared(), processor, enc_config)
+
+    def ours_prepared():
+        for i in range(len(blobs)):
+            enc_prepared(i)
+
+    return {"ours": measure(ours, s.repeats), "reference": measure(reference, s.repeats),
+            "prepared": measure(ours_prepared, s.repeats), "n": len(records)}
+
+
+# ------------------------------------------------------------------------------------------ report
+def device_name(platform_name: str) -> str:
+    import jax
+
+    d = jax.devices()[0]
+    kind = getattr(d, "device_kind", platform_name)
+    if platform_name == "cpu":
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        cpu = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        return f"CPU {cpu}, {os.cpu_count()} cores"
+    return str(kind)
+
+
+def peak_tflops(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    low = name.lower()
+    for k, v in PEAK_TFLOPS.items():
+        if k in low:
+            return v
+    return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--size", choices=("base", "large"))
+    p.add_argument("--dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--image_size", type=int)
+    p.add_argument("--train_batch", type=int)
+    p.add_argument("--gen_batch", type=int)
+    p.add_argument("--new_tokens", type=int)
+    p.add_argument("--data_images", type=int, help="images in the data-pipeline row")
+    p.add_argument("--remat_policy", choices=("none", "full", "dots"))
+    p.add_argument("--attention_impl", choices=("xla", "dot_product"))
+    p.add_argument("--torch_compile", action="store_true", help="also wrap the reference's forward in torch.compile")
+    p.add_argument("--no_reference", action="store_true", help="measure ours only")
+    p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: known accelerators)")
+    args = p.parse_args(argv)
+
+    import jax
+
+    platform_name = jax.devices()[0].platform
+    s = defaults_for(platform_name)
+    for f in dataclasses.fields(Settings):
+        v = getattr(args, f.name, None)
+        if v not in (None, False):
+            setattr(s, f.name, v)
+    rows = ROWS if not args.only else tuple(r.strip() for r in args.only.split(","))
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    dev_name = device_name(platform_name)
+    peak = peak_tflops(dev_name, args.peak_tflops)
+    progress(f"device {dev_name}; settings {dataclasses.asdict(s)}")
+
+    import torch
+    import transformers
+
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        need_models = any(r != "data" for r in rows)
+        ref = build_reference(s, tmp) if need_models else None
+        tdev = torch_device(platform_name)
+        ref_frozen = None
+        for kind in ("train_frozen", "train_full", "train_frozen_cached"):
+            if kind not in rows:
+                continue
+            frozen = kind != "train_full"
+            progress(f"{kind}: ours (compiling)")
+            o = bench_train_ours(tmp, s, frozen, cached=kind == "train_frozen_cached")
+            r = None
+            if not args.no_reference:
+                if kind == "train_frozen_cached" and ref_frozen is not None:
+                    r = ref_frozen  # the reference has no feature cache: its frozen step is the baseline
+                else:
+                    progress(f"{kind}: reference")
+                    r = bench_train_reference(ref, s, frozen, tdev)
+                if kind == "train_frozen":
+                    ref_frozen = r
+            results[kind] = _train_row(o, r, s, peak)
+            if o.get("feature_s") is not None:
+                results[kind]["feature_s_per_example"] = o["feature_s"] / s.train_batch
+        gen_rows = [k for k in ("generate_greedy", "generate_beam3", "decode_beam3") if k in rows]
+        if gen_rows:
+            model = load_ours(tmp, s, one_device_mesh())
+            for kind in gen_rows:
+                beams = 1 if kind == "generate_greedy" else 3
+                decode_only = kind.startswith("decode")
+                progress(f"{kind}: ours (compiling)")
+                o = bench_generate_ours(model, s, beams, decode_only)
+                r = None
+                if not args.no_reference:
+                    progress(f"{kind}: reference")
+                    r = bench_generate_reference(ref, s, beams, decode_only, tdev)
+                results[kind] = _gen_row(o, r, s)
+            del model
+        if "data" in rows:
+            progress("data: ours and reference")
+            d = bench_data(s)
+            ours_ips = d["n"] / d["ours"].median
+            ref_ips = d["n"] / d["reference"].median
+            results["data"] = {"ours": ours_ips, "reference": None if args.no_reference else ref_ips,
+                               "unit": "images/s per worker",
+                               "ratio": None if args.no_reference else ours_ips / ref_ips,
+                               "spread": {"ours": d["ours"].spread(), "reference": d["reference"].spread()},
+                               "first_s": {"ours": d["ours"].first_s, "reference": d["reference"].first_s},
+                               "prepared_images_per_s": d["n"] / d["prepared"].median}
+    return _finish(results, s, dev_name, args, torch.__version__, transformers.__version__)
+
+
+def one_device_mesh():
+    import jax
+
+    from florence_jax.sharding import make_mesh
+
+    return make_mesh(1, 1, devices=jax.devices()[:1])
+
+
+def _train_row(o, r, s: Settings, peak: float | None) -> dict[str, Any]:
+    ours = s.train_batch / o["timing"].median
+    row: dict[str, Any] = {
+        "ours": ours, "unit": "examples/s", "step_s": {"ours": o["timing"].median},
+        "first_s": {"ours": o["timing"].first_s}, "spread": {"ours": o["timing"].spread()},
+        "peak_memory_gib": {"ours": _gib(o["memory_bytes"])},
+        "flops_per_step": o["flops"],
+        "mfu": (o["flops"] / o["timing"].median / (peak * 1e12)) if (o["flops"] and peak) else None,
+        "reference": None, "ratio": None,
+    }
+    if r is not None:
+        row["reference"] = s.train_batch / r["timing"].median
+        row["ratio"] = row["ours"] / row["reference"]
+        row["step_s"]["reference"] = r["timing"].median
+        row["first_s"]["reference"] = r["timing"].first_s
+        row["spread"]["reference"] = r["timing"].spread()
+        row["peak_memory_gib"]["reference"] = _gib(r["memory_bytes"])
+    return row
+
+
+def _gen_row(o, r, s: Settings) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "ours": s.gen_batch / o["timing"].median, "unit": "sequences/s",
+        "latency_s": {"ours": o["timing"].median}, "first_s": {"ours": o["timing"].first_s},
+        "spread": {"ours": o["timing"].spread()}, "reference": None, "ratio": None,
+    }
+    if r is not None:
+        row["reference"] = s.gen_batch / r["timing"].median
+        row["ratio"] = row["ours"] / row["reference"]
+        row["latency_s"]["reference"] = r["timing"].median
+        row["first_s"]["reference"] = r["timing"].first_s
+        row["spread"]["reference"] = r["timing"].spread()
+        row["token_agreement"] = token_agreement(o["sequences"], r["sequences"])
+    return row
+
+
+def _gib(x) -> float | None:
+    return None if x is None else x / 1024**3
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}g}"
+
+
+def _finish(results, s: Settings, dev_name: str, args, torch_version: str, tf_version: str) -> int:
+    import jax
+
+    meta = {"device": dev_name, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+            "torch": torch_version, "transformers": tf_version, "settings": dataclasses.asdict(s)}
+    lines = [
+        f"Device: {dev_name}; jax {jax.__version__}, torch {torch_version}, transformers {tf_version}; "
+        f"{meta['date']}",
+        f"Settings: Florence-2-{s.size} (random weights), {s.image_size}x{s.image_size}, {s.dtype} compute, "
+        f"train batch {s.train_batch} (prompt {s.prompt_tokens} + target {s.target_tokens} tokens), "
+        f"generation batch {s.gen_batch} x {s.new_tokens} new tokens (no_repeat_ngram_size "
+        f"{s.no_repeat_ngram_size}), median of {s.repeats}"
+        + (", reference under torch.compile" if s.torch_compile else ""),
+        "",
+        "| row | ours | reference | unit | ratio | ours: median step (spread), first call | "
+        "reference: median (spread), first call | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in ROWS:
+        row = results.get(kind)
+        if row is None:
+            continue
+        t = row.get("step_s") or row.get("latency_s")
+        notes = []
+        if row.get("mfu") is not None:
+            notes.append(f"MFU {100 * row['mfu']:.1f}%")
+        if row.get("flops_per_step"):
+            notes.append(f"{row['flops_per_step'] / 1e12:.2f} TFLOP/step")
+        mem = row.get("peak_memory_gib") or {}
+        if mem.get("ours") is not None:
+            notes.append(f"memory ours {mem['ours']:.1f} GiB"
+                         + (f", reference {mem['reference']:.1f} GiB" if mem.get("reference") else ""))
+        if "token_agreement" in row:
+            notes.append(f"same tokens {100 * row['token_agreement']:.0f}%")
+        if row.get("prepared_images_per_s") is not None:
+            notes.append(f"prepared dataset (resized once): {row['prepared_images_per_s']:.0f} images/s")
+        if row.get("feature_s_per_example") is not None:
+            notes.append(f"features computed once: {row['feature_s_per_example']:.2f} s/example, not in the step; "
+                         "reference: its frozen step")
+        sp, fs = row["spread"], row["first_s"]
+        ours_t = f"{_fmt(t['ours'])} s ({sp['ours']}), {fs['ours']:.1f} s" if t else f"({sp['ours']}), {fs['ours']:.1f} s"
+        ref_t = "-"
+        if row.get("reference") is not None:
+            ref_t = (f"{_fmt(t['reference'])} s ({sp['reference']}), {fs['reference']:.1f} s" if t
+                     else f"({sp['reference']}), {fs['reference']:.1f} s")
+        ratio = f"**{row['ratio']:.2f}x**" if row.get("ratio") is not None else "-"
+        lines.append(f"| {kind} | {_fmt(row['ours'])} | {_fmt(row['reference'])} | {row['unit']} | {ratio} | "
+                     f"{ours_t} | {ref_t} | {'; '.join(notes)} |")
+    print("\n".join(lines), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, **results}, f, indent=2)
+        progress(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
