@@ -1,5 +1,5 @@
 """One wrapper over orbax's CheckpointManager: train state + data iterator state + metadata, saved
-together, asynchronously, keeping the last K checkpoints plus the best by validation ANLS.
+together, asynchronously, keeping the last K checkpoints plus the best by validation score (ANLS by default).
 
 orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves no checkpoint that restore would pick up; ``latest_step`` only sees finished ones.
@@ -24,7 +24,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=max(keep, 1)),
-            pp.BestN(get_metric_fn=lambda m: m["anls"], reverse=False, n=1, keep_checkpoints_without_metrics=False),
+            pp.BestN(get_metric_fn=_selection_score, reverse=False, n=1, keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, preservation_policy=policy, create=True,
@@ -64,6 +64,11 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _selection_score(metrics: dict) -> float:
+    """The evaluation score a checkpoint is kept for (``anls`` in checkpoints written before scores)."""
+    return metrics["score"] if "score" in metrics else metrics["anls"]
 
 
 def abstract_like(tree: Any) -> Any:

@@ -30,6 +30,30 @@ class SyntheticConfig:
 
 
 @dataclass
+class MixtureComponent:
+    """One dataset of a mixture (``data.mixture``): its own source, template, sampling weight and metric.
+
+    The fields mean what the single-dataset ``data.*`` fields of the same name mean. ``name`` labels its
+    evaluation keys (``anls/<name>``) and counters; ``weight`` is relative (normalized over the mixture);
+    ``eval_split`` None trains on it without evaluating it. Override one from the command line by position
+    or name: ``--config.data.mixture.chartqa.weight=0.3``.
+    """
+
+    name: str = ""
+    source: str = ""
+    subset: str | None = None  # Hub config name, e.g. "chartqa" of HuggingFaceM4/the_cauldron
+    eval_source: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = "validation"
+    template: str = "docvqa"
+    columns: tuple[str, ...] = ()  # "template_field=dataset_column" renames
+    prompt_prefix: str = ""
+    weight: float = 1.0
+    metric: str = "anls"
+    max_eval_examples: int = 0  # 0: data.max_eval_examples
+
+
+@dataclass
 class DataConfig:
     """Where examples come from and how they become static-shape batches."""
 
@@ -38,9 +62,19 @@ class DataConfig:
     source: str = "synthetic"
     # Validation data when it is another file/folder (local data); None: `source` at `eval_split`.
     eval_source: str | None = None
+    subset: str | None = None  # Hub config name (a subset such as "chartqa" of HuggingFaceM4/the_cauldron)
+    # Splits may carry a slice, e.g. train_split="train[:-500]", eval_split="train[-500:]".
     train_split: str = "train"
     eval_split: str = "validation"
-    template: str = "docvqa"  # record -> (prompt, target, references)
+    template: str = "docvqa"  # record -> (prompt, target, references); see train/data/templates.py
+    # "template_field=dataset_column" renames, e.g. ("question=query", "answers=label"); or with the `mapped`
+    # template ("prompt=query", "target=label", "image=img").
+    columns: tuple[str, ...] = ()
+    prompt_prefix: str = ""  # put before every prompt, e.g. a task token "<VQA>"
+    metric: str = "anls"  # evaluation metric (train/metrics.py METRICS): anls, exact_match, relaxed_accuracy, cer
+    # Several datasets sampled by weight in one run; when set, the single-dataset fields above (source through
+    # metric) stay at their defaults and each component has its own.
+    mixture: tuple[MixtureComponent, ...] = ()
     image_size: int = 768
     max_prompt_tokens: int = 64  # text tokens after the image tokens (question), truncated and counted
     max_target_tokens: int = 64  # answer tokens incl. eos, truncated and counted
@@ -170,7 +204,16 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
     dotted, raw = item.split("=", 1)
     obj: Any = cfg
     parts = dotted.split(".")
-    for i, name in enumerate(parts):
+    i = 0
+    while i < len(parts):
+        name = parts[i]
+        if isinstance(obj, tuple | list):  # a tuple of sections (data.mixture): pick one by position or name
+            obj = _pick_element(obj, name, ".".join(parts[:i]))
+            i += 1
+            if i == len(parts):
+                raise ValueError(f"override {dotted!r} names a whole entry; set one of its fields, e.g. "
+                                 f"{dotted}.weight=...")
+            continue
         fields = {f.name: f for f in dataclasses.fields(obj)}
         if name not in fields:
             where = ".".join(parts[:i]) or "config"
@@ -181,8 +224,21 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
             setattr(obj, name, parse_value(raw, hint, dotted))
         else:
             obj = getattr(obj, name)
-            if not dataclasses.is_dataclass(obj):
+            if not dataclasses.is_dataclass(obj) and not (
+                isinstance(obj, tuple | list) and obj and all(dataclasses.is_dataclass(x) for x in obj)
+            ):
                 raise ValueError(f"config field {'.'.join(parts[: i + 1])!r} is not a section")
+        i += 1
+
+
+def _pick_element(items: tuple | list, key: str, where: str) -> Any:
+    if key.isdigit() and int(key) < len(items):
+        return items[int(key)]
+    for item in items:
+        if getattr(item, "name", None) == key:
+            return item
+    names = [getattr(x, "name", None) for x in items]
+    raise ValueError(f"config.{where} has no entry {key!r}: use a position 0..{len(items) - 1} or a name in {names}")
 
 
 def parse_value(raw: str, hint: Any, name: str = "value") -> Any:
@@ -253,3 +309,62 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("config.max_steps and config.num_epochs are both 0: nothing to train")
     if cfg.optim.learning_rate <= 0:
         raise ValueError(f"config.optim.learning_rate must be positive, got {cfg.optim.learning_rate}")
+    validate_data(cfg.data)
+
+
+_SINGLE_DATASET_FIELDS = ("source", "eval_source", "subset", "train_split", "eval_split", "template", "columns",
+                          "prompt_prefix", "metric")
+
+
+def validate_data(d: DataConfig) -> None:
+    """Templates, metrics and column renames exist; mixture entries are complete, named and weighted."""
+    from train.data.templates import parse_columns, template_names
+    from train.metrics import METRICS
+
+    def check(where: str, template: str, metric: str, columns: tuple[str, ...]) -> None:
+        if template not in template_names():
+            raise ValueError(f"config.{where}.template={template!r}; registered templates: {template_names()}")
+        if metric not in METRICS:
+            raise ValueError(f"config.{where}.metric={metric!r}; registered metrics: {sorted(METRICS)}")
+        try:
+            parse_columns(columns, template)
+        except ValueError as e:
+            raise ValueError(f"config.{where}.columns: {e}") from None
+
+    if not d.mixture:
+        check("data", d.template, d.metric, d.columns)
+        return
+    default = DataConfig()
+    changed = [f for f in _SINGLE_DATASET_FIELDS if getattr(d, f) != getattr(default, f)]
+    if changed:
+        raise ValueError(f"config.data.mixture is set, so the single-dataset fields {changed} would be ignored: "
+                         "move them into the mixture's components (or leave data.mixture empty)")
+    names = [c.name for c in d.mixture]
+    for i, c in enumerate(d.mixture):
+        where = f"data.mixture[{i}]"
+        if not isinstance(c, MixtureComponent):
+            raise ValueError(f"config.{where} is a {type(c).__name__}, expected MixtureComponent")
+        if not c.name or not all(ch.isalnum() or ch in "_-." for ch in c.name):
+            raise ValueError(f"config.{where}.name={c.name!r}: give it a name of letters, digits, _ - . "
+                             "(it labels the evaluation keys, e.g. anls/<name>)")
+        if names.count(c.name) > 1:
+            raise ValueError(f"config.data.mixture: name {c.name!r} is used twice")
+        if not c.source:
+            raise ValueError(f"config.{where} ({c.name}): source is empty")
+        if not c.weight > 0:
+            raise ValueError(f"config.{where} ({c.name}): weight must be positive, got {c.weight}")
+        if c.max_eval_examples < 0:
+            raise ValueError(f"config.{where} ({c.name}): max_eval_examples must be >= 0")
+        check(f"{where} ({c.name})", c.template, c.metric, c.columns)
+    if all(c.eval_split is None for c in d.mixture):
+        raise ValueError("config.data.mixture: every component has eval_split=None; evaluate at least one")
+
+
+def data_components(d: DataConfig) -> tuple[MixtureComponent, ...]:
+    """The datasets of a run: the mixture, or the single dataset as one unnamed component of weight 1."""
+    if d.mixture:
+        return tuple(d.mixture)
+    return (MixtureComponent(name="", source=d.source, subset=d.subset, eval_source=d.eval_source,
+                             train_split=d.train_split, eval_split=d.eval_split, template=d.template,
+                             columns=d.columns, prompt_prefix=d.prompt_prefix, weight=1.0, metric=d.metric,
+                             max_eval_examples=d.max_eval_examples),)

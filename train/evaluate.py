@@ -1,8 +1,10 @@
-"""Validation: loss over the whole split and ANLS from batched jit generation.
+"""Validation: loss over the whole split and a metric (ANLS by default) from batched jit generation.
 
 Every validation example counts exactly once: the eval pipeline pads the last batch with rows whose
 ``example_mask`` is 0, and with several processes the generated tokens and record indices are gathered
-so the score is computed over the union of the processes' shards.
+so the score is computed over the union of the processes' shards. A mixture is evaluated dataset by dataset
+(``MixtureEvaluator``): each with its own metric, reported as ``<metric>/<name>``, and an overall ``score``
+(the weight-averaged metrics, each oriented so that higher is better) that selects the best checkpoint.
 
 Standalone: ``python -m train.evaluate --model DIR_OR_HUB_ID --config gpu_a100.py`` (or ``--workdir``
 to score the latest checkpoint of a run).
@@ -21,21 +23,43 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from train.metrics import anls as anls_score
+from train.metrics import Metric, get_metric
 
 log = logging.getLogger("train")
 
 
 @dataclass
 class EvalResult:
+    """``metrics``: ``{"anls": 0.8}`` for one dataset, ``{"anls/docvqa": .., "exact_match/ai2d": ..}`` and
+    per-dataset ``val_loss/<name>``, ``num_examples/<name>`` for a mixture. ``score``: what best-checkpoint
+    selection maximizes (the metric itself, negated when lower is better; weight-averaged over a mixture)."""
+
     val_loss: float
-    anls: float
+    metrics: dict[str, float]
+    score: float
     num_examples: int
     samples: list[dict[str, Any]] = field(default_factory=list)
+    loss_sum: float = 0.0
+    tokens: float = 0.0
+
+    @property
+    def anls(self) -> float:
+        """ANLS of a single-dataset evaluation (NaN when the metric is another)."""
+        return self.metrics.get("anls", float("nan"))
 
     def record(self, step: int, epoch: float) -> dict[str, Any]:
-        return {"step": step, "epoch": epoch, "val_loss": self.val_loss, "anls": self.anls,
+        return {"step": step, "epoch": epoch, "val_loss": self.val_loss, **self.metrics, "score": self.score,
                 "num_examples": self.num_examples}
+
+    def summary(self) -> str:
+        """``anls 0.8123 on 200 examples`` / ``score 0.61: anls/docvqa 0.8123 (200), exact_match/ai2d ...``."""
+        main = {k: v for k, v in self.metrics.items() if not k.startswith(("val_loss/", "num_examples/"))}
+        if len(main) == 1 and "/" not in next(iter(main)):
+            (name, value), = main.items()
+            return f"{name} {value:.4f} on {self.num_examples} examples"
+        parts = [f"{k} {v:.4f} ({int(self.metrics.get('num_examples/' + k.split('/', 1)[1], 0))})"
+                 for k, v in main.items()]
+        return f"score {self.score:.4f}: " + ", ".join(parts)
 
 
 def _gather(x) -> np.ndarray:
@@ -49,7 +73,7 @@ class Evaluator:
 
     def __init__(self, pipeline, model, tokenizer, *, batch_sharding, eval_step=None, num_beams: int = 3,
                  max_new_tokens: int = 64, threshold: float = 0.5, max_examples: int = 0, num_samples: int = 4,
-                 to_global=None):
+                 to_global=None, metric: str | Metric = "anls"):
         self.pipeline = pipeline
         self.model = model
         self.tokenizer = tokenizer
@@ -61,13 +85,15 @@ class Evaluator:
         self.max_examples = max_examples
         self.num_samples = num_samples
         self.to_global = to_global or (lambda b: jax.device_put(b, batch_sharding))
+        self.metric = metric if isinstance(metric, Metric) else get_metric(metric, anls_threshold=threshold)
 
     def __call__(self, params=None, rest=None, progress: bool = False) -> EvalResult:
         if params is not None:
             nnx.update(self.model, params, *(() if rest is None else (rest,)))
         self.model.eval()
         loss_sum = tokens = 0.0
-        anls_sum, count = 0.0, 0
+        predictions: list[str] = []
+        references: list[tuple[str, ...]] = []
         samples: list[dict[str, Any]] = []
         batches = iter(self.pipeline.eval())
         n_batches = self.pipeline.num_eval_batches(jax.process_count())
@@ -94,18 +120,20 @@ class Evaluator:
             for i, text, ref in zip(idx.tolist(), texts, refs):
                 if i < 0:
                     continue
-                score = anls_score(text.strip(), ref, self.threshold) if ref else 0.0
-                anls_sum += score
-                count += 1
+                predictions.append(text.strip())
+                references.append(tuple(ref))
                 if len(samples) < self.num_samples:
                     question = self.pipeline.encoder.example(i).prompt
                     samples.append({"question": question, "prediction": text.strip(), "references": list(ref),
-                                    "anls": score})
+                                    "metric": self.metric.name,
+                                    "score": self.metric([text.strip()], [tuple(ref)])})
             seen += int((idx >= 0).sum())
             if self.max_examples and seen >= self.max_examples:
                 break
-        return EvalResult(val_loss=loss_sum / max(tokens, 1.0), anls=anls_sum / max(count, 1), num_examples=count,
-                          samples=samples)
+        value = self.metric(predictions, references)
+        return EvalResult(val_loss=loss_sum / max(tokens, 1.0), metrics={self.metric.name: value},
+                          score=self.metric.score(value), num_examples=len(predictions), samples=samples,
+                          loss_sum=loss_sum, tokens=tokens)
 
     def _global_index(self, local_index: np.ndarray):
         if jax.process_count() == 1:
@@ -113,11 +141,46 @@ class Evaluator:
         return jax.make_array_from_process_local_data(self.batch_sharding, local_index)
 
 
+class MixtureEvaluator:
+    """Evaluates each dataset of a mixture with its own pipeline and metric; one combined ``EvalResult``.
+
+    ``evaluators``: ``(name, weight, Evaluator)``. ``metrics`` gets ``<metric>/<name>``, ``val_loss/<name>``
+    and ``num_examples/<name>``; ``val_loss`` is over all target tokens of all datasets; ``score`` is the
+    weight-averaged oriented metric (``Metric.score``), so the best checkpoint balances the datasets as the
+    training mixture does. Samples carry their dataset's name.
+    """
+
+    def __init__(self, evaluators):
+        self.evaluators = list(evaluators)
+        if not self.evaluators:
+            raise ValueError("MixtureEvaluator needs at least one evaluator")
+
+    def __call__(self, params=None, rest=None, progress: bool = False) -> EvalResult:
+        metrics: dict[str, float] = {}
+        samples: list[dict[str, Any]] = []
+        loss_sum = tokens = weighted = total_weight = 0.0
+        count = 0
+        for name, weight, evaluator in self.evaluators:
+            res = evaluator(params, rest, progress=progress)
+            for key, value in res.metrics.items():
+                metrics[f"{key}/{name}"] = value
+            metrics[f"val_loss/{name}"] = res.val_loss
+            metrics[f"num_examples/{name}"] = res.num_examples
+            samples += [{**s, "dataset": name} for s in res.samples]
+            loss_sum, tokens, count = loss_sum + res.loss_sum, tokens + res.tokens, count + res.num_examples
+            weighted += weight * res.score
+            total_weight += weight
+        return EvalResult(val_loss=loss_sum / max(tokens, 1.0), metrics=metrics, score=weighted / total_weight,
+                          num_examples=count, samples=samples, loss_sum=loss_sum, tokens=tokens)
+
+
 def format_samples(samples: list[dict[str, Any]]) -> str:
     lines = []
     for s in samples:
-        lines.append(f"  Q: {s['question']}\n     predicted: {s['prediction']!r}   answer: {s['references'][0]!r}"
-                     f"   ANLS {s['anls']:.2f}")
+        where = f"[{s['dataset']}] " if s.get("dataset") else ""
+        answer = s["references"][0] if s["references"] else ""
+        lines.append(f"  {where}Q: {s['question']}\n     predicted: {s['prediction']!r}   answer: {answer!r}"
+                     f"   {s.get('metric', 'anls')} {s['score']:.2f}")
     return "\n".join(lines)
 
 

@@ -25,8 +25,8 @@ import numpy as np
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.compiles import CompileWatch
-from train.config import TrainConfig
-from train.evaluate import Evaluator, format_samples
+from train.config import MixtureComponent, TrainConfig, data_components
+from train.evaluate import Evaluator, MixtureEvaluator, format_samples
 from train.optim import count_params
 from train.reporting import Reporter
 from train.state import create_model, init_train_state
@@ -63,23 +63,64 @@ def get_processor(cfg: TrainConfig, workdir: Path):
     return load_processor(cfg.model.name_or_path, revision=cfg.model.revision)
 
 
-def get_sources(cfg: TrainConfig, workdir: Path):
+def _synthetic_sources(cfg: TrainConfig, workdir: Path):
+    from train.data import synthetic
+    from train.data.sources import open_source
+
+    out = workdir / "data"
+    s = cfg.data.synthetic
+    if not (out / "validation.parquet").exists():
+        if jax.process_index() == 0:
+            synthetic.generate(out, s.num_train, s.num_val, image_size=s.image_size, seed=s.seed)
+        _barrier("synthetic_data")
+    return open_source(str(out / "train.parquet")), open_source(str(out / "validation.parquet"))
+
+
+@dataclasses.dataclass
+class RunDataset:
+    """One dataset of a run (the only one, or a mixture component): its records and configured template."""
+
+    component: MixtureComponent
+    template: Any  # train.data.templates.ConfiguredTemplate
+    train: Any  # records (a Sequence of dicts)
+    val: Any  # records, or None when the component is not evaluated
+
+    @property
+    def name(self) -> str:
+        return self.component.name
+
+
+def get_datasets(cfg: TrainConfig, workdir: Path) -> list[RunDataset]:
+    """Open every dataset of the run (``data.mixture`` or the single ``data.source``) and check, at start, that
+    each template finds its columns (after ``columns`` renames)."""
     from train.data.sources import SourceSpec, open_source
+    from train.data.templates import ConfiguredTemplate
 
-    d = cfg.data
-    if d.source == "synthetic":
-        from train.data import synthetic
+    out = []
+    for c in data_components(cfg.data):
+        where = f"config.data.mixture[{c.name}]" if c.name else "config.data"
+        template = ConfiguredTemplate(c.template, c.columns, c.prompt_prefix)
+        if c.source == "synthetic":
+            train, val = _synthetic_sources(cfg, workdir)
+        else:
+            image = template.column("image")  # JSONL: relative image paths resolve in this column
+            train = open_source(SourceSpec(path=c.source, split=c.train_split, name=c.subset, image_column=image))
+            val = None
+            if c.eval_split is not None:
+                val = open_source(SourceSpec(path=c.eval_source or c.source, split=c.eval_split, name=c.subset,
+                                             image_column=image))
+        template.check_columns(train, where)
+        if val is not None:
+            template.check_columns(val, where)
+        val = None if c.eval_split is None else template.prepare(val)
+        out.append(RunDataset(c, template, template.prepare(train), val))
+    return out
 
-        out = workdir / "data"
-        s = d.synthetic
-        if not (out / "validation.parquet").exists():
-            if jax.process_index() == 0:
-                synthetic.generate(out, s.num_train, s.num_val, image_size=s.image_size, seed=s.seed)
-            _barrier("synthetic_data")
-        return open_source(str(out / "train.parquet")), open_source(str(out / "validation.parquet"))
-    train = open_source(SourceSpec(path=d.source, split=d.train_split))
-    val = open_source(SourceSpec(path=d.eval_source or d.source, split=d.eval_split))
-    return train, val
+
+def get_sources(cfg: TrainConfig, workdir: Path):
+    """(train, validation) records of a single-dataset run."""
+    (only,) = get_datasets(cfg, workdir)
+    return only.train, only.val
 
 
 def _barrier(name: str) -> None:
@@ -89,25 +130,86 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def make_pipelines(cfg: TrainConfig, processor, train_src, val_src):
+def _pipeline_config(cfg: TrainConfig):
     from train.data.pipeline import DataConfig as PipelineConfig
-    from train.data.pipeline import DataPipeline
 
     n = jax.process_count()
     eval_bs = cfg.eval.batch_size or cfg.batch_size
     for name, b in (("batch_size", cfg.batch_size), ("eval.batch_size", eval_bs)):
         if b % n:
             raise ValueError(f"config.{name}={b} is not divisible by the {n} processes")
-    base = PipelineConfig(
+    return PipelineConfig(
         batch_size=cfg.batch_size // n, max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_target_tokens=cfg.data.max_target_tokens, image_size=cfg.data.image_size, seed=cfg.seed,
         num_epochs=None, shuffle=True, worker_count=cfg.data.num_workers, template=cfg.data.template,
-    )
+    ), eval_bs // n
+
+
+def make_pipelines(cfg: TrainConfig, processor, train_src, val_src, template=None):
+    """Training and validation pipelines of one dataset (``template``: a ConfiguredTemplate, or data.template)."""
+    from train.data.pipeline import DataPipeline
+
+    base, eval_bs = _pipeline_config(cfg)
+    if template is not None:
+        base = dataclasses.replace(base, template=template)
     train = DataPipeline(train_src, processor, base)
-    if cfg.data.max_eval_examples:
-        val_src = _Head(val_src, cfg.data.max_eval_examples)
-    val = DataPipeline(val_src, processor, dataclasses.replace(base, batch_size=eval_bs // n, shuffle=False))
+    if val_src is None:
+        return train, None
+    limit = cfg.data.max_eval_examples
+    if limit:
+        val_src = _Head(val_src, limit)
+    val = DataPipeline(val_src, processor, dataclasses.replace(base, batch_size=eval_bs, shuffle=False))
     return train, val
+
+
+@dataclasses.dataclass
+class RunPipelines:
+    """The run's pipelines, one pair per dataset; ``train()`` mixes them by weight when there are several."""
+
+    datasets: list[RunDataset]
+    train_pipes: list[Any]
+    val_pipes: list[Any]  # None where a component is not evaluated
+
+    @property
+    def mixture(self) -> bool:
+        return bool(self.datasets[0].name)
+
+    def train(self):
+        if not self.mixture:
+            return self.train_pipes[0].train()
+        from train.data.pipeline import mixture_train
+
+        return mixture_train(self.train_pipes, [d.component.weight for d in self.datasets],
+                             [d.name for d in self.datasets])
+
+    @property
+    def num_train(self) -> int:
+        return sum(len(p.source) for p in self.train_pipes)
+
+    @property
+    def num_val(self) -> int:
+        return sum(len(p.source) for p in self.val_pipes if p is not None)
+
+    def evaluator(self, make):
+        """``make(val_pipeline, metric)`` -> Evaluator; one per evaluated dataset, combined for a mixture."""
+        if not self.mixture:
+            return make(self.val_pipes[0], self.datasets[0].component.metric)
+        return MixtureEvaluator([(d.name, d.component.weight, make(p, d.component.metric))
+                                 for d, p in zip(self.datasets, self.val_pipes) if p is not None])
+
+
+def build_pipelines(cfg: TrainConfig, processor, datasets: list[RunDataset]) -> RunPipelines:
+    trains, vals = [], []
+    for d in datasets:
+        if d.name and d.component.max_eval_examples:
+            cfg_d = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, max_eval_examples=d.component.max_eval_examples))
+        else:
+            cfg_d = cfg
+        t, v = make_pipelines(cfg_d, processor, d.train, d.val, template=d.template)
+        trains.append(t)
+        vals.append(v)
+    return RunPipelines(datasets, trains, vals)
 
 
 class _Head:
@@ -184,20 +286,29 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _use_feature_cache(cfg: TrainConfig, fns, train_pipe, train_src, model, workdir: Path) -> None:
+def _template_id(template) -> str:
+    if isinstance(template, str):
+        return template
+    return f"{getattr(template, 'name', type(template).__name__)}:{getattr(template, 'renames', '')}"
+
+
+def _use_feature_cache(cfg: TrainConfig, fns, pipes, model, workdir: Path) -> None:
+    """Compute (or reuse) every training dataset's vision features and have its pipeline yield them."""
     from train.feature_cache import build_or_load
 
     if not fns.freeze_vision:
         raise ValueError("config.data.cache_vision_features needs a frozen vision tower: keep "
                          r"'^model\.vision_tower\.' in config.optim.freeze (or turn the cache off)")
-    key = {"model": cfg.model.name_or_path, "revision": cfg.model.revision, "seed": cfg.seed,
-           "image_size": cfg.data.image_size, "dtype": cfg.model.dtype, "template": cfg.data.template,
-           "source": repr(train_src), "records": len(train_src)}
-    if cfg.model.name_or_path.startswith("random:"):
-        key["synthetic"] = dataclasses.asdict(cfg.data.synthetic)
-    store = build_or_load(workdir / "vision_features", key, train_pipe, model, dtype=cfg.model.dtype,
-                          progress=jax.process_index() == 0)
-    train_pipe.encoder.features = store
+    for d, pipe in zip(pipes.datasets, pipes.train_pipes):
+        key = {"model": cfg.model.name_or_path, "revision": cfg.model.revision, "seed": cfg.seed,
+               "image_size": cfg.data.image_size, "dtype": cfg.model.dtype, "dataset": d.name,
+               "template": _template_id(pipe.config.template), "source": repr(pipe.source),
+               "records": len(pipe.source)}
+        if cfg.model.name_or_path.startswith("random:"):
+            key["synthetic"] = dataclasses.asdict(cfg.data.synthetic)
+        store = build_or_load(workdir / "vision_features", key, pipe, model, dtype=cfg.model.dtype,
+                              progress=jax.process_index() == 0)
+        pipe.encoder.features = store
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -209,8 +320,7 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     if rep.enabled:
         (workdir / "config.json").write_text(cfg.to_json())
     processor = get_processor(cfg, workdir)
-    train_src, val_src = get_sources(cfg, workdir)
-    train_pipe, val_pipe = make_pipelines(cfg, processor, train_src, val_src)
+    pipes = build_pipelines(cfg, processor, get_datasets(cfg, workdir))
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     n_dev = mesh.devices.size
@@ -222,10 +332,11 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     if eval_bs % n_dev:
         raise ValueError(f"eval batch size {eval_bs} must be a multiple of the {n_dev} devices "
                          "(set --config.eval.batch_size)")
-    per_process_records = len(train_src) // jax.process_count()
+    # A mixture's "epoch" is as many examples as all its datasets hold together (not each seen once).
+    per_process_records = pipes.num_train // jax.process_count()
     steps_per_epoch = per_process_records // (cfg.batch_size // jax.process_count())
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_src)} training records give no full batch of {cfg.batch_size}")
+        raise ValueError(f"{pipes.num_train} training records give no full batch of {cfg.batch_size}")
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
 
     model = create_model(cfg.model, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
@@ -235,7 +346,7 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                                             min_shard_size=cfg.mesh.fsdp_min_size)
     bsh = batch_sharding(mesh)
     if cfg.data.cache_vision_features:
-        _use_feature_cache(cfg, fns, train_pipe, train_src, model, workdir)
+        _use_feature_cache(cfg, fns, pipes, model, workdir)
 
     def to_global(host_batch):
         if jax.process_count() == 1:
@@ -244,24 +355,26 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
     train_step = jit_train_step(fns, state, bsh)
     eval_step = jit_eval_step(fns, state, bsh)
-    evaluator = Evaluator(val_pipe, model, processor.tokenizer, batch_sharding=bsh, eval_step=eval_step,
-                          num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
-                          threshold=cfg.eval.anls_threshold, num_samples=cfg.eval.num_print,
-                          to_global=to_global)
+    evaluator = pipes.evaluator(lambda pipe, metric: Evaluator(
+        pipe, model, processor.tokenizer, batch_sharding=bsh, eval_step=eval_step, num_beams=cfg.eval.num_beams,
+        max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold,
+        num_samples=cfg.eval.num_print, to_global=to_global, metric=metric))
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-    iterator = iter(train_pipe.train())
+    iterator = iter(pipes.train())
     start = ckpt.latest_step()
-    best = {"anls": -1.0, "step": None}
+    best: dict[str, Any] = {"score": None, "step": None}  # score: EvalResult.score, higher is better
     if start is not None:
         state, data_state, meta = ckpt.restore(start, abstract_like(state))
         iterator.set_state(data_state)
         best = meta.get("best", best)
+        if "score" not in best:  # a checkpoint written before scores: its best was by ANLS
+            best = {"score": best.get("anls"), "step": best.get("step")}
         rep.print(f"Resuming from step {start} ({workdir / 'checkpoints'})")
     step = int(state.step)
 
     counts = count_params(state.params, fns.labels)
-    rep.print(_summary(cfg, mesh, counts, steps_per_epoch, total_steps, len(train_src), len(val_src)))
+    rep.print(_summary(cfg, mesh, counts, steps_per_epoch, total_steps, pipes.num_train, pipes.num_val))
     if cfg.data.source == "synthetic":
         from train.data.synthetic import question_only_bound
 
@@ -275,15 +388,15 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         rec = res.record(step, round(epoch, 3))
         rec["seconds"] = round(time.time() - t0, 1)
         rep.eval_metrics(rec)
-        rep.print(f"[{tag}] step {step} epoch {epoch:.2f}: val_loss {res.val_loss:.4f}  ANLS {res.anls:.4f} "
-                  f"on {res.num_examples} examples ({rec['seconds']}s)")
+        rep.print(f"[{tag}] step {step} epoch {epoch:.2f}: val_loss {res.val_loss:.4f}  {res.summary()} "
+                  f"({rec['seconds']}s)")
         if res.samples:
             rep.print(format_samples(res.samples))
         return res
 
     if start is None and cfg.eval_at_start:
         res = do_eval("before training")
-        best = {"anls": res.anls, "step": 0}
+        best = {"score": res.score, "step": 0}
 
     prefetch = Prefetcher(iterator, to_global)
     rng = jax.random.key(cfg.seed)
@@ -324,9 +437,9 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             ckpt_metrics = None
             if eval_now:
                 res = do_eval(f"epoch {step / steps_per_epoch:.2f}")
-                ckpt_metrics = {"anls": res.anls, "val_loss": res.val_loss}
-                if res.anls > best["anls"]:
-                    best = {"anls": res.anls, "step": step}
+                ckpt_metrics = {"score": res.score, "val_loss": res.val_loss}
+                if best["score"] is None or res.score > best["score"]:
+                    best = {"score": res.score, "step": step}
             preempted = preemption.should_stop(step)
             if (eval_now or epoch_end or preempted or step == total_steps
                     or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)):
@@ -381,12 +494,19 @@ def _summary(cfg, mesh, counts, steps_per_epoch, total_steps, n_train, n_val) ->
         f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}",
         f"  model        {cfg.model.name_or_path} (compute {cfg.model.dtype}, params {cfg.model.param_dtype})",
         f"  parameters   {counts['trainable']:,} trainable, {counts['frozen']:,} frozen",
-        f"  data         {cfg.data.source}: {n_train:,} train / {n_val:,} validation records",
+        f"  data         {_data_summary(cfg)}: {n_train:,} train / {n_val:,} validation records",
         f"  batch        global {cfg.batch_size} ({cfg.batch_size // jax.process_count()} per process, "
         f"grad accumulation {cfg.grad_accum_steps})",
         f"  schedule     {steps_per_epoch} steps/epoch, {total_steps} steps "
         f"({total_steps / steps_per_epoch:.2f} epochs), lr {cfg.optim.learning_rate:g} {cfg.optim.schedule}",
     ])
+
+
+def _data_summary(cfg: TrainConfig) -> str:
+    if not cfg.data.mixture:
+        return cfg.data.source + (f" ({cfg.data.subset})" if cfg.data.subset else "")
+    total = sum(c.weight for c in cfg.data.mixture)
+    return "mixture " + ", ".join(f"{c.name} {c.weight / total:.0%} ({c.metric})" for c in cfg.data.mixture)
 
 
 def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | None = None) -> dict[str, Any]:
@@ -396,8 +516,7 @@ def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | Non
     if model:
         cfg.model.name_or_path = model
     processor = get_processor(cfg, workdir_path)
-    train_src, val_src = get_sources(cfg, workdir_path)
-    _, val_pipe = make_pipelines(cfg, processor, train_src, val_src)
+    pipes = build_pipelines(cfg, processor, get_datasets(cfg, workdir_path))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     net = create_model(cfg.model, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
                        min_shard_size=cfg.mesh.fsdp_min_size)
@@ -411,8 +530,9 @@ def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | Non
         state, _, _ = ckpt.restore(step, abstract_like(state))
         ckpt.close()
     bsh = batch_sharding(mesh)
-    evaluator = Evaluator(val_pipe, net, processor.tokenizer, batch_sharding=bsh,
-                          eval_step=jit_eval_step(fns, state, bsh), num_beams=cfg.eval.num_beams,
-                          max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold)
+    eval_step = jit_eval_step(fns, state, bsh)
+    evaluator = pipes.evaluator(lambda pipe, metric: Evaluator(
+        pipe, net, processor.tokenizer, batch_sharding=bsh, eval_step=eval_step, num_beams=cfg.eval.num_beams,
+        max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold, metric=metric))
     res = evaluator(state.params, state.rest, progress=True)
     return {**res.record(step, math.nan), "samples": res.samples}

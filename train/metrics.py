@@ -1,7 +1,8 @@
-"""Answer-quality metrics for document VQA: ANLS, exact match, character error rate.
+"""Answer-quality metrics: ANLS, exact match, relaxed accuracy, character error rate; and their registry.
 
 Pure functions over strings, so the evaluation loop, the synthetic data's question-only bound and the tests all
-score answers the same way.
+score answers the same way. ``METRICS`` maps a name (``data.metric`` / a mixture component's ``metric``) to a
+corpus-level function ``(predictions, references_list) -> float`` and its direction; ``register_metric`` adds one.
 
 Normalization (``normalize_answer``): lower-case, collapse every run of whitespace to one space, strip. This is
 what the DocVQA leaderboard does (its answers are compared case-insensitively and ignoring spacing); nothing
@@ -15,19 +16,28 @@ identical (score 1).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rapidfuzz.distance import Levenshtein
 
 __all__ = [
+    "METRICS",
+    "Metric",
     "anls",
     "best_constant_answer",
     "character_error_rate",
+    "corpus_cer",
     "exact_match",
+    "get_metric",
     "mean_anls",
+    "mean_exact_match",
+    "mean_relaxed_accuracy",
     "normalize_answer",
+    "register_metric",
+    "relaxed_accuracy",
     "similarity",
 ]
 
@@ -141,3 +151,118 @@ def best_constant_answer(values: Sequence[str], threshold: float = 0.5) -> tuple
         if score > best_score + 1e-12:
             best_score, best = score, current
     return best_score, best
+
+
+# ------------------------------------------------------------------------------------------ corpus level
+def _check_lengths(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> None:
+    if len(predictions) != len(references_list):
+        raise ValueError(f"{len(predictions)} predictions but {len(references_list)} reference lists")
+
+
+def mean_exact_match(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
+    """Fraction of predictions equal (normalized) to one of their references. Empty input scores 0.0."""
+    _check_lengths(predictions, references_list)
+    if not predictions:
+        return 0.0
+    return sum(exact_match(p, refs) for p, refs in zip(predictions, references_list)) / len(predictions)
+
+
+def corpus_cer(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
+    """Character error rate over a corpus: total edits / total reference characters (lower is better).
+
+    Per example the closest reference counts (fewest edits); raw strings, as ``character_error_rate``. Long
+    references weigh more than short ones, as in the usual corpus CER. An example without references counts
+    every predicted character as an error. No reference characters at all: the total edit count.
+    """
+    _check_lengths(predictions, references_list)
+    edits = chars = 0
+    for pred, refs in zip(predictions, references_list):
+        if isinstance(refs, str):
+            raise TypeError("references must be a sequence of strings, not a single string")
+        if not refs:
+            edits += len(pred)
+            continue
+        distance, ref = min((Levenshtein.distance(pred, r), r) for r in refs)
+        edits += distance
+        chars += len(ref)
+    return edits / chars if chars else float(edits)
+
+
+def _number(text: str) -> float | None:
+    text = text.strip().rstrip("%").replace(",", "").strip()
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_accuracy(prediction: str, references: Sequence[str], tolerance: float = 0.05) -> float:
+    """ChartQA's relaxed accuracy: 1.0 when a numeric answer is within ``tolerance`` (relative) of a numeric
+    reference, or the normalized strings are equal; else 0.0. ``"1,200"`` and ``"12%"`` read as numbers."""
+    if isinstance(references, str):
+        raise TypeError("references must be a sequence of strings, not a single string")
+    pred = _number(prediction)
+    for ref in references:
+        target = _number(ref)
+        if pred is not None and target is not None:
+            if target == 0.0 and pred == 0.0 or target != 0.0 and abs(pred - target) / abs(target) <= tolerance:
+                return 1.0
+        elif normalize_answer(prediction) == normalize_answer(ref):
+            return 1.0
+    return 0.0
+
+
+def mean_relaxed_accuracy(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
+    """Mean ``relaxed_accuracy`` (5% tolerance). Empty input scores 0.0."""
+    _check_lengths(predictions, references_list)
+    if not predictions:
+        return 0.0
+    return sum(relaxed_accuracy(p, refs) for p, refs in zip(predictions, references_list)) / len(predictions)
+
+
+# ------------------------------------------------------------------------------------------ registry
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A corpus-level score ``fn(predictions, references_list) -> float`` and whether higher is better.
+
+    ``score(value)`` orients it for best-checkpoint selection: the value itself, or its negation.
+    """
+
+    name: str
+    fn: Callable[[Sequence[str], Sequence[Sequence[str]]], float]
+    higher_is_better: bool = True
+
+    def __call__(self, predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
+        return float(self.fn(predictions, references_list))
+
+    def score(self, value: float) -> float:
+        return value if self.higher_is_better else -value
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(
+    name: str, fn: Callable[[Sequence[str], Sequence[Sequence[str]]], float], higher_is_better: bool = True
+) -> Metric:
+    """Make ``fn(predictions, references_list) -> float`` selectable by ``name`` in configs."""
+    if name in METRICS and METRICS[name].fn is not fn:
+        raise ValueError(f"metric {name!r} is already registered")
+    METRICS[name] = Metric(name, fn, higher_is_better)
+    return METRICS[name]
+
+
+def get_metric(name: str, anls_threshold: float | None = None) -> Metric:
+    """The registered metric ``name``; ``anls_threshold`` (config ``eval.anls_threshold``) applies to ANLS."""
+    if name not in METRICS:
+        raise KeyError(f"unknown metric {name!r}; registered: {sorted(METRICS)}")
+    if name == "anls" and anls_threshold is not None and anls_threshold != 0.5:
+        t = anls_threshold
+        return Metric("anls", lambda p, r: mean_anls(p, r, t), True)
+    return METRICS[name]
+
+
+register_metric("anls", mean_anls)
+register_metric("exact_match", mean_exact_match)
+register_metric("relaxed_accuracy", mean_relaxed_accuracy)
+register_metric("cer", corpus_cer, higher_is_better=False)

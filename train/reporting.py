@@ -52,9 +52,9 @@ class Reporter:
             return
         self._append("eval.jsonl", record)
         if self._tb is not None:
-            for k in ("val_loss", "anls"):
-                if record.get(k) is not None:
-                    self._tb.add_scalar(f"eval/{k}", record[k], record["step"])
+            for k, v in record.items():
+                if k not in ("step", "epoch", "seconds") and isinstance(v, int | float) and v is not None:
+                    self._tb.add_scalar(f"eval/{k}", v, record["step"])
 
     def plot(self) -> Path | None:
         """training_curves.png: training loss and learning rate by step, validation loss and ANLS."""
@@ -80,9 +80,15 @@ class Reporter:
             steps = [r["step"] for r in evals]
             axes[0].plot(steps, [r["val_loss"] for r in evals], "o-", label="validation loss")
             axes[0].legend()
-            axes[2].plot(steps, [r["anls"] for r in evals], "o-")
-            axes[2].set_ylim(0, 1)
-            axes[2].set_title("validation ANLS")
+            keys = [k for k in evals[-1] if k not in ("step", "epoch", "seconds", "val_loss", "num_examples", "score")
+                    and not k.startswith(("val_loss/", "num_examples/"))]
+            for k in keys:
+                axes[2].plot(steps, [r.get(k, float("nan")) for r in evals], "o-", label=k)
+            if len(keys) > 1:
+                axes[2].legend()
+            if all(0 <= r.get(k, 0) <= 1 for r in evals for k in keys):
+                axes[2].set_ylim(0, 1)
+            axes[2].set_title("validation " + (keys[0] if len(keys) == 1 else "metrics"))
         for ax in axes:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

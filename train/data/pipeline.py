@@ -39,7 +39,7 @@ from PIL import Image
 from florence_jax.processing import ImageTransform
 from train.data.templates import BadRecordError, Example, get_template
 
-__all__ = ["DataConfig", "DataPipeline", "ExampleEncoder", "load_image"]
+__all__ = ["DataConfig", "DataPipeline", "ExampleEncoder", "load_image", "mixture_train"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class DataConfig:
     worker_buffer_size: int = 2
     read_threads: int = 4
     drop_remainder: bool = True
-    template: str = "docvqa"
+    template: str | Callable[[Any], Example] = "docvqa"  # a registered name or a template (ConfiguredTemplate)
 
 
 def load_image(value: Any) -> Image.Image:
@@ -136,7 +136,7 @@ class ExampleEncoder:
         self.source = source
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.template = get_template(config.template)
+        self.template = get_template(config.template) if isinstance(config.template, str) else config.template
         self.image_transform = image_transform or ImageTransform.from_processor(processor)
         size = getattr(self.image_transform, "size", None)
         if size is None:
@@ -265,7 +265,7 @@ class _CountingBatchIterator(grain.DatasetIterator):
         self.counters: collections.Counter[str] = collections.Counter()
         self._emitted = 0
         self._exhausted = False
-        self._skip_run = 0
+        self._skip_runs = [0] * len(batcher.max_skip_runs)
 
     def __next__(self) -> dict[str, np.ndarray]:
         b = self._b
@@ -278,18 +278,25 @@ class _CountingBatchIterator(grain.DatasetIterator):
             except StopIteration:
                 self._exhausted = True
                 break
+            k = int(element.get("dataset", 0))
             if _SKIP in element:
                 self.counters["skipped"] += 1
                 self.counters[f"skipped_{element[_SKIP]}"] += 1
-                self._skip_run += 1
-                if b.max_skip_run is not None and self._skip_run >= b.max_skip_run:
+                if b.names:
+                    self.counters[f"skipped/{b.names[k]}"] += 1
+                self._skip_runs[k] += 1
+                limit = b.max_skip_runs[k]
+                if limit is not None and self._skip_runs[k] >= limit:
+                    which = f" of dataset {b.names[k]!r}" if b.names else ""
                     raise RuntimeError(
-                        f"{self._skip_run} records in a row were unusable (a whole epoch of this shard): "
-                        f"nothing to train on. Counters: {dict(self.counters)}"
+                        f"{self._skip_runs[k]} records in a row{which} were unusable (a whole epoch of this "
+                        f"shard): nothing to train on. Counters: {dict(self.counters)}"
                     )
                 continue
-            self._skip_run = 0
+            self._skip_runs[k] = 0
             self.counters["examples"] += 1
+            if b.names:
+                self.counters[f"examples/{b.names[k]}"] += 1
             for flag in ("truncated_prompt", "truncated_target"):
                 self.counters[flag] += int(bool(element[flag]))
             rows.append(element)
@@ -311,7 +318,7 @@ class _CountingBatchIterator(grain.DatasetIterator):
             "counters": dict(self.counters),
             "emitted": self._emitted,
             "exhausted": self._exhausted,
-            "skip_run": self._skip_run,
+            "skip_run": list(self._skip_runs),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -319,7 +326,8 @@ class _CountingBatchIterator(grain.DatasetIterator):
         self.counters = collections.Counter(state["counters"])
         self._emitted = int(state["emitted"])
         self._exhausted = bool(state["exhausted"])
-        self._skip_run = int(state["skip_run"])
+        runs = state["skip_run"]  # one per dataset (an int in checkpoints of single-dataset runs)
+        self._skip_runs = [int(r) for r in runs] if isinstance(runs, list) else [int(runs)]
 
 
 class _CountingBatcher(grain.IterDataset):
@@ -331,10 +339,13 @@ class _CountingBatcher(grain.IterDataset):
         padding: dict[str, Any],
         eval_mode: bool,
         num_batches: int | None,
-        max_skip_run: int | None,
+        max_skip_run: int | None | Sequence[int | None],
+        names: Sequence[str] = (),
     ):
         super().__init__(parent)
-        self.max_skip_run = max_skip_run
+        # One limit per mixed dataset (a single one otherwise); ``names`` label their counters.
+        self.max_skip_runs = list(max_skip_run) if isinstance(max_skip_run, list | tuple) else [max_skip_run]
+        self.names = tuple(names)
         self.batch_size = batch_size
         self.drop_remainder = drop_remainder
         self.padding = padding
@@ -390,28 +401,24 @@ class DataPipeline:
         self.encoder = ExampleEncoder(source, processor, config, image_transform)
 
     def _to_batches(
-        self, indices: grain.MapDataset, eval_mode: bool, num_batches: int | None, max_skip_run: int | None
+        self,
+        indices: grain.MapDataset,
+        eval_mode: bool,
+        num_batches: int | None,
+        max_skip_run: int | None,
     ) -> grain.IterDataset:
-        cfg = self.config
-        ds = indices.map(self.encoder).to_iter_dataset(
-            grain.ReadOptions(num_threads=max(1, cfg.read_threads), prefetch_buffer_size=2 * cfg.batch_size)
-        )
-        if cfg.worker_count > 0:
-            _ensure_absl_flags_parsed()
-            ds = ds.mp_prefetch(
-                grain.MultiprocessingOptions(
-                    num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
-                )
-            )
-        return _CountingBatcher(
-            ds,
-            cfg.batch_size,
-            cfg.drop_remainder,
-            self.encoder.padding_example(),
-            eval_mode,
-            num_batches,
-            max_skip_run,
-        )
+        return _batched(indices.map(self.encoder), self.config, self.encoder.padding_example(), eval_mode,
+                        num_batches, max_skip_run)
+
+    def _train_indices(self, index: int, count: int) -> tuple[grain.MapDataset, int]:
+        """This process's shuffled, repeated record indices for training, and the records per epoch."""
+        n = len(self.source) - len(self.source) % count
+        if n == 0:
+            raise ValueError(f"{len(self.source)} records cannot be split over {count} processes")
+        indices = grain.MapDataset.range(n)[index::count]
+        if self.config.shuffle:
+            indices = indices.shuffle(seed=self.config.seed)
+        return indices.repeat(self.config.num_epochs), n // count
 
     def train(self, shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
         """Training batches for this process (defaults: jax.process_index()/process_count()).
@@ -421,16 +428,9 @@ class DataPipeline:
         skipped after sharding, so with a finite ``num_epochs`` and unevenly spread bad records processes can
         still differ by a batch at the very end: multi-host runs should stop by step count.
         """
-        index, count = _process_shard(shard_index, shard_count)
-        n = len(self.source) - len(self.source) % count
-        if n == 0:
-            raise ValueError(f"{len(self.source)} records cannot be split over {count} processes")
-        indices = grain.MapDataset.range(n)[index::count]
-        if self.config.shuffle:
-            indices = indices.shuffle(seed=self.config.seed)
-        indices = indices.repeat(self.config.num_epochs)
+        indices, per_epoch = self._train_indices(*_process_shard(shard_index, shard_count))
         # A whole epoch of unusable records in a row would otherwise spin forever on repeat.
-        return self._to_batches(indices, eval_mode=False, num_batches=None, max_skip_run=n // count)
+        return self._to_batches(indices, eval_mode=False, num_batches=None, max_skip_run=per_epoch)
 
     def num_eval_batches(self, shard_count: int = 1) -> int:
         """Eval batches per process: the same on every process (the largest shard, rounded up)."""
@@ -471,3 +471,68 @@ class DataPipeline:
             spec["example_mask"] = ((b,), np.dtype(np.int32))
             spec["index"] = ((b,), np.dtype(np.int32))
         return spec
+
+
+def _batched(
+    elements: grain.MapDataset,
+    cfg: DataConfig,
+    padding: dict[str, Any],
+    eval_mode: bool,
+    num_batches: int | None,
+    max_skip_run: int | None | Sequence[int | None],
+    names: Sequence[str] = (),
+) -> grain.IterDataset:
+    """Encoded elements -> prefetched (optionally in worker processes) -> counted, stacked batches."""
+    ds = elements.to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, cfg.read_threads), prefetch_buffer_size=2 * cfg.batch_size)
+    )
+    if cfg.worker_count > 0:
+        _ensure_absl_flags_parsed()
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size)
+        )
+    return _CountingBatcher(ds, cfg.batch_size, cfg.drop_remainder, padding, eval_mode, num_batches,
+                            max_skip_run, names)
+
+
+class _Tagged:
+    """An encoder whose outputs say which mixed dataset they came from (``dataset``: its position)."""
+
+    def __init__(self, encoder: ExampleEncoder, dataset: int):
+        self.encoder, self.dataset = encoder, dataset
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        out = self.encoder(index)
+        out["dataset"] = self.dataset
+        return out
+
+
+def mixture_train(
+    pipelines: Sequence[DataPipeline],
+    weights: Sequence[float],
+    names: Sequence[str],
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
+    """Training batches drawn from several pipelines in proportion to ``weights`` (grain ``MapDataset.mix``).
+
+    Each component is sharded, shuffled and repeated as in ``DataPipeline.train`` with its own encoder
+    (template); ``mix`` then interleaves them deterministically by index, so the k-th training example, and
+    hence resumption from iterator state, is fixed by the seed. Weights are relative (normalized) and rounded
+    by grain to integer proportions with the smallest scaled to 100 (well under 1% off). Batching, prefetch
+    and workers follow the first pipeline's config. The iterator's ``counters`` add ``examples/<name>`` and
+    ``skipped/<name>``; a component whose whole epoch is unusable raises, naming it.
+    """
+    if not pipelines or len(pipelines) != len(weights) or len(weights) != len(names):
+        raise ValueError("mixture_train needs one weight and one name per pipeline")
+    if any(not w > 0 for w in weights):
+        raise ValueError(f"mixture weights must be positive, got {list(weights)}")
+    index, count = _process_shard(shard_index, shard_count)
+    parts, limits = [], []
+    for k, pipe in enumerate(pipelines):
+        indices, per_epoch = pipe._train_indices(index, count)
+        parts.append(indices.map(_Tagged(pipe.encoder, k)))
+        limits.append(per_epoch)
+    first = pipelines[0]
+    mixed = grain.MapDataset.mix(parts, [float(w) for w in weights])
+    return _batched(mixed, first.config, first.encoder.padding_example(), False, None, limits, names)

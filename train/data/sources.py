@@ -29,6 +29,8 @@ __all__ = [
     "SourceSpec",
     "detect_kind",
     "open_source",
+    "slice_bounds",
+    "split_name_and_slice",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,10 @@ class SourceSpec:
 
     ``path``: a Hub dataset id (``"lmms-lab/DocVQA"``), a parquet/arrow file, glob or folder, a
     ``save_to_disk`` folder, or a ``.jsonl`` file. ``kind`` is detected from the path when None (see
-    ``detect_kind``). ``split`` selects the split for Hub datasets and ``DatasetDict`` folders; ``name`` is the Hub
-    config name. ``image_column`` is the column holding images: it is read undecoded, and for JSONL relative paths
+    ``detect_kind``). ``split`` selects the split for Hub datasets and ``DatasetDict`` folders and may carry a
+    slice in ``datasets``' syntax (``"train[:-300]"``, ``"train[-300:]"``): for single-split local files
+    (parquet, arrow, JSONL) only the slice applies. ``name`` is the Hub config name (a subset, e.g.
+    ``"chartqa"`` of ``HuggingFaceM4/the_cauldron``). ``image_column`` is the column holding images: it is read undecoded, and for JSONL relative paths
     in it are resolved against the JSONL file's folder.
     """
 
@@ -120,10 +124,17 @@ class DatasetRecords(Sequence):
     def __init__(self, dataset: Any, description: str):
         import datasets
 
+        nested = False
         for column, feature in dataset.features.items():
-            if isinstance(feature, datasets.Image) and feature.decode:
-                dataset = dataset.cast_column(column, datasets.Image(decode=False))
+            if isinstance(feature, datasets.Image):
+                if feature.decode:
+                    dataset = dataset.cast_column(column, datasets.Image(decode=False))
+            elif _holds_image(feature):
+                nested = True
         self.dataset = dataset
+        # Images inside lists (The Cauldron's ``images``): casting them to decode=False would rewrite the whole
+        # table, so rows are read as Arrow and converted as stored (images stay {"bytes", "path"} dicts).
+        self._arrow = dataset.with_format("arrow") if nested else None
         self.description = description
 
     def __len__(self) -> int:
@@ -132,6 +143,8 @@ class DatasetRecords(Sequence):
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
         if not isinstance(index, int):
             index = int(index)
+        if self._arrow is not None:
+            return self._arrow[index].to_pylist()[0]
         return self.dataset[index]
 
     @property
@@ -140,6 +153,46 @@ class DatasetRecords(Sequence):
 
     def __repr__(self) -> str:
         return f"DatasetRecords({self.description}, {len(self)} records)"
+
+
+def _holds_image(feature: Any) -> bool:
+    """Whether a (nested) ``datasets`` feature contains an Image feature."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return True
+    if isinstance(feature, dict):
+        return any(_holds_image(f) for f in feature.values())
+    if isinstance(feature, list | tuple):
+        return any(_holds_image(f) for f in feature)
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _holds_image(inner)
+
+
+_SPLIT = re.compile(r"([\w.-]+)(\[[^\]]*\])?")
+
+
+def split_name_and_slice(split: str) -> tuple[str, str | None]:
+    """``"train[:-300]"`` -> ``("train", "[:-300]")``; ``"train"`` -> ``("train", None)``."""
+    m = _SPLIT.fullmatch(split.strip())
+    if m is None:
+        raise SourceError(f"split {split!r}: expected a name with an optional slice, e.g. 'train' or 'train[:90%]'")
+    return m.group(1), m.group(2)
+
+
+def slice_bounds(split: str, n: int) -> tuple[int, int]:
+    """Record range ``[start, stop)`` that the slice in ``split`` selects from ``n`` records (``datasets``'s
+    slicing syntax: ``[:-300]``, ``[-300:]``, ``[10%:20%]``); the whole range when there is none."""
+    import datasets
+
+    _, bracket = split_name_and_slice(split)
+    if bracket is None:
+        return 0, n
+    try:
+        (instruction,) = datasets.ReadInstruction.from_spec("split" + bracket).to_absolute({"split": n})
+    except Exception as e:  # noqa: BLE001 - datasets raises ValueError/AssertionError on bad specs
+        raise SourceError(f"split {split!r}: bad slice ({type(e).__name__}: {e})") from e
+    return int(instruction.from_), int(instruction.to)
 
 
 class JsonlRecords(Sequence):
@@ -174,8 +227,19 @@ class JsonlRecords(Sequence):
                     record[image_column] = os.path.join(base, image)
                 self.records.append(record)
 
+    def select(self, start: int, stop: int) -> JsonlRecords:
+        """The records in ``[start, stop)`` (a split slice)."""
+        out = object.__new__(JsonlRecords)
+        out.path, out.invalid_lines, out.records = self.path, self.invalid_lines, self.records[start:stop]
+        return out
+
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def column_names(self) -> list[str]:
+        """Every key that occurs in some line (lines may differ)."""
+        return sorted({key for record in self.records for key in record})
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
         return dict(self.records[int(index)])
@@ -209,15 +273,20 @@ def _open_datasets(spec: SourceSpec, kind: str) -> Any:
     elif kind == "disk":
         ds = datasets.load_from_disk(spec.path)
         if isinstance(ds, datasets.DatasetDict):
-            if spec.split not in ds:
+            name, _ = split_name_and_slice(spec.split)
+            if name not in ds:
                 raise SourceError(
-                    f"data source {spec.path!r}: no split {spec.split!r} (has {sorted(ds.keys())})"
+                    f"data source {spec.path!r}: no split {name!r} (has {sorted(ds.keys())})"
                 )
-            ds = ds[spec.split]
+            ds = ds[name]
     else:
         raise SourceError(f"data source {spec.path!r}: unknown kind {kind!r} (expected one of {KINDS})")
     if not isinstance(ds, datasets.Dataset):
         raise SourceError(f"data source {spec.path!r}: expected one split, got {type(ds).__name__}")
+    if kind != "hub":  # the Hub loader slices itself; local files have one split (or a chosen one): slice here
+        start, stop = slice_bounds(spec.split, len(ds))
+        if (start, stop) != (0, len(ds)):
+            ds = ds.select(range(start, stop))
     return ds
 
 
@@ -235,13 +304,14 @@ def open_source(spec: SourceSpec | str) -> Sequence[dict[str, Any]]:
         if kind == "jsonl":
             if not os.path.isfile(spec.path):
                 raise SourceError(f"data source {spec.path!r}: no such JSONL file")
-            records: Sequence[dict[str, Any]] = JsonlRecords(spec.path, spec.image_column)
+            jsonl = JsonlRecords(spec.path, spec.image_column)
+            records: Sequence[dict[str, Any]] = jsonl.select(*slice_bounds(spec.split, len(jsonl)))
         elif kind == "prepared":
             from train.data.prepared import PreparedRecords
 
             records = PreparedRecords(spec.path)
         else:
-            description = f"{kind}:{spec.path}" + (f"[{spec.split}]" if kind in ("hub", "disk") else "")
+            description = f"{kind}:{spec.path}" + (f"/{spec.name}" if spec.name else "") + f"[{spec.split}]"
             records = DatasetRecords(_open_datasets(spec, kind), description)
     except SourceError:
         raise

@@ -8,19 +8,29 @@ code; the pipeline skips it and counts the reason instead of crashing a long run
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 __all__ = [
     "BadRecordError",
+    "ConfiguredTemplate",
     "Example",
+    "ExpandedRecords",
     "Template",
+    "cauldron",
     "docvqa",
     "get_template",
+    "mapped",
+    "parse_columns",
     "prefix_suffix",
     "register_template",
     "template_names",
 ]
+
+log = logging.getLogger(__name__)
 
 DOCVQA_TASK = "<DocVQA>"
 
@@ -52,16 +62,28 @@ Template = Callable[[Mapping[str, Any]], Example]
 _REGISTRY: dict[str, Template] = {}
 
 
-def register_template(name: str) -> Callable[[Template], Template]:
-    """Decorator: make a template available by name (``DataConfig.template``)."""
+def register_template(
+    name: str, fields: tuple[str, ...] = (), optional: tuple[str, ...] = (), expand: str | None = None
+) -> Callable[[Template], Template]:
+    """Decorator: make a template available by name (``DataConfig.template``).
+
+    ``fields``: the record keys it reads (checked against the source's columns at start, after the config's
+    ``columns`` renames); ``optional``: keys it reads when present. ``expand``: a list column whose every
+    element becomes one example (``ExpandedRecords``); the template then finds the element's position
+    under ``TURN_KEY``.
+    """
 
     def decorate(fn: Template) -> Template:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"template {name!r} is already registered")
         _REGISTRY[name] = fn
+        _FIELDS[name] = (tuple(fields), tuple(optional), expand)
         return fn
 
     return decorate
+
+
+_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]] = {}
 
 
 def get_template(name: str) -> Template:
@@ -81,7 +103,7 @@ def _require(record: Mapping[str, Any], key: str) -> Any:
     return record[key]
 
 
-@register_template("docvqa")
+@register_template("docvqa", fields=("question", "answers", "image"))
 def docvqa(record: Mapping[str, Any]) -> Example:
     """DocVQA rows: prompt ``"<DocVQA>" + question``, target the first answer, references all answers.
 
@@ -106,7 +128,7 @@ def docvqa(record: Mapping[str, Any]) -> Example:
     )
 
 
-@register_template("prefix_suffix")
+@register_template("prefix_suffix", fields=("prefix", "suffix", "image"))
 def prefix_suffix(record: Mapping[str, Any]) -> Example:
     """Generic JSONL fine-tuning rows ``{"image": ..., "prefix": prompt, "suffix": answer}`` (the PaliGemma /
     Florence-2 community format). The suffix is the only reference."""
@@ -117,3 +139,207 @@ def prefix_suffix(record: Mapping[str, Any]) -> Example:
     if not suffix.strip():
         raise BadRecordError("empty_answers")
     return Example(prompt=prefix, target=suffix, references=(suffix,), image=_require(record, "image"))
+
+
+TURN_KEY = "_turn"
+
+
+def _answers(value: Any) -> tuple[str, ...]:
+    """A string or a list of strings -> the non-blank ones, stripped."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        return ()
+    return tuple(a.strip() for a in value if isinstance(a, str) and a.strip())
+
+
+def _cauldron_turn(record: Mapping[str, Any]) -> Example:
+    texts = _require(record, "texts")
+    turn = int(record.get(TURN_KEY, 0))
+    if not isinstance(texts, list | tuple) or len(texts) <= turn or not isinstance(texts[turn], Mapping):
+        raise BadRecordError("missing_field", f"no turn {turn} in texts")
+    user, assistant = texts[turn].get("user"), texts[turn].get("assistant")
+    if not isinstance(user, str) or not user.strip():
+        raise BadRecordError("empty_question")
+    if not isinstance(assistant, str) or not assistant.strip():
+        raise BadRecordError("empty_answers")
+    images = _require(record, "images")
+    if isinstance(images, list | tuple):
+        if len(images) > 1:
+            # Florence-2 sees one image; a question about a second one would teach the model to guess.
+            raise BadRecordError("multiple_images", f"{len(images)} images")
+        images = images[0] if images else None
+    return Example(prompt=user.strip(), target=assistant.strip(), references=(assistant.strip(),), image=images)
+
+
+@register_template("cauldron", fields=("images", "texts"), expand="texts")
+def cauldron(record: Mapping[str, Any]) -> Example:
+    """The Cauldron's rows (``images``: list of images, ``texts``: list of ``{user, assistant}`` turns).
+
+    Every turn is one example (the source is expanded with ``ExpandedRecords``, so a 3-question document gives
+    3 examples; none of the image's questions is wasted, and evaluation scores every question): prompt the
+    turn's ``user`` text as written (The Cauldron's instructions such as "Answer briefly." included), target
+    and only reference its ``assistant`` text. Rows with more than one image are skipped
+    (``multiple_images``): Florence-2 takes one image. ``cauldron_first`` uses only the first turn of a row.
+    """
+    return _cauldron_turn(record)
+
+
+@register_template("cauldron_first", fields=("images", "texts"))
+def cauldron_first(record: Mapping[str, Any]) -> Example:
+    """The Cauldron's rows, first turn only (one example per image)."""
+    return _cauldron_turn({k: v for k, v in record.items() if k != TURN_KEY})
+
+
+@register_template("mapped", fields=("prompt", "target", "image"), optional=("references",))
+def mapped(record: Mapping[str, Any]) -> Example:
+    """Any dataset through ``columns`` renames: ``prompt`` (text), ``target`` (a string, or a list whose first
+    non-blank entry is the target and all are references), optional ``references`` (a string or list of accepted
+    answers; default: the target's), ``image``. Put a task token before every prompt with ``prompt_prefix``."""
+    prompt = _require(record, "prompt")
+    if not isinstance(prompt, str):
+        raise BadRecordError("missing_field", f"prompt must be a string, got {type(prompt).__name__}")
+    targets = _answers(_require(record, "target"))
+    if not targets:
+        raise BadRecordError("empty_answers")
+    references = _answers(record["references"]) if record.get("references") is not None else targets
+    return Example(prompt=prompt, target=targets[0], references=references or targets,
+                   image=_require(record, "image"))
+
+
+def parse_columns(columns: Sequence[str], template: str) -> dict[str, str]:
+    """``("question=query", "answers=label")`` -> ``{"question": "query", "answers": "label"}``, checked against
+    the fields the template reads."""
+    fields, optional, _ = _FIELDS.get(template, ((), (), None))
+    known = (*fields, *optional)
+    out: dict[str, str] = {}
+    for item in columns:
+        field, sep, column = item.partition("=")
+        field, column = field.strip(), column.strip()
+        if not sep or not field or not column:
+            raise ValueError(f"columns entry {item!r}: expected TEMPLATE_FIELD=DATASET_COLUMN, e.g. question=query")
+        if known and field not in known:
+            raise ValueError(f"columns entry {item!r}: the {template!r} template reads {list(known)}, not {field!r}")
+        if field in out:
+            raise ValueError(f"columns entry {item!r}: {field!r} is mapped twice")
+        out[field] = column
+    return out
+
+
+class ConfiguredTemplate:
+    """A registered template plus the config's column renames and prompt prefix. Picklable (grain workers).
+
+    ``columns`` maps the template's field names to the dataset's columns (``{"question": "query"}``: the
+    template's ``question`` is read from column ``query``); ``prompt_prefix`` goes before every prompt (a task
+    token such as ``<VQA>``).
+    """
+
+    def __init__(self, name: str, columns: Sequence[str] = (), prompt_prefix: str = ""):
+        self.name = name
+        self.fn = get_template(name)
+        self.renames = parse_columns(columns, name)
+        self.prompt_prefix = prompt_prefix
+        self.fields, self.optional, self.expand = _FIELDS.get(name, ((), (), None))
+        if self.expand is not None:
+            self.expand = self.renames.get(self.expand, self.expand)
+
+    def column(self, field: str) -> str:
+        """The dataset column the template's ``field`` is read from."""
+        return self.renames.get(field, field)
+
+    def __call__(self, record: Mapping[str, Any]) -> Example:
+        if self.renames:
+            record = dict(record)
+            for field, column in self.renames.items():
+                if column in record:
+                    record[field] = record[column]
+        example = self.fn(record)
+        if self.prompt_prefix:
+            example = dataclasses.replace(example, prompt=self.prompt_prefix + example.prompt)
+        return example
+
+    def check_columns(self, source: Any, where: str) -> None:
+        """Raise ``ValueError`` naming the config entry when a column the template needs is not in ``source``.
+
+        Sources without ``column_names`` (plain sequences) are not checked here; their records are checked one
+        by one (``missing_field``).
+        """
+        names = getattr(source, "column_names", None)
+        if names is None:
+            return
+        names = set(names)
+        for field, column in self.renames.items():
+            if column not in names:
+                raise ValueError(
+                    f"{where}: column {column!r} (mapped to the {self.name!r} template's {field!r} by columns) is "
+                    f"not in {source!r}; its columns: {sorted(names)}"
+                )
+        for field in self.fields:
+            if self.column(field) not in names:
+                raise ValueError(
+                    f"{where}: the {self.name!r} template reads {field!r}, which is not a column of {source!r} "
+                    f"(columns: {sorted(names)}); map it with columns=(\"{field}=YOUR_COLUMN\",) or pick another "
+                    f"template ({template_names()})"
+                )
+
+    def prepare(self, source: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
+        """The records this template reads: ``source`` itself, or one record per list element (``expand``)."""
+        return ExpandedRecords(source, self.expand) if self.expand is not None else source
+
+    def __repr__(self) -> str:
+        return f"ConfiguredTemplate({self.name!r}, renames={self.renames}, prompt_prefix={self.prompt_prefix!r})"
+
+
+def _list_lengths(source: Sequence[dict[str, Any]], column: str) -> np.ndarray:
+    """Length of the list in ``column`` for every record; from Arrow without reading rows when possible."""
+    dataset = getattr(source, "dataset", None)
+    if dataset is not None and hasattr(dataset, "with_format") and column in dataset.column_names:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        values = dataset.with_format("arrow")[column]
+        if isinstance(values, pa.Table):
+            values = values.column(0)
+        return np.asarray(pc.fill_null(pc.list_value_length(values), 0), dtype=np.int64)
+    lengths = []
+    for i in range(len(source)):
+        value = source[i].get(column)
+        lengths.append(len(value) if isinstance(value, list | tuple) else 0)
+    return np.asarray(lengths, dtype=np.int64)
+
+
+class ExpandedRecords(Sequence):
+    """One record per element of a list column (The Cauldron: one per question-answer turn).
+
+    Record ``i`` is the source row holding the i-th element overall, with the element's position under
+    ``TURN_KEY``. Rows with an empty or missing list give no record (counted in ``empty_rows``, logged).
+    Picklable: holds the source and two index arrays.
+    """
+
+    def __init__(self, source: Sequence[dict[str, Any]], column: str):
+        self.source, self.column = source, column
+        lengths = _list_lengths(source, column)
+        self.rows = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+        starts = np.cumsum(lengths) - lengths
+        self.turns = np.arange(len(self.rows), dtype=np.int64) - np.repeat(starts, lengths)
+        self.empty_rows = int((lengths == 0).sum())
+        if self.empty_rows:
+            log.warning("%s: %d rows have no %r entries and give no example", source, self.empty_rows, column)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        index = int(index)
+        if not 0 <= index < len(self.rows):
+            raise IndexError(index)
+        record = dict(self.source[int(self.rows[index])])
+        record[TURN_KEY] = int(self.turns[index])
+        return record
+
+    @property
+    def column_names(self) -> list[str] | None:
+        return getattr(self.source, "column_names", None)
+
+    def __repr__(self) -> str:
+        return f"ExpandedRecords({self.source!r} by {self.column!r}, {len(self)} records)"
