@@ -174,10 +174,10 @@ def bench_train_ours(directory: str, s: Settings, frozen: bool, cached: bool = F
     host = make_batch(_fc(directory, s), s, s.train_batch)
     feature_s = None
     if cached:
-        fn = jax.jit(lambda m, x: m.get_image_features(x, image_layout="NHWC"))
+        fn = jax.jit(lambda m, x: m.vision_tower_features(x, image_layout="NHWC"))
         jax.block_until_ready(fn(model, host["pixel_values"]))
         t0 = time.perf_counter()
-        host["image_features"] = np.asarray(jax.block_until_ready(fn(model, host.pop("pixel_values"))))
+        host["vision_features"] = np.asarray(jax.block_until_ready(fn(model, host.pop("pixel_values"))))
         feature_s = time.perf_counter() - t0
     optim = OptimConfig(learning_rate=1e-6, schedule="linear", freeze=(VISION_FROZEN,) if frozen else ())
     fns, state, _ = init_train_state(model, optim, 1000, mesh)

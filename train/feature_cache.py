@@ -2,10 +2,10 @@
 
 With the tower frozen, its output for a given image never changes, yet a plain train step recomputes it
 every epoch (for Florence-2-base at 768x768 that is most of a frozen step's FLOPs). With
-``data.cache_vision_features`` the run first passes every training record through the vision tower and
-projector once (inference mode: no stochastic depth), stores the ``(image_seq_length, projection_dim)``
-features in a memory-mapped file in the workdir, and the data pipeline then yields ``image_features``
-instead of ``pixel_values``; the train step feeds them straight to the text encoder.
+``data.cache_vision_features`` the run first passes every training record through the vision tower once
+(inference mode: no stochastic depth), stores its NHWC output in a memory-mapped file in the workdir, and
+the data pipeline then yields ``vision_features`` instead of ``pixel_values``; the train step runs the
+projector (which trains) and the text model on them.
 
 Each process caches the records it trains on (the same per-process stride as the training pipeline), in
 its own file. A cache is reused when its key (model, image size, prompt layout, dtype, source length,
@@ -116,13 +116,13 @@ def _build(pipeline, model, tmp: Path, final: Path, key_parts, dtype: str, progr
     def features(state, pixels):
         m = nnx.merge(graphdef, state)
         m.eval()
-        return m.get_image_features(pixels, image_layout="NHWC").astype(jnp.float32)
+        return m.vision_tower_features(pixels, image_layout="NHWC").astype(jnp.float32)
 
-    _, n_img, dim = jax.eval_shape(features, state,
-                                   jax.ShapeDtypeStruct((1, *pipeline.encoder.image_shape), jnp.float32)).shape
+    feature_shape = jax.eval_shape(features, state,
+                                   jax.ShapeDtypeStruct((1, *pipeline.encoder.image_shape), jnp.float32)).shape[1:]
     np_dtype = _DTYPES[dtype]
     store_dtype = np.uint16 if np_dtype.itemsize == 2 else np.float32
-    mm = np.memmap(tmp / "features.bin", dtype=store_dtype, mode="w+", shape=(len(indices), n_img, dim))
+    mm = np.memmap(tmp / "features.bin", dtype=store_dtype, mode="w+", shape=(len(indices), *feature_shape))
     valid = np.zeros(len(indices), bool)
 
     iterator = iter(ds)
@@ -148,7 +148,7 @@ def _build(pipeline, model, tmp: Path, final: Path, key_parts, dtype: str, progr
     del mm
     np.save(tmp / "indices.npy", indices)
     np.save(tmp / "valid.npy", valid)
-    meta = {"shape": [len(indices), n_img, dim], "dtype": dtype, "key": key_parts,
+    meta = {"shape": [len(indices), *feature_shape], "dtype": dtype, "key": key_parts,
             "valid": int(valid.sum()), "records": len(indices)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     os.replace(tmp, final)

@@ -49,11 +49,12 @@ def _forward_loss(fns: StepFns, params, rest, batch, rng, total_weight):
         mask = mask * batch["example_mask"][:, None]
     decoder_input_ids = shift_tokens_right(jnp.where(mask > 0, labels, fns.pad_token_id), fns.pad_token_id,
                                            fns.decoder_start_token_id)
-    # Cached vision features (frozen tower, train/feature_cache.py) replace the pixels when present.
+    # Cached vision-tower features (frozen tower, train/feature_cache.py) replace the pixels when present;
+    # the projector still runs (and trains) on them.
     out = model(
         input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"), attention_mask=batch["attention_mask"],
         decoder_input_ids=decoder_input_ids, image_layout="NHWC", rngs=nnx.Rngs(dropout=rng),
-        freeze_vision=fns.freeze_vision, image_features=batch.get("image_features"),
+        freeze_vision=fns.freeze_vision, vision_features=batch.get("vision_features"),
     )
     losses, weights = token_cross_entropy(out.logits, labels, mask)
     return losses.sum() / total_weight, (losses.sum(), weights.sum())

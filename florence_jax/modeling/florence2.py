@@ -124,15 +124,20 @@ class Florence2ForConditionalGeneration(nnx.Module):
 
         ``freeze_vision`` stops gradients at the tower's output, so its backward pass is never computed.
         """
+        feats = self.vision_tower_features(pixel_values, image_layout=image_layout, rngs=rngs)
+        if freeze_vision:
+            feats = jax.lax.stop_gradient(feats)
+        return self.model.multi_modal_projector(feats)
+
+    def vision_tower_features(self, pixel_values, *, image_layout: str = "NCHW", rngs=None) -> jax.Array:
+        """The vision tower alone: NHWC ``(batch, H/32, W/32, embed_dim[-1])``, the projector's input (what
+        ``data.cache_vision_features`` stores, so the projector still trains on cached features)."""
         x = jnp.asarray(pixel_values)
         if image_layout == "NCHW":
             x = x.transpose(0, 2, 3, 1)
         elif image_layout != "NHWC":
             raise ValueError(f"image_layout must be NCHW or NHWC, got {image_layout!r}")
-        feats = self.model.vision_tower(x.astype(self.config.dtype), rngs)
-        if freeze_vision:
-            feats = jax.lax.stop_gradient(feats)
-        return self.model.multi_modal_projector(feats)
+        return self.model.vision_tower(x.astype(self.config.dtype), rngs)
 
     def embed_inputs(self, input_ids, image_features=None) -> jax.Array:
         lm = self.model.language_model
@@ -176,13 +181,18 @@ class Florence2ForConditionalGeneration(nnx.Module):
         decoder_attention_mask=None,
         *,
         image_features=None,
+        vision_features=None,
         image_layout: str = "NCHW",
         rngs: nnx.Rngs | None = None,
         freeze_vision: bool = False,
     ) -> Seq2SeqLMOutput:
+        """``image_features`` (projector output) or ``vision_features`` (the tower's output, e.g. cached)
+        replace ``pixel_values`` when given."""
         if input_ids is None:
             raise ValueError("input_ids is required")
         input_ids = jnp.asarray(input_ids)
+        if image_features is None and vision_features is not None:
+            image_features = self.model.multi_modal_projector(jnp.asarray(vision_features).astype(self.config.dtype))
         if image_features is None and pixel_values is not None:
             image_features = self.get_image_features(pixel_values, image_layout=image_layout, rngs=rngs,
                                                      freeze_vision=freeze_vision)

@@ -223,7 +223,7 @@ class ExampleEncoder:
         prompt_ids, prompt_cut = self.prompt_ids(example.prompt)
         target_ids, target_cut = self.target_ids(example.target)
         return {
-            "image_features" if self.features is not None else "pixel_values": pixels,
+            "vision_features" if self.features is not None else "pixel_values": pixels,
             **self._text_arrays(prompt_ids, target_ids),
             "index": index,
             "truncated_prompt": prompt_cut,
@@ -305,7 +305,7 @@ class _CountingBatchIterator(grain.DatasetIterator):
                 raise StopIteration
             rows += [b.padding] * (b.batch_size - len(rows))
         self._emitted += 1
-        keys = _BATCH_KEYS if "pixel_values" in rows[0] else ("image_features", *_BATCH_KEYS[1:])
+        keys = _BATCH_KEYS if "pixel_values" in rows[0] else ("vision_features", *_BATCH_KEYS[1:])
         batch = {key: np.stack([r[key] for r in rows]) for key in keys}
         if b.eval_mode:
             batch["example_mask"] = np.asarray([r["index"] >= 0 for r in rows], np.int32)
