@@ -127,6 +127,51 @@ def test_bad_lora_target_is_a_clear_error(tiny_hf_dir):
         apply_lora(model, rank=2, alpha=2.0, dropout=0.0, targets=[r"\.query$"])
 
 
+def test_export_model_merged_and_adapter_with_a_task_token(tmp_path):
+    """train.loop.export_model for a LoRA model with a new token (random:tiny, as the CPU demo): the merged
+    model and the peft adapter on its written base give our logits in transformers, tokenizer included."""
+    import json
+
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import Florence2ForConditionalGeneration as HF
+
+    from florence_jax.processing import load_processor
+    from train.config import load_config
+    from train.loop import export_model, get_processor
+
+    cfg = load_config("cpu_demo.py", ["lora.enabled=true", "lora.rank=4", "lora.alpha=4", "lora.export=both",
+                                      "model.add_tokens=(<MY_TASK>)"])
+    processor = get_processor(cfg, tmp_path)
+    model = create_model(cfg.model, make_mesh(devices=jax.devices()[:1]), tokenizer=processor.tokenizer,
+                         lora=cfg.lora)
+    for i, m in enumerate(lora_modules(model).values()):
+        b_ = m.lora.lora_b.get_value()
+        m.lora.lora_b.set_value(jax.random.normal(jax.random.key(i), b_.shape) * 0.05)
+    out = tmp_path / "export"
+    assert export_model(cfg, model, processor, out) == [out, out / "adapter"]
+
+    token = load_processor(out).tokenizer.convert_tokens_to_ids("<MY_TASK>")
+    assert token == len(processor.tokenizer) - 1
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    inputs = processor(text=["<MY_TASK>What colour is the header?"], images=[image], return_tensors="np")
+    assert (inputs["input_ids"] == token).sum() == 1
+    batch = {k: np.asarray(inputs[k]) for k in ("input_ids", "pixel_values", "attention_mask")}
+    batch["decoder_input_ids"] = np.array([[2, 0, 5, 7, token]])
+    ours = np.asarray(model(**batch).logits)
+
+    merged = HF.from_pretrained(out).eval()
+    suppressed = json.loads((out / "generation_config.json").read_text())["suppress_tokens"]
+    assert token not in suppressed and min(suppressed) == len(processor.tokenizer)
+    config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert config["r"] == 4 and config["base_model_name_or_path"] == str(out / "adapter/base")
+    peft_model = PeftModel.from_pretrained(HF.from_pretrained(config["base_model_name_or_path"]),
+                                           out / "adapter").eval()
+    np.testing.assert_allclose(_hf_logits(merged, batch), ours, atol=1e-4)
+    np.testing.assert_allclose(_hf_logits(peft_model, batch), ours, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_train_main_with_lora_and_a_task_token(tmp_path):
     """The normal train path with LoRA and a new token: both exports load in transformers (+ peft) with equal
     logits, carry the tokenizer with the token, and scripts.export rebuilds the adapter from the checkpoint."""

@@ -422,7 +422,9 @@ def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | Non
     train_src, val_src = get_sources(cfg, workdir_path)
     _, val_pipe = make_pipelines(cfg, processor, train_src, val_src)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    net = create_model(cfg.model, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
+    # An exported model already holds its added tokens' (trained) rows and merged adapters.
+    model_cfg = dataclasses.replace(cfg.model, add_tokens=()) if model else cfg.model
+    net = create_model(model_cfg, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
                        min_shard_size=cfg.mesh.fsdp_min_size, lora=None if model else cfg.lora)
     fns, state, _ = init_train_state(net, cfg.optim, 1, mesh, min_shard_size=cfg.mesh.fsdp_min_size)
     step = 0

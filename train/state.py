@@ -187,10 +187,19 @@ def opt_state_shardings(tx, params, mesh: Mesh):
 
 
 def abstract_train_state(fc: Florence2Config, optim: OptimConfig, total_steps: int, mesh: Mesh, *,
-                         grad_accum_steps: int = 1, min_shard_size: int = 2**18):
+                         grad_accum_steps: int = 1, min_shard_size: int = 2**18, lora: LoRAConfig | None = None):
     """``(fns, state)`` with ShapeDtypeStruct leaves carrying their shardings: no memory, no weights.
     Used for ahead-of-time compilation (also for TPU topologies this machine does not have)."""
-    abstract = nnx.eval_shape(lambda: Florence2ForConditionalGeneration(fc, rngs=nnx.Rngs(0)))
+
+    def build():
+        model = Florence2ForConditionalGeneration(fc, rngs=nnx.Rngs(0))
+        if lora is not None and lora.enabled:
+            from florence_jax.lora import apply_lora
+
+            apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets)
+        return model
+
+    abstract = nnx.eval_shape(build)
     abstract.train()
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     tx, labels, _ = make_optimizer(optim, params, total_steps)
