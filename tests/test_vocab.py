@@ -4,10 +4,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_batch
+from flax import nnx
 
 from florence_jax import Florence2ForConditionalGeneration
 from florence_jax.generation import generate
 from florence_jax.vocab import add_tokens, resize_for_tokens
+
+
+@nnx.jit
+def _logits(model, batch):
+    return model(**batch).logits
+
 
 OLD = 1001  # tiny model: 1000 text tokens + <image> at 1000; rows up to 1024
 NEW_IDS = list(range(OLD, OLD + 40))  # past row 1024: the table grows to 1088 (a multiple of 64)
@@ -18,7 +25,7 @@ NUM_TOKENS = OLD + len(NEW_IDS)
 def grown(tiny_hf_dir):
     base = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
     b = tiny_batch(seed=3)
-    before = np.asarray(base(**b).logits)
+    before = np.asarray(_logits(base, b))
     return resize_for_tokens(base, NEW_IDS, NUM_TOKENS), b, before
 
 
@@ -26,7 +33,7 @@ def test_existing_logits_unchanged_and_new_rows_at_the_mean(grown):
     model, b, before = grown
     assert model.config.text_config.vocab_size == 1088
     assert set(model.generation_config.suppress_tokens) == set(range(NUM_TOKENS, 1088))
-    after = np.asarray(model(**b).logits)
+    after = np.asarray(_logits(model, b))
     assert after.shape[-1] == 1088
     # Same rows, same hidden states: only the column count of the head's matmul differs (fp32 rounding).
     np.testing.assert_allclose(after[..., :OLD], before[..., :OLD], atol=1e-6, rtol=0)

@@ -66,6 +66,7 @@ def train_step(fns: StepFns, state: TrainState, batch: dict, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     total_weight = jnp.maximum(batch["label_mask"].astype(jnp.float32).sum(), 1.0)
     grad_fn = jax.value_and_grad(_forward_loss, argnums=1, has_aux=True)
+
     def grads_of(params, mb, key):
         # Frozen leaves get an exact zero, not their gradient: clipping and the reported norm see only
         # what trains, and XLA drops the frozen weight-gradient computations.
