@@ -79,7 +79,7 @@ def compile_train_step(cfg: TrainConfig, devices) -> dict:
     data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp
     mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])
     fns, state = abstract_train_state(fc, cfg.optim, 1000, mesh, grad_accum_steps=cfg.grad_accum_steps,
-                                      min_shard_size=cfg.mesh.fsdp_min_size)
+                                      min_shard_size=cfg.mesh.fsdp_min_size, lora=cfg.lora)
     bsh = batch_sharding(mesh)
     batch = abstract_batch(cfg, fc, bsh)
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -1,9 +1,11 @@
 """Export a training run's checkpoint as a transformers-loadable directory (model + processor).
 
     python -m scripts.export --workdir runs/gpu_a100 --out exported/ [--step N | --best] [--push_to_hub REPO]
+        [--lora merged|adapter|both]
 
 The run's saved config rebuilds the model; the checkpoint restores into it; ``save_pretrained`` writes
-config.json, generation_config.json and safetensors in the transformers-native layout.
+config.json, generation_config.json and safetensors in the transformers-native layout. A LoRA run exports
+the adapters merged into the weights, as a peft adapter directory, or both (see ``train.loop.export_model``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     g.add_argument("--best", action="store_true", help="the checkpoint with the best validation ANLS")
+    p.add_argument("--lora", choices=("merged", "adapter", "both"),
+                   help="for a LoRA run: merged full model, peft adapter directory, or both (default: the "
+                        "run's lora.export)")
     p.add_argument("--push_to_hub", help="also upload to this Hub repo id")
     args = p.parse_args(argv)
 
@@ -33,7 +38,7 @@ def main(argv=None) -> int:
     from florence_jax.sharding import make_mesh
     from train.checkpoint import Checkpointer, abstract_like
     from train.config import TrainConfig, apply_override
-    from train.loop import get_processor
+    from train.loop import export_model, get_processor
     from train.state import create_model, init_train_state
 
     cfg = _config_from_json(json.loads((workdir / "config.json").read_text()), TrainConfig, apply_override)
@@ -45,16 +50,17 @@ def main(argv=None) -> int:
     processor = get_processor(cfg, workdir)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     model = create_model(cfg.model, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
-                         min_shard_size=cfg.mesh.fsdp_min_size)
+                         min_shard_size=cfg.mesh.fsdp_min_size, lora=cfg.lora)
     _, state, _ = init_train_state(model, cfg.optim, 1, mesh, min_shard_size=cfg.mesh.fsdp_min_size)
     state, _, _ = ckpt.restore(step, abstract_like(state))
     ckpt.close()
     nnx.update(model, state.params, state.rest)
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
-    print(f"exported step {step} of {workdir} to {args.out}")
+    written = export_model(cfg, model, processor, Path(args.out), args.lora)
+    print(f"exported step {step} of {workdir} to {', '.join(str(p) for p in written)}")
     if args.push_to_hub:
-        model.push_to_hub(args.push_to_hub, processor=processor)
+        from florence_jax.lora import has_lora, merge_lora
+
+        (merge_lora(model) if has_lora(model) else model).push_to_hub(args.push_to_hub, processor=processor)
         print(f"pushed to {args.push_to_hub}")
     return 0
 

@@ -98,6 +98,8 @@ class ModelConfig:
     remat_policy: str = "none"  # "none", "full", "dots"
     dropout: float | None = None  # override the text model's dropout, attention and activation dropout
     drop_path_rate: float | None = None  # override the vision tower's stochastic depth
+    # New tokens (e.g. "<MY_TASK>") added to the tokenizer; the embedding grows, new rows start at the mean.
+    add_tokens: tuple[str, ...] = ()
 
 
 @dataclass
@@ -114,6 +116,25 @@ class OptimConfig:
     # Regexes over parameter paths (dotted, e.g. "model.vision_tower.convs.0.conv.kernel") held frozen:
     # no gradient, no optimizer moments, bit-identical after training.
     freeze: tuple[str, ...] = (r"^model\.vision_tower\.",)
+
+
+# Default LoRA targets: every attention projection and MLP of BART (encoder self-attention, decoder
+# self- and cross-attention). Patterns are re.search'ed over module paths; end them with "$".
+LORA_TEXT_TARGETS = (r"^model\.language_model\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)$",)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (y = xW + b + alpha/rank * dropout(x) A B); only adapters train when enabled."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # Regexes over module paths such as "model.language_model.decoder.layers.0.self_attn.q_proj",
+    # "model.vision_tower.blocks.0.0.spatial_block.window_attn.qkv", or "lm_head" (the tied LM head).
+    targets: tuple[str, ...] = LORA_TEXT_TARGETS
+    export: str = "merged"  # end-of-run export: "merged" (full model), "adapter" (peft directory), "both"
 
 
 @dataclass
@@ -157,6 +178,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -286,6 +308,7 @@ CHOICES = {
     "model.attention_impl": ("xla", "dot_product"),
     "model.remat_policy": ("none", "full", "dots"),
     "optim.schedule": ("linear", "cosine", "constant"),
+    "lora.export": ("merged", "adapter", "both"),
 }
 
 
@@ -309,6 +332,23 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("config.max_steps and config.num_epochs are both 0: nothing to train")
     if cfg.optim.learning_rate <= 0:
         raise ValueError(f"config.optim.learning_rate must be positive, got {cfg.optim.learning_rate}")
+    if cfg.lora.enabled:
+        if cfg.lora.rank <= 0:
+            raise ValueError(f"config.lora.rank must be positive, got {cfg.lora.rank}")
+        if not 0.0 <= cfg.lora.dropout < 1.0:
+            raise ValueError(f"config.lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+        if not cfg.lora.targets:
+            raise ValueError("config.lora.targets is empty: give regexes over module paths to adapt")
+        import re
+
+        for t in cfg.lora.targets:
+            try:
+                re.compile(t)
+            except re.error as e:
+                raise ValueError(f"config.lora.targets: bad regex {t!r}: {e}") from None
+        if cfg.lora.export != "adapter" and any(re.search(t, "lm_head") for t in cfg.lora.targets):
+            raise ValueError("config.lora.targets adapts lm_head, whose adapter cannot be merged into the tied "
+                             "embedding: set config.lora.export=adapter or drop lm_head from the targets")
     validate_data(cfg.data)
 
 

@@ -51,16 +51,59 @@ def get_processor(cfg: TrainConfig, workdir: Path):
     from florence_jax.processing import load_processor
 
     if cfg.model.processor:
-        return load_processor(cfg.model.processor)
-    if cfg.model.name_or_path.startswith("random:"):
+        processor = load_processor(cfg.model.processor)
+    elif cfg.model.name_or_path.startswith("random:"):
         from florence_jax.testing.processor import build_tiny_processor
 
         path = workdir / "processor"
         if (path / "tokenizer.json").exists():
-            return load_processor(path)
-        return build_tiny_processor(save_dir=path if jax.process_index() == 0 else None,
-                                    image_size=cfg.data.image_size)
-    return load_processor(cfg.model.name_or_path, revision=cfg.model.revision)
+            processor = load_processor(path)
+        else:
+            processor = build_tiny_processor(save_dir=path if jax.process_index() == 0 else None,
+                                             image_size=cfg.data.image_size)
+    else:
+        processor = load_processor(cfg.model.name_or_path, revision=cfg.model.revision)
+    if cfg.model.add_tokens:
+        from florence_jax.vocab import add_tokens
+
+        add_tokens(processor.tokenizer, cfg.model.add_tokens)
+    return processor
+
+
+def export_model(cfg: TrainConfig, model, processor, out: Path, lora_mode: str | None = None) -> list[Path]:
+    """Write ``out``: a transformers-loadable model with the processor; with LoRA, ``lora_mode`` (default
+    ``cfg.lora.export``) picks the merged model, a peft adapter directory, or both (adapter in
+    ``out/adapter``). An adapter whose base is not the loaded checkpoint as is (added tokens, random init)
+    comes with that base in ``<adapter dir>/base``. Returns the directories written."""
+    from florence_jax.lora import has_lora, merge_lora, save_peft_adapter, strip_lora
+
+    main = jax.process_index() == 0
+    if not has_lora(model):
+        model.save_pretrained(out)
+        if main:
+            processor.save_pretrained(out)
+        return [out]
+    mode = lora_mode or cfg.lora.export
+    written = []
+    if mode in ("merged", "both"):
+        merge_lora(model).save_pretrained(out)
+        if main:
+            processor.save_pretrained(out)
+        written.append(out)
+    if mode in ("adapter", "both"):
+        adapter_dir = out if mode == "adapter" else out / "adapter"
+        base_name, revision = cfg.model.name_or_path, cfg.model.revision
+        if cfg.model.add_tokens or base_name.startswith("random:"):
+            base_dir = (adapter_dir / "base").absolute()
+            strip_lora(model).save_pretrained(base_dir)
+            if main:
+                processor.save_pretrained(base_dir)
+            base_name, revision = str(base_dir), None
+        save_peft_adapter(model, adapter_dir, base_model_name_or_path=base_name, revision=revision)
+        if main:
+            processor.save_pretrained(adapter_dir)
+        written.append(adapter_dir)
+    return written
 
 
 def _synthetic_sources(cfg: TrainConfig, workdir: Path):
@@ -340,7 +383,7 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
 
     model = create_model(cfg.model, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
-                         min_shard_size=cfg.mesh.fsdp_min_size)
+                         min_shard_size=cfg.mesh.fsdp_min_size, lora=cfg.lora)
     fns, state, schedule = init_train_state(model, cfg.optim, total_steps, mesh,
                                             grad_accum_steps=cfg.grad_accum_steps,
                                             min_shard_size=cfg.mesh.fsdp_min_size)
@@ -458,12 +501,13 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         if cfg.export_at_end:
             nnx_update(model, state)
             out = workdir / "export"
-            model.save_pretrained(out)
+            written = export_model(cfg, model, processor, out)
             if rep.enabled:
-                processor.save_pretrained(out)
-                rep.print(f"Exported a transformers-loadable model to {out}")
+                rep.print(f"Exported to {', '.join(str(p) for p in written)}")
             if cfg.push_to_hub and rep.enabled:
-                model.push_to_hub(cfg.push_to_hub, processor=processor)
+                from florence_jax.lora import has_lora, merge_lora
+
+                (merge_lora(model) if has_lora(model) else model).push_to_hub(cfg.push_to_hub, processor=processor)
         plot = rep.plot()
         if plot:
             rep.print(f"Training curves: {plot}")
@@ -493,7 +537,8 @@ def _summary(cfg, mesh, counts, steps_per_epoch, total_steps, n_train, n_val) ->
         f"  devices      {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es)); "
         f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}",
         f"  model        {cfg.model.name_or_path} (compute {cfg.model.dtype}, params {cfg.model.param_dtype})",
-        f"  parameters   {counts['trainable']:,} trainable, {counts['frozen']:,} frozen",
+        f"  parameters   {counts['trainable']:,} trainable, {counts['frozen']:,} frozen"
+        + (f" (LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g})" if cfg.lora.enabled else ""),
         f"  data         {_data_summary(cfg)}: {n_train:,} train / {n_val:,} validation records",
         f"  batch        global {cfg.batch_size} ({cfg.batch_size // jax.process_count()} per process, "
         f"grad accumulation {cfg.grad_accum_steps})",
@@ -518,8 +563,10 @@ def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | Non
     processor = get_processor(cfg, workdir_path)
     pipes = build_pipelines(cfg, processor, get_datasets(cfg, workdir_path))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    net = create_model(cfg.model, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
-                       min_shard_size=cfg.mesh.fsdp_min_size)
+    # An exported model already holds its added tokens' (trained) rows and merged adapters.
+    model_cfg = dataclasses.replace(cfg.model, add_tokens=()) if model else cfg.model
+    net = create_model(model_cfg, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
+                       min_shard_size=cfg.mesh.fsdp_min_size, lora=None if model else cfg.lora)
     fns, state, _ = init_train_state(net, cfg.optim, 1, mesh, min_shard_size=cfg.mesh.fsdp_min_size)
     step = 0
     if workdir and not model:

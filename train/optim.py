@@ -34,12 +34,19 @@ def path_str(keypath) -> str:
 
 
 def param_labels(params, freeze: Sequence[str], vision_lr: float | None = None):
-    """A pytree of labels (same structure as ``params``): frozen, vision (own learning rate) or trainable."""
+    """A pytree of labels (same structure as ``params``): frozen, vision (own learning rate) or trainable.
+
+    When the parameters hold LoRA adapters (``....lora.lora_a`` / ``lora_b``), only adapters train:
+    every other parameter is frozen (bit-identical, no optimizer moments).
+    """
+    from florence_jax.lora import LORA_PARAM_RE
+
     patterns = [re.compile(p) for p in freeze]
+    lora = any(LORA_PARAM_RE.search(path_str(kp)) for kp, _ in jax.tree_util.tree_leaves_with_path(params))
 
     def label(keypath, _):
         path = path_str(keypath)
-        if any(p.search(path) for p in patterns):
+        if any(p.search(path) for p in patterns) or (lora and not LORA_PARAM_RE.search(path)):
             return FROZEN
         if vision_lr is not None and ".vision_tower." in f".{path}":
             return VISION

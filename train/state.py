@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from florence_jax import Florence2Config, Florence2ForConditionalGeneration, TextConfig, VisionConfig
 from florence_jax.config import PRESETS, resolve_dtype
 from florence_jax.sharding import param_sharding_fn, param_spec
-from train.config import ModelConfig, OptimConfig
+from train.config import LoRAConfig, ModelConfig, OptimConfig
 from train.optim import FROZEN, make_optimizer, path_str
 from train.step import StepFns, TrainState
 
@@ -69,8 +69,28 @@ def _apply_model_options(fc: Florence2Config, cfg: ModelConfig) -> Florence2Conf
     return fc
 
 
-def create_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: int = 0, min_shard_size: int = 2**18):
-    """Load (or randomly initialise) the model straight into its sharding on ``mesh``."""
+def create_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: int = 0, min_shard_size: int = 2**18,
+                 lora: LoRAConfig | None = None):
+    """Load (or randomly initialise) the model straight into its sharding on ``mesh``; then give rows to
+    ``cfg.add_tokens`` and wrap ``lora.targets`` with adapters when ``lora.enabled``."""
+    model = _create_base_model(cfg, mesh, tokenizer=tokenizer, seed=seed, min_shard_size=min_shard_size)
+    if cfg.add_tokens:
+        if tokenizer is None:
+            raise ValueError("config.model.add_tokens needs the tokenizer")
+        from florence_jax.vocab import add_tokens, resize_for_tokens
+
+        ids = add_tokens(tokenizer, cfg.add_tokens)
+        model = resize_for_tokens(model, ids, len(tokenizer), sharding_fn=param_sharding_fn(mesh, min_shard_size))
+    if lora is not None and lora.enabled:
+        from florence_jax.lora import apply_lora
+
+        paths = apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
+                           seed=seed)
+        log.info("LoRA rank %d on %d layers", lora.rank, len(paths))
+    return model
+
+
+def _create_base_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: int = 0, min_shard_size: int = 2**18):
     fc = model_config_for(cfg, tokenizer)
     if fc is None:
         model = Florence2ForConditionalGeneration.from_pretrained(
@@ -167,10 +187,19 @@ def opt_state_shardings(tx, params, mesh: Mesh):
 
 
 def abstract_train_state(fc: Florence2Config, optim: OptimConfig, total_steps: int, mesh: Mesh, *,
-                         grad_accum_steps: int = 1, min_shard_size: int = 2**18):
+                         grad_accum_steps: int = 1, min_shard_size: int = 2**18, lora: LoRAConfig | None = None):
     """``(fns, state)`` with ShapeDtypeStruct leaves carrying their shardings: no memory, no weights.
     Used for ahead-of-time compilation (also for TPU topologies this machine does not have)."""
-    abstract = nnx.eval_shape(lambda: Florence2ForConditionalGeneration(fc, rngs=nnx.Rngs(0)))
+
+    def build():
+        model = Florence2ForConditionalGeneration(fc, rngs=nnx.Rngs(0))
+        if lora is not None and lora.enabled:
+            from florence_jax.lora import apply_lora
+
+            apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets)
+        return model
+
+    abstract = nnx.eval_shape(build)
     abstract.train()
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     tx, labels, _ = make_optimizer(optim, params, total_steps)

@@ -68,8 +68,15 @@ def train_step(fns: StepFns, state: TrainState, batch: dict, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     total_weight = jnp.maximum(batch["label_mask"].astype(jnp.float32).sum(), 1.0)
     grad_fn = jax.value_and_grad(_forward_loss, argnums=1, has_aux=True)
+
+    def grads_of(params, mb, key):
+        # Frozen leaves get an exact zero, not their gradient: clipping and the reported norm see only
+        # what trains, and XLA drops the frozen weight-gradient computations.
+        out, g = grad_fn(fns, params, state.rest, mb, key, total_weight)
+        return out, jax.tree.map(lambda x, lab: jnp.zeros_like(x) if lab == FROZEN else x, g, fns.labels)
+
     if fns.grad_accum_steps == 1:
-        (_, (loss_sum, n_tok)), grads = grad_fn(fns, state.params, state.rest, batch, rng, total_weight)
+        (_, (loss_sum, n_tok)), grads = grads_of(state.params, batch, rng)
     else:
         k = fns.grad_accum_steps
         micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
@@ -77,7 +84,7 @@ def train_step(fns: StepFns, state: TrainState, batch: dict, rng: jax.Array):
         def body(carry, xs):
             g_acc, l_acc, n_acc = carry
             mb, i = xs
-            (_, (ls, n)), g = grad_fn(fns, state.params, state.rest, mb, jax.random.fold_in(rng, i), total_weight)
+            (_, (ls, n)), g = grads_of(state.params, mb, jax.random.fold_in(rng, i))
             return (jax.tree.map(jnp.add, g_acc, g), l_acc + ls, n_acc + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)

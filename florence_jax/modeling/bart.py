@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from florence_jax.config import Florence2Config
+from florence_jax.lora import dense
 from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat
 
 POSITION_OFFSET = 2  # BART's learned positions are indexed from 2 (a fairseq legacy).
@@ -43,11 +44,11 @@ class BartAttention(nnx.Module):
     def _heads(self, x):
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
-    def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+    def project_kv(self, x: jax.Array, rngs=None) -> tuple[jax.Array, jax.Array]:
+        return self._heads(dense(self.k_proj, x, rngs)), self._heads(dense(self.v_proj, x, rngs))
 
     def __call__(self, x, key, value, mask, rngs=None):
-        q = self._heads(self.q_proj(x))
+        q = self._heads(dense(self.q_proj, x, rngs))
         rows, groups = x.shape[0], x.shape[0] // key.shape[0]
         if groups > 1:
             # Beam search: the beams of a row (consecutive rows of x) share one encoder output, so their
@@ -57,7 +58,7 @@ class BartAttention(nnx.Module):
                         dropout=self.dropout, rngs=rngs)
         if groups > 1:
             out = out.reshape(rows, -1, *out.shape[2:])
-        return self.out_proj(out.reshape(*x.shape[:-1], -1))
+        return dense(self.out_proj, out.reshape(*x.shape[:-1], -1), rngs)
 
 
 class _FFN(nnx.Module):
@@ -72,8 +73,8 @@ class _FFN(nnx.Module):
 
     def _ffn(self, h, rngs):
         r = h
-        h = self.activation_dropout(self.act(self.fc1(h)), rngs=rngs)
-        h = self.dropout(self.fc2(h), rngs=rngs)
+        h = self.activation_dropout(self.act(dense(self.fc1, h, rngs)), rngs=rngs)
+        h = self.dropout(dense(self.fc2, h, rngs), rngs=rngs)
         return self.final_layer_norm(r + h)
 
 
@@ -85,7 +86,7 @@ class EncoderLayer(_FFN):
         self._init_ffn(cfg, t.encoder_ffn_dim, rngs)
 
     def __call__(self, h, mask, rngs=None):
-        k, v = self.self_attn.project_kv(h)
+        k, v = self.self_attn.project_kv(h, rngs)
         a = self.dropout(self.self_attn(h, k, v, mask, rngs), rngs=rngs)
         h = self.self_attn_layer_norm(h + a)
         return self._ffn(h, rngs)
@@ -102,7 +103,7 @@ class DecoderLayer(_FFN):
 
     def __call__(self, h, self_mask, cross_kv, cross_mask, cache: LayerCache | None = None, index=None,
                  rngs=None):
-        k, v = self.self_attn.project_kv(h)
+        k, v = self.self_attn.project_kv(h, rngs)
         if cache is not None:
             # Write this step's keys/values at `index` and attend over the whole preallocated buffer;
             # the caller's mask hides positions not yet written.
@@ -150,9 +151,9 @@ class BartDecoder(_Stack):
         self._init_stack(cfg, rngs)
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.text_config.decoder_layers)])
 
-    def cross_kv(self, encoder_hidden_states) -> list[tuple[jax.Array, jax.Array]]:
+    def cross_kv(self, encoder_hidden_states, rngs=None) -> list[tuple[jax.Array, jax.Array]]:
         """Cross-attention keys/values of every layer, computed once per generation."""
-        return [layer.encoder_attn.project_kv(encoder_hidden_states) for layer in self.layers]
+        return [layer.encoder_attn.project_kv(encoder_hidden_states, rngs) for layer in self.layers]
 
     def __call__(
         self,
@@ -172,7 +173,7 @@ class BartDecoder(_Stack):
         """
         length = inputs_embeds.shape[1]
         if cross_kv is None:
-            cross_kv = self.cross_kv(encoder_hidden_states)
+            cross_kv = self.cross_kv(encoder_hidden_states, rngs)
         cross_mask = (
             None if encoder_attention_mask is None else encoder_attention_mask.astype(bool)[:, None, None, :]
         )

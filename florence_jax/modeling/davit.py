@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from florence_jax.config import Florence2Config
+from florence_jax.lora import dense
 from florence_jax.modeling.layers import INIT_STD, activation, attention, layer_norm, linear, maybe_remat
 
 
@@ -87,8 +88,8 @@ class VisionMLP(nnx.Module):
         self.fc1 = linear(cfg, dim, hidden, rngs=rngs)
         self.fc2 = linear(cfg, hidden, dim, rngs=rngs)
 
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    def __call__(self, x, rngs=None):
+        return dense(self.fc2, self.act(dense(self.fc1, x, rngs)), rngs)
 
 
 class WindowAttention(nnx.Module):
@@ -103,7 +104,7 @@ class WindowAttention(nnx.Module):
         self.qkv = linear(cfg, self.dim, 3 * self.dim, use_bias=v.qkv_bias, rngs=rngs)
         self.proj = linear(cfg, self.dim, self.dim, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs=None) -> jax.Array:
         b, h, w, c = x.shape
         ws = self.window_size
         pad_h, pad_w = (-h) % ws, (-w) % ws
@@ -112,9 +113,9 @@ class WindowAttention(nnx.Module):
         # (B, Hp, Wp, C) -> (B * nH * nW, ws*ws, C)
         x = x.reshape(b, hp // ws, ws, wp // ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
         heads, hd = self.num_heads, c // self.num_heads
-        qkv = self.qkv(x).reshape(x.shape[0], ws * ws, 3, heads, hd)
+        qkv = dense(self.qkv, x, rngs).reshape(x.shape[0], ws * ws, 3, heads, hd)
         out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=hd**-0.5, impl=self.impl)
-        out = self.proj(out.reshape(x.shape[0], ws * ws, c))
+        out = dense(self.proj, out.reshape(x.shape[0], ws * ws, c), rngs)
         out = out.reshape(b, hp // ws, wp // ws, ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
         return out[:, :h, :w, :].reshape(b, h * w, c)
 
@@ -129,15 +130,15 @@ class ChannelAttention(nnx.Module):
         self.qkv = linear(cfg, self.dim, 3 * self.dim, use_bias=v.qkv_bias, rngs=rngs)
         self.proj = linear(cfg, self.dim, self.dim, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs=None) -> jax.Array:
         b, n, c = x.shape
         g, cg = self.groups, c // self.groups
-        qkv = self.qkv(x).reshape(b, n, 3, g, cg)
+        qkv = dense(self.qkv, x, rngs).reshape(b, n, 3, g, cg)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, G, Cg)
         scores = jnp.einsum("bngi,bngj->bgij", q, k, preferred_element_type=jnp.float32) * (n**-0.5)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bgij,bngj->bngi", probs, v).reshape(b, n, c)
-        return self.proj(out)
+        return dense(self.proj, out, rngs)
 
 
 class _DaViTBlockHalf(nnx.Module):
@@ -153,18 +154,18 @@ class _DaViTBlockHalf(nnx.Module):
         self.ffn = VisionMLP(cfg, stage, rngs=rngs)
         self.drop_path2 = _drop_path(drop_path_rate)
 
-    def _attend(self, tokens: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    def _attend(self, tokens: jax.Array, hw: tuple[int, int], rngs=None) -> jax.Array:
         raise NotImplementedError
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         b, h, w, c = x.shape
         x = self.conv1(x) + x
         tokens = x.reshape(b, h * w, c)
-        tokens = tokens + _apply_drop_path(self.drop_path1, self._attend(self.norm1(tokens), (h, w)), rngs)
+        tokens = tokens + _apply_drop_path(self.drop_path1, self._attend(self.norm1(tokens), (h, w), rngs), rngs)
         x = tokens.reshape(b, h, w, c)
         x = self.conv2(x) + x
         tokens = x.reshape(b, h * w, c)
-        tokens = tokens + _apply_drop_path(self.drop_path2, self.ffn(self.norm2(tokens)), rngs)
+        tokens = tokens + _apply_drop_path(self.drop_path2, self.ffn(self.norm2(tokens), rngs), rngs)
         return tokens.reshape(b, h, w, c)
 
 
@@ -173,9 +174,9 @@ class SpatialBlock(_DaViTBlockHalf):
         self._init_common(cfg, stage, drop_path_rate, rngs)
         self.window_attn = WindowAttention(cfg, stage, rngs=rngs)
 
-    def _attend(self, tokens, hw):
+    def _attend(self, tokens, hw, rngs=None):
         b, _, c = tokens.shape
-        return self.window_attn(tokens.reshape(b, hw[0], hw[1], c))
+        return self.window_attn(tokens.reshape(b, hw[0], hw[1], c), rngs)
 
 
 class ChannelBlock(_DaViTBlockHalf):
@@ -183,8 +184,8 @@ class ChannelBlock(_DaViTBlockHalf):
         self._init_common(cfg, stage, drop_path_rate, rngs)
         self.channel_attn = ChannelAttention(cfg, stage, rngs=rngs)
 
-    def _attend(self, tokens, hw):
-        return self.channel_attn(tokens)
+    def _attend(self, tokens, hw, rngs=None):
+        return self.channel_attn(tokens, rngs)
 
 
 class VisionBlock(nnx.Module):

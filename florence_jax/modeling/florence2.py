@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from florence_jax.config import Florence2Config
+from florence_jax.lora import dense
 from florence_jax.modeling.bart import BartModel
 from florence_jax.modeling.davit import DaViT
 from florence_jax.modeling.layers import embed, layer_norm, linear
@@ -66,7 +67,7 @@ class MultiModalProjector(nnx.Module):
         self.image_position_embed = LearnedPositionEmbedding2D(cfg, rngs=rngs)
         self.visual_temporal_embed = CosineTemporalEmbedding(cfg)
 
-    def __call__(self, features_nhwc: jax.Array) -> jax.Array:
+    def __call__(self, features_nhwc: jax.Array, rngs=None) -> jax.Array:
         b, h, w, c = features_nhwc.shape
         x = features_nhwc + self.image_position_embed(h, w)[None].astype(features_nhwc.dtype)
         x = x.reshape(b, h * w, c)
@@ -74,7 +75,7 @@ class MultiModalProjector(nnx.Module):
         x = x + self.visual_temporal_embed.pos_idx_to_embed[0].astype(x.dtype)
         pooled = jnp.mean(x.astype(jnp.float32), axis=1, keepdims=True).astype(x.dtype)
         x = jnp.concatenate([pooled, x], axis=1)
-        return self.image_proj_norm(self.image_projection(x))
+        return self.image_proj_norm(dense(self.image_projection, x, rngs))
 
 
 class Florence2Model(nnx.Module):
@@ -127,7 +128,7 @@ class Florence2ForConditionalGeneration(nnx.Module):
         feats = self.vision_tower_features(pixel_values, image_layout=image_layout, rngs=rngs)
         if freeze_vision:
             feats = jax.lax.stop_gradient(feats)
-        return self.model.multi_modal_projector(feats)
+        return self.model.multi_modal_projector(feats, rngs)
 
     def vision_tower_features(self, pixel_values, *, image_layout: str = "NCHW", rngs=None) -> jax.Array:
         """The vision tower alone: NHWC ``(batch, H/32, W/32, embed_dim[-1])``, the projector's input (what
@@ -155,9 +156,13 @@ class Florence2ForConditionalGeneration(nnx.Module):
         mask = None if attention_mask is None else jnp.asarray(attention_mask)
         return self.model.language_model.encoder(embeds, mask, rngs)
 
-    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
-        """The tied LM head: hidden states against the shared embedding."""
-        return self.model.language_model.shared.attend(hidden)
+    def logits_from_hidden(self, hidden: jax.Array, rngs=None) -> jax.Array:
+        """The tied LM head: hidden states against the shared embedding (plus its LoRA adapter, if any)."""
+        logits = self.model.language_model.shared.attend(hidden)
+        head = getattr(self, "lm_head", None)  # florence_jax.lora.LoRAHead
+        if head is not None:
+            logits = logits + head(hidden, rngs).astype(logits.dtype)
+        return logits
 
     def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask=None,
                decoder_attention_mask=None, rngs=None) -> jax.Array:
@@ -169,7 +174,7 @@ class Florence2ForConditionalGeneration(nnx.Module):
             None if decoder_attention_mask is None else jnp.asarray(decoder_attention_mask),
             rngs=rngs,
         )
-        return self.logits_from_hidden(h)
+        return self.logits_from_hidden(h, rngs)
 
     # ------------------------------------------------------------------ forward
     def __call__(
@@ -192,7 +197,8 @@ class Florence2ForConditionalGeneration(nnx.Module):
             raise ValueError("input_ids is required")
         input_ids = jnp.asarray(input_ids)
         if image_features is None and vision_features is not None:
-            image_features = self.model.multi_modal_projector(jnp.asarray(vision_features).astype(self.config.dtype))
+            image_features = self.model.multi_modal_projector(
+                jnp.asarray(vision_features).astype(self.config.dtype), rngs)
         if image_features is None and pixel_values is not None:
             image_features = self.get_image_features(pixel_values, image_layout=image_layout, rngs=rngs,
                                                      freeze_vision=freeze_vision)
