@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from train.distributed import compile_then_wait
 from train.metrics import anls as anls_score
 
 log = logging.getLogger("train")
@@ -61,6 +62,7 @@ class Evaluator:
         self.max_examples = max_examples
         self.num_samples = num_samples
         self.to_global = to_global or (lambda b: jax.device_put(b, batch_sharding))
+        self._compiled = False
 
     def __call__(self, params=None, rest=None, progress: bool = False) -> EvalResult:
         if params is not None:
@@ -80,6 +82,9 @@ class Evaluator:
             index = host_batch.pop("index")
             batch = self.to_global(host_batch)
             if self.eval_step is not None and params is not None:
+                if not self._compiled:
+                    compile_then_wait(self.eval_step, "eval_step", params, rest, batch)
+                    self._compiled = True
                 out = self.eval_step(params, rest, batch)
                 loss_sum += float(out["loss_sum"])
                 tokens += float(out["tokens"])

@@ -25,6 +25,7 @@ import numpy as np
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.config import TrainConfig
+from train.distributed import compile_then_wait
 from train.evaluate import Evaluator, format_samples
 from train.optim import count_params
 from train.reporting import Reporter
@@ -55,7 +56,9 @@ def get_processor(cfg: TrainConfig, workdir: Path):
         from florence_jax.testing.processor import build_tiny_processor
 
         path = workdir / "processor"
-        if (path / "tokenizer.json").exists():
+        saved = (path / "tokenizer.json").exists()
+        _barrier("processor")  # every process has looked before process 0 may write
+        if saved:
             return load_processor(path)
         return build_tiny_processor(save_dir=path if jax.process_index() == 0 else None,
                                     image_size=cfg.data.image_size)
@@ -71,7 +74,9 @@ def get_sources(cfg: TrainConfig, workdir: Path):
 
         out = workdir / "data"
         s = d.synthetic
-        if not (out / "validation.parquet").exists():
+        ready = (out / "validation.parquet").exists()
+        _barrier("synthetic_data_check")  # every process has looked before process 0 may write
+        if not ready:
             if jax.process_index() == 0:
                 synthetic.generate(out, s.num_train, s.num_val, image_size=s.image_size, seed=s.seed)
             _barrier("synthetic_data")
@@ -82,10 +87,9 @@ def get_sources(cfg: TrainConfig, workdir: Path):
 
 
 def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    from train.distributed import wait_for_all
 
-        multihost_utils.sync_global_devices(name)
+    wait_for_all(name)
 
 
 def make_pipelines(cfg: TrainConfig, processor, train_src, val_src):
@@ -262,7 +266,7 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             rep.print(format_samples(res.samples))
         return res
 
-    if start is None and cfg.eval_at_start:
+    if start is None and cfg.eval_at_start and cfg.eval.enabled:
         res = do_eval("before training")
         best = {"anls": res.anls, "step": 0}
 
@@ -274,12 +278,15 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
         progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
     t_last, step_last = time.time(), step
+    first_step = step  # of this launch
     last_metrics: dict[str, float] = {}
     data_state = iterator.get_state()
     preempted = False
     with _Preemption() as preemption:
         while step < total_steps:
             batch, data_state = next(prefetch)
+            if step == first_step:
+                compile_then_wait(train_step, "train_step", state, batch, rng)
             state, metrics = train_step(state, batch, rng)
             step += 1
             if step % cfg.log_every_steps == 0 or step == total_steps:
@@ -297,9 +304,9 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             if progress is not None:
                 progress.update(1)
             epoch_end = step % steps_per_epoch == 0
-            eval_now = step == total_steps or (
+            eval_now = cfg.eval.enabled and (step == total_steps or (
                 cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or (
-                not cfg.eval_every_steps and epoch_end)
+                not cfg.eval_every_steps and epoch_end))
             ckpt_metrics = None
             if eval_now:
                 res = do_eval(f"epoch {step / steps_per_epoch:.2f}")
