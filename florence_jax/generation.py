@@ -414,12 +414,21 @@ def _ids(x) -> np.ndarray | jax.Array:
     return x.astype(jnp.int32) if isinstance(x, jax.Array) else np.asarray(x, np.int32)
 
 
+def _host(x) -> np.ndarray:
+    """The whole array as numpy on every process (gathered when it spans other processes' devices)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def _finish(out: DecodeOutput, return_scores: bool):
-    length = int(out.length)
-    sequences = np.asarray(out.sequences)[:, :length]
+    length = int(_host(out.length))
+    sequences = _host(out.sequences)[:, :length]
     if not return_scores:
         return sequences
-    return sequences, None if out.scores is None else np.asarray(out.scores)
+    return sequences, None if out.scores is None else _host(out.scores)
 
 
 def generate(

@@ -99,6 +99,57 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert (tmp_path / "exported/tokenizer.json").exists()
 
 
+def test_sigterm_saves_at_the_next_step_exits_0_and_resumes(tmp_path):
+    """Preemption: SIGTERM mid-run -> a checkpoint at the step being trained, exit status 0, no export;
+    the same command resumes and ends bit-for-bit where an uninterrupted run ends (<= 1e-6: same batches,
+    same devices, same compiled programs)."""
+    extra = [f"--config.compilation_cache_dir={tmp_path / 'jax_cache'}", "--config.checkpoint_every_steps=2",
+             "--config.max_steps=8", "--config.eval.enabled=false"]
+    ref = tmp_path / "ref"
+    _run_main(ref, extra)
+
+    run = tmp_path / "preempted"
+    cmd = [sys.executable, "-m", "train.main", "--config", "cpu_demo.py", "--workdir", str(run), *SMALL, *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log = tmp_path / "preempted.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        ckpts = run / "checkpoints"
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 2 for p in ckpts.iterdir()):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before SIGTERM\n{log.read_text()[-2000:]}"
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, log.read_text()[-3000:]
+    print(f"exited {time.time() - t0:.1f}s after SIGTERM")
+    summary = json.loads((run / "summary.json").read_text())
+    saved = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    logged = max(_losses(run))
+    # Stopped at the boundary of the step it was in: that step was saved (the signal came after the
+    # step-2 checkpoint, so it is a later one), and nothing was trained after it.
+    assert summary["preempted"] and summary["step"] == saved == logged and 2 < saved < 8, (summary, saved, logged)
+    assert "SIGTERM received: checkpoint saved at step" in log.read_text()
+    assert not (run / "export").exists()
+
+    _run_main(run, extra)  # the same command resumes
+    a, b = _losses(ref), _losses(run)
+    assert sorted(b) == list(range(1, 9))
+    for step in range(saved + 1, 9):
+        assert a[step] == pytest.approx(b[step], abs=1e-6), step
+    pa, pb = load_file(str(ref / "export/model.safetensors")), load_file(str(run / "export/model.safetensors"))
+    for k in pa:
+        np.testing.assert_allclose(pb[k], pa[k], atol=1e-6, rtol=0, err_msg=k)
+    assert not json.loads((run / "summary.json").read_text())["preempted"]
+
+
 def test_unknown_field_and_bad_value_fail_before_compiling(capsys):
     assert main(["--config", "cpu_demo.py", "--config.optim.learnin_rate=1"]) == 2
     assert "learnin_rate" in capsys.readouterr().err

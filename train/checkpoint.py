@@ -4,10 +4,14 @@ together, asynchronously, keeping the last K checkpoints plus the best by valida
 orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves no checkpoint that restore would pick up; ``latest_step`` only sees finished ones.
 Restoring targets an abstract state carrying shardings, so every process reads its shards directly.
+Each process saves its own data-iterator position (``data/process_I-of-N.json``): the processes read
+different records and may have skipped different numbers of bad ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,44 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 log = logging.getLogger(__name__)
+
+
+class ProcessJsonHandler(ocp.CheckpointHandler):
+    """A JSON document per process, ``process_{index}-of-{count}.json``; each process restores its own."""
+
+    def save(self, directory, args: ProcessJsonSave):
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (directory / name).write_text(json.dumps(args.item))
+
+    def restore(self, directory, args: ProcessJsonRestore | None = None):
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        path = directory / name
+        if not path.exists():
+            found = sorted(p.name for p in directory.glob("process_*.json"))
+            raise ValueError(f"{directory} has no {name} (it holds {found}): the data positions were saved by "
+                             "another number of processes; resume with that many processes")
+        return json.loads(path.read_text())
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 class Checkpointer:
@@ -43,7 +85,7 @@ class Checkpointer:
              force: bool = False) -> bool:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state or {}),
+            data=ProcessJsonSave(data_state or {}),
             meta=ocp.args.JsonSave(meta),
         )
         return self.manager.save(step, args=args, metrics=metrics, force=force)
@@ -52,7 +94,7 @@ class Checkpointer:
         """Restore into ``abstract_state``'s structure, dtypes and shardings (ShapeDtypeStructs)."""
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
+            data=ProcessJsonRestore(),
             meta=ocp.args.JsonRestore(),
         )
         out = self.manager.restore(step, args=args)

@@ -146,6 +146,7 @@ class MeshConfig:
 
 @dataclass
 class EvalConfig:
+    enabled: bool = True  # false: no validation during training (checkpoints: the last K only)
     num_beams: int = 3
     max_new_tokens: int = 64
     batch_size: int = 0  # 0: same as training batch_size

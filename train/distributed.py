@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -12,6 +13,7 @@ from train.config import DistributedConfig
 log = logging.getLogger("train")
 
 _initialized = False
+_barrier_ids = itertools.count()
 
 
 def _detected_cluster() -> str | None:
@@ -46,4 +48,33 @@ def maybe_initialize(cfg: DistributedConfig) -> bool:
         log.info("detected a %s cluster: initialising jax.distributed", cluster)
         jax.distributed.initialize()
     _initialized = True
+    # The processes are in step now. Device barriers (sync_global_devices, also used by orbax) run a small
+    # collective whose CPU (gloo) communicator is created on first use, and a process must join it within
+    # 30 s; create it here, where none can be late (once created it waits as long as it takes).
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("florence_jax_start")
     return True
+
+
+def wait_for_all(name: str, timeout_s: int = 3600) -> None:
+    """Block until every process gets here: a coordination-service barrier (no device collective), so a
+    process may arrive long after the others (writing data, compiling). No-op in a single process."""
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    multihost.get_barrier_sync_fn()(key=f"florence_jax_{name}_{next(_barrier_ids)}", timeout_ms=timeout_s * 1000)
+
+
+def compile_then_wait(jitted, name: str, *args) -> None:
+    """Compile ``jitted`` for ``args`` (the call that follows reuses it), then wait for every process.
+
+    The first run of a program creates the collective communicators it needs; on CPU (gloo) a process must
+    join within 30 s of the first, while compile times can differ by minutes (one process hits the
+    compilation cache, another compiles). Call before the first run of each large program.
+    """
+    if jax.process_count() == 1:
+        return
+    jitted.lower(*args).compile()
+    wait_for_all(f"compiled_{name}")

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from train.distributed import compile_then_wait
 from train.metrics import Metric, get_metric
 
 log = logging.getLogger("train")
@@ -86,6 +87,7 @@ class Evaluator:
         self.num_samples = num_samples
         self.to_global = to_global or (lambda b: jax.device_put(b, batch_sharding))
         self.metric = metric if isinstance(metric, Metric) else get_metric(metric, anls_threshold=threshold)
+        self._compiled = False
 
     def __call__(self, params=None, rest=None, progress: bool = False) -> EvalResult:
         if params is not None:
@@ -106,6 +108,9 @@ class Evaluator:
             index = host_batch.pop("index")
             batch = self.to_global(host_batch)
             if self.eval_step is not None and params is not None:
+                if not self._compiled:
+                    compile_then_wait(self.eval_step, "eval_step", params, rest, batch)
+                    self._compiled = True
                 out = self.eval_step(params, rest, batch)
                 loss_sum += float(out["loss_sum"])
                 tokens += float(out["tokens"])

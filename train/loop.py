@@ -26,6 +26,7 @@ from florence_jax.sharding import batch_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.compiles import CompileWatch
 from train.config import MixtureComponent, TrainConfig, data_components
+from train.distributed import compile_then_wait
 from train.evaluate import Evaluator, MixtureEvaluator, format_samples
 from train.optim import count_params
 from train.reporting import Reporter
@@ -56,7 +57,9 @@ def get_processor(cfg: TrainConfig, workdir: Path):
         from florence_jax.testing.processor import build_tiny_processor
 
         path = workdir / "processor"
-        if (path / "tokenizer.json").exists():
+        saved = (path / "tokenizer.json").exists()
+        _barrier("processor")  # every process has looked before process 0 may write
+        if saved:
             processor = load_processor(path)
         else:
             processor = build_tiny_processor(save_dir=path if jax.process_index() == 0 else None,
@@ -112,7 +115,9 @@ def _synthetic_sources(cfg: TrainConfig, workdir: Path):
 
     out = workdir / "data"
     s = cfg.data.synthetic
-    if not (out / "validation.parquet").exists():
+    ready = (out / "validation.parquet").exists()
+    _barrier("synthetic_data_check")  # every process has looked before process 0 may write
+    if not ready:
         if jax.process_index() == 0:
             synthetic.generate(out, s.num_train, s.num_val, image_size=s.image_size, seed=s.seed)
         _barrier("synthetic_data")
@@ -167,10 +172,9 @@ def get_sources(cfg: TrainConfig, workdir: Path):
 
 
 def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    from train.distributed import wait_for_all
 
-        multihost_utils.sync_global_devices(name)
+    wait_for_all(name)
 
 
 def _pipeline_config(cfg: TrainConfig):
@@ -437,7 +441,7 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             rep.print(format_samples(res.samples))
         return res
 
-    if start is None and cfg.eval_at_start:
+    if start is None and cfg.eval_at_start and cfg.eval.enabled:
         res = do_eval("before training")
         best = {"score": res.score, "step": 0}
 
@@ -449,6 +453,7 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
         progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
     t_last, step_last = time.time(), step
+    first_step = step  # of this launch
     last_metrics: dict[str, float] = {}
     data_state = iterator.get_state()
     preempted = False
@@ -456,6 +461,8 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     with _Preemption() as preemption:
         while step < total_steps:
             batch, data_state = next(prefetch)
+            if step == first_step:
+                compile_then_wait(train_step, "train_step", state, batch, rng)
             with step_compiles:
                 state, metrics = train_step(state, batch, rng)
             step += 1
@@ -474,9 +481,9 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             if progress is not None:
                 progress.update(1)
             epoch_end = step % steps_per_epoch == 0
-            eval_now = step == total_steps or (
+            eval_now = cfg.eval.enabled and (step == total_steps or (
                 cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or (
-                not cfg.eval_every_steps and epoch_end)
+                not cfg.eval_every_steps and epoch_end))
             ckpt_metrics = None
             if eval_now:
                 res = do_eval(f"epoch {step / steps_per_epoch:.2f}")

@@ -3,8 +3,8 @@
 Layout of one pipeline (``DataPipeline.train`` / ``.eval``)::
 
     MapDataset.range(len(source))            record indices, so eval can recover references by index
-      [even per-process shard]               training: every process gets the same number of records
       .shuffle(seed).repeat(num_epochs)      training: a new permutation each epoch, fixed by seed
+      [block shard per process]              training: process i reads block i of each global batch
       .map(ExampleEncoder)                   read record, template, decode + resize + normalize, tokenize, pad
       .to_iter_dataset(ReadOptions)          thread prefetch in whichever process runs it
       [.mp_prefetch(worker_count)]           the map above then runs in grain worker processes
@@ -29,6 +29,7 @@ import io
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -289,8 +290,8 @@ class _CountingBatchIterator(grain.DatasetIterator):
                 if limit is not None and self._skip_runs[k] >= limit:
                     which = f" of dataset {b.names[k]!r}" if b.names else ""
                     raise RuntimeError(
-                        f"{self._skip_runs[k]} records in a row{which} were unusable (a whole epoch of this "
-                        f"shard): nothing to train on. Counters: {dict(self.counters)}"
+                        f"{self._skip_runs[k]} records in a row{which} were unusable (two epochs of this "
+                        f"process's share): nothing to train on. Counters: {dict(self.counters)}"
                     )
                 continue
             self._skip_runs[k] = 0
@@ -359,6 +360,31 @@ class _CountingBatcher(grain.IterDataset):
         return f"CountingBatcher(batch_size={self.batch_size}, eval={self.eval_mode})"
 
 
+class _BlockShard(grain.MapDataset):
+    """Process ``index`` of ``count``: blocks ``index``, ``index + count``, ... of ``block`` consecutive
+    elements of the parent (the parent's global batch ``k`` is blocks ``k * count`` to ``k * count + count - 1``)."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+        super().__init__(parent)
+        self.block, self.index, self.count = block, index, count
+        n = len(parent)
+        self._length = n if n >= sys.maxsize else n // (block * count) * block
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        b, r = divmod(int(i), self.block)
+        return self._parent[(b * self.count + self.index) * self.block + r]
+
+    def __str__(self) -> str:
+        return f"BlockShard(block={self.block}, index={self.index}, count={self.count})"
+
+
 def _ensure_absl_flags_parsed() -> None:
     """grain's mp_prefetch reads absl flags (worker profiling) and raises UnparsedFlagAccessError in programs
     that never parsed them (anything not started by ``absl.app.run``, e.g. pytest). Marking them parsed keeps
@@ -411,26 +437,33 @@ class DataPipeline:
                         num_batches, max_skip_run)
 
     def _train_indices(self, index: int, count: int) -> tuple[grain.MapDataset, int]:
-        """This process's shuffled, repeated record indices for training, and the records per epoch."""
-        n = len(self.source) - len(self.source) % count
+        """This process's training record indices (its block of every global batch; see ``train``) and the
+        longest run of unusable records tolerated before the data is declared untrainable."""
+        n = len(self.source)
         if n == 0:
-            raise ValueError(f"{len(self.source)} records cannot be split over {count} processes")
-        indices = grain.MapDataset.range(n)[index::count]
+            raise ValueError("the training source has no records")
+        indices = grain.MapDataset.range(n)
         if self.config.shuffle:
             indices = indices.shuffle(seed=self.config.seed)
-        return indices.repeat(self.config.num_epochs), n // count
+        indices = indices.repeat(self.config.num_epochs)
+        if count > 1:
+            indices = _BlockShard(indices, self.config.batch_size, index, count)
+        # A run of unusable records longer than this process's share of two epochs (the longest gap between
+        # two reads of one good record) means there is nothing to train on; without a limit repeat would spin.
+        return indices, 2 * math.ceil(n / count) + self.config.batch_size
 
     def train(self, shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
         """Training batches for this process (defaults: jax.process_index()/process_count()).
 
-        Records are first cut to a multiple of the process count so every process has the same number of
-        batches per epoch (a multi-host step would otherwise hang on the process that ran out). Bad records are
-        skipped after sharding, so with a finite ``num_epochs`` and unevenly spread bad records processes can
-        still differ by a batch at the very end: multi-host runs should stop by step count.
+        The record stream does not depend on the process count: one seeded permutation of all records per
+        epoch, cut into global batches of ``batch_size * shard_count``; process ``i`` reads the ``i``-th
+        block of ``batch_size`` records of each. N processes therefore train on exactly the batches one
+        process with the same global batch sees, and every process has the same number of batches. Bad
+        records are skipped after sharding (each process fills its block from its next records), so with
+        bad records the global batches differ from a single-process run's, while staying deterministic.
         """
-        indices, per_epoch = self._train_indices(*_process_shard(shard_index, shard_count))
-        # A whole epoch of unusable records in a row would otherwise spin forever on repeat.
-        return self._to_batches(indices, eval_mode=False, num_batches=None, max_skip_run=per_epoch)
+        indices, max_skip_run = self._train_indices(*_process_shard(shard_index, shard_count))
+        return self._to_batches(indices, eval_mode=False, num_batches=None, max_skip_run=max_skip_run)
 
     def num_eval_batches(self, shard_count: int = 1) -> int:
         """Eval batches per process: the same on every process (the largest shard, rounded up)."""
