@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="where to write the exported model")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    g.add_argument("--best", action="store_true", help="the checkpoint with the best validation ANLS")
+    g.add_argument("--best", action="store_true", help="the checkpoint with the best validation score (eval.metric)")
     p.add_argument("--push_to_hub", help="also upload to this Hub repo id")
     args = p.parse_args(argv)
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from train.state import create_model, init_train_state
 
     cfg = _config_from_json(json.loads((workdir / "config.json").read_text()), TrainConfig, apply_override)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, best_metric=cfg.eval.metric)
     step = ckpt.best_step() if args.best else (args.step if args.step is not None else ckpt.latest_step())
     if step is None:
         print(f"error: no {'best ' if args.best else ''}checkpoint in {workdir / 'checkpoints'}", file=sys.stderr)

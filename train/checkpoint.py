@@ -1,5 +1,6 @@
 """One wrapper over orbax's CheckpointManager: train state + data iterator state + metadata, saved
-together, asynchronously, keeping the last K checkpoints plus the best by validation ANLS.
+together, asynchronously, keeping the last K checkpoints plus the best by the validation metric (ANLS by
+default, ``best_metric`` names another key of the metrics passed to ``save``, e.g. "map").
 
 orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves no checkpoint that restore would pick up; ``latest_step`` only sees finished ones.
@@ -19,16 +20,33 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 log = logging.getLogger(__name__)
 
 
+class _QuietMissingMetrics(logging.Filter):
+    """orbax warns on every save without metrics once a best metric is tracked; between evaluations that is
+    the normal case (only evaluated steps have a score), so the warning is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietMissingMetrics())
+
+
 class Checkpointer:
-    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True, best_metric: str = "anls"):
         self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+
+        def metric(m: dict) -> float:  # checkpoints saved under another metric rank last
+            return float(m.get(best_metric, float("-inf")))
+
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=max(keep, 1)),
-            pp.BestN(get_metric_fn=lambda m: m["anls"], reverse=False, n=1, keep_checkpoints_without_metrics=False),
+            pp.BestN(get_metric_fn=metric, reverse=False, n=1, keep_checkpoints_without_metrics=False),
         ])
+        # best_fn makes orbax write the metrics with each step (without it BestN and best_step() see none).
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, preservation_policy=policy, create=True,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=True, best_fn=metric, best_mode="max",
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))

@@ -34,10 +34,13 @@ class DataConfig:
     """Where examples come from and how they become static-shape batches."""
 
     # A Hub dataset id (e.g. "HuggingFaceM4/DocumentVQA"), a local parquet/arrow/JSONL file or glob,
-    # a `datasets.save_to_disk` folder, or "synthetic".
+    # a `datasets.save_to_disk` folder, a COCO detection JSON, "synthetic" or "synthetic_detection".
     source: str = "synthetic"
     # Validation data when it is another file/folder (local data); None: `source` at `eval_split`.
     eval_source: str | None = None
+    format: str | None = None  # source kind (hub, parquet, arrow, disk, jsonl, coco); None: detected
+    image_root: str | None = None  # folder of a COCO JSON's images (None: the JSON's folder)
+    eval_image_root: str | None = None  # the same for eval_source
     train_split: str = "train"
     eval_split: str = "validation"
     template: str = "docvqa"  # record -> (prompt, target, references)
@@ -93,6 +96,7 @@ class EvalConfig:
     batch_size: int = 0  # 0: same as training batch_size
     num_print: int = 4  # validation answers printed before and after training
     anls_threshold: float = 0.5
+    metric: str = "anls"  # "anls" (text answers) or "map" (COCO box mAP; templates od, phrase_grounding)
 
 
 @dataclass
@@ -113,7 +117,7 @@ class TrainConfig:
     eval_every_steps: int = 0  # 0: at each epoch's end
     eval_at_start: bool = True
     log_every_steps: int = 10
-    keep_checkpoints: int = 2  # the last K, plus the best by ANLS
+    keep_checkpoints: int = 2  # the last K, plus the best by eval.metric
     export_at_end: bool = True
     push_to_hub: str | None = None
     compilation_cache_dir: str | None = "~/.cache/florence_jax/jax_cache"
@@ -227,6 +231,7 @@ CHOICES = {
     "model.attention_impl": ("xla", "dot_product"),
     "model.remat_policy": ("none", "full", "dots"),
     "optim.schedule": ("linear", "cosine", "constant"),
+    "eval.metric": ("anls", "map"),
 }
 
 
@@ -248,5 +253,16 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"config.{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.max_steps == 0 and cfg.num_epochs == 0:
         raise ValueError("config.max_steps and config.num_epochs are both 0: nothing to train")
+    if cfg.data.format is not None:
+        from train.data.sources import KINDS
+
+        if cfg.data.format not in KINDS:
+            raise ValueError(f"config.data.format={cfg.data.format!r}; expected one of {KINDS} or None (detect)")
+    if cfg.eval.metric == "map":
+        from train.data.templates import BOX_TEMPLATES, template_names
+
+        if cfg.data.template in template_names() and cfg.data.template not in BOX_TEMPLATES:
+            raise ValueError(f"config.eval.metric='map' scores boxes, but template {cfg.data.template!r} gives "
+                             f"none; use a box template ({sorted(BOX_TEMPLATES)}) or eval.metric='anls'")
     if cfg.optim.learning_rate <= 0:
         raise ValueError(f"config.optim.learning_rate must be positive, got {cfg.optim.learning_rate}")

@@ -1,4 +1,9 @@
-"""Validation: loss over the whole split and ANLS from batched jit generation.
+"""Validation: loss over the whole split and the configured metric from batched jit generation.
+
+``eval.metric`` picks the score: ``anls`` (text answers against the template's references) or ``map``
+(COCO box mAP: generations are decoded with ``florence_jax.postprocess`` into boxes in the original image's
+pixels and scored against the template's ground truth by ``train.metrics.coco_map``; mAP@.5, mAP@.75 and
+per-class AP come along).
 
 Every validation example counts exactly once: the eval pipeline pads the last batch with rows whose
 ``example_mask`` is 0, and with several processes the generated tokens and record indices are gathered
@@ -21,21 +26,63 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from florence_jax.postprocess import post_process_generation
 from train.metrics import anls as anls_score
+from train.metrics import coco_map
 
 log = logging.getLogger("train")
+
+METRICS = ("anls", "map")
 
 
 @dataclass
 class EvalResult:
     val_loss: float
-    anls: float
+    anls: float | None
     num_examples: int
     samples: list[dict[str, Any]] = field(default_factory=list)
+    metric: str = "anls"
+    extra: dict[str, Any] = field(default_factory=dict)  # map: map, map50, map75, ap_per_class, box counts
+
+    @property
+    def score(self) -> float:
+        """The configured metric's value (what best-checkpoint selection compares)."""
+        return float(self.anls if self.metric == "anls" else self.extra[self.metric])
 
     def record(self, step: int, epoch: float) -> dict[str, Any]:
-        return {"step": step, "epoch": epoch, "val_loss": self.val_loss, "anls": self.anls,
-                "num_examples": self.num_examples}
+        rec = {"step": step, "epoch": epoch, "val_loss": self.val_loss, "num_examples": self.num_examples}
+        if self.anls is not None:
+            rec["anls"] = self.anls
+        return {**rec, **self.extra}
+
+    def headline(self) -> str:
+        """The metric for a console line: ``ANLS 0.8123`` or ``mAP 0.4123  mAP@.5 0.6234``."""
+        if self.metric == "map":
+            return f"mAP {self.extra['map']:.4f}  mAP@.5 {self.extra['map50']:.4f}"
+        return f"ANLS {self.anls:.4f}"
+
+
+def _ascii_label(label: str) -> str:
+    # The post-processor drops non-ASCII characters from box labels; ground truth is compared the same way.
+    return label.encode("ascii", "ignore").decode("ascii").strip()
+
+
+def score_detections(texts: list[str], examples: list[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Decoded generations (``skip_special_tokens=False``) and their examples -> (mAP fields, parsed answers).
+
+    Each example's ``ground_truth["task"]`` picks the parser and ``image_size`` the pixel scale. Predicted
+    boxes all score 1.0 (Florence-2 gives no confidences), ranked in generation order.
+    """
+    gts, preds = [], []
+    for text, ex in zip(texts, examples):
+        gt = ex.ground_truth
+        if gt is None or ex.image_size is None:
+            raise ValueError(f"eval.metric='map' needs examples with ground-truth boxes; prompt {ex.prompt!r} has "
+                             "none (use a box template such as 'od' or 'phrase_grounding', or eval.metric='anls')")
+        answer = post_process_generation(text, gt["task"], tuple(ex.image_size))[gt["task"]]
+        preds.append({"boxes": answer["bboxes"], "labels": answer["labels"]})
+        gts.append({"boxes": gt["boxes"], "labels": [_ascii_label(x) for x in gt["labels"]], "crowd": gt["crowd"]})
+    return coco_map(gts, preds).as_dict(), preds
 
 
 def _gather(x) -> np.ndarray:
@@ -49,7 +96,10 @@ class Evaluator:
 
     def __init__(self, pipeline, model, tokenizer, *, batch_sharding, eval_step=None, num_beams: int = 3,
                  max_new_tokens: int = 64, threshold: float = 0.5, max_examples: int = 0, num_samples: int = 4,
-                 to_global=None):
+                 to_global=None, metric: str = "anls"):
+        if metric not in METRICS:
+            raise ValueError(f"unknown eval metric {metric!r}; expected one of {METRICS}")
+        self.metric = metric
         self.pipeline = pipeline
         self.model = model
         self.tokenizer = tokenizer
@@ -76,6 +126,8 @@ class Evaluator:
 
             batches = tqdm(batches, total=n_batches, desc="eval", leave=False)
         seen = 0
+        det_texts: list[str] = []
+        det_examples: list[Any] = []
         for host_batch in batches:
             index = host_batch.pop("index")
             batch = self.to_global(host_batch)
@@ -89,6 +141,17 @@ class Evaluator:
             )
             seqs = _gather(seqs)
             idx = _gather(self._global_index(index))
+            if self.metric == "map":
+                # Locations are special tokens: keep them; the parser drops <s>, </s> and <pad>.
+                texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=False)
+                for i, text in zip(idx.tolist(), texts):
+                    if i >= 0:
+                        det_texts.append(text)
+                        det_examples.append(self.pipeline.encoder.example(i))
+                seen += int((idx >= 0).sum())
+                if self.max_examples and seen >= self.max_examples:
+                    break
+                continue
             texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
             refs = self.pipeline.references(idx)
             for i, text, ref in zip(idx.tolist(), texts, refs):
@@ -104,8 +167,16 @@ class Evaluator:
             seen += int((idx >= 0).sum())
             if self.max_examples and seen >= self.max_examples:
                 break
-        return EvalResult(val_loss=loss_sum / max(tokens, 1.0), anls=anls_sum / max(count, 1), num_examples=count,
-                          samples=samples)
+        val_loss = loss_sum / max(tokens, 1.0)
+        if self.metric == "map":
+            extra, preds = score_detections(det_texts, det_examples)
+            for text, ex, pred in list(zip(det_texts, det_examples, preds))[: self.num_samples]:
+                clean = text.replace("<s>", "").replace("</s>", "").replace("<pad>", "").strip()
+                samples.append({"question": ex.prompt, "prediction": clean, "references": list(ex.references),
+                                "boxes": f"{len(pred['boxes'])} predicted, {len(ex.ground_truth['boxes'])} true"})
+            return EvalResult(val_loss=val_loss, anls=None, num_examples=len(det_texts), samples=samples,
+                              metric="map", extra=extra)
+        return EvalResult(val_loss=val_loss, anls=anls_sum / max(count, 1), num_examples=count, samples=samples)
 
     def _global_index(self, local_index: np.ndarray):
         if jax.process_count() == 1:
@@ -116,13 +187,14 @@ class Evaluator:
 def format_samples(samples: list[dict[str, Any]]) -> str:
     lines = []
     for s in samples:
+        score = f"   ANLS {s['anls']:.2f}" if "anls" in s else f"   boxes: {s['boxes']}" if "boxes" in s else ""
         lines.append(f"  Q: {s['question']}\n     predicted: {s['prediction']!r}   answer: {s['references'][0]!r}"
-                     f"   ANLS {s['anls']:.2f}")
+                     f"{score}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Score a Florence-2 checkpoint (ANLS and loss) on a validation split.")
+    parser = argparse.ArgumentParser(description="Score a Florence-2 checkpoint (eval.metric and loss) on a validation split.")
     parser.add_argument("--config", default="cpu_demo.py", help="config whose data section defines the split")
     parser.add_argument("--workdir", help="a training run: score its latest checkpoint")
     parser.add_argument("--model", help="a Hub id or exported directory to score instead")

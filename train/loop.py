@@ -76,8 +76,19 @@ def get_sources(cfg: TrainConfig, workdir: Path):
                 synthetic.generate(out, s.num_train, s.num_val, image_size=s.image_size, seed=s.seed)
             _barrier("synthetic_data")
         return open_source(str(out / "train.parquet")), open_source(str(out / "validation.parquet"))
-    train = open_source(SourceSpec(path=d.source, split=d.train_split))
-    val = open_source(SourceSpec(path=d.eval_source or d.source, split=d.eval_split))
+    if d.source == "synthetic_detection":
+        from train.data import synthetic_detection
+
+        out = workdir / "data"
+        s = d.synthetic
+        if not (out / "validation.json").exists():
+            if jax.process_index() == 0:
+                synthetic_detection.generate(out, s.num_train, s.num_val, image_size=s.image_size, seed=s.seed)
+            _barrier("synthetic_detection_data")
+        return open_source(str(out / "train.json")), open_source(str(out / "validation.json"))
+    train = open_source(SourceSpec(path=d.source, kind=d.format, split=d.train_split, image_root=d.image_root))
+    val = open_source(SourceSpec(path=d.eval_source or d.source, kind=d.format, split=d.eval_split,
+                                 image_root=d.eval_image_root if d.eval_source else d.image_root))
     return train, val
 
 
@@ -228,16 +239,18 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     evaluator = Evaluator(val_pipe, model, processor.tokenizer, batch_sharding=bsh, eval_step=eval_step,
                           num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
                           threshold=cfg.eval.anls_threshold, num_samples=cfg.eval.num_print,
-                          to_global=to_global)
+                          to_global=to_global, metric=cfg.eval.metric)
 
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    metric = cfg.eval.metric
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, best_metric=metric)
     iterator = iter(train_pipe.train())
     start = ckpt.latest_step()
-    best = {"anls": -1.0, "step": None}
+    best = {metric: -1.0, "step": None}
     if start is not None:
         state, data_state, meta = ckpt.restore(start, abstract_like(state))
         iterator.set_state(data_state)
-        best = meta.get("best", best)
+        if metric in meta.get("best", {}):
+            best = meta["best"]
         rep.print(f"Resuming from step {start} ({workdir / 'checkpoints'})")
     step = int(state.step)
 
@@ -256,7 +269,7 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         rec = res.record(step, round(epoch, 3))
         rec["seconds"] = round(time.time() - t0, 1)
         rep.eval_metrics(rec)
-        rep.print(f"[{tag}] step {step} epoch {epoch:.2f}: val_loss {res.val_loss:.4f}  ANLS {res.anls:.4f} "
+        rep.print(f"[{tag}] step {step} epoch {epoch:.2f}: val_loss {res.val_loss:.4f}  {res.headline()} "
                   f"on {res.num_examples} examples ({rec['seconds']}s)")
         if res.samples:
             rep.print(format_samples(res.samples))
@@ -264,7 +277,7 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
     if start is None and cfg.eval_at_start:
         res = do_eval("before training")
-        best = {"anls": res.anls, "step": 0}
+        best = {metric: res.score, "step": 0}
 
     prefetch = Prefetcher(iterator, to_global)
     rng = jax.random.key(cfg.seed)
@@ -303,9 +316,9 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             ckpt_metrics = None
             if eval_now:
                 res = do_eval(f"epoch {step / steps_per_epoch:.2f}")
-                ckpt_metrics = {"anls": res.anls, "val_loss": res.val_loss}
-                if res.anls > best["anls"]:
-                    best = {"anls": res.anls, "step": step}
+                ckpt_metrics = {metric: res.score, "val_loss": res.val_loss}
+                if res.score > best[metric]:
+                    best = {metric: res.score, "step": step}
             preempted = preemption.should_stop(step)
             if (eval_now or epoch_end or preempted or step == total_steps
                     or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)):
@@ -391,6 +404,7 @@ def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | Non
     bsh = batch_sharding(mesh)
     evaluator = Evaluator(val_pipe, net, processor.tokenizer, batch_sharding=bsh,
                           eval_step=jit_eval_step(fns, state, bsh), num_beams=cfg.eval.num_beams,
-                          max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold)
+                          max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold,
+                          metric=cfg.eval.metric)
     res = evaluator(state.params, state.rest, progress=True)
     return {**res.record(step, math.nan), "samples": res.samples}

@@ -52,12 +52,12 @@ class Reporter:
             return
         self._append("eval.jsonl", record)
         if self._tb is not None:
-            for k in ("val_loss", "anls"):
+            for k in ("val_loss", "anls", "map", "map50", "map75"):
                 if record.get(k) is not None:
                     self._tb.add_scalar(f"eval/{k}", record[k], record["step"])
 
     def plot(self) -> Path | None:
-        """training_curves.png: training loss and learning rate by step, validation loss and ANLS."""
+        """training_curves.png: training loss and learning rate by step, validation loss and ANLS (or mAP)."""
         if not self.enabled:
             return None
         try:
@@ -80,9 +80,10 @@ class Reporter:
             steps = [r["step"] for r in evals]
             axes[0].plot(steps, [r["val_loss"] for r in evals], "o-", label="validation loss")
             axes[0].legend()
-            axes[2].plot(steps, [r["anls"] for r in evals], "o-")
+            key = "map" if "map" in evals[-1] else "anls"
+            axes[2].plot(steps, [r.get(key, float("nan")) for r in evals], "o-")
             axes[2].set_ylim(0, 1)
-            axes[2].set_title("validation ANLS")
+            axes[2].set_title("validation mAP" if key == "map" else "validation ANLS")
         for ax in axes:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
