@@ -290,6 +290,10 @@ def test_perfect_generations_on_synthetic_shapes_score_map_one(tmp_path, process
     gts = [{"boxes": ex.ground_truth["boxes"], "labels": ex.ground_truth["labels"]} for ex in examples]
     (ref_map, _, _), _ = _pycocotools(gts, preds, ["circle", "square", "triangle"])
     assert partial["map"] < 1.0 and partial["map"] == pytest.approx(ref_map, abs=1e-12)
+    # Phrase grounding goes through the same path (its own parser, boxes of one category per image).
+    grounding = [get_template("phrase_grounding")(r) for r in src]
+    scores, _ = score_detections([_decode(processor, ex.target) for ex in grounding], grounding)
+    assert scores["map"] == 1.0 and scores["num_gt_boxes"] == sum(len(ex.ground_truth["boxes"]) for ex in grounding)
 
 
 def test_synthetic_shapes_are_tight_and_deterministic(tmp_path):
@@ -345,7 +349,8 @@ def test_coco_sample_trains_and_reports_map(tmp_path):
     assert 0.0 <= last["map"] <= last["map50"] <= 1.0
     summary = json.loads((wd / "summary.json").read_text())
     assert summary["best"] == {"map": last["map"], "step": 2}
-    assert summary["data_counters"]["examples"] == 16 and not summary["data_counters"].get("skipped")
+    # The prefetcher reads ahead, so at least the 16 examples of the 2 steps were encoded, none skipped.
+    assert summary["data_counters"]["examples"] >= 16 and not summary["data_counters"].get("skipped")
 
 
 def test_map_with_a_text_template_fails_before_compiling(capsys):
