@@ -16,7 +16,12 @@ Lengths: COCO has 7.3 boxes per image on average and a long tail; a box costs 4 
 label tokens, so 256 target tokens hold ~40 boxes (longer targets are cut, keeping `</s>`, and counted as
 truncated_target). Learning rate 5e-6 (the usual Florence-2 detection fine-tuning rate; the DocVQA recipe's
 1e-6 moves the location head too slowly), linear decay with a short warmup, vision tower frozen as in
-`gpu_a100.py` (same memory budget; the longer decoder adds ~2 GiB of float32 logits at batch 32).
+`gpu_a100.py`.
+
+Memory: the DocVQA step at batch 32 (64 target tokens) needs 35.7 of 40 GiB by the compile-time check; 256
+target tokens add about 2.5 GiB of float32 logits and their gradient (32 x 256 x 51k x 4 bytes, twice). So the
+global batch 32 runs as 2 micro-batches of 16 (`grad_accum_steps=2`, same update). This config has not been
+compiled here: `python -m scripts.aot_compile --config gpu_a100_detection.py` checks it before renting.
 """
 
 from train.config import DataConfig, EvalConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
@@ -28,6 +33,7 @@ def get_config() -> TrainConfig:
         max_steps=0,
         num_epochs=3,
         batch_size=32,
+        grad_accum_steps=2,
         checkpoint_every_steps=1000,
         eval_every_steps=0,  # each epoch's end
         log_every_steps=20,
