@@ -8,6 +8,10 @@ triangle), 1-3 non-overlapping objects per 128x128 image, box edges on a 4x4 gri
 tower's token stride).
 
 Optimizer settings are the document demo's (`cpu_demo.py`), which were tuned for this model size.
+
+Measured once (800 steps): validation mAP 0.00 at start, 0.025 at step 300, 0.18 at 500, 0.266 at 800
+(square 0.77, circle 0.01, triangle 0.02), still rising; 58 minutes on a shared 2-core machine under heavy
+load.
 """
 
 from train.config import (
