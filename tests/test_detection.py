@@ -87,7 +87,7 @@ def test_coco_json_is_detected_by_content_and_loads_one_record_per_image(tmp_pat
         open_source(SourceSpec(str(other), kind="coco"))
 
 
-def test_od_target_round_trips_within_one_bin_and_matches_transformers(tmp_path, processor):
+def test_od_target_round_trips_within_half_a_bin_and_matches_transformers(tmp_path, processor):
     import torch
 
     from train.data.sources import SourceSpec
