@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="where to write the exported model")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    g.add_argument("--best", action="store_true", help="the checkpoint with the best validation ANLS")
+    g.add_argument("--best", action="store_true", help="the checkpoint with the best validation score")
     p.add_argument("--lora", choices=("merged", "adapter", "both"),
                    help="for a LoRA run: merged full model, peft adapter directory, or both (default: the "
                         "run's lora.export)")

@@ -61,6 +61,17 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
     pass
 
 
+class _QuietMissingMetrics(logging.Filter):
+    """orbax warns on every save without metrics once a best metric is tracked; between evaluations that is
+    the normal case (only evaluated steps have a score), so the warning is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietMissingMetrics())
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
         self.directory = Path(directory).absolute()
@@ -68,9 +79,10 @@ class Checkpointer:
             pp.LatestN(n=max(keep, 1)),
             pp.BestN(get_metric_fn=_selection_score, reverse=False, n=1, keep_checkpoints_without_metrics=False),
         ])
+        # best_fn makes orbax write the metrics with each step (without it BestN and best_step() see none).
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, preservation_policy=policy, create=True,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=True, best_fn=_selection_score, best_mode="max",
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
@@ -110,7 +122,7 @@ class Checkpointer:
 
 def _selection_score(metrics: dict) -> float:
     """The evaluation score a checkpoint is kept for (``anls`` in checkpoints written before scores)."""
-    return metrics["score"] if "score" in metrics else metrics["anls"]
+    return float(metrics.get("score", metrics.get("anls", float("-inf"))))
 
 
 def abstract_like(tree: Any) -> Any:

@@ -43,6 +43,9 @@ class MixtureComponent:
     source: str = ""
     subset: str | None = None  # Hub config name, e.g. "chartqa" of HuggingFaceM4/the_cauldron
     eval_source: str | None = None
+    format: str | None = None  # source kind; None: detected from the path
+    image_root: str | None = None  # folder of a COCO JSON's images (None: the JSON's folder)
+    eval_image_root: str | None = None
     train_split: str = "train"
     eval_split: str | None = "validation"
     template: str = "docvqa"
@@ -58,12 +61,15 @@ class DataConfig:
     """Where examples come from and how they become static-shape batches."""
 
     # A Hub dataset id (e.g. "HuggingFaceM4/DocumentVQA"), a local parquet/arrow/JSONL file or glob,
-    # a `datasets.save_to_disk` folder, or "synthetic".
+    # a `datasets.save_to_disk` folder, a COCO detection JSON, "synthetic" or "synthetic_detection".
     source: str = "synthetic"
     # Validation data when it is another file/folder (local data); None: `source` at `eval_split`.
     eval_source: str | None = None
     subset: str | None = None  # Hub config name (a subset such as "chartqa" of HuggingFaceM4/the_cauldron)
     # Splits may carry a slice, e.g. train_split="train[:-500]", eval_split="train[-500:]".
+    format: str | None = None  # source kind (hub, parquet, arrow, disk, jsonl, coco); None: detected
+    image_root: str | None = None  # folder of a COCO JSON's images (None: the JSON's folder)
+    eval_image_root: str | None = None  # the same for eval_source
     train_split: str = "train"
     eval_split: str = "validation"
     template: str = "docvqa"  # record -> (prompt, target, references); see train/data/templates.py
@@ -71,7 +77,9 @@ class DataConfig:
     # template ("prompt=query", "target=label", "image=img").
     columns: tuple[str, ...] = ()
     prompt_prefix: str = ""  # put before every prompt, e.g. a task token "<VQA>"
-    metric: str = "anls"  # evaluation metric (train/metrics.py METRICS): anls, exact_match, relaxed_accuracy, cer
+    # evaluation metric (train/metrics.py METRICS): anls, exact_match, relaxed_accuracy, cer, map (COCO box mAP
+    # of the generations decoded into boxes; templates od, phrase_grounding)
+    metric: str = "anls"
     # Several datasets sampled by weight in one run; when set, the single-dataset fields above (source through
     # metric) stay at their defaults and each component has its own.
     mixture: tuple[MixtureComponent, ...] = ()
@@ -172,7 +180,7 @@ class TrainConfig:
     eval_every_steps: int = 0  # 0: at each epoch's end
     eval_at_start: bool = True
     log_every_steps: int = 10
-    keep_checkpoints: int = 2  # the last K, plus the best by ANLS
+    keep_checkpoints: int = 2  # the last K, plus the best by the evaluation score (data.metric)
     export_at_end: bool = True
     push_to_hub: str | None = None
     compilation_cache_dir: str | None = "~/.cache/florence_jax/jax_cache"
@@ -354,26 +362,32 @@ def validate(cfg: TrainConfig) -> None:
 
 
 _SINGLE_DATASET_FIELDS = ("source", "eval_source", "subset", "train_split", "eval_split", "template", "columns",
-                          "prompt_prefix", "metric")
+                          "prompt_prefix", "metric", "format", "image_root", "eval_image_root")
 
 
 def validate_data(d: DataConfig) -> None:
     """Templates, metrics and column renames exist; mixture entries are complete, named and weighted."""
-    from train.data.templates import parse_columns, template_names
+    from train.data.sources import KINDS
+    from train.data.templates import BOX_TEMPLATES, parse_columns, template_names
     from train.metrics import METRICS
 
-    def check(where: str, template: str, metric: str, columns: tuple[str, ...]) -> None:
+    def check(where: str, template: str, metric: str, columns: tuple[str, ...], fmt: str | None = None) -> None:
         if template not in template_names():
             raise ValueError(f"config.{where}.template={template!r}; registered templates: {template_names()}")
         if metric not in METRICS:
             raise ValueError(f"config.{where}.metric={metric!r}; registered metrics: {sorted(METRICS)}")
+        if metric == "map" and template not in BOX_TEMPLATES:
+            raise ValueError(f"config.{where}.metric='map' scores boxes, but template {template!r} gives none; use a "
+                             f"box template ({sorted(BOX_TEMPLATES)}) or another metric")
+        if fmt is not None and fmt not in KINDS:
+            raise ValueError(f"config.{where}.format={fmt!r}; expected one of {KINDS} or None (detect)")
         try:
             parse_columns(columns, template)
         except ValueError as e:
             raise ValueError(f"config.{where}.columns: {e}") from None
 
     if not d.mixture:
-        check("data", d.template, d.metric, d.columns)
+        check("data", d.template, d.metric, d.columns, d.format)
         return
     default = DataConfig()
     changed = [f for f in _SINGLE_DATASET_FIELDS if getattr(d, f) != getattr(default, f)]
@@ -396,7 +410,7 @@ def validate_data(d: DataConfig) -> None:
             raise ValueError(f"config.{where} ({c.name}): weight must be positive, got {c.weight}")
         if c.max_eval_examples < 0:
             raise ValueError(f"config.{where} ({c.name}): max_eval_examples must be >= 0")
-        check(f"{where} ({c.name})", c.template, c.metric, c.columns)
+        check(f"{where} ({c.name})", c.template, c.metric, c.columns, c.format)
     if all(c.eval_split is None for c in d.mixture):
         raise ValueError("config.data.mixture: every component has eval_split=None; evaluate at least one")
 
@@ -408,4 +422,5 @@ def data_components(d: DataConfig) -> tuple[MixtureComponent, ...]:
     return (MixtureComponent(name="", source=d.source, subset=d.subset, eval_source=d.eval_source,
                              train_split=d.train_split, eval_split=d.eval_split, template=d.template,
                              columns=d.columns, prompt_prefix=d.prompt_prefix, weight=1.0, metric=d.metric,
+                             format=d.format, image_root=d.image_root, eval_image_root=d.eval_image_root,
                              max_eval_examples=d.max_eval_examples),)

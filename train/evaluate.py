@@ -1,5 +1,10 @@
 """Validation: loss over the whole split and a metric (ANLS by default) from batched jit generation.
 
+The metric is the dataset's (``data.metric``): a text metric from ``train.metrics.METRICS`` scores the
+decoded answers against the template's references; ``map`` (COCO box mAP) decodes the generations with
+``florence_jax.postprocess`` into boxes in the original image's pixels and scores them against the
+template's ground truth with ``train.metrics.coco_map`` (mAP@.5, mAP@.75 and per-class AP are reported too).
+
 Every validation example counts exactly once: the eval pipeline pads the last batch with rows whose
 ``example_mask`` is 0, and with several processes the generated tokens and record indices are gathered
 so the score is computed over the union of the processes' shards. A mixture is evaluated dataset by dataset
@@ -23,8 +28,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from florence_jax.postprocess import post_process_generation
 from train.distributed import compile_then_wait
-from train.metrics import Metric, get_metric
+from train.metrics import Metric, coco_map, get_metric
 
 log = logging.getLogger("train")
 
@@ -42,6 +48,7 @@ class EvalResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     loss_sum: float = 0.0
     tokens: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # reported, not scored: mAP@.5, per-class AP, counts
 
     @property
     def anls(self) -> float:
@@ -50,17 +57,41 @@ class EvalResult:
 
     def record(self, step: int, epoch: float) -> dict[str, Any]:
         return {"step": step, "epoch": epoch, "val_loss": self.val_loss, **self.metrics, "score": self.score,
-                "num_examples": self.num_examples}
+                "num_examples": self.num_examples, **self.extra}
 
     def summary(self) -> str:
         """``anls 0.8123 on 200 examples`` / ``score 0.61: anls/docvqa 0.8123 (200), exact_match/ai2d ...``."""
         main = {k: v for k, v in self.metrics.items() if not k.startswith(("val_loss/", "num_examples/"))}
         if len(main) == 1 and "/" not in next(iter(main)):
             (name, value), = main.items()
-            return f"{name} {value:.4f} on {self.num_examples} examples"
+            more = "".join(f"  {k} {self.extra[k]:.4f}" for k in ("map50", "map75") if k in self.extra)
+            return f"{name} {value:.4f}{more} on {self.num_examples} examples"
         parts = [f"{k} {v:.4f} ({int(self.metrics.get('num_examples/' + k.split('/', 1)[1], 0))})"
                  for k, v in main.items()]
         return f"score {self.score:.4f}: " + ", ".join(parts)
+
+
+def _ascii_label(label: str) -> str:
+    # The post-processor drops non-ASCII characters from box labels; ground truth is compared the same way.
+    return label.encode("ascii", "ignore").decode("ascii").strip()
+
+
+def score_detections(texts: list[str], examples: list[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Decoded generations (``skip_special_tokens=False``) and their examples -> (mAP fields, parsed answers).
+
+    Each example's ``ground_truth["task"]`` picks the parser and ``image_size`` the pixel scale. Predicted
+    boxes all score 1.0 (Florence-2 gives no confidences), ranked in generation order.
+    """
+    gts, preds = [], []
+    for text, ex in zip(texts, examples):
+        gt = ex.ground_truth
+        if gt is None or ex.image_size is None:
+            raise ValueError(f"metric 'map' needs examples with ground-truth boxes; prompt {ex.prompt!r} has none "
+                             "(use a box template such as 'od' or 'phrase_grounding', or another metric)")
+        answer = post_process_generation(text, gt["task"], tuple(ex.image_size))[gt["task"]]
+        preds.append({"boxes": answer["bboxes"], "labels": answer["labels"]})
+        gts.append({"boxes": gt["boxes"], "labels": [_ascii_label(x) for x in gt["labels"]], "crowd": gt["crowd"]})
+    return coco_map(gts, preds).as_dict(), preds
 
 
 def _gather(x) -> np.ndarray:
@@ -104,6 +135,8 @@ class Evaluator:
 
             batches = tqdm(batches, total=n_batches, desc="eval", leave=False)
         seen = 0
+        det_texts: list[str] = []
+        det_examples: list[Any] = []
         for host_batch in batches:
             index = host_batch.pop("index")
             batch = self.to_global(host_batch)
@@ -120,6 +153,17 @@ class Evaluator:
             )
             seqs = _gather(seqs)
             idx = _gather(self._global_index(index))
+            if self.metric.name == "map":
+                # Locations are special tokens: keep them; the parser drops <s>, </s> and <pad>.
+                texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=False)
+                for i, text in zip(idx.tolist(), texts):
+                    if i >= 0:
+                        det_texts.append(text)
+                        det_examples.append(self.pipeline.encoder.example(i))
+                seen += int((idx >= 0).sum())
+                if self.max_examples and seen >= self.max_examples:
+                    break
+                continue
             texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
             refs = self.pipeline.references(idx)
             for i, text, ref in zip(idx.tolist(), texts, refs):
@@ -135,10 +179,25 @@ class Evaluator:
             seen += int((idx >= 0).sum())
             if self.max_examples and seen >= self.max_examples:
                 break
+        if self.metric.name == "map":
+            return self._detection_result(det_texts, det_examples, loss_sum, tokens)
         value = self.metric(predictions, references)
         return EvalResult(val_loss=loss_sum / max(tokens, 1.0), metrics={self.metric.name: value},
                           score=self.metric.score(value), num_examples=len(predictions), samples=samples,
                           loss_sum=loss_sum, tokens=tokens)
+
+    def _detection_result(self, texts, examples, loss_sum: float, tokens: float) -> EvalResult:
+        scores, preds = score_detections(texts, examples)
+        samples = []
+        for text, ex, pred in list(zip(texts, examples, preds))[: self.num_samples]:
+            clean = text.replace("<s>", "").replace("</s>", "").replace("<pad>", "").strip()
+            samples.append({"question": ex.prompt, "prediction": clean, "references": list(ex.references),
+                            "metric": "boxes", "boxes": f"{len(pred['boxes'])} predicted, "
+                                                        f"{len(ex.ground_truth['boxes'])} true"})
+        extra = {k: v for k, v in scores.items() if k != "map"}
+        return EvalResult(val_loss=loss_sum / max(tokens, 1.0), metrics={"map": scores["map"]},
+                          score=self.metric.score(scores["map"]), num_examples=len(texts), samples=samples,
+                          loss_sum=loss_sum, tokens=tokens, extra=extra)
 
     def _global_index(self, local_index: np.ndarray):
         if jax.process_count() == 1:
@@ -184,8 +243,9 @@ def format_samples(samples: list[dict[str, Any]]) -> str:
     for s in samples:
         where = f"[{s['dataset']}] " if s.get("dataset") else ""
         answer = s["references"][0] if s["references"] else ""
+        score = f"boxes: {s['boxes']}" if "boxes" in s else f"{s.get('metric', 'anls')} {s['score']:.2f}"
         lines.append(f"  {where}Q: {s['question']}\n     predicted: {s['prediction']!r}   answer: {answer!r}"
-                     f"   {s.get('metric', 'anls')} {s['score']:.2f}")
+                     f"   {score}")
     return "\n".join(lines)
 
 

@@ -124,6 +124,21 @@ def _synthetic_sources(cfg: TrainConfig, workdir: Path):
     return open_source(str(out / "train.parquet")), open_source(str(out / "validation.parquet"))
 
 
+def _synthetic_detection_sources(cfg: TrainConfig, workdir: Path):
+    from train.data import synthetic_detection
+    from train.data.sources import open_source
+
+    out = workdir / "data"
+    s = cfg.data.synthetic
+    ready = (out / "validation.json").exists()
+    _barrier("synthetic_detection_check")  # every process has looked before process 0 may write
+    if not ready:
+        if jax.process_index() == 0:
+            synthetic_detection.generate(out, s.num_train, s.num_val, image_size=s.image_size, seed=s.seed)
+        _barrier("synthetic_detection_data")
+    return open_source(str(out / "train.json")), open_source(str(out / "validation.json"))
+
+
 @dataclasses.dataclass
 class RunDataset:
     """One dataset of a run (the only one, or a mixture component): its records and configured template."""
@@ -150,13 +165,17 @@ def get_datasets(cfg: TrainConfig, workdir: Path) -> list[RunDataset]:
         template = ConfiguredTemplate(c.template, c.columns, c.prompt_prefix)
         if c.source == "synthetic":
             train, val = _synthetic_sources(cfg, workdir)
+        elif c.source == "synthetic_detection":
+            train, val = _synthetic_detection_sources(cfg, workdir)
         else:
             image = template.column("image")  # JSONL: relative image paths resolve in this column
-            train = open_source(SourceSpec(path=c.source, split=c.train_split, name=c.subset, image_column=image))
+            train = open_source(SourceSpec(path=c.source, kind=c.format, split=c.train_split, name=c.subset,
+                                           image_column=image, image_root=c.image_root))
             val = None
             if c.eval_split is not None:
-                val = open_source(SourceSpec(path=c.eval_source or c.source, split=c.eval_split, name=c.subset,
-                                             image_column=image))
+                val = open_source(SourceSpec(
+                    path=c.eval_source or c.source, kind=c.format, split=c.eval_split, name=c.subset,
+                    image_column=image, image_root=c.eval_image_root if c.eval_source else c.image_root))
         template.check_columns(train, where)
         if val is not None:
             template.check_columns(val, where)

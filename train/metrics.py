@@ -1,4 +1,5 @@
-"""Answer-quality metrics: ANLS, exact match, relaxed accuracy, character error rate; and their registry.
+"""Answer-quality metrics: ANLS, exact match, relaxed accuracy, character error rate; COCO box mAP
+(detection); and the registry of metrics selectable by name.
 
 Pure functions over strings, so the evaluation loop, the synthetic data's question-only bound and the tests all
 score answers the same way. ``METRICS`` maps a name (``data.metric`` / a mixture component's ``metric``) to a
@@ -12,6 +13,10 @@ ANLS follows the DocVQA definition: for each reference, similarity ``s = 1 - lev
 len(ref))``; the score is the best ``s`` over the references, and a best score below ``threshold`` counts as 0
 (so a similarity of exactly 0.5 is kept, as in the common ``anls`` implementations). Two empty strings are
 identical (score 1).
+
+COCO mAP (``coco_map``) reimplements pycocotools' ``COCOeval`` for boxes in numpy (greedy matching per IoU
+threshold in score order, crowd boxes as ignore regions, 101-point interpolated precision, area "all", at most
+100 predictions per image and class); ``tests/test_detection.py`` checks it equals pycocotools.
 """
 
 from __future__ import annotations
@@ -19,14 +24,21 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 from rapidfuzz.distance import Levenshtein
 
 __all__ = [
     "METRICS",
     "Metric",
+    "COCO_IOU_THRESHOLDS",
+    "COCO_RECALL_THRESHOLDS",
+    "DetectionScores",
     "anls",
+    "box_iou",
+    "coco_map",
     "best_constant_answer",
     "character_error_rate",
     "corpus_cer",
@@ -266,3 +278,189 @@ register_metric("anls", mean_anls)
 register_metric("exact_match", mean_exact_match)
 register_metric("relaxed_accuracy", mean_relaxed_accuracy)
 register_metric("cer", corpus_cer, higher_is_better=False)
+
+
+# ------------------------------------------------------------------------------------------ detection
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+"""IoU thresholds of COCO's AP@[.5:.95] (as pycocotools builds them)."""
+COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+"""The 101 recall points at which COCO samples the interpolated precision."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionScores:
+    """COCO box AP (area "all", at most ``max_detections`` per image and class).
+
+    ``map`` is AP averaged over the IoU thresholds .50:.05:.95 and over classes; ``map50``/``map75`` at one
+    threshold; ``per_class`` AP@[.5:.95] of every class with at least one non-crowd ground-truth box. Classes
+    without ground truth are left out of every mean (as in pycocotools), and with no such class at all every
+    value is -1.0 (pycocotools' "undefined").
+    """
+
+    map: float
+    map50: float
+    map75: float
+    per_class: dict[Any, float]
+    num_ground_truth: int
+    num_predictions: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"map": self.map, "map50": self.map50, "map75": self.map75,
+                "ap_per_class": {str(k): v for k, v in self.per_class.items()},
+                "num_gt_boxes": self.num_ground_truth, "num_pred_boxes": self.num_predictions}
+
+
+def box_iou(pred: np.ndarray, gt: np.ndarray, crowd: np.ndarray | None = None) -> np.ndarray:
+    """IoU of ``(D, 4)`` and ``(G, 4)`` ``x1, y1, x2, y2`` boxes -> ``(D, G)``, in float64.
+
+    Against a crowd box the "IoU" is intersection / area of the prediction (COCO: a prediction inside a crowd
+    region is covered by it). Inverted boxes (x2 < x1) have no area and overlap nothing.
+    """
+    pred = np.asarray(pred, np.float64).reshape(-1, 4)
+    gt = np.asarray(gt, np.float64).reshape(-1, 4)
+    w = np.minimum(pred[:, None, 2], gt[None, :, 2]) - np.maximum(pred[:, None, 0], gt[None, :, 0])
+    h = np.minimum(pred[:, None, 3], gt[None, :, 3]) - np.maximum(pred[:, None, 1], gt[None, :, 1])
+    inter = np.where((w > 0) & (h > 0), w * h, 0.0)
+    area_p = np.clip(pred[:, 2] - pred[:, 0], 0, None) * np.clip(pred[:, 3] - pred[:, 1], 0, None)
+    area_g = np.clip(gt[:, 2] - gt[:, 0], 0, None) * np.clip(gt[:, 3] - gt[:, 1], 0, None)
+    union = area_p[:, None] + area_g[None, :] - inter
+    if crowd is not None:
+        union = np.where(np.asarray(crowd, bool)[None, :], area_p[:, None], union)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(inter > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def _match_image(ious: np.ndarray, ignore: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy COCO matching of score-sorted predictions to (non-ignored first) ground truth, per threshold.
+
+    Returns ``matched`` and ``ignored`` (T, D) booleans: a prediction matched to a crowd/ignored box is ignored,
+    not a true positive. A crowd box can absorb any number of predictions; a normal box only one.
+    """
+    n_t, (n_d, n_g) = len(thresholds), ious.shape
+    matched = np.zeros((n_t, n_d), bool)
+    ignored = np.zeros((n_t, n_d), bool)
+    for t, threshold in enumerate(thresholds):
+        taken = np.zeros(n_g, bool)
+        for d in range(n_d):
+            best, m = min(threshold, 1 - 1e-10), -1
+            for g in range(n_g):
+                if taken[g] and not ignore[g]:
+                    continue
+                if m > -1 and not ignore[m] and ignore[g]:
+                    break  # a match on a real box beats any ignored one
+                if ious[d, g] < best:
+                    continue
+                best, m = ious[d, g], g
+            if m >= 0:
+                matched[t, d], ignored[t, d], taken[m] = True, ignore[m], True
+    return matched, ignored
+
+
+def _average_precision(scores: np.ndarray, matched: np.ndarray, ignored: np.ndarray, num_gt: int) -> np.ndarray:
+    """COCO's 101-point interpolated AP per threshold from the pooled predictions of one class."""
+    order = np.argsort(-scores, kind="mergesort")  # stable: ties keep image order, then generation order
+    matched, ignored = matched[:, order], ignored[:, order]
+    tp = np.cumsum(matched & ~ignored, axis=1, dtype=np.float64)
+    fp = np.cumsum(~matched & ~ignored, axis=1, dtype=np.float64)
+    ap = np.zeros(len(tp))
+    for t in range(len(tp)):
+        if tp.shape[1] == 0:
+            continue
+        recall = tp[t] / num_gt
+        precision = tp[t] / (fp[t] + tp[t] + np.spacing(1))
+        precision = np.maximum.accumulate(precision[::-1])[::-1]  # precision envelope
+        idx = np.searchsorted(recall, COCO_RECALL_THRESHOLDS, side="left")
+        sampled = np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0)
+        ap[t] = sampled.mean()
+    return ap
+
+
+def coco_map(
+    ground_truth: Sequence[Mapping[str, Any]],
+    predictions: Sequence[Mapping[str, Any]],
+    max_detections: int = 100,
+    iou_thresholds: np.ndarray = COCO_IOU_THRESHOLDS,
+) -> DetectionScores:
+    """COCO box mAP of per-image predictions, equal to pycocotools' ``COCOeval`` (``iouType="bbox"``).
+
+    ``ground_truth[i]``: ``{"boxes": (N, 4) x1 y1 x2 y2 pixels, "labels": N class keys, "crowd": N bools
+    (optional)}``; ``predictions[i]`` for the same image: ``{"boxes", "labels", "scores" (optional, default
+    1.0)}``. Labels are any hashable class keys (names or ids). Predictions of a class that has no ground
+    truth anywhere are not scored (pycocotools scores only the ground truth's categories).
+
+    Images are taken in the given order: equal scores rank by image order, then by position within the image,
+    as pycocotools does with images sorted by id. Florence-2 gives no confidences, so its boxes all score 1.0
+    and rank in generation order.
+    """
+    if len(ground_truth) != len(predictions):
+        raise ValueError(f"{len(ground_truth)} ground-truth images but {len(predictions)} prediction images")
+    thresholds = np.asarray(iou_thresholds, np.float64)
+    per_class: dict[Any, dict[str, list]] = {}
+    num_gt_boxes = num_pred_boxes = 0
+
+    def arrays(item: Mapping[str, Any], kind: str) -> tuple[np.ndarray, list, np.ndarray]:
+        boxes = np.asarray(item.get("boxes", []), np.float64).reshape(-1, 4)
+        labels = list(item.get("labels", []))
+        if len(labels) != len(boxes):
+            raise ValueError(f"{kind}: {len(boxes)} boxes but {len(labels)} labels")
+        key, default = ("crowd", False) if kind == "ground truth" else ("scores", 1.0)
+        extra = item.get(key)
+        extra = np.full(len(boxes), default) if extra is None else np.asarray(extra).reshape(-1)
+        if len(extra) != len(boxes):
+            raise ValueError(f"{kind}: {len(boxes)} boxes but {len(extra)} {key}")
+        return boxes, labels, extra
+
+    gt_classes = set()
+    for gt in ground_truth:
+        _, labels, crowd = arrays(gt, "ground truth")
+        gt_classes.update(label for label, c in zip(labels, crowd) if not c)
+    for gt, pred in zip(ground_truth, predictions):
+        g_boxes, g_labels, g_crowd = arrays(gt, "ground truth")
+        p_boxes, p_labels, p_scores = arrays(pred, "prediction")
+        num_gt_boxes += int((~g_crowd.astype(bool)).sum())
+        num_pred_boxes += len(p_boxes)
+        for cls in set(g_labels) | set(p_labels):
+            gi = np.asarray([i for i, x in enumerate(g_labels) if x == cls], np.int64)
+            pi = np.asarray([i for i, x in enumerate(p_labels) if x == cls], np.int64)
+            ignore = g_crowd[gi].astype(bool)
+            g_order = np.argsort(ignore, kind="mergesort")  # non-ignored boxes first
+            gi, ignore = gi[g_order], ignore[g_order]
+            scores = p_scores[pi].astype(np.float64)
+            p_order = np.argsort(-scores, kind="mergesort")[:max_detections]
+            pi, scores = pi[p_order], scores[p_order]
+            ious = box_iou(p_boxes[pi], g_boxes[gi], ignore)
+            matched, ignored = _match_image(ious, ignore, thresholds)
+            acc = per_class.setdefault(cls, {"scores": [], "matched": [], "ignored": [], "num_gt": [0]})
+            acc["scores"].append(scores)
+            acc["matched"].append(matched)
+            acc["ignored"].append(ignored)
+            acc["num_gt"][0] += int((~ignore).sum())
+
+    aps: dict[Any, np.ndarray] = {}
+    for cls, acc in per_class.items():
+        if cls not in gt_classes or acc["num_gt"][0] == 0:
+            continue
+        aps[cls] = _average_precision(np.concatenate(acc["scores"]), np.concatenate(acc["matched"], axis=1),
+                                      np.concatenate(acc["ignored"], axis=1), acc["num_gt"][0])
+    if not aps:
+        return DetectionScores(-1.0, -1.0, -1.0, {}, num_gt_boxes, num_pred_boxes)
+    table = np.stack(list(aps.values()))  # (classes, thresholds)
+
+    def at(iou: float) -> float:
+        hit = np.flatnonzero(np.isclose(thresholds, iou))
+        return float(table[:, hit[0]].mean()) if len(hit) else float("nan")
+
+    return DetectionScores(
+        map=float(table.mean()), map50=at(0.5), map75=at(0.75),
+        per_class={cls: float(ap.mean()) for cls, ap in aps.items()},
+        num_ground_truth=num_gt_boxes, num_predictions=num_pred_boxes,
+    )
+
+
+def _scores_boxes(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
+    raise TypeError("metric 'map' scores boxes, not strings: the evaluator decodes generations into boxes and "
+                    "calls coco_map with the template's ground truth")
+
+
+# Selectable by name like the others (data.metric / a mixture component's metric); the evaluator routes it.
+register_metric("map", _scores_boxes)

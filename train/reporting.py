@@ -57,7 +57,7 @@ class Reporter:
                     self._tb.add_scalar(f"eval/{k}", v, record["step"])
 
     def plot(self) -> Path | None:
-        """training_curves.png: training loss and learning rate by step, validation loss and ANLS."""
+        """training_curves.png: training loss and learning rate by step, validation loss and ANLS (or mAP)."""
         if not self.enabled:
             return None
         try:
@@ -80,8 +80,9 @@ class Reporter:
             steps = [r["step"] for r in evals]
             axes[0].plot(steps, [r["val_loss"] for r in evals], "o-", label="validation loss")
             axes[0].legend()
-            keys = [k for k in evals[-1] if k not in ("step", "epoch", "seconds", "val_loss", "num_examples", "score")
-                    and not k.startswith(("val_loss/", "num_examples/"))]
+            keys = [k for k, v in evals[-1].items()
+                    if k not in ("step", "epoch", "seconds", "val_loss", "num_examples", "score")
+                    and not k.startswith(("val_loss/", "num_examples/", "ap/")) and isinstance(v, int | float)]
             for k in keys:
                 axes[2].plot(steps, [r.get(k, float("nan")) for r in evals], "o-", label=k)
             if len(keys) > 1:

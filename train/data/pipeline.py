@@ -233,6 +233,12 @@ class ExampleEncoder:
 
     def _pixels(self, example: Example) -> np.ndarray:
         image = load_image(example.image)
+        if example.image_size is not None and tuple(image.size) != tuple(example.image_size):
+            raise BadRecordError(
+                "image_size_mismatch",
+                f"image is {image.size[0]}x{image.size[1]}, the record says "
+                f"{example.image_size[0]}x{example.image_size[1]} (its boxes are relative to that)",
+            )
         try:
             pixels = np.asarray(self.image_transform(image), dtype=np.float32)
         except Exception as e:  # noqa: BLE001

@@ -1,7 +1,8 @@
 """Open a data source as a random-access sequence of records (plain dicts).
 
 Grain wants ``len()`` and ``[i]``; training wants the same code path for a Hub dataset, local parquet/arrow
-files, a ``save_to_disk`` folder and a JSONL file of ``{"image": "relative/path.png", ...}`` lines. Everything
+files, a ``save_to_disk`` folder, a JSONL file of ``{"image": "relative/path.png", ...}`` lines and a COCO
+detection JSON (one record per image, see ``CocoRecords``). Everything
 except JSONL goes through ``datasets`` (so Hub ids honour ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` and the
 cache like any ``load_dataset`` call).
 
@@ -23,6 +24,7 @@ from typing import Any, Literal
 
 __all__ = [
     "KINDS",
+    "CocoRecords",
     "DatasetRecords",
     "JsonlRecords",
     "SourceError",
@@ -35,8 +37,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SourceKind = Literal["hub", "parquet", "arrow", "disk", "jsonl", "prepared"]
-KINDS: tuple[str, ...] = ("hub", "parquet", "arrow", "disk", "jsonl", "prepared")
+SourceKind = Literal["hub", "parquet", "arrow", "disk", "jsonl", "coco", "prepared"]
+KINDS: tuple[str, ...] = ("hub", "parquet", "arrow", "disk", "jsonl", "coco", "prepared")
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -55,8 +57,9 @@ class SourceSpec:
     ``detect_kind``). ``split`` selects the split for Hub datasets and ``DatasetDict`` folders and may carry a
     slice in ``datasets``' syntax (``"train[:-300]"``, ``"train[-300:]"``): for single-split local files
     (parquet, arrow, JSONL) only the slice applies. ``name`` is the Hub config name (a subset, e.g.
-    ``"chartqa"`` of ``HuggingFaceM4/the_cauldron``). ``image_column`` is the column holding images: it is read undecoded, and for JSONL relative paths
-    in it are resolved against the JSONL file's folder.
+    ``"chartqa"`` of ``HuggingFaceM4/the_cauldron``). ``image_column`` is the column holding images: it is read
+    undecoded, and for JSONL relative paths in it are resolved against the JSONL file's folder. ``image_root`` is
+    the folder a COCO JSON's ``file_name`` entries are relative to (None: the JSON's folder).
     """
 
     path: str
@@ -66,6 +69,7 @@ class SourceSpec:
     revision: str | None = None
     cache_dir: str | None = None
     image_column: str = "image"
+    image_root: str | None = None
 
 
 def _expand(path: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -82,7 +86,8 @@ def _expand(path: str, suffixes: tuple[str, ...]) -> list[str]:
 def detect_kind(path: str) -> SourceKind:
     """Guess the source kind from the path.
 
-    ``*.jsonl`` -> jsonl; a folder with ``dataset_dict.json`` or ``state.json`` (what ``save_to_disk`` writes)
+    ``*.jsonl`` -> jsonl; a ``*.json`` file whose top level has ``images``, ``annotations`` and
+    ``categories`` -> coco; a folder with ``dataset_dict.json`` or ``state.json`` (what ``save_to_disk`` writes)
     -> disk; a parquet/arrow file, glob or folder of them -> parquet/arrow; anything else that does not exist
     locally and looks like ``name`` or ``owner/name`` -> hub. Missing local-looking paths are an error here,
     not a confusing Hub lookup.
@@ -103,6 +108,13 @@ def detect_kind(path: str) -> SourceKind:
             return "arrow"
         raise SourceError(
             f"data source {path!r}: folder holds no parquet/arrow files and is not a save_to_disk folder"
+        )
+    if lower.endswith(".json") and os.path.isfile(path):
+        if _looks_like_coco(path):
+            return "coco"
+        raise SourceError(
+            f"data source {path!r}: a JSON file that is not COCO detection data (no top-level 'images', "
+            "'annotations' and 'categories'); JSON-lines data must be named *.jsonl"
         )
     if lower.endswith(".parquet"):
         return "parquet"
@@ -248,6 +260,86 @@ class JsonlRecords(Sequence):
         return f"JsonlRecords({self.path!r}, {len(self)} records)"
 
 
+def _looks_like_coco(path: str) -> bool:
+    """Whether a JSON file is a COCO dataset, from its first 64 kB (COCO files are often hundreds of MB)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(1 << 16)
+    if not head.lstrip().startswith("{"):
+        return False
+    if len(head) < 1 << 16:
+        try:
+            data = json.loads(head)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(data, dict) and {"images", "annotations", "categories"} <= set(data)
+    # Large file: key order is free, but COCO writers put "images" (or "info"/"licenses") first.
+    return bool(re.search(r'"(images|annotations|categories|info|licenses)"\s*:', head))
+
+
+class CocoRecords(Sequence):
+    """A COCO detection JSON as one record per image.
+
+    Record: ``{"image": absolute path, "image_id", "file_name", "width", "height", "annotations": [{"id",
+    "bbox": [x, y, w, h] (pixels, top-left origin), "category_id", "category" (its name), "iscrowd", "area"}]}``.
+    Images without annotations are kept (an image with nothing to detect is a valid example). Annotations
+    with an unknown ``category_id`` or a malformed ``bbox`` are dropped at load, with a warning and a count in
+    ``invalid_annotations``; per-record checks (box inside the image, usable size) are the templates' job, so a
+    bad record is skipped and counted by the pipeline like any other.
+    """
+
+    def __init__(self, path: str, image_root: str | None = None):
+        self.path = path
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
+            raise SourceError(f"data source {path!r}: not a COCO detection JSON "
+                              "(needs top-level 'images', 'annotations' and 'categories')")
+        self.image_root = os.path.abspath(image_root or os.path.dirname(os.path.abspath(path)))
+        self.categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+        by_image: dict[Any, list[dict[str, Any]]] = {}
+        self.invalid_annotations = 0
+        for ann in data["annotations"]:
+            bbox = ann.get("bbox")
+            cat = ann.get("category_id")
+            if (cat not in self.categories or not isinstance(bbox, list | tuple) or len(bbox) != 4
+                    or not all(isinstance(v, int | float) for v in bbox)):
+                self.invalid_annotations += 1
+                continue
+            by_image.setdefault(ann.get("image_id"), []).append({
+                "id": ann.get("id"), "bbox": [float(v) for v in bbox], "category_id": int(cat),
+                "category": self.categories[int(cat)], "iscrowd": int(ann.get("iscrowd", 0) or 0),
+                "area": float(ann.get("area", bbox[2] * bbox[3])),
+            })
+        if self.invalid_annotations:
+            log.warning("%s: %d annotations with an unknown category or a malformed bbox were dropped",
+                        path, self.invalid_annotations)
+        self.records: list[dict[str, Any]] = []
+        for image in data["images"]:
+            self.records.append({
+                "image": os.path.join(self.image_root, str(image.get("file_name", ""))),
+                "image_id": image.get("id"),
+                "file_name": image.get("file_name"),
+                "width": image.get("width"),
+                "height": image.get("height"),
+                "annotations": by_image.get(image.get("id"), []),
+            })
+        if self.records and not os.path.exists(self.records[0]["image"]):
+            raise SourceError(
+                f"data source {path!r}: image {self.records[0]['file_name']!r} is not in {self.image_root!r}; "
+                "set the image folder (data.image_root / data.eval_image_root)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        record = self.records[int(index)]
+        return {**record, "annotations": [dict(a) for a in record["annotations"]]}
+
+    def __repr__(self) -> str:
+        return f"CocoRecords({self.path!r}, {len(self)} images, {len(self.categories)} categories)"
+
+
 def _open_text_gz(path: str, encoding: str) -> Any:
     import gzip
 
@@ -310,6 +402,10 @@ def open_source(spec: SourceSpec | str) -> Sequence[dict[str, Any]]:
             from train.data.prepared import PreparedRecords
 
             records = PreparedRecords(spec.path)
+        elif kind == "coco":
+            if not os.path.isfile(spec.path):
+                raise SourceError(f"data source {spec.path!r}: no such COCO JSON file")
+            records = CocoRecords(spec.path, spec.image_root)
         else:
             description = f"{kind}:{spec.path}" + (f"/{spec.name}" if spec.name else "") + f"[{spec.split}]"
             records = DatasetRecords(_open_datasets(spec, kind), description)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from florence_jax.postprocess import quantize_coordinates
+
 __all__ = [
+    "BOX_TEMPLATES",
     "BadRecordError",
     "ConfiguredTemplate",
     "Example",
@@ -22,6 +26,9 @@ __all__ = [
     "Template",
     "cauldron",
     "docvqa",
+    "od",
+    "phrase_grounding",
+    "region_to_description",
     "get_template",
     "mapped",
     "parse_columns",
@@ -33,6 +40,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DOCVQA_TASK = "<DocVQA>"
+OD_TASK = "<OD>"
+GROUNDING_TASK = "<CAPTION_TO_PHRASE_GROUNDING>"
+REGION_TASK = "<REGION_TO_DESCRIPTION>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +51,18 @@ class Example:
 
     ``image`` is whatever the record holds (PIL image, ``{"bytes", "path"}`` dict, path string, raw bytes or
     None): decoding is the pipeline's job, done in grain workers.
+
+    Detection templates add ``image_size`` ``(width, height)``, the size the target's locations are relative
+    to (the pipeline skips a record whose decoded image has another size), and ``ground_truth``
+    ``{"task", "boxes" (x1 y1 x2 y2 pixels), "labels", "crowd"}``, what box metrics score the answer against.
     """
 
     prompt: str
     target: str
     references: tuple[str, ...]
     image: Any
+    image_size: tuple[int, int] | None = None
+    ground_truth: Mapping[str, Any] | None = None
 
 
 class BadRecordError(ValueError):
@@ -343,3 +359,99 @@ class ExpandedRecords(Sequence):
 
     def __repr__(self) -> str:
         return f"ExpandedRecords({self.source!r} by {self.column!r}, {len(self)} records)"
+
+
+# ------------------------------------------------------------------------------------------ detection
+BOX_TEMPLATES: frozenset[str] = frozenset({"od", "phrase_grounding"})
+"""Templates whose examples carry ground-truth boxes (``data.metric = "map"`` needs one of these)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Object:
+    label: str
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
+    crowd: bool
+
+
+def _coco_objects(record: Mapping[str, Any]) -> tuple[tuple[int, int], list[_Object]]:
+    """A COCO record's image size and objects in raster order (top to bottom, then left to right).
+
+    Boxes are COCO ``[x, y, w, h]``; they are clipped to the image (COCO boxes often overhang by a fraction of a
+    pixel). A record is bad when its size is unusable, or a box is empty or lies outside the image.
+    """
+    width, height = _require(record, "width"), _require(record, "height")
+    if not all(isinstance(v, int | float) and v > 0 for v in (width, height)):
+        raise BadRecordError("bad_image_size", f"width={width!r} height={height!r}")
+    objects = []
+    for ann in _require(record, "annotations") or []:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        x1, y1 = max(x, 0.0), max(y, 0.0)
+        x2, y2 = min(x + w, float(width)), min(y + h, float(height))
+        if not (w > 0 and h > 0 and x2 > x1 and y2 > y1):
+            raise BadRecordError("bad_box", f"bbox {ann['bbox']} in a {width}x{height} image")
+        label = str(ann.get("category", "")).strip()
+        if not label or "<" in label:
+            raise BadRecordError("bad_label", f"category name {label!r} (empty or with '<')")
+        objects.append(_Object(label, (x1, y1, x2, y2), bool(ann.get("iscrowd", 0))))
+    objects.sort(key=lambda o: (o.box[1], o.box[0], o.label))
+    return (int(width), int(height)), objects
+
+
+def _locs(boxes: list[tuple[float, float, float, float]], size: tuple[int, int]) -> list[str]:
+    """Each box as ``<loc_x1><loc_y1><loc_x2><loc_y2>``: Florence-2's 1000 bins per axis, relative to the
+    image's width and height, ``floor(x / (width / 1000))`` clamped to 999 (transformers' ``quantize``)."""
+    bins = quantize_coordinates(np.asarray(boxes, np.float64).reshape(-1, 4), size)
+    return ["".join(f"<loc_{int(v)}>" for v in row) for row in bins]
+
+
+def _ground_truth(task: str, objects: list[_Object]) -> dict[str, Any]:
+    return {"task": task, "boxes": [list(o.box) for o in objects], "labels": [o.label for o in objects],
+            "crowd": [o.crowd for o in objects]}
+
+
+def _pick(record: Mapping[str, Any], n: int) -> int:
+    """A fixed choice among ``n`` per image (by image id), so every image asks about something different
+    while the example stays a pure function of the record."""
+    key = record.get("image_id", record.get("file_name", ""))
+    return zlib.crc32(str(key).encode()) % n
+
+
+@register_template("od")
+def od(record: Mapping[str, Any]) -> Example:
+    """COCO records -> ``<OD>``: target ``label<loc_x1><loc_y1><loc_x2><loc_y2>label<loc_...>...``, one
+    label per box, in raster order. Crowd regions are not targets (they are ignore regions for mAP). An image
+    without objects has an empty target: it teaches the model to answer nothing."""
+    size, objects = _coco_objects(record)
+    plain = [o for o in objects if not o.crowd]
+    target = "".join(o.label + loc for o, loc in zip(plain, _locs([o.box for o in plain], size)))
+    return Example(prompt=OD_TASK, target=target, references=(target,), image=_require(record, "image"),
+                   image_size=size, ground_truth=_ground_truth(OD_TASK, objects))
+
+
+@register_template("phrase_grounding")
+def phrase_grounding(record: Mapping[str, Any]) -> Example:
+    """COCO records -> ``<CAPTION_TO_PHRASE_GROUNDING>`` + a category present in the image; target the
+    phrase followed by every box of that category (``phrase<loc..><loc..><loc..><loc..><loc..>...``, as
+    Florence-2 answers). The category is a fixed choice per image. Images without objects are bad."""
+    size, objects = _coco_objects(record)
+    names = sorted({o.label for o in objects if not o.crowd})
+    if not names:
+        raise BadRecordError("no_objects")
+    phrase = names[_pick(record, len(names))]
+    mine = [o for o in objects if o.label == phrase]
+    target = phrase + "".join(_locs([o.box for o in mine if not o.crowd], size))
+    return Example(prompt=GROUNDING_TASK + phrase, target=target, references=(target,),
+                   image=_require(record, "image"), image_size=size, ground_truth=_ground_truth(GROUNDING_TASK, mine))
+
+
+@register_template("region_to_description")
+def region_to_description(record: Mapping[str, Any]) -> Example:
+    """COCO records -> ``<REGION_TO_DESCRIPTION><loc_x1><loc_y1><loc_x2><loc_y2>``; target the object's
+    category name (also the reference, scored by ANLS). One object per image, a fixed choice."""
+    size, objects = _coco_objects(record)
+    plain = [o for o in objects if not o.crowd]
+    if not plain:
+        raise BadRecordError("no_objects")
+    obj = plain[_pick(record, len(plain))]
+    return Example(prompt=REGION_TASK + _locs([obj.box], size)[0], target=obj.label, references=(obj.label,),
+                   image=_require(record, "image"), image_size=size)

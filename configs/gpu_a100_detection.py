@@ -1,0 +1,71 @@
+"""COCO 2017 object detection (`<OD>`) on one A100-40GB: Florence-2-base-ft, scored by COCO mAP.
+
+Data: the standard COCO layout, `annotations/instances_{train,val}2017.json` with the images in `train2017/`
+and `val2017/` (paths below are relative to the working directory; override `data.source`,
+`data.image_root`, `data.eval_source`, `data.eval_image_root`). Each image is one example: prompt `<OD>`,
+target `label<loc_x1><loc_y1><loc_x2><loc_y2>...` for every non-crowd box in raster order, coordinates in
+Florence-2's 1000 bins relative to the image's width and height. Crowd regions are ignore regions in the
+evaluation, as in COCO.
+
+Evaluation: beam 3 generation up to 256 tokens, decoded into boxes and scored with COCO mAP@[.5:.95]
+(also mAP@.5, mAP@.75 and per-class AP in eval.jsonl); the best checkpoint is kept by mAP. Florence-2 emits
+no confidences, so every box scores 1.0: the AP is that of one operating point, lower than a detector's
+with ranked scores.
+
+Lengths: COCO has 7.3 boxes per image on average and a long tail; a box costs 4 location tokens plus 1-3
+label tokens, so 256 target tokens hold ~40 boxes (longer targets are cut, keeping `</s>`, and counted as
+truncated_target). Learning rate 5e-6 (the usual Florence-2 detection fine-tuning rate; the DocVQA recipe's
+1e-6 moves the location head too slowly), linear decay with a short warmup, vision tower frozen as in
+`gpu_a100.py`.
+
+Memory: the DocVQA step at batch 32 (64 target tokens) needs 35.7 of 40 GiB by the compile-time check; 256
+target tokens add about 2.5 GiB of float32 logits and their gradient (32 x 256 x 51k x 4 bytes, twice). So the
+global batch 32 runs as 2 micro-batches of 16 (`grad_accum_steps=2`, same update). This config has not been
+compiled here: `python -m scripts.aot_compile --config gpu_a100_detection.py` checks it before renting.
+"""
+
+from train.config import DataConfig, EvalConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        seed=0,
+        max_steps=0,
+        num_epochs=3,
+        batch_size=32,
+        grad_accum_steps=2,
+        checkpoint_every_steps=1000,
+        eval_every_steps=0,  # each epoch's end
+        log_every_steps=20,
+        keep_checkpoints=2,
+        data=DataConfig(
+            source="coco/annotations/instances_train2017.json",
+            image_root="coco/train2017",
+            eval_source="coco/annotations/instances_val2017.json",
+            eval_image_root="coco/val2017",
+            format="coco",
+            template="od",
+            metric="map",  # COCO box mAP of the decoded generations
+            image_size=768,
+            max_prompt_tokens=16,  # "Locate the objects with category name in the image."
+            max_target_tokens=256,
+            num_workers=8,
+        ),
+        model=ModelConfig(
+            name_or_path="florence-community/Florence-2-base-ft",
+            dtype="bfloat16",
+            param_dtype="float32",
+            attention_impl="dot_product",
+            remat_policy="none",
+        ),
+        optim=OptimConfig(
+            learning_rate=5e-6,
+            schedule="linear",
+            warmup_steps=200,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            freeze=(r"^model\.vision_tower\.",),
+        ),
+        mesh=MeshConfig(data=-1, fsdp=1),
+        eval=EvalConfig(num_beams=3, max_new_tokens=256, batch_size=32),
+    )
