@@ -326,4 +326,4 @@ def test_worker_processes_give_the_same_batches(dirty, processor):
 
 
 def test_sources_module_exports():
-    assert set(sources.KINDS) == {"hub", "parquet", "arrow", "disk", "jsonl", "coco"}
+    assert set(sources.KINDS) == {"hub", "parquet", "arrow", "disk", "jsonl", "coco", "prepared"}
