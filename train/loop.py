@@ -109,34 +109,24 @@ def export_model(cfg: TrainConfig, model, processor, out: Path, lora_mode: str |
     return written
 
 
-def _synthetic_sources(cfg: TrainConfig, workdir: Path):
-    from train.data import synthetic
+def _synthetic_sources(cfg: TrainConfig, workdir: Path, kind: str = "synthetic"):
+    """The generated train/validation set (``synthetic`` documents as parquet, ``synthetic_detection``
+    shapes as COCO JSON), written once by process 0 into ``workdir/data``."""
+    import importlib
+
     from train.data.sources import open_source
 
+    module = importlib.import_module(f"train.data.{kind}")
+    suffix = ".json" if kind == "synthetic_detection" else ".parquet"
     out = workdir / "data"
     s = cfg.data.synthetic
-    ready = (out / "validation.parquet").exists()
-    _barrier("synthetic_data_check")  # every process has looked before process 0 may write
+    ready = (out / f"validation{suffix}").exists()
+    _barrier(f"{kind}_check")  # every process has looked before process 0 may write
     if not ready:
         if jax.process_index() == 0:
-            synthetic.generate(out, s.num_train, s.num_val, image_size=s.image_size, seed=s.seed)
-        _barrier("synthetic_data")
-    return open_source(str(out / "train.parquet")), open_source(str(out / "validation.parquet"))
-
-
-def _synthetic_detection_sources(cfg: TrainConfig, workdir: Path):
-    from train.data import synthetic_detection
-    from train.data.sources import open_source
-
-    out = workdir / "data"
-    s = cfg.data.synthetic
-    ready = (out / "validation.json").exists()
-    _barrier("synthetic_detection_check")  # every process has looked before process 0 may write
-    if not ready:
-        if jax.process_index() == 0:
-            synthetic_detection.generate(out, s.num_train, s.num_val, image_size=s.image_size, seed=s.seed)
-        _barrier("synthetic_detection_data")
-    return open_source(str(out / "train.json")), open_source(str(out / "validation.json"))
+            module.generate(out, s.num_train, s.num_val, image_size=s.image_size, seed=s.seed)
+        _barrier(f"{kind}_data")
+    return open_source(str(out / f"train{suffix}")), open_source(str(out / f"validation{suffix}"))
 
 
 @dataclasses.dataclass
@@ -163,10 +153,8 @@ def get_datasets(cfg: TrainConfig, workdir: Path) -> list[RunDataset]:
     for c in data_components(cfg.data):
         where = f"config.data.mixture[{c.name}]" if c.name else "config.data"
         template = ConfiguredTemplate(c.template, c.columns, c.prompt_prefix)
-        if c.source == "synthetic":
-            train, val = _synthetic_sources(cfg, workdir)
-        elif c.source == "synthetic_detection":
-            train, val = _synthetic_detection_sources(cfg, workdir)
+        if c.source in ("synthetic", "synthetic_detection"):
+            train, val = _synthetic_sources(cfg, workdir, c.source)
         else:
             image = template.column("image")  # JSONL: relative image paths resolve in this column
             train = open_source(SourceSpec(path=c.source, kind=c.format, split=c.train_split, name=c.subset,
