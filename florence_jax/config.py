@@ -115,6 +115,7 @@ class Florence2Config:
     param_dtype: Any = jnp.float32
     attention_impl: str = "xla"  # "xla" (einsum softmax), "dot_product" (jax.nn.dot_product_attention)
     remat_policy: str = "none"  # "none", "full", "dots": rematerialise vision blocks and BART layers
+    scan_vision_blocks: bool = True  # run a vision stage's blocks as one lax.scan (see DaViT._scan_stage)
 
     def replace(self, **kw) -> Florence2Config:
         if "dtype" in kw:

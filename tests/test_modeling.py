@@ -1,5 +1,7 @@
 """Numerical parity of the NNX model with transformers' Florence2ForConditionalGeneration."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,3 +187,47 @@ def test_base_size_parity(tmp_path):
     for k, v in iter_flax_params(Florence2ForConditionalGeneration.from_pretrained(orig)):
         n = 51289 if k.endswith("shared.embedding") else None
         assert np.array_equal(np.asarray(v)[:n], np.asarray(a[k])[:n]), k
+
+
+def test_scanned_vision_stage_equals_unrolled(tiny_hf_dir):
+    """The tiny tower's 2-block stage runs as one lax.scan by default; unrolled it gives the same features
+    and the same gradients (train mode, stochastic depth off so both are deterministic)."""
+    from florence_jax.modeling.davit import DaViT
+
+    scanned = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
+    cfg = scanned.config.replace(vision_config=dataclasses.replace(scanned.config.vision_config, drop_path_rate=0.0))
+    towers = {}
+    for scan in (True, False):
+        tower = DaViT(cfg.replace(scan_vision_blocks=scan), rngs=nnx.Rngs(0))
+        nnx.update(tower, nnx.state(scanned.model.vision_tower, nnx.Param))
+        towers[scan] = tower
+    assert max(len(b) for b in towers[True].blocks) == 2  # a stage that is actually scanned
+    x = jnp.asarray(tiny_batch(seed=3)["pixel_values"]).transpose(0, 2, 3, 1)
+
+    def loss(tower):
+        return jnp.sum(tower(x, nnx.Rngs(dropout=1)) ** 2)
+
+    outs = {s: np.asarray(towers[s](x)) for s in towers}
+    np.testing.assert_allclose(outs[True], outs[False], atol=1e-5, rtol=0)  # fp32, same ops in a loop
+    grads = {s: nnx.grad(loss)(towers[s]) for s in towers}
+    flat_s = dict(nnx.to_flat_state(nnx.state(grads[True], nnx.Param)))
+    flat_u = dict(nnx.to_flat_state(nnx.state(grads[False], nnx.Param)))
+    assert flat_s.keys() == flat_u.keys() and len(flat_s) > 20
+    for k in flat_s:
+        np.testing.assert_allclose(np.asarray(flat_s[k][...]), np.asarray(flat_u[k][...]), atol=1e-4, rtol=1e-4,
+                                   err_msg=str(k))
+
+
+def test_drop_path_with_a_traced_rate():
+    """Inside the scan each block's stochastic-depth rate is a traced value: whole samples are dropped at
+    that rate and the kept ones scaled by 1 / (1 - rate)."""
+    from florence_jax.modeling.davit import _apply_drop_path
+
+    dp = nnx.Dropout(0.1, broadcast_dims=(1, 2))
+    x = jnp.ones((4000, 3, 5))
+    y = np.asarray(jax.jit(lambda r: _apply_drop_path(dp, x, nnx.Rngs(dropout=0), r))(jnp.float32(0.25)))
+    per_sample = y.reshape(4000, -1)
+    assert np.all(per_sample == per_sample[:, :1])  # one decision per sample
+    kept = per_sample[:, 0] != 0
+    np.testing.assert_allclose(per_sample[kept, 0], 1 / 0.75, rtol=1e-6)
+    assert abs(kept.mean() - 0.75) < 0.03  # 4000 Bernoulli draws: 0.03 is > 4 standard deviations

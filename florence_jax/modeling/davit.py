@@ -13,7 +13,15 @@ from flax import nnx
 
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
-from florence_jax.modeling.layers import INIT_STD, activation, attention, layer_norm, linear, maybe_remat
+from florence_jax.modeling.layers import (
+    INIT_STD,
+    activation,
+    attention,
+    layer_norm,
+    linear,
+    maybe_remat,
+    remat_function,
+)
 
 
 def _conv(cfg: Florence2Config, din: int, dout: int, k: int, stride: int, pad: int, groups: int, rngs):
@@ -25,14 +33,13 @@ def _conv(cfg: Florence2Config, din: int, dout: int, k: int, stride: int, pad: i
 
 
 class DepthwiseConv(nnx.Module):
-    """3x3 depthwise conv (stride 1, padding 1): a grouped convolution with one group per channel.
+    """3x3 depthwise conv (stride 1, padding 1) as nine shifted multiply-adds.
 
     Same parameters as ``nnx.Conv(C, C, (3, 3), feature_group_count=C)`` (kernel (3, 3, 1, C), bias (C,)),
-    so checkpoints map identically. It is deliberately a convolution op rather than nine shifted
-    multiply-adds: the shifted sum is elementwise, so XLA fused it with the residual adds into chains
-    spanning a whole stage and duplicated them in every consumer (fusions of ~2400 ops each). On CPU
-    the float32 train step then never finished compiling (past 20 GB), and with the older emitter it
-    compiled but ran 2.7x slower than with this op (base, 256 px, batch 2: 7.7 s vs 2.8 s per step).
+    so checkpoints map identically. On CPU the shifted sum is about ten times faster than XLA's grouped
+    convolution forward and backward (which computes it as a dense C x C convolution). Being elementwise,
+    it lets XLA fuse a block's residual stream into long chains; the scan over a stage's blocks
+    (``DaViT``) keeps those chains within one block.
     """
 
     def __init__(self, cfg: Florence2Config, dim: int, *, rngs: nnx.Rngs):
@@ -43,10 +50,14 @@ class DepthwiseConv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x, self.kernel[...].astype(self.dtype), window_strides=(1, 1), padding=((1, 1), (1, 1)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
-        return y + self.bias[...].astype(self.dtype)
+        k = self.kernel[...].astype(self.dtype)
+        h, w = x.shape[1], x.shape[2]
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        out = self.bias[...].astype(self.dtype)
+        for i in range(3):
+            for j in range(3):
+                out = out + xp[:, i : i + h, j : j + w, :] * k[i, j, 0]
+        return out
 
 
 def _drop_path(rate: float) -> nnx.Dropout | None:
@@ -54,8 +65,17 @@ def _drop_path(rate: float) -> nnx.Dropout | None:
     return nnx.Dropout(rate, broadcast_dims=(1, 2)) if rate > 0.0 else None
 
 
-def _apply_drop_path(dp: nnx.Dropout | None, x: jax.Array, rngs) -> jax.Array:
-    return x if dp is None else dp(x, rngs=rngs)
+def _apply_drop_path(dp: nnx.Dropout | None, x: jax.Array, rngs, rate: jax.Array | None = None) -> jax.Array:
+    """Stochastic depth; ``rate`` (traced) overrides the module's rate inside the scan over blocks."""
+    if dp is None:
+        return x
+    if rate is None:
+        return dp(x, rngs=rngs)
+    if dp.deterministic:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jax.lax.select(jnp.broadcast_to(mask, x.shape), x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
 class ConvEmbed(nnx.Module):
@@ -156,15 +176,16 @@ class _DaViTBlockHalf(nnx.Module):
     def _attend(self, tokens: jax.Array, hw: tuple[int, int], rngs=None) -> jax.Array:
         raise NotImplementedError
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None, drop_rate: jax.Array | None = None) -> jax.Array:
         b, h, w, c = x.shape
         x = self.conv1(x) + x
         tokens = x.reshape(b, h * w, c)
-        tokens = tokens + _apply_drop_path(self.drop_path1, self._attend(self.norm1(tokens), (h, w), rngs), rngs)
+        attn = self._attend(self.norm1(tokens), (h, w), rngs)
+        tokens = tokens + _apply_drop_path(self.drop_path1, attn, rngs, drop_rate)
         x = tokens.reshape(b, h, w, c)
         x = self.conv2(x) + x
         tokens = x.reshape(b, h * w, c)
-        tokens = tokens + _apply_drop_path(self.drop_path2, self.ffn(self.norm2(tokens), rngs), rngs)
+        tokens = tokens + _apply_drop_path(self.drop_path2, self.ffn(self.norm2(tokens), rngs), rngs, drop_rate)
         return tokens.reshape(b, h, w, c)
 
 
@@ -192,8 +213,11 @@ class VisionBlock(nnx.Module):
         self.spatial_block = SpatialBlock(cfg, stage, spatial_dpr, rngs=rngs)
         self.channel_block = ChannelBlock(cfg, stage, channel_dpr, rngs=rngs)
 
-    def __call__(self, x, rngs=None):
-        return self.channel_block(self.spatial_block(x, rngs), rngs)
+    def __call__(self, x, rngs=None, drop_rates: jax.Array | None = None):
+        """``drop_rates`` (spatial, channel), traced, replace the blocks' own rates (scan over blocks)."""
+        if drop_rates is None:
+            return self.channel_block(self.spatial_block(x, rngs), rngs)
+        return self.channel_block(self.spatial_block(x, rngs, drop_rates[0]), rngs, drop_rates[1])
 
 
 class DaViT(nnx.Module):
@@ -215,11 +239,45 @@ class DaViT(nnx.Module):
             offset += 2 * depth
         self.convs = nnx.List(convs)
         self.blocks = nnx.List(blocks)
+        self.scan_blocks = cfg.scan_vision_blocks
+        # (spatial, channel) stochastic-depth rate of every block, per stage, for the scan.
+        starts = np.cumsum([0, *v.depths[:-1]]) * 2
+        self.drop_rates = tuple(tuple((dpr[o + 2 * j], dpr[o + 2 * j + 1]) for j in range(d))
+                                for o, d in zip(starts.tolist(), v.depths))
 
     def __call__(self, pixels_nhwc: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         x = pixels_nhwc
-        for conv, stage_blocks in zip(self.convs, self.blocks):
+        for stage, (conv, stage_blocks) in enumerate(zip(self.convs, self.blocks)):
             x = conv(x)
+            if self.scan_blocks and len(stage_blocks) > 1:
+                x = self._scan_stage(stage, x, rngs)
+                continue
             for block in stage_blocks:
                 x = maybe_remat(lambda blk, h, r: blk(h, r), self.remat_policy)(block, x, rngs)
+        return x
+
+    def _scan_stage(self, stage: int, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        """A stage's identical blocks as one ``lax.scan`` over their stacked parameters.
+
+        One block is traced and compiled instead of ``depth`` (9 in stage 3 of base and large), and XLA
+        cannot fuse across iterations: with the elementwise depthwise convs, an unrolled stage let XLA
+        fuse the residual stream of all its blocks into thousands of ~2400-op fusions, whose CPU compile
+        grew past 20 GB. Per-block stochastic-depth rates and dropout keys are scanned alongside.
+        """
+        stage_blocks = self.blocks[stage]
+        graphdef, first = nnx.split(stage_blocks[0])
+        states = [first] + [nnx.split(b)[1] for b in stage_blocks[1:]]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        depth = len(stage_blocks)
+        keys = jax.random.split(rngs.dropout(), depth) if rngs is not None else jnp.zeros((depth,), jnp.uint32)
+        rates = jnp.asarray(self.drop_rates[stage], jnp.float32)
+        use_rngs = rngs is not None
+
+        def body(h, xs):
+            state, key, rate = xs
+            block = nnx.merge(graphdef, state)
+            return block(h, nnx.Rngs(dropout=key) if use_rngs else None, rate), None
+
+        body = remat_function(body, self.remat_policy)
+        x, _ = jax.lax.scan(body, x, (stacked, keys, rates))
         return x

@@ -71,13 +71,17 @@ def attention(
     use_dropout = dropout is not None and dropout.rate > 0 and not dropout.deterministic
     if impl == "dot_product" and not use_dropout:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale).astype(v.dtype)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    # Heads-major operands: XLA:CPU runs these batched matmuls about 2.5x faster than on the
+    # (batch, length, heads, dim) layout (DaViT stage-1 windows: 460 ms vs 1140 ms), and it is the
+    # layout the GPU and TPU dot emitters want anyway.
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if use_dropout:
         probs = dropout(probs, rngs=rngs)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
 
 
 def maybe_remat(fn, policy: str):
@@ -88,6 +92,17 @@ def maybe_remat(fn, policy: str):
         return nnx.remat(fn)
     if policy == "dots":
         return nnx.remat(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"unknown remat_policy {policy!r}; expected none, full or dots")
+
+
+def remat_function(fn, policy: str):
+    """``maybe_remat`` for a pure function (e.g. a scan body)."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     raise ValueError(f"unknown remat_policy {policy!r}; expected none, full or dots")
 
 
