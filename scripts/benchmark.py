@@ -234,12 +234,15 @@ def _peak_memory_ours(compiled) -> int | None:
 
 
 def bench_train_reference(ref, s: Settings, frozen: bool, device) -> dict[str, Any]:
+    import copy
+
     import torch
     from transformers import get_scheduler
 
     fc = _fc_from_torch(ref)
     b = make_batch(fc, s, s.train_batch)
-    model = ref.to(device).train()
+    # Train a copy: the generation rows compare tokens against ours, which loads the untrained weights.
+    model = copy.deepcopy(ref).to(device).train()
     for p in model.parameters():
         p.requires_grad_(True)
     if frozen:  # frozen for real (requires_grad=False), unlike the recipe's attribute that torch ignores
@@ -271,10 +274,6 @@ def bench_train_reference(ref, s: Settings, frozen: bool, device) -> dict[str, A
         torch.cuda.reset_peak_memory_stats()
     timing = measure(run, s.repeats)
     mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-        p.grad = None
     return {"timing": timing, "memory_bytes": mem}
 
 

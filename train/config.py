@@ -104,6 +104,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     attention_impl: str = "xla"  # "xla" or "dot_product" (cuDNN flash attention on GPU)
     remat_policy: str = "none"  # "none", "full", "dots"
+    scan_vision_blocks: bool = True  # a vision stage's blocks as one lax.scan (fast compile; False unrolls)
     dropout: float | None = None  # override the text model's dropout, attention and activation dropout
     drop_path_rate: float | None = None  # override the vision tower's stochastic depth
     # New tokens (e.g. "<MY_TASK>") added to the tokenizer; the embedding grows, new rows start at the mean.

@@ -59,7 +59,8 @@ def model_config_for(cfg: ModelConfig, tokenizer=None) -> Florence2Config | None
 
 def _apply_model_options(fc: Florence2Config, cfg: ModelConfig) -> Florence2Config:
     fc = fc.replace(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
-                    attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy)
+                    attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
+                    scan_vision_blocks=cfg.scan_vision_blocks)
     if cfg.dropout is not None:
         t = fc.text_config
         fc = fc.replace(text_config=dataclasses.replace(
@@ -99,7 +100,7 @@ def _create_base_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: in
         )
         model.config = _apply_model_options(model.config, cfg)
         if (model.config.attention_impl != "xla" or model.config.remat_policy != "none" or cfg.dropout is not None
-                or cfg.drop_path_rate is not None):
+                or cfg.drop_path_rate is not None or not cfg.scan_vision_blocks):
             model = _rebuild_with_config(model, model.config)
         return model
     fc = _apply_model_options(fc, cfg)

@@ -259,7 +259,7 @@ class DaViT(nnx.Module):
     def _scan_stage(self, stage: int, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
         """A stage's identical blocks as one ``lax.scan`` over their stacked parameters.
 
-        One block is traced and compiled instead of ``depth`` (9 in stage 3 of base and large), and XLA
+        One block is traced and compiled instead of ``depth`` (9 in the third stage of base and large), and XLA
         cannot fuse across iterations: with the elementwise depthwise convs, an unrolled stage let XLA
         fuse the residual stream of all its blocks into thousands of ~2400-op fusions, whose CPU compile
         grew past 20 GB. Per-block stochastic-depth rates and dropout keys are scanned alongside.
