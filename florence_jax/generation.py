@@ -14,8 +14,8 @@ traced :class:`DecodeControls` pytree, so sweeping those never recompiles.
 encoder run once; each decoder layer's cross-attention keys/values are projected once
 (``BartDecoder.cross_kv``); the decoder then runs one token per step against a preallocated
 self-attention cache ``[LayerCache(key, value)] * layers`` of shape
-``(batch * num_beams, max_length - 1, heads, head_dim)``. Step ``t`` feeds the token at position
-``t`` and writes that position's keys/values; the mask hides positions not yet written. The last
+``(batch * num_beams, heads, max_length - 1, head_dim)`` (heads-major, like the cross K/V, so no step
+transposes them). Step ``t`` feeds the token at position ``t`` and writes that position's keys/values; the mask hides positions not yet written. The last
 token is never fed back, hence ``max_length - 1`` slots.
 
 *Why ``lax.while_loop``.* The number of steps is data dependent (every row hits EOS, or beam search's

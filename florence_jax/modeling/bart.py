@@ -23,7 +23,7 @@ POSITION_OFFSET = 2  # BART's learned positions are indexed from 2 (a fairseq le
 
 
 class LayerCache(NamedTuple):
-    """Self-attention keys/values of one decoder layer, ``(batch, max_length, heads, head_dim)``."""
+    """Self-attention keys/values of one decoder layer, heads-major: ``(batch, heads, max_length, head_dim)``."""
 
     key: jax.Array
     value: jax.Array
@@ -42,23 +42,28 @@ class BartAttention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.text_config.attention_dropout)
 
     def _heads(self, x):
-        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+        """``(batch, length, d_model)`` -> heads-major ``(batch, heads, length, head_dim)``."""
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
     def project_kv(self, x: jax.Array, rngs=None) -> tuple[jax.Array, jax.Array]:
         return self._heads(dense(self.k_proj, x, rngs)), self._heads(dense(self.v_proj, x, rngs))
 
     def __call__(self, x, key, value, mask, rngs=None):
-        q = self._heads(dense(self.q_proj, x, rngs))
-        rows, groups = x.shape[0], x.shape[0] // key.shape[0]
+        """``x`` (rows, q_len, d_model) attends to heads-major ``key``/``value``."""
+        q = self._heads(dense(self.q_proj, x, rngs))  # (rows, heads, q_len, head_dim)
+        rows, q_len, groups = x.shape[0], x.shape[1], x.shape[0] // key.shape[0]
         if groups > 1:
             # Beam search: the beams of a row (consecutive rows of x) share one encoder output, so their
             # queries attend to the row's keys/values as extra query positions; nothing is repeated.
-            q = q.reshape(key.shape[0], groups * q.shape[1], *q.shape[2:])
+            q = q.reshape(key.shape[0], groups, self.num_heads, q_len, self.head_dim).transpose(0, 2, 1, 3, 4)
+            q = q.reshape(key.shape[0], self.num_heads, groups * q_len, self.head_dim)
         out = attention(q, key, value, scale=self.head_dim**-0.5, mask=mask, impl=self.impl,
-                        dropout=self.dropout, rngs=rngs)
+                        dropout=self.dropout, rngs=rngs, heads_major=True)
         if groups > 1:
-            out = out.reshape(rows, -1, *out.shape[2:])
-        return dense(self.out_proj, out.reshape(*x.shape[:-1], -1), rngs)
+            out = out.reshape(key.shape[0], self.num_heads, groups, q_len, self.head_dim).transpose(0, 2, 1, 3, 4)
+            out = out.reshape(rows, self.num_heads, q_len, self.head_dim)
+        out = out.transpose(0, 2, 1, 3).reshape(rows, q_len, -1)
+        return dense(self.out_proj, out, rngs)
 
 
 class _FFN(nnx.Module):
@@ -107,8 +112,8 @@ class DecoderLayer(_FFN):
         if cache is not None:
             # Write this step's keys/values at `index` and attend over the whole preallocated buffer;
             # the caller's mask hides positions not yet written.
-            k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), index, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), index, axis=2)
             cache = LayerCache(k, v)
         a = self.dropout(self.self_attn(h, k, v, self_mask, rngs), rngs=rngs)
         h = self.self_attn_layer_norm(h + a)
@@ -184,7 +189,7 @@ class BartDecoder(_Stack):
                 self_mask = self_mask & decoder_attention_mask.astype(bool)[:, None, None, :]
         else:
             start = index
-            max_len = cache[0].key.shape[1]
+            max_len = cache[0].key.shape[2]
             q_pos = index + jnp.arange(length)
             self_mask = (jnp.arange(max_len)[None, :] <= q_pos[:, None])[None, None]
             if decoder_attention_mask is not None:  # (B, max_len) padding over the cache positions
@@ -205,7 +210,7 @@ class BartDecoder(_Stack):
 
     def init_cache(self, batch: int, max_length: int, dtype) -> list[LayerCache]:
         layer = self.layers[0].self_attn
-        shape = (batch, max_length, layer.num_heads, layer.head_dim)
+        shape = (batch, layer.num_heads, max_length, layer.head_dim)
         return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers]
 
 
