@@ -3,8 +3,8 @@
 Multi-host: launch the same command on every worker; each host reads its shard of the data (grain
 per-process sharding) and the global batch is assembled with make_array_from_process_local_data.
 Mesh data=16: v5e's 16 GiB per chip holds base's parameters and Adam moments whole, so the batch is split
-16 ways (16 examples per chip, 64 per host). Full fine-tune: --config.optim.freeze= (and see the figures
-in docs/scale-out.md). Check it fits before renting:
+16 ways (16 examples per chip, 64 per host). Full fine-tune: tpu_v5e_16_full.py (at this batch the
+trained tower's activations need 54 GiB per chip). Check it fits before renting:
     python -m scripts.aot_compile --config tpu_v5e_16.py --topology v5e:4x4
 """
 
