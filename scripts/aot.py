@@ -25,8 +25,12 @@ def target_devices(topology: str | None):
         raise SystemExit(f"jax.experimental.topologies unavailable: {e}") from e
     chip = topology.split(":")[0]
     try:
+        # v4 and v5p chips hold two TensorCores that JAX drives as one device (megacore) with the chip's
+        # whole HBM; without this libtpu describes each core as a device with half of it.
+        extra = {"chip_config_name": "megacore"} if chip in ("v4", "v5p") else {}
         topo = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                            chips_per_host_bounds=_chips_per_host(topology), num_slices=1)
+                                            chips_per_host_bounds=_chips_per_host(topology), num_slices=1,
+                                            **extra)
     except Exception as e:
         raise SystemExit(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {e}); "
                          "install libtpu: pip install 'florence-jax[tpu]'") from e
