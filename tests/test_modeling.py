@@ -231,3 +231,23 @@ def test_drop_path_with_a_traced_rate():
     kept = per_sample[:, 0] != 0
     np.testing.assert_allclose(per_sample[kept, 0], 1 / 0.75, rtol=1e-6)
     assert abs(kept.mean() - 0.75) < 0.03  # 4000 Bernoulli draws: 0.03 is > 4 standard deviations
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_policies_keep_the_towers_gradients(tiny_hf_dir, policy):
+    """Rematerialisation (inside the scan over a stage's blocks too) recomputes, it does not change results."""
+    from florence_jax.modeling.davit import DaViT
+
+    loaded = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
+    cfg = loaded.config.replace(vision_config=dataclasses.replace(loaded.config.vision_config, drop_path_rate=0.0))
+    x = jnp.asarray(tiny_batch(seed=4)["pixel_values"]).transpose(0, 2, 3, 1)
+    grads = {}
+    for p in ("none", policy):
+        tower = DaViT(cfg.replace(remat_policy=p), rngs=nnx.Rngs(0))
+        nnx.update(tower, nnx.state(loaded.model.vision_tower, nnx.Param))
+        g = nnx.grad(lambda t: jnp.sum(t(x) ** 2))(tower)
+        grads[p] = dict(nnx.to_flat_state(nnx.state(g, nnx.Param)))
+    assert grads["none"].keys() == grads[policy].keys()
+    for k in grads["none"]:
+        np.testing.assert_allclose(np.asarray(grads[policy][k][...]), np.asarray(grads["none"][k][...]),
+                                   atol=1e-4, rtol=1e-4, err_msg=str(k))  # fp32: recompute re-fuses and reorders sums

@@ -92,26 +92,25 @@ def attention(
     return out if heads_major else out.transpose(0, 2, 1, 3)
 
 
+_REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _remat_policy(policy: str):
+    if policy != "none" and policy not in _REMAT:
+        raise ValueError(f"unknown remat_policy {policy!r}; expected none, full or dots")
+    return _REMAT.get(policy)
+
+
 def maybe_remat(fn, policy: str):
     """Wrap a module call with ``nnx.remat`` according to the config's ``remat_policy``."""
-    if policy == "none":
-        return fn
-    if policy == "full":
-        return nnx.remat(fn)
-    if policy == "dots":
-        return nnx.remat(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    raise ValueError(f"unknown remat_policy {policy!r}; expected none, full or dots")
+    saveable = _remat_policy(policy)
+    return fn if policy == "none" else nnx.remat(fn, policy=saveable)
 
 
 def remat_function(fn, policy: str):
     """``maybe_remat`` for a pure function (e.g. a scan body)."""
-    if policy == "none":
-        return fn
-    if policy == "full":
-        return jax.checkpoint(fn)
-    if policy == "dots":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    raise ValueError(f"unknown remat_policy {policy!r}; expected none, full or dots")
+    saveable = _remat_policy(policy)
+    return fn if policy == "none" else jax.checkpoint(fn, policy=saveable)
 
 
 Dtype = Any
