@@ -15,8 +15,9 @@ encoder run once; each decoder layer's cross-attention keys/values are projected
 (``BartDecoder.cross_kv``); the decoder then runs one token per step against a preallocated
 self-attention cache ``[LayerCache(key, value)] * layers`` of shape
 ``(batch * num_beams, heads, max_length - 1, head_dim)`` (heads-major, like the cross K/V, so no step
-transposes them). Step ``t`` feeds the token at position ``t`` and writes that position's keys/values; the mask hides positions not yet written. The last
-token is never fed back, hence ``max_length - 1`` slots.
+transposes them). Step ``t`` feeds the token at position ``t`` and writes that position's
+keys/values; the mask hides positions not yet written. The last token is never fed back, hence
+``max_length - 1`` slots.
 
 *Why ``lax.while_loop``.* The number of steps is data dependent (every row hits EOS, or beam search's
 early-stopping heuristic says no running beam can still win). A ``while_loop`` keeps the whole search

@@ -48,21 +48,22 @@ def main(argv=None) -> int:
 
     devices, chip = target_devices(args.topology)
     hbm = args.hbm_gib or HBM_GIB.get(chip) or _gpu_hbm_from_name(args.config)
+    target = args.topology or f"{len(devices)} x {devices[0].platform}"
+    header = (f"config       {args.config}  ({cfg.model.name_or_path}, batch {cfg.batch_size}, "
+              f"{cfg.data.image_size}px, freeze={list(cfg.optim.freeze)})")
     try:
         report = compile_train_step(cfg, devices)
     except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory verdict is an answer, not a crash
         if "RESOURCE_EXHAUSTED" not in str(e) and "HbmOom" not in str(e):
             raise
-        print(f"config       {args.config}  ({cfg.model.name_or_path}, batch {cfg.batch_size}, "
-              f"{cfg.data.image_size}px, freeze={list(cfg.optim.freeze)})")
-        print(f"target       {args.topology or f'{len(devices)} x {devices[0].platform}'}")
+        print(header)
+        print(f"target       {target}")
         print("  DOES NOT FIT: the compiler ran out of device memory:")
         print("  " + str(e).strip().splitlines()[0][:400])
         print("  try a smaller per-device batch, --config.model.remat_policy=dots or full, or more fsdp")
         return 1
-    print(f"config       {args.config}  ({cfg.model.name_or_path}, batch {cfg.batch_size}, "
-          f"{cfg.data.image_size}px, freeze={list(cfg.optim.freeze)})")
-    print(f"target       {args.topology or f'{len(devices)} x {devices[0].platform}'}  mesh {report['mesh']}")
+    print(header)
+    print(f"target       {target}  mesh {report['mesh']}")
     print(f"compiled in  {report['compile_seconds']:.1f}s")
     gib = 1024**3
     for k in ("argument", "output", "temp", "alias", "total"):
