@@ -513,7 +513,15 @@ def main(argv=None) -> int:
     p.add_argument("--torch_compile", action="store_true", help="also wrap the reference's forward in torch.compile")
     p.add_argument("--no_reference", action="store_true", help="measure ours only")
     p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: known accelerators)")
+    p.add_argument("--table", metavar="JSON", help="print the table of an earlier run's --json file (also one a "
+                   "time limit cut short: it is rewritten after every row) and exit")
     args = p.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            saved = json.load(f)
+        meta = saved.pop("meta")
+        print(_table(saved, meta), flush=True)
+        return 0
 
     import jax
 
@@ -534,15 +542,14 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    results: dict[str, dict[str, Any]] = {}
+    meta = _meta(s, dev_name, torch.__version__, transformers.__version__)
+    results = _Results(args.json, meta)
     with tempfile.TemporaryDirectory() as tmp:
         need_models = any(r != "data" for r in rows)
         ref = build_reference(s, tmp) if need_models else None
         tdev = torch_device(platform_name)
         ref_frozen = None
-        for kind in ("train_frozen", "train_full", "train_frozen_cached"):
-            if kind not in rows:
-                continue
+        for kind in [r for r in rows if r.startswith("train")]:  # in the order asked (a time limit keeps the first)
             frozen = kind != "train_full"
             progress(f"{kind}: ours (compiling)")
             o = bench_train_ours(tmp, s, frozen, cached=kind == "train_frozen_cached")
@@ -558,7 +565,8 @@ def main(argv=None) -> int:
             results[kind] = _train_row(o, r, s, peak)
             if o.get("feature_s") is not None:
                 results[kind]["feature_s_per_example"] = o["feature_s"] / s.train_batch
-        gen_rows = [k for k in ("generate_greedy", "generate_beam3", "decode_beam3") if k in rows]
+                results.save()
+        gen_rows = [k for k in rows if k.startswith(("generate", "decode"))]
         if gen_rows:
             model = load_ours(tmp, s, one_device_mesh())
             for kind in gen_rows:
@@ -583,7 +591,30 @@ def main(argv=None) -> int:
                                "spread": {"ours": d["ours"].spread(), "reference": d["reference"].spread()},
                                "first_s": {"ours": d["ours"].first_s, "reference": d["reference"].first_s},
                                "prepared_images_per_s": d["n"] / d["prepared"].median}
-    return _finish(results, s, dev_name, args, torch.__version__, transformers.__version__)
+    print(_table(results, meta), flush=True)
+    if args.json:
+        progress(f"wrote {args.json}")
+    return 0
+
+
+class _Results(dict):
+    """The rows measured so far; with a path, the JSON file is rewritten after every row, so a run stopped by
+    a time limit keeps what it measured (``--table`` prints it)."""
+
+    def __init__(self, path: str | None, meta: dict[str, Any]):
+        super().__init__()
+        self.path, self.meta = path, meta
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.save()
+
+    def save(self) -> None:
+        if self.path:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"meta": self.meta, **self}, f, indent=2)
+            os.replace(tmp, self.path)
 
 
 def one_device_mesh():
@@ -640,13 +671,18 @@ def _fmt(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def _finish(results, s: Settings, dev_name: str, args, torch_version: str, tf_version: str) -> int:
+def _meta(s: Settings, dev_name: str, torch_version: str, tf_version: str) -> dict[str, Any]:
     import jax
 
-    meta = {"device": dev_name, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+    return {"device": dev_name, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
             "torch": torch_version, "transformers": tf_version, "settings": dataclasses.asdict(s)}
+
+
+def _table(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The markdown table of ``docs/benchmarks.md`` (with the device, versions and settings above it)."""
+    s = Settings(**meta["settings"])
     lines = [
-        f"Device: {dev_name}; jax {jax.__version__}, torch {torch_version}, transformers {tf_version}; "
+        f"Device: {meta['device']}; jax {meta['jax']}, torch {meta['torch']}, transformers {meta['transformers']}; "
         f"{meta['date']}",
         f"Settings: Florence-2-{s.size} (random weights), {s.image_size}x{s.image_size}, {s.dtype} compute, "
         f"train batch {s.train_batch} (prompt {s.prompt_tokens} + target {s.target_tokens} tokens), "
@@ -688,12 +724,9 @@ def _finish(results, s: Settings, dev_name: str, args, torch_version: str, tf_ve
         ratio = f"**{row['ratio']:.2f}x**" if row.get("ratio") is not None else "-"
         lines.append(f"| {kind} | {_fmt(row['ours'])} | {_fmt(row['reference'])} | {row['unit']} | {ratio} | "
                      f"{ours_t} | {ref_t} | {'; '.join(notes)} |")
-    print("\n".join(lines), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, **results}, f, indent=2)
-        progress(f"wrote {args.json}")
-    return 0
+    return "\n".join(lines)
+
+
 
 
 if __name__ == "__main__":

@@ -1,32 +1,48 @@
 #!/usr/bin/env bash
 # One command for a machine with one GPU (H100/H200): ours against PyTorch on Florence-2-base at 768x768,
 # bf16 compute, frozen and full fine-tune steps and generation, printed as the markdown table of
-# docs/benchmarks.md. Ends within 8 minutes (each part has its own time limit).
+# docs/benchmarks.md. Ends within 8 minutes: each part has its own time limit, and the benchmark rewrites
+# its JSON after every row, so a part cut short keeps the rows it finished (`--table FILE` prints them).
 #
 #   bash scripts/device_bench.sh [OUT_DIR]
 #
 # Needs jax with CUDA, flax, optax, torch with CUDA and transformers >= 5 on the machine; florence_jax is
-# used from this checkout (no install, no grain: the model rows need neither). The data row is measured on
-# the CPU machine instead (it needs grain).
+# used from this checkout (no install, no grain: the model rows need neither). Wheels in .whl/ (a flax
+# release this project is tested with, say) are installed into /tmp/site first, and dropped again if they
+# do not import beside the machine's jax. The data row is measured on the CPU machine (it needs grain).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-/tmp/florence_jax_bench}}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # share the GPU with the PyTorch reference in the same process
 PY="${PYTHON:-python3}"
+SITE=""
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && SITE=/tmp/site
+fi
+export PYTHONPATH="$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
+check='import jax, flax, optax; from flax import nnx; import florence_jax, train.step, train.state; nnx.Linear(2, 2, rngs=nnx.Rngs(0))'
+if [ -n "$SITE" ] && ! "$PY" -c "$check" 2>"$OUT/site_check.log"; then
+  echo "!! the carried wheels do not import here (see site_check.log); using the machine's own packages"
+  export PYTHONPATH="$PWD"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -c "import jax, torch, transformers, flax, optax; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, '| transformers', transformers.__version__)"
+"$PY" -c "import jax, torch, transformers, flax, optax; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| optax', optax.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
 
+quiet() { grep -v -E '^(W|I|E)[0-9]{4} |Writing model shards|^ *@ |symbolize'; }
 run() {  # name, time limit (s), arguments
   local name=$1 limit=$2; shift 2
   echo "== $name"
-  timeout "$limit" "$PY" -m scripts.benchmark "$@" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" \
-    | grep -v -E '^(W|I)[0-9]{4} ' || echo "!! $name failed or ran out of time (limit ${limit}s)"
+  timeout "$limit" "$PY" -m scripts.benchmark "$@" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "!! $name failed or ran out of time (limit ${limit}s); rows it finished:";
+    [ -f "$OUT/$name.json" ] && "$PY" -m scripts.benchmark --table "$OUT/$name.json"; }
 }
-run train   240 --only train_frozen,train_full --train_batch 32 --repeats 5
-run generate 200 --only generate_greedy,generate_beam3,decode_beam3 --gen_batch 32 --new_tokens 256 --repeats 3
-echo "== memory check: a full fine-tune at global batch 64 in 40 GB"
-timeout 60 "$PY" -m scripts.benchmark --only train_full --train_batch 64 --repeats 2 --no_reference \
-  --remat_policy dots --json "$OUT/train_full_b64.json" 2>&1 | grep -v -E '^(W|I)[0-9]{4} ' | tail -4 \
-  || echo "!! batch-64 check failed or ran out of time"
+echo "== parity: logits of ours against transformers on this GPU (base size, 768x768)"
+timeout 100 "$PY" -m scripts.device_parity 2>&1 | tee "$OUT/parity.log" | quiet \
+  || echo "!! parity failed or ran out of time"
+run train 240 --only train_frozen,train_full --train_batch 32 --repeats 5
+run generate 180 --only generate_beam3,decode_beam3,generate_greedy --gen_batch 32 --new_tokens 256 --repeats 2
+echo "== memory check: a full fine-tune at global batch 64 in 40 GB (ours only; see the memory note)"
+run train_full_b64 75 --only train_full --train_batch 64 --repeats 2 --no_reference --remat_policy dots

@@ -1,0 +1,36 @@
+"""The benchmark's bookkeeping: rows survive a run cut short, and the table is printed from them."""
+
+import json
+
+from scripts import benchmark
+
+
+def _row(ours: float, reference: float) -> dict:
+    return {"ours": ours, "reference": reference, "unit": "examples/s", "ratio": ours / reference,
+            "step_s": {"ours": 32 / ours, "reference": 32 / reference},
+            "first_s": {"ours": 40.0, "reference": 5.0},
+            "spread": {"ours": "0.1-0.2 s", "reference": "0.3-0.4 s"},
+            "flops_per_step": 2.5e13, "mfu": 0.25, "peak_memory_gib": {"ours": 12.0, "reference": 30.0}}
+
+
+def test_json_rewritten_after_every_row_and_table_reprints_it(tmp_path, capsys):
+    path = tmp_path / "train.json"
+    meta = benchmark._meta(benchmark.Settings(dtype="bfloat16", train_batch=32), "GPU test", "2.x", "5.x")
+    results = benchmark._Results(str(path), meta)
+    results["train_frozen"] = _row(300.0, 100.0)
+    saved = json.loads(path.read_text())  # on disk before any later row: a time limit here keeps it
+    assert saved["meta"]["device"] == "GPU test"
+    assert saved["train_frozen"]["ratio"] == 3.0
+    assert "train_full" not in saved
+
+    results["train_full"] = _row(150.0, 100.0)
+    assert set(json.loads(path.read_text())) == {"meta", "train_frozen", "train_full"}
+    assert not (tmp_path / "train.json.tmp").exists()
+
+    assert benchmark.main(["--table", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Device: GPU test; jax" in out and "bfloat16 compute, train batch 32" in out
+    frozen = next(line for line in out.splitlines() if line.startswith("| train_frozen |"))
+    assert "| 300 | 100 | examples/s | **3.00x** |" in frozen
+    assert "MFU 25.0%" in frozen and "memory ours 12.0 GiB, reference 30.0 GiB" in frozen
+    assert any(line.startswith("| train_full |") and "**1.50x**" in line for line in out.splitlines())
