@@ -40,9 +40,9 @@ run() {  # name, time limit (s), arguments
     [ -f "$OUT/$name.json" ] && "$PY" -m scripts.benchmark --table "$OUT/$name.json"; }
 }
 echo "== parity: logits of ours against transformers on this GPU (base size, 768x768)"
-timeout 100 "$PY" -m scripts.device_parity 2>&1 | tee "$OUT/parity.log" | quiet \
+timeout 90 "$PY" -m scripts.device_parity 2>&1 | tee "$OUT/parity.log" | quiet \
   || echo "!! parity failed or ran out of time"
-run train 240 --only train_frozen,train_full --train_batch 32 --repeats 5
-run generate 180 --only generate_beam3,decode_beam3,generate_greedy --gen_batch 32 --new_tokens 256 --repeats 2
+run train 235 --only train_frozen,train_full --train_batch 32 --repeats 5
+run generate 175 --only generate_beam3,decode_beam3,generate_greedy --gen_batch 32 --new_tokens 256 --repeats 2
 echo "== memory check: a full fine-tune at global batch 64 in 40 GB (ours only; see the memory note)"
-run train_full_b64 75 --only train_full --train_batch 64 --repeats 2 --no_reference --remat_policy dots
+run train_full_b64 70 --only train_full --train_batch 64 --repeats 2 --no_reference --remat_policy dots
