@@ -34,3 +34,36 @@ def test_json_rewritten_after_every_row_and_table_reprints_it(tmp_path, capsys):
     assert "| 300 | 100 | examples/s | **3.00x** |" in frozen
     assert "MFU 25.0%" in frozen and "memory ours 12.0 GiB, reference 30.0 GiB" in frozen
     assert any(line.startswith("| train_full |") and "**1.50x**" in line for line in out.splitlines())
+
+
+def test_jaxpr_flops_counts_matmuls_convs_scans_and_gradients():
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((4, 8, 16))
+    w = jnp.ones((16, 32))
+    assert benchmark.jaxpr_flops(jax.make_jaxpr(lambda a, w: a @ w)(a, w)) == 2 * 4 * 8 * 16 * 32
+    # batched (heads) matmul: batch dims counted once
+    q = jnp.ones((2, 3, 5, 7))
+    assert benchmark.jaxpr_flops(jax.make_jaxpr(lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k))(q, q)) == (
+        2 * 2 * 3 * 5 * 5 * 7)
+    # convolution, grouped (depthwise) and dense: out elements x (in channels per group) x window x 2
+    x = jnp.ones((2, 10, 10, 6))
+    dense = jnp.ones((3, 3, 6, 4))
+    conv = lambda x, k, g: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g)
+    assert benchmark.jaxpr_flops(jax.make_jaxpr(lambda x, k: conv(x, k, 1))(x, dense)) == 2 * (2 * 10 * 10 * 4) * 6 * 9
+    depthwise = jnp.ones((3, 3, 1, 6))
+    assert benchmark.jaxpr_flops(jax.make_jaxpr(lambda x, k: conv(x, k, 6))(x, depthwise)) == 2 * (2 * 10 * 10 * 6) * 9
+    # a scan's body counts once per iteration, inside jit and remat too
+    ws = jnp.ones((5, 16, 16))
+    h = jnp.ones((8, 16))
+
+    def stack(h, ws):
+        return jax.lax.scan(jax.checkpoint(lambda c, w: (jnp.tanh(c @ w), None)), h, ws)[0].sum()
+
+    one = 2 * 8 * 16 * 16
+    assert benchmark.jaxpr_flops(jax.make_jaxpr(jax.jit(stack))(h, ws)) == 5 * one
+    # the gradient w.r.t. both operands adds two matmuls per layer (recomputing the forward adds one)
+    grad = benchmark.jaxpr_flops(jax.make_jaxpr(jax.grad(stack, argnums=(0, 1)))(h, ws))
+    assert grad == 5 * one * 4

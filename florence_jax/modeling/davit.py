@@ -20,6 +20,7 @@ from florence_jax.modeling.layers import (
     layer_norm,
     linear,
     maybe_remat,
+    recompute_in_backward,
     remat_function,
 )
 
@@ -49,15 +50,19 @@ class DepthwiseConv(nnx.Module):
         self.dtype = cfg.dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
-        k = self.kernel[...].astype(self.dtype)
-        h, w = x.shape[1], x.shape[2]
-        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        out = self.bias[...].astype(self.dtype)
-        for i in range(3):
-            for j in range(3):
-                out = out + xp[:, i : i + h, j : j + w, :] * k[i, j, 0]
-        return out
+        return _depthwise_conv3x3(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                  self.bias[...].astype(self.dtype))
+
+
+@recompute_in_backward  # keeps x, not the nine shifted copies each product's backward would keep
+def _depthwise_conv3x3(x: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
+    h, w = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = b
+    for i in range(3):
+        for j in range(3):
+            out = out + xp[:, i : i + h, j : j + w, :] * k[i, j, 0]
+    return out
 
 
 def _drop_path(rate: float) -> nnx.Dropout | None:

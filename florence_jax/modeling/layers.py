@@ -9,11 +9,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+
+def recompute_in_backward(fn):
+    """``fn`` with only its inputs kept for the backward pass, which recomputes the rest.
+
+    For cheap elementwise chains whose autodiff would otherwise keep several activation-sized
+    intermediates: the exact GELU keeps four (its input, ``exp``, ``erfc`` and a product), a float32
+    LayerNorm three float32 copies, the shifted-sum depthwise conv its nine shifted inputs. Inside the
+    scan over a vision stage every one of those is stacked across the stage's blocks and held until the
+    backward pass; unscanned, XLA would have fused them away. Recomputing them costs a few elementwise
+    passes and cuts the vision tower's saved activations several-fold (see ``docs/architecture.md``).
+    """
+    return jax.checkpoint(fn)
+
+
 ACTIVATIONS = {
     # transformers' ACT2FN names -> jax functions. "gelu" is the exact erf form, as in PyTorch.
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": recompute_in_backward(functools.partial(jax.nn.gelu, approximate=False)),
+    "gelu_new": recompute_in_backward(functools.partial(jax.nn.gelu, approximate=True)),
+    "gelu_pytorch_tanh": recompute_in_backward(functools.partial(jax.nn.gelu, approximate=True)),
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
@@ -44,9 +58,30 @@ def linear(cfg, din: int, dout: int, *, use_bias: bool = True, rngs: nnx.Rngs) -
     )
 
 
-def layer_norm(cfg, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs) -> nnx.LayerNorm:
+class LayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` over the last axis (same parameters, same float32 statistics) whose backward
+    pass keeps only the input and recomputes the normalisation (``recompute_in_backward``)."""
+
+    def __call__(self, x, *, mask=None):
+        if mask is not None or self.scale is None or self.bias is None or self.reduction_axes != -1:
+            return super().__call__(x, mask=mask)
+        return _layer_norm(x, self.scale[...], self.bias[...], self.epsilon, self.dtype or x.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def _layer_norm(x, scale, bias, eps: float, dtype):
+    # flax's LayerNorm arithmetic: input and parameters cast to the compute dtype, statistics in (at
+    # least) float32 with the fast variance, (x - mean) * (rsqrt(var + eps) * scale) + bias, cast back.
+    x, scale, bias = x.astype(dtype), scale.astype(dtype), bias.astype(dtype)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean))
+    return ((x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias).astype(dtype)
+
+
+def layer_norm(cfg, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs) -> LayerNorm:
     # PyTorch's nn.LayerNorm default epsilon is 1e-5 (flax's is 1e-6).
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    return LayerNorm(dim, epsilon=eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
 
 def attention(

@@ -1,0 +1,64 @@
+"""What the backward pass keeps: the elementwise chains recompute instead of saving their intermediates.
+
+The residuals of a ``jax.vjp`` are the leaves of the function it returns; each check below would fail if
+an intermediate (a shifted copy, an ``erfc``, a float32 normalised copy) were kept instead of recomputed.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from florence_jax.modeling.davit import _depthwise_conv3x3
+from florence_jax.modeling.layers import ACTIVATIONS, LayerNorm, _layer_norm
+
+
+def _residuals(fn, *args):
+    _, vjp = jax.vjp(fn, *args)
+    return [(leaf.shape, leaf.dtype) for leaf in jax.tree_util.tree_leaves(vjp)]
+
+
+def _bytes(avals):
+    return sum(int(np.prod(s)) * jnp.dtype(d).itemsize for s, d in avals)
+
+
+X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 16)), jnp.bfloat16)
+
+
+def test_depthwise_conv_keeps_its_input_not_nine_shifted_copies():
+    k = jnp.ones((3, 3, 1, 16), jnp.bfloat16)
+    b = jnp.zeros((16,), jnp.bfloat16)
+    kept = _residuals(_depthwise_conv3x3, X, k, b)
+    assert _bytes(kept) <= _bytes([(X.shape, X.dtype), (k.shape, k.dtype), (b.shape, b.dtype)])
+    # Without the recompute, autodiff keeps one shifted copy of the input per tap.
+    plain = _residuals(_depthwise_conv3x3.__wrapped__, X, k, b)
+    assert _bytes(plain) >= 9 * _bytes([(X.shape, X.dtype)])
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_new"])
+def test_gelu_keeps_only_its_input(name):
+    assert _bytes(_residuals(ACTIVATIONS[name], X)) == _bytes([(X.shape, X.dtype)])
+    exact = _residuals(lambda x: jax.nn.gelu(x, approximate=name != "gelu"), X)
+    assert _bytes(exact) >= 2 * _bytes([(X.shape, X.dtype)])  # what it replaces
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_matches_flax_and_keeps_only_its_input(dtype):
+    rng = np.random.default_rng(1)
+    ours = LayerNorm(16, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    ref = nnx.LayerNorm(16, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    for m in (ours, ref):
+        m.scale[...] = jnp.asarray(rng.normal(size=16) if m is ours else ours.scale[...], jnp.float32)
+        m.bias[...] = jnp.asarray(rng.normal(size=16) if m is ours else ours.bias[...], jnp.float32)
+    x = (X * 3 + 1).astype(dtype)
+    got, want = np.asarray(ours(x), np.float32), np.asarray(ref(x), np.float32)
+    # The same arithmetic in the same order (XLA may still fuse it differently): float32 to 1e-6, bfloat16
+    # to one rounding of its 8-bit mantissa.
+    np.testing.assert_allclose(got, want, rtol=1e-6 if dtype == jnp.float32 else 2**-8, atol=1e-6)
+    assert ours(x).dtype == ref(x).dtype == dtype
+
+    kept = _residuals(lambda x, s, b: _layer_norm(x, s, b, 1e-5, dtype), x, ours.scale[...], ours.bias[...])
+    assert _bytes(kept) <= _bytes([(x.shape, x.dtype), ((16,), jnp.float32), ((16,), jnp.float32)])
+    flax_kept = _residuals(lambda x: ref(x), x)
+    assert _bytes(flax_kept) >= 2 * x.size * 4  # float32 intermediates of the input's size
