@@ -60,6 +60,7 @@ class Settings:
     attention_impl: str = "xla"
     torch_compile: bool = False
     data_images: int = 16
+    memory_only: bool = False  # train rows: compile and report the program's memory, run nothing
 
 
 def defaults_for(platform_name: str) -> Settings:
@@ -191,6 +192,9 @@ def bench_train_ours(directory: str, s: Settings, frozen: bool, cached: bool = F
     compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t0
     flops = flops or _flops(compiled)
+    if s.memory_only:
+        return {"timing": None, "compile_s": compile_s, "flops": flops,
+                "memory_bytes": _program_memory(compiled), "feature_s": feature_s}
     holder = {"state": state}
 
     def run():
@@ -268,6 +272,11 @@ def _peak_memory_ours(compiled) -> int | None:
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"])
+    return _program_memory(compiled)
+
+
+def _program_memory(compiled) -> int | None:
+    """Arguments + outputs + temporaries - donated (aliased) buffers: what the compiled step needs."""
     try:
         m = compiled.memory_analysis()
         return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -536,6 +545,9 @@ def main(argv=None) -> int:
     p.add_argument("--attention_impl", choices=("xla", "dot_product"))
     p.add_argument("--torch_compile", action="store_true", help="also wrap the reference's forward in torch.compile")
     p.add_argument("--no_reference", action="store_true", help="measure ours only")
+    p.add_argument("--memory_only", action="store_true",
+                   help="train rows only: compile the step and report its memory (arguments + outputs + "
+                        "temporaries, from XLA), without running it or the reference; does a batch fit?")
     p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: known accelerators)")
     p.add_argument("--table", metavar="JSON", help="print the table of an earlier run's --json file (also one a "
                    "time limit cut short: it is rewritten after every row) and exit")
@@ -559,6 +571,10 @@ def main(argv=None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    if s.memory_only:
+        if not args.only or any(not r.startswith("train") for r in rows):
+            p.error("--memory_only measures train rows: name them with --only (e.g. --only train_full)")
+        args.no_reference = True
     dev_name = device_name(platform_name)
     peak = peak_tflops(dev_name, args.peak_tflops)
     progress(f"device {dev_name}; settings {dataclasses.asdict(s)}")
@@ -650,6 +666,10 @@ def one_device_mesh():
 
 
 def _train_row(o, r, s: Settings, peak: float | None) -> dict[str, Any]:
+    if o["timing"] is None:  # --memory_only
+        return {"ours": None, "unit": "examples/s", "step_s": {}, "first_s": {"ours": o["compile_s"]},
+                "spread": {"ours": "not run; compile time"}, "flops_per_step": o["flops"], "mfu": None,
+                "peak_memory_gib": {"ours": _gib(o["memory_bytes"])}, "reference": None, "ratio": None}
     ours = s.train_batch / o["timing"].median
     row: dict[str, Any] = {
         "ours": ours, "unit": "examples/s", "step_s": {"ours": o["timing"].median},

@@ -5,6 +5,7 @@
 # its JSON after every row, so a part cut short keeps the rows it finished (`--table FILE` prints them).
 #
 #   bash scripts/device_bench.sh [OUT_DIR]
+#   PARITY=1 bash scripts/device_bench.sh    # then also the logits of ours against transformers on the GPU
 #
 # Needs jax with CUDA, flax, optax, torch with CUDA and transformers >= 5 on the machine; florence_jax is
 # used from this checkout (no install, no grain: the model rows need neither). Wheels in .whl/ (a flax
@@ -39,10 +40,12 @@ run() {  # name, time limit (s), arguments
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "!! $name failed or ran out of time (limit ${limit}s); rows it finished:";
     [ -f "$OUT/$name.json" ] && "$PY" -m scripts.benchmark --table "$OUT/$name.json"; }
 }
-echo "== parity: logits of ours against transformers on this GPU (base size, 768x768)"
-timeout 90 "$PY" -m scripts.device_parity 2>&1 | tee "$OUT/parity.log" | quiet \
-  || echo "!! parity failed or ran out of time"
-run train 235 --only train_frozen,train_full --train_batch 32 --repeats 5
-run generate 175 --only generate_beam3,decode_beam3,generate_greedy --gen_batch 32 --new_tokens 256 --repeats 2
-echo "== memory check: a full fine-tune at global batch 64 in 40 GB (ours only; see the memory note)"
-run train_full_b64 70 --only train_full --train_batch 64 --repeats 2 --no_reference --remat_policy dots
+run train 230 --only train_frozen,train_full --train_batch 32 --repeats 5
+run generate 160 --only generate_beam3,decode_beam3,generate_greedy --gen_batch 32 --new_tokens 256 --repeats 2
+echo "== memory: a full fine-tune at global batch 64 in 40 GB? (compiled, not run: XLA's memory analysis)"
+run train_full_b64 90 --only train_full --train_batch 64 --memory_only --remat_policy dots
+if [ "${PARITY:-0}" = 1 ]; then  # about 2 more minutes: two base-size compiles
+  echo "== parity: logits of ours against transformers on this GPU (base size, 768x768)"
+  timeout 150 "$PY" -m scripts.device_parity 2>&1 | tee "$OUT/parity.log" | quiet
+  [ "${PIPESTATUS[0]}" = 0 ] || echo "!! parity failed or ran out of time"
+fi
