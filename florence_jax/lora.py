@@ -76,6 +76,15 @@ def dense(layer, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
     return layer(x, rngs=rngs) if isinstance(layer, LoRALinear) else layer(x)
 
 
+def dense_of_activation(layer, act, h: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """``dense(layer, act(h))`` whose backward pass keeps ``h`` alone and recomputes ``act(h)`` for the
+    layer's weight gradient, instead of keeping both (an MLP's hidden activations are 4x its width).
+    A LoRA layer (with its own dropout RNG) is called as it is."""
+    if isinstance(layer, LoRALinear):
+        return layer(act(h), rngs=rngs)
+    return jax.checkpoint(lambda h: layer(act(h)))(h)
+
+
 def _path(keys) -> str:
     return ".".join(str(k) for k in keys)
 

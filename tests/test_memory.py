@@ -62,3 +62,33 @@ def test_layer_norm_matches_flax_and_keeps_only_its_input(dtype):
     assert _bytes(kept) <= _bytes([(x.shape, x.dtype), ((16,), jnp.float32), ((16,), jnp.float32)])
     flax_kept = _residuals(lambda x: ref(x), x)
     assert _bytes(flax_kept) >= 2 * x.size * 4  # float32 intermediates of the input's size
+
+
+def test_mlp_keeps_its_hidden_activation_once():
+    """fc2's weight gradient needs gelu(h); recomputing it keeps h alone (4x the width) instead of both."""
+    from florence_jax.lora import dense_of_activation
+
+    fc2 = nnx.Linear(64, 16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(fc2)
+    h = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, 64)), jnp.bfloat16)
+    act = ACTIVATIONS["gelu"]
+
+    def run(fn):
+        return _residuals(lambda p, h: fn(nnx.merge(graphdef, p), h), params, h)
+
+    hidden = [(h.shape, h.dtype)]
+    weights = [(fc2.kernel.shape, jnp.float32), (fc2.bias.shape, jnp.float32)]
+    recomputed = run(lambda layer, h: dense_of_activation(layer, act, h))
+    assert _bytes(recomputed) <= _bytes(hidden + weights)
+    assert _bytes(run(lambda layer, h: layer(act(h)))) >= 2 * _bytes(hidden)  # h and gelu(h)
+    # and the gradients are those of the plain composition
+    def grads(fn):
+        def loss(p, h):
+            return jnp.sum(fn(nnx.merge(graphdef, p), h).astype(jnp.float32) ** 2)
+
+        return jax.tree_util.tree_leaves(jax.grad(loss, argnums=(0, 1))(params, h))
+
+    got = grads(lambda layer, h: dense_of_activation(layer, act, h))
+    want = grads(lambda layer, h: layer(act(h)))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

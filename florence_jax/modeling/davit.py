@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from florence_jax.config import Florence2Config
-from florence_jax.lora import dense
+from florence_jax.lora import dense, dense_of_activation
 from florence_jax.modeling.layers import (
     INIT_STD,
     activation,
@@ -113,7 +113,7 @@ class VisionMLP(nnx.Module):
         self.fc2 = linear(cfg, hidden, dim, rngs=rngs)
 
     def __call__(self, x, rngs=None):
-        return dense(self.fc2, self.act(dense(self.fc1, x, rngs)), rngs)
+        return dense_of_activation(self.fc2, self.act, dense(self.fc1, x, rngs), rngs)
 
 
 class WindowAttention(nnx.Module):
