@@ -225,6 +225,9 @@ class VisionBlock(nnx.Module):
         return self.channel_block(self.spatial_block(x, rngs, drop_rates[0]), rngs, drop_rates[1])
 
 
+_SMALL_PARAM = 1 << 16  # elements per block: carried through the stage scan rather than sliced in it
+
+
 class DaViT(nnx.Module):
     """The vision backbone: four stages of (patch embedding, blocks). Input and output NHWC."""
 
@@ -272,17 +275,31 @@ class DaViT(nnx.Module):
         stage_blocks = self.blocks[stage]
         graphdef, first = nnx.split(stage_blocks[0])
         states = [first] + [nnx.split(b)[1] for b in stage_blocks[1:]]
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        treedef = jax.tree.structure(states[0])
+        per_block = [jax.tree.leaves(st) for st in states]
+        stacked = [jnp.stack(ls) for ls in zip(*per_block)]
+        # Small parameters (biases, LayerNorm and depthwise-conv weights) feed elementwise fusions. Sliced
+        # from the stack inside the loop, the slice fuses into them and XLA:CPU computes it per element
+        # (the depthwise conv ran 5x slower than outside a loop); so each iteration receives the next
+        # block's small parameters through the carry, sliced in the iteration before. Matmul weights are
+        # sliced in place: a dot does not fuse its operands.
+        small = [x.size // x.shape[0] < _SMALL_PARAM for x in stacked]
+        big_xs = [x for x, sm in zip(stacked, small) if not sm]
+        small_now = [x[0] for x, sm in zip(stacked, small) if sm]
+        small_next = [jnp.concatenate([x[1:], x[-1:]]) for x, sm in zip(stacked, small) if sm]
         depth = len(stage_blocks)
         keys = jax.random.split(rngs.dropout(), depth) if rngs is not None else jnp.zeros((depth,), jnp.uint32)
         rates = jnp.asarray(self.drop_rates[stage], jnp.float32)
         use_rngs = rngs is not None
 
-        def body(h, xs):
-            state, key, rate = xs
+        def body(carry, xs):
+            h, small_params = carry
+            big_params, next_small, key, rate = xs
+            big_it, small_it = iter(big_params), iter(small_params)
+            state = jax.tree.unflatten(treedef, [next(small_it) if sm else next(big_it) for sm in small])
             block = nnx.merge(graphdef, state)
-            return block(h, nnx.Rngs(dropout=key) if use_rngs else None, rate), None
+            return (block(h, nnx.Rngs(dropout=key) if use_rngs else None, rate), next_small), None
 
         body = remat_function(body, self.remat_policy)
-        x, _ = jax.lax.scan(body, x, (stacked, keys, rates))
+        (x, _), _ = jax.lax.scan(body, (x, small_now), (big_xs, small_next, keys, rates))
         return x
