@@ -30,7 +30,15 @@ def main(argv=None) -> int:
     import jax
     import torch
 
-    from florence_jax.testing.models import BASE_TEXT, BASE_VISION, hf_config, make_hf_model, save_hf_model
+    from florence_jax.testing.models import (
+        BASE_IMAGE_TOKEN,
+        BASE_TEXT,
+        BASE_VISION,
+        base_parity_batch,
+        hf_config,
+        make_hf_model,
+        save_hf_model,
+    )
     from scripts.benchmark import one_device_mesh, torch_device
     from train.config import ModelConfig
     from train.state import create_model
@@ -39,19 +47,8 @@ def main(argv=None) -> int:
     dev = torch_device(platform_name)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    image_token = 51289
-    hf = make_hf_model(hf_config(BASE_VISION, BASE_TEXT, image_token_id=image_token), seed=0).to(dev).eval()
-    rng = np.random.default_rng(0)
-    n_img = 1 + (args.image_size // 32) ** 2
-    ids = np.concatenate([np.full((2, n_img), image_token), rng.integers(3, 51000, (2, 12))], 1)
-    am = np.ones_like(ids)
-    am[1, -4:] = 0
-    dec = rng.integers(3, 51000, (2, 6))
-    dam = np.ones_like(dec)
-    dam[1, -2:] = 0
-    pix = rng.normal(size=(2, 3, args.image_size, args.image_size)).astype(np.float32)
-    batch = dict(input_ids=ids, pixel_values=pix, attention_mask=am, decoder_input_ids=dec,
-                 decoder_attention_mask=dam)
+    hf = make_hf_model(hf_config(BASE_VISION, BASE_TEXT, image_token_id=BASE_IMAGE_TOKEN), seed=0).to(dev).eval()
+    batch = base_parity_batch(args.image_size)
     with torch.no_grad():
         ref = hf(**{k: torch.tensor(v, device=dev) for k, v in batch.items()}).logits.float().cpu().numpy()
     # Padded decoder positions are compared too: both libraries compute them the same way.

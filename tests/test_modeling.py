@@ -149,22 +149,20 @@ def test_train_mode_enables_dropout(tiny_pair):
 @pytest.mark.slow
 def test_base_size_parity(tmp_path):
     """The real base-size shapes (DaViT 128-1024, depths 1-1-9-1, BART 6+6, 768x768, vocab 51328)."""
-    from florence_jax.testing.models import BASE_TEXT, BASE_VISION, hf_config, make_hf_model, save_hf_model
+    from florence_jax.testing.models import (
+        BASE_IMAGE_TOKEN,
+        BASE_TEXT,
+        BASE_VISION,
+        base_parity_batch,
+        hf_config,
+        make_hf_model,
+        save_hf_model,
+    )
 
-    hf = make_hf_model(hf_config(BASE_VISION, BASE_TEXT, image_token_id=51289), seed=0)
+    hf = make_hf_model(hf_config(BASE_VISION, BASE_TEXT, image_token_id=BASE_IMAGE_TOKEN), seed=0)
     save_hf_model(hf, tmp_path)
     ours = Florence2ForConditionalGeneration.from_pretrained(tmp_path)
-    rng = np.random.default_rng(0)
-    n_img = 1 + (768 // 32) ** 2
-    ids = np.concatenate([np.full((2, n_img), 51289), rng.integers(3, 51000, (2, 12))], 1)
-    am = np.ones_like(ids)
-    am[1, -4:] = 0
-    dec = rng.integers(3, 51000, (2, 6))
-    dam = np.ones_like(dec)
-    dam[1, -2:] = 0
-    pix = rng.normal(size=(2, 3, 768, 768)).astype(np.float32)
-    batch = dict(input_ids=ids, pixel_values=pix, attention_mask=am, decoder_input_ids=dec,
-                 decoder_attention_mask=dam)
+    batch = base_parity_batch(768)
     with torch.no_grad():
         ref = hf(**_torch(batch)).logits.numpy()
     out = np.asarray(jax.jit(lambda **kw: ours(**kw).logits)(**batch))

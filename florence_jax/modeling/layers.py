@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def recompute_in_backward(fn):
+def recompute_in_backward(fn=None, *, static_argnums: tuple[int, ...] = ()):
     """``fn`` with only its inputs kept for the backward pass, which recomputes the rest.
 
     For cheap elementwise chains whose autodiff would otherwise keep several activation-sized
@@ -20,7 +20,9 @@ def recompute_in_backward(fn):
     backward pass; unscanned, XLA would have fused them away. Recomputing them costs a few elementwise
     passes and cuts the vision tower's saved activations several-fold (see ``docs/architecture.md``).
     """
-    return jax.checkpoint(fn)
+    if fn is None:
+        return functools.partial(recompute_in_backward, static_argnums=static_argnums)
+    return jax.checkpoint(fn, static_argnums=static_argnums)
 
 
 ACTIVATIONS = {
@@ -68,7 +70,7 @@ class LayerNorm(nnx.LayerNorm):
         return _layer_norm(x, self.scale[...], self.bias[...], self.epsilon, self.dtype or x.dtype)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+@recompute_in_backward(static_argnums=(3, 4))
 def _layer_norm(x, scale, bias, eps: float, dtype):
     # flax's LayerNorm arithmetic: input and parameters cast to the compute dtype, statistics in (at
     # least) float32 with the fast variance, (x - mean) * (rsqrt(var + eps) * scale) + bias, cast back.

@@ -133,3 +133,22 @@ def original_config_dict(hf_cfg_dict: dict[str, Any], num_real_tokens: int) -> d
         "text_config": t,
         "is_encoder_decoder": True,
     }
+
+
+BASE_IMAGE_TOKEN = 51289
+
+
+def base_parity_batch(image_size: int = 768, seed: int = 0) -> dict[str, np.ndarray]:
+    """Two base-size examples with padding on both sides (row 1): image tokens + 12 text tokens, 6
+    decoder tokens, NCHW pixels. The batch of the base-size parity checks (CPU test and GPU script)."""
+    rng = np.random.default_rng(seed)
+    n_img = 1 + (image_size // 32) ** 2
+    ids = np.concatenate([np.full((2, n_img), BASE_IMAGE_TOKEN), rng.integers(3, 51000, (2, 12))], 1)
+    am = np.ones_like(ids)
+    am[1, -4:] = 0
+    dec = rng.integers(3, 51000, (2, 6))
+    dam = np.ones_like(dec)
+    dam[1, -2:] = 0
+    pix = rng.normal(size=(2, 3, image_size, image_size)).astype(np.float32)
+    return dict(input_ids=ids, pixel_values=pix, attention_mask=am, decoder_input_ids=dec,
+                decoder_attention_mask=dam)
