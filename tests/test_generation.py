@@ -174,3 +174,21 @@ def test_decode_only_entry_points(gen_pair, prompts):
     np.testing.assert_allclose(scores, full_scores, atol=1e-6)
     out = jax.block_until_ready(make_decode_fn(ours, **kw)(enc, mask))
     np.testing.assert_array_equal(np.asarray(out.sequences)[:, :int(out.length)], full)
+
+
+def test_beam_cross_attention_paths_agree(gen_pair, prompts, monkeypatch):
+    """The two ways a beam-search step runs cross-attention (each beam's query alone, the XLA:CPU
+    choice; a row's beams as one product, elsewhere) give the same beams and scores (float32 rounding:
+    1e-5)."""
+    from florence_jax.modeling import bart
+
+    _, ours = gen_pair
+    kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True, **EARLY_EOS)
+    results = []
+    for one_by_one in (True, False):
+        monkeypatch.setattr(bart, "_beam_queries_one_by_one", lambda impl, _v=one_by_one: _v)
+        jax.clear_caches()  # the executable depends on the choice
+        results.append(generate(ours, *prompts, return_scores=True, **kw))
+    (a, sa), (b, sb) = results
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(sa, sb, atol=1e-5)

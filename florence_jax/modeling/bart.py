@@ -29,6 +29,16 @@ class LayerCache(NamedTuple):
     value: jax.Array
 
 
+def _beam_queries_one_by_one(impl: str) -> bool:
+    """Whether a beam-search step's cross-attention runs each beam's query on its own.
+
+    On XLA:CPU a matrix-vector product per beam is 2-3x faster than one product with a row's beams as a
+    few query rows (base size, 4 x 3 beams against 593 encoder positions: 0.8-1.0 ms against 2.0-2.6 ms
+    per layer), although it reads the keys once per beam. Elsewhere the beams stay one product.
+    """
+    return impl == "xla" and jax.default_backend() == "cpu"
+
+
 class BartAttention(nnx.Module):
     def __init__(self, cfg: Florence2Config, num_heads: int, *, rngs: nnx.Rngs):
         d = cfg.text_config.d_model
@@ -52,6 +62,13 @@ class BartAttention(nnx.Module):
         """``x`` (rows, q_len, d_model) attends to heads-major ``key``/``value``."""
         q = self._heads(dense(self.q_proj, x, rngs))  # (rows, heads, q_len, head_dim)
         rows, q_len, groups = x.shape[0], x.shape[1], x.shape[0] // key.shape[0]
+        if groups > 1 and q_len == 1 and _beam_queries_one_by_one(self.impl):
+            q = q.reshape(key.shape[0], groups, self.num_heads, 1, self.head_dim)
+            out = jnp.concatenate([attention(q[:, g], key, value, scale=self.head_dim**-0.5, mask=mask,
+                                             impl=self.impl, dropout=self.dropout, rngs=rngs, heads_major=True)
+                                   for g in range(groups)], axis=2)  # (batch, heads, groups, head_dim)
+            out = out.transpose(0, 2, 1, 3).reshape(rows, q_len, -1)
+            return dense(self.out_proj, out, rngs)
         if groups > 1:
             # Beam search: the beams of a row (consecutive rows of x) share one encoder output, so their
             # queries attend to the row's keys/values as extra query positions; nothing is repeated.
