@@ -37,10 +37,19 @@ beams so that at least ``num_beams`` candidates have not just emitted EOS), then
    ``sum_logprobs / generated_len ** length_penalty`` (``generated_len`` counts EOS but not the
    decoder start token) and merged with the finished slots by top-``num_beams``; ``-1e9`` penalties
    keep running candidates, full rows (``early_stopping=True``) and rows the heuristic closed out;
-3. the KV cache rows are gathered by the surviving beams' parents;
+3. the surviving beams inherit their parents' self-attention caches (see below);
 4. the early-stop heuristic compares the best running score, normalised by the current generated
    length (or by ``max_length - 1`` for ``early_stopping="never"`` with a positive penalty), with the
    worst finished score.
+
+*Cache slots.* transformers gathers every layer's cache by the parents each step, a full copy of the
+cache (on a 2-core CPU, a fifth of a step at 256 tokens). Here a beam's cache lives in a *slot* (a row
+of the cache), and ``slot_of[b, j]`` says which slot holds rank-``j`` beam's. The decoder runs the slots
+in slot order; the beam bookkeeping stays in rank order (ties break by rank, as in transformers), with
+the hidden states permuted back before the LM head. After each selection, the first child of a parent
+takes over the parent's slot without moving anything; each further child is copied into a slot whose
+beam had no child (so sources and destinations never overlap). Only those rows are copied, in a
+``while_loop`` as long as the number of copies, which is usually a small part of the cache.
 
 The loop ends when no row can improve, when every row is full under ``early_stopping=True``, or when
 every candidate hit a stopping criterion (max length). Logits processors run in transformers' order
@@ -282,6 +291,34 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def _inherit_slots(cache: list[LayerCache], slot_of: jax.Array, parent: jax.Array,
+                   row_offset: jax.Array) -> tuple[list[LayerCache], jax.Array]:
+    """New ``slot_of`` for the beams whose parents (ranks) are ``parent``, copying only the cache rows of
+    second and later children of a parent, into slots whose beams left no child."""
+    batch, nb = parent.shape
+    parent_slot = _gather(slot_of, parent)
+    earlier = jnp.tril(jnp.ones((nb, nb), bool), -1)  # [j, i]: i < j
+    first = ~jnp.any((parent[:, :, None] == parent[:, None, :]) & earlier[None], axis=2)
+    kept = jnp.any((parent_slot[:, :, None] == jnp.arange(nb)[None, None, :]) & first[:, :, None], axis=1)
+    free = jnp.argsort(kept, axis=1, stable=True).astype(jnp.int32)  # slots left without a beam come first
+    nth_copy = jnp.clip(jnp.cumsum(~first, axis=1) - 1, 0, nb - 1)
+    new_slot = jnp.where(first, parent_slot, jnp.take_along_axis(free, nth_copy, axis=1))
+
+    copy = (~first).reshape(-1)
+    order = jnp.argsort(~copy, stable=True)  # the rows to copy first
+    src = (parent_slot + row_offset).reshape(-1)[order]
+    dst = (new_slot + row_offset).reshape(-1)[order]
+
+    def copy_row(i, cache):
+        def move(x):
+            return jax.lax.dynamic_update_index_in_dim(x, jax.lax.dynamic_index_in_dim(x, src[i], 0), dst[i], 0)
+
+        return [LayerCache(move(lc.key), move(lc.value)) for lc in cache]
+
+    cache = jax.lax.fori_loop(0, jnp.sum(copy), copy_row, cache)
+    return cache, new_slot
+
+
 class _BeamState(NamedTuple):
     cur_len: jax.Array  # int32: tokens in every running sequence (decoder start included)
     running: jax.Array  # (B, nb, L) running token buffers
@@ -291,7 +328,8 @@ class _BeamState(NamedTuple):
     finished: jax.Array  # (B, nb) bool: slot holds a finished hypothesis
     lengths: jax.Array  # (B, nb) int32: generated tokens of the slot's hypothesis (0 = placeholder)
     unsatisfied: jax.Array  # (B, 1) bool: early-stop heuristic says the row can still improve
-    cache: list[LayerCache]
+    cache: list[LayerCache]  # (B * nb, ...) in slot order
+    slot_of: jax.Array  # (B, nb) int32: the cache slot of each running beam (a permutation per row)
     done: jax.Array  # bool
 
 
@@ -315,14 +353,20 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
         sequences=buf, scores=jnp.full((batch, nb), _NEG, jnp.float32),
         finished=jnp.zeros((batch, nb), bool), lengths=jnp.zeros((batch, nb), jnp.int32),
         unsatisfied=jnp.ones((batch, 1), bool),
-        cache=decoder.init_cache(batch * nb, total - 1, model.config.dtype), done=jnp.bool_(False),
+        cache=decoder.init_cache(batch * nb, total - 1, model.config.dtype),
+        slot_of=jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (batch, nb)), done=jnp.bool_(False),
     )
+    lm = model.model.language_model
 
     def body(st: _BeamState) -> _BeamState:
         cur_len = st.cur_len
         flat = st.running.reshape(batch * nb, total)
-        tokens = jax.lax.dynamic_index_in_dim(flat, cur_len - 1, axis=1, keepdims=False)
-        logits, cache = _step_logits(model, tokens, cur_len - 1, cross_kv, cross_mask, st.cache)
+        tokens = jax.lax.dynamic_index_in_dim(st.running, cur_len - 1, axis=2, keepdims=False)  # (B, nb)
+        in_slot = jnp.argsort(st.slot_of, axis=1).astype(jnp.int32)  # the beam rank occupying each slot
+        h, cache = lm.decoder(lm.embed(_gather(tokens, in_slot).reshape(-1, 1)), None, cross_mask,
+                              cross_kv=cross_kv, cache=st.cache, index=cur_len - 1)
+        h = _gather(h.reshape(batch, nb, -1), st.slot_of).reshape(batch * nb, 1, -1)  # back to rank order
+        logits = model.logits_from_hidden(h)[:, 0].astype(jnp.float32)
         log_probs = _process(jax.nn.log_softmax(logits, axis=-1), flat, cur_len, c, s)
         vocab = log_probs.shape[-1]
         acc = (log_probs.reshape(batch, nb, vocab) + st.running_scores[:, :, None]).reshape(batch, nb * vocab)
@@ -355,9 +399,8 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
         finished = _gather(jnp.concatenate([st.finished, just_finished], axis=1), sel)
         lengths = _gather(jnp.concatenate([st.lengths, jnp.broadcast_to(cur_len, (batch, k))], axis=1), sel)
 
-        # Reorder the self-attention cache to follow the surviving beams.
-        rows = (running_parent + row_offset).reshape(-1)
-        cache = [LayerCache(jnp.take(lc.key, rows, axis=0), jnp.take(lc.value, rows, axis=0)) for lc in cache]
+        # The surviving beams inherit their parents' caches (see "Cache slots" above).
+        cache, slot_of = _inherit_slots(cache, st.slot_of, running_parent, row_offset)
 
         cur_len = cur_len + 1
         best_running = running_scores[:, :1] / c.heuristic_denom[cur_len]
@@ -368,7 +411,7 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
         can_continue = ~jnp.all(hits)
         done = ~(can_improve & open_beam & can_continue) | (cur_len >= total)
         return _BeamState(cur_len, running, running_scores, sequences, scores, finished, lengths, unsatisfied,
-                          cache, done)
+                          cache, slot_of, done)
 
     st = jax.lax.while_loop(lambda st: ~st.done, body, state)
     length = 1 + jnp.max(st.lengths[:, 0])

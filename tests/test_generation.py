@@ -176,6 +176,48 @@ def test_decode_only_entry_points(gen_pair, prompts):
     np.testing.assert_array_equal(np.asarray(out.sequences)[:, :int(out.length)], full)
 
 
+def test_cache_slots_follow_parents_and_copy_only_extra_children():
+    """``_inherit_slots`` against transformers' way (gather every cache row by parent, each step): after
+    random selections the slot of each beam holds exactly what the gathered cache holds for it, and the
+    only rows written are one per second-or-later child of a parent."""
+    import jax.numpy as jnp
+
+    from florence_jax.generation import _inherit_slots
+    from florence_jax.modeling.bart import LayerCache
+
+    rng = np.random.default_rng(0)
+    batch, nb, length = 3, 4, 6
+    offset = jnp.arange(batch, dtype=jnp.int32)[:, None] * nb
+    gathered = np.zeros((batch * nb, 1, length, 1), np.float32)  # rank order, gathered by parent
+    cache = [LayerCache(jnp.asarray(gathered), jnp.asarray(gathered))]
+    slot_of = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (batch, nb))
+    copies_seen = 0
+    for step in range(3 * length):
+        t = step % length
+        written = rng.standard_normal((batch, nb)).astype(np.float32)  # what each beam writes at t
+        gathered[:, 0, t, 0] = written.reshape(-1)
+        rows = np.asarray(slot_of + offset).reshape(-1)
+        key = np.asarray(cache[0].key).copy()
+        key[rows, 0, t, 0] = written.reshape(-1)
+        cache = [LayerCache(jnp.asarray(key), jnp.asarray(-key))]
+
+        parent = rng.integers(0, nb, (batch, nb)).astype(np.int32)
+        before = np.asarray(cache[0].key)
+        cache, slot_of = _inherit_slots(cache, slot_of, jnp.asarray(parent), offset)
+        gathered = gathered[(parent + np.asarray(offset)).reshape(-1)]
+
+        after = np.asarray(cache[0].key)
+        assert sorted(np.asarray(slot_of)[0].tolist()) == list(range(nb))  # still a permutation per row
+        rows = np.asarray(slot_of + offset).reshape(-1)
+        np.testing.assert_array_equal(after[rows], gathered)
+        np.testing.assert_array_equal(np.asarray(cache[0].value), -after)
+        extra_children = sum(nb - len(set(p.tolist())) for p in parent)
+        changed = int(np.any(after != before, axis=(1, 2, 3)).sum())
+        assert changed == extra_children
+        copies_seen += changed
+    assert copies_seen > 0
+
+
 def test_beam_cross_attention_paths_agree(gen_pair, prompts, monkeypatch):
     """The two ways a beam-search step runs cross-attention (each beam's query alone, the XLA:CPU
     choice; a row's beams as one product, elsewhere) give the same beams and scores (float32 rounding:
