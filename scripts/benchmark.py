@@ -61,6 +61,7 @@ class Settings:
     torch_compile: bool = False
     data_images: int = 16
     memory_only: bool = False  # train rows: compile and report the program's memory, run nothing
+    grad_accum_steps: int = 1  # train rows: the batch as this many micro-batches, one update (both sides)
 
 
 def defaults_for(platform_name: str) -> Settings:
@@ -184,7 +185,7 @@ def bench_train_ours(directory: str, s: Settings, frozen: bool, cached: bool = F
     bsh = batch_sharding(mesh)
     batch = jax.device_put(host, bsh)
     key = jax.random.key(0)
-    fns, state, _ = init_train_state(model, optim, 1000, mesh)
+    fns, state, _ = init_train_state(model, optim, 1000, mesh, grad_accum_steps=s.grad_accum_steps)
     del model
     step = jit_train_step(fns, state, bsh)
     flops = _step_flops(step, state, batch, key)
@@ -313,10 +314,15 @@ def bench_train_reference(ref, s: Settings, frozen: bool, device) -> dict[str, A
     autocast = _autocast(s, device)
     fwd = torch.compile(model) if s.torch_compile else model
 
+    k = s.grad_accum_steps
+    m = s.train_batch // k  # consecutive micro-batches, as ours splits them (the compute is the same; ours
+    micro = [{name: x[i * m:(i + 1) * m] for name, x in inputs.items()} for i in range(k)]  # weights tokens)
+
     def run():
-        with autocast:
-            loss = fwd(**inputs).loss
-        loss.backward()
+        for mb in micro:  # gradient accumulation: each micro-batch's mean loss / k, then one update
+            with autocast:
+                loss = fwd(**mb).loss / k
+            loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -558,6 +564,8 @@ def main(argv=None) -> int:
     p.add_argument("--memory_only", action="store_true",
                    help="train rows only: compile the step and report its memory (arguments + outputs + "
                         "temporaries, from XLA), without running it or the reference; does a batch fit?")
+    p.add_argument("--grad_accum_steps", type=int,
+                   help="train rows: split the batch into this many micro-batches per update (ours and reference)")
     p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: known accelerators)")
     p.add_argument("--table", metavar="JSON", help="print the table of an earlier run's --json file (also one a "
                    "time limit cut short: it is rewritten after every row) and exit")
@@ -581,6 +589,8 @@ def main(argv=None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    if s.train_batch % s.grad_accum_steps:
+        p.error(f"--train_batch {s.train_batch} is not a multiple of --grad_accum_steps {s.grad_accum_steps}")
     if s.memory_only:
         if not args.only or any(not r.startswith("train") for r in rows):
             p.error("--memory_only measures train rows: name them with --only (e.g. --only train_full)")
@@ -742,7 +752,10 @@ def _table(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"Device: {meta['device']}; jax {meta['jax']}, torch {meta['torch']}, transformers {meta['transformers']}; "
         f"{meta['date']}",
         f"Settings: Florence-2-{s.size} (random weights), {s.image_size}x{s.image_size}, {s.dtype} compute, "
-        f"train batch {s.train_batch} (prompt {s.prompt_tokens} + target {s.target_tokens} tokens), "
+        f"train batch {s.train_batch} (prompt {s.prompt_tokens} + target {s.target_tokens} tokens"
+        + (f"; {s.grad_accum_steps} micro-batches of {s.train_batch // s.grad_accum_steps}"
+           if s.grad_accum_steps > 1 else "")
+        + (f"; remat {s.remat_policy}" if s.remat_policy != "none" else "") + "), "
         f"generation batch {s.gen_batch} x {s.new_tokens} new tokens (no_repeat_ngram_size "
         f"{s.no_repeat_ngram_size}), median of {s.repeats}"
         + (", reference under torch.compile" if s.torch_compile else ""),

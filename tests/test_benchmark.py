@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from scripts import benchmark
 
 
@@ -67,3 +69,12 @@ def test_jaxpr_flops_counts_matmuls_convs_scans_and_gradients():
     # the gradient w.r.t. both operands adds two matmuls per layer (recomputing the forward adds one)
     grad = benchmark.jaxpr_flops(jax.make_jaxpr(jax.grad(stack, argnums=(0, 1)))(h, ws))
     assert grad == 5 * one * 4
+
+
+def test_grad_accumulation_setting_is_checked_and_shown(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--only", "train_full", "--train_batch", "6", "--grad_accum_steps", "4", "--memory_only"])
+    assert "not a multiple of --grad_accum_steps" in capsys.readouterr().err
+    s = benchmark.Settings(dtype="bfloat16", train_batch=64, grad_accum_steps=4, remat_policy="full")
+    table = benchmark._table({"train_full": _row(300.0, 100.0)}, benchmark._meta(s, "GPU test", "2.x", "5.x"))
+    assert "train batch 64 (prompt 16 + target 32 tokens; 4 micro-batches of 16; remat full)" in table
