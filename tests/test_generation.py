@@ -218,17 +218,20 @@ def test_cache_slots_follow_parents_and_copy_only_extra_children():
     assert copies_seen > 0
 
 
-def test_beam_cross_attention_paths_agree(gen_pair, prompts, monkeypatch):
-    """The two ways a beam-search step runs cross-attention (each beam's query alone, the XLA:CPU
-    choice; a row's beams as one product, elsewhere) give the same beams and scores (float32 rounding:
-    1e-5)."""
+def test_cpu_and_accelerator_beam_paths_agree(gen_pair, prompts, monkeypatch):
+    """The CPU's beam-search step (each beam's cross-attention query alone; cache rows copied only for
+    extra children) and the accelerators' (a row's beams as one product; the whole cache gathered by
+    parent) give the same beams and scores (float32 rounding: 1e-5). The parity tests above run the
+    CPU's path against transformers."""
+    from florence_jax import generation
     from florence_jax.modeling import bart
 
     _, ours = gen_pair
     kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True, **EARLY_EOS)
     results = []
-    for one_by_one in (True, False):
-        monkeypatch.setattr(bart, "_beam_queries_one_by_one", lambda impl, _v=one_by_one: _v)
+    for cpu_way in (True, False):
+        monkeypatch.setattr(bart, "_beam_queries_one_by_one", lambda impl, _v=cpu_way: _v)
+        monkeypatch.setattr(generation, "_copy_slots_row_by_row", lambda _v=cpu_way: _v)
         jax.clear_caches()  # the executable depends on the choice
         results.append(generate(ours, *prompts, return_scores=True, **kw))
     (a, sa), (b, sb) = results
