@@ -326,13 +326,18 @@ def test_mixture_config_overrides_and_validation():
 
 
 def test_configs_load_and_the_cauldron_mixture_is_stated():
-    for name in ("cpu_demo.py", "gpu_a100.py", "gpu_h100x8_full.py", "tpu_v4_32.py", "tpu_v5e_16.py",
-                 "tpu_v5e_16_full.py", "tpu_v4_32_frozen.py"):
+    for name in ("cpu_demo.py", "gpu_a100.py", "gpu_a100_full.py", "gpu_h100x8_full.py", "tpu_v4_32.py",
+                 "tpu_v5e_16.py", "tpu_v5e_16_full.py", "tpu_v4_32_frozen.py"):
         cfg = load_config(name)
         assert not cfg.data.mixture and cfg.data.metric == "anls"
     frozen, full = load_config("tpu_v5e_16.py"), load_config("tpu_v5e_16_full.py")
     assert frozen.optim.freeze and not full.optim.freeze and full.model.remat_policy == "full"
     assert full.model.name_or_path == frozen.model.name_or_path and full.mesh == frozen.mesh
+    a100, a100_full = load_config("gpu_a100.py"), load_config("gpu_a100_full.py")
+    assert a100.optim.freeze and not a100_full.optim.freeze and a100_full.batch_size == 64
+    assert a100_full.batch_size // a100_full.grad_accum_steps == 8 and a100_full.model.remat_policy == "full"
+    assert dataclasses.replace(a100_full, batch_size=a100.batch_size, grad_accum_steps=1, model=a100.model,
+                               optim=a100.optim) == a100
     large, large_frozen = load_config("tpu_v4_32.py"), load_config("tpu_v4_32_frozen.py")
     assert not large.optim.freeze and large_frozen.optim.freeze == (r"^model\.vision_tower\.",)
     assert dataclasses.replace(large_frozen, optim=large.optim) == large

@@ -1,0 +1,27 @@
+"""Full fine-tune (vision tower included) on one A100-40GB at global batch 64: the batch the reference
+recipe spread over 8 GPUs, on one card.
+
+``gpu_a100.py`` with every parameter trained. The batch of 64 runs as 8 micro-batches inside one
+jitted step (``grad_accum_steps``: one update, the same as for a single batch of 64, the loss a mean over
+all its target tokens), and the DaViT blocks and BART layers recompute their activations in the backward
+pass (``remat_policy="full"``).
+
+Memory, from ``python -m scripts.aot_compile --config gpu_a100_full.py`` (XLA's CPU compiler, an upper
+bound for the GPU's): 8 micro-batches of 8 need 26.9 GiB (67% of 40 GiB); 4 micro-batches of 16 need
+48.0 GiB, which the check cannot guarantee. ``bash scripts/device_bench.sh`` runs a 4 x 16 step (with the benchmark's shorter
+prompts) inside a 40 GiB allocator pool on a GPU; where it fits, ``--config.grad_accum_steps=4`` runs the same update with
+fewer, larger micro-batches.
+"""
+
+import dataclasses
+
+from configs import gpu_a100
+
+
+def get_config():
+    cfg = gpu_a100.get_config()
+    return dataclasses.replace(
+        cfg, batch_size=64, grad_accum_steps=8,
+        model=dataclasses.replace(cfg.model, remat_policy="full"),
+        optim=dataclasses.replace(cfg.optim, freeze=()),
+    )
