@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a machine with one GPU (H100/H200): ours against PyTorch on Florence-2-base at 768x768,
 # bf16 compute, frozen and full fine-tune steps and generation, printed as the markdown table of
-# docs/benchmarks.md. Ends within 8 minutes: each part has its own time limit, and the benchmark rewrites
+# docs/benchmarks.md, then a full fine-tune at global batch 64 run inside a 40 GiB memory pool. Ends within 8 minutes: each part has its own time limit, and the benchmark rewrites
 # its JSON after every row, so a part cut short keeps the rows it finished (`--table FILE` prints them).
 #
 #   bash scripts/device_bench.sh [OUT_DIR]
