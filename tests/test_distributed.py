@@ -139,6 +139,7 @@ def _max_param_diff(a: Path, b: Path) -> float:
     return max(float(np.max(np.abs(pa[k] - pb[k]))) for k in pa)
 
 
+@pytest.mark.slow  # about 6 minutes on the 2-core machine: three training processes side by side
 def test_two_processes_train_like_one(tmp_path, jobs):
     """2 processes x 2 devices == 1 process x 4 devices (global batch 8): losses of every step and the
     parameters after 3 steps; each process saved its own data position; process 0 alone wrote."""
