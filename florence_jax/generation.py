@@ -253,11 +253,21 @@ def _process(scores: jax.Array, ids: jax.Array, cur_len: jax.Array, c: DecodeCon
 
 
 # ------------------------------------------------------------------------------------------ decoding
-def _step_logits(model, tokens: jax.Array, index: jax.Array, cross_kv, cross_mask, cache):
-    """One decoder step for ``tokens`` of shape (rows,) at position ``index``; float32 logits."""
+def _step_logits(model, tokens: jax.Array, index: jax.Array, cross_kv, cross_mask, cache, slot_of=None):
+    """One decoder step for ``tokens`` of shape (rows,) at position ``index``; float32 logits.
+
+    With ``slot_of`` (beam search's ``(batch, beams)`` cache slots, see "Cache slots"), ``tokens`` and the
+    logits are in rank order and the decoder runs its cache rows in slot order.
+    """
     lm = model.model.language_model
+    if slot_of is not None:
+        batch, nb = slot_of.shape
+        in_slot = jnp.argsort(slot_of, axis=1).astype(jnp.int32)  # the beam rank occupying each slot
+        tokens = _gather(tokens.reshape(batch, nb), in_slot).reshape(-1)
     h, cache = lm.decoder(lm.embed(tokens[:, None]), None, cross_mask, cross_kv=cross_kv, cache=cache,
                           index=index)
+    if slot_of is not None:
+        h = _gather(h.reshape(batch, nb, -1), slot_of).reshape(batch * nb, 1, -1)  # back to rank order
     return model.logits_from_hidden(h)[:, 0].astype(jnp.float32), cache
 
 
@@ -369,17 +379,14 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
         cache=decoder.init_cache(batch * nb, total - 1, model.config.dtype),
         slot_of=jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (batch, nb)), done=jnp.bool_(False),
     )
-    lm = model.model.language_model
+    row_by_row = _copy_slots_row_by_row()  # else slot_of stays the identity and nothing is permuted
 
     def body(st: _BeamState) -> _BeamState:
         cur_len = st.cur_len
         flat = st.running.reshape(batch * nb, total)
-        tokens = jax.lax.dynamic_index_in_dim(st.running, cur_len - 1, axis=2, keepdims=False)  # (B, nb)
-        in_slot = jnp.argsort(st.slot_of, axis=1).astype(jnp.int32)  # the beam rank occupying each slot
-        h, cache = lm.decoder(lm.embed(_gather(tokens, in_slot).reshape(-1, 1)), None, cross_mask,
-                              cross_kv=cross_kv, cache=st.cache, index=cur_len - 1)
-        h = _gather(h.reshape(batch, nb, -1), st.slot_of).reshape(batch * nb, 1, -1)  # back to rank order
-        logits = model.logits_from_hidden(h)[:, 0].astype(jnp.float32)
+        tokens = jax.lax.dynamic_index_in_dim(flat, cur_len - 1, axis=1, keepdims=False)
+        logits, cache = _step_logits(model, tokens, cur_len - 1, cross_kv, cross_mask, st.cache,
+                                     st.slot_of if row_by_row else None)
         log_probs = _process(jax.nn.log_softmax(logits, axis=-1), flat, cur_len, c, s)
         vocab = log_probs.shape[-1]
         acc = (log_probs.reshape(batch, nb, vocab) + st.running_scores[:, :, None]).reshape(batch, nb * vocab)
@@ -413,7 +420,7 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
         lengths = _gather(jnp.concatenate([st.lengths, jnp.broadcast_to(cur_len, (batch, k))], axis=1), sel)
 
         # The surviving beams inherit their parents' caches (see "Cache slots" above).
-        if _copy_slots_row_by_row():
+        if row_by_row:
             cache, slot_of = _inherit_slots(cache, st.slot_of, running_parent, row_offset)
         else:  # one gather of every row by its parent; the slots stay in rank order
             rows = (running_parent + row_offset).reshape(-1)
