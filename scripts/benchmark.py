@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import io
 import json
 import os
@@ -62,6 +63,7 @@ class Settings:
     data_images: int = 16
     memory_only: bool = False  # train rows: compile and report the program's memory, run nothing
     grad_accum_steps: int = 1  # train rows: the batch as this many micro-batches, one update (both sides)
+    profile: str | None = None  # train rows: also profile one step of ours into this directory
 
 
 def defaults_for(platform_name: str) -> Settings:
@@ -205,7 +207,29 @@ def bench_train_ours(directory: str, s: Settings, frozen: bool, cached: bool = F
     timing = measure(run, s.repeats)
     timing.first_s += compile_s
     mem = _peak_memory_ours(compiled)
-    return {"timing": timing, "flops": flops, "memory_bytes": mem, "feature_s": feature_s}
+    profile = _profile_step(run, compiled, s, frozen, cached) if s.profile else None
+    return {"timing": timing, "flops": flops, "memory_bytes": mem, "feature_s": feature_s, "profile": profile}
+
+
+def _profile_step(run, compiled, s: Settings, frozen: bool, cached: bool) -> str | None:
+    """One more step under the profiler: device time per model scope and per op, as markdown (also
+    written beside the trace). A profiler that fails is reported, never fatal: the timings stand."""
+    from scripts.op_profile import format_profile, profile_compiled
+
+    name = "train_frozen_cached" if cached else "train_frozen" if frozen else "train_full"
+    directory = os.path.join(s.profile, name)
+    hlo = compiled.as_text()
+    try:
+        prof = profile_compiled(run, hlo, directory)
+    except Exception as e:  # noqa: BLE001 - a profiler problem must not cost the measured rows
+        progress(f"{name}: profiling failed ({type(e).__name__}: {e})")
+        return None
+    with open(os.path.join(directory, "ops.md"), "w") as f:  # every scope, the 200 slowest ops
+        f.write(format_profile(prof, top=200) + "\n")
+    with gzip.open(os.path.join(directory, "hlo.txt.gz"), "wt") as f:  # to read the ops' fusions later
+        f.write(hlo)
+    progress(f"{name}: profile written to {directory} (trace, ops.md, hlo.txt.gz)")
+    return format_profile(prof, top=20)
 
 
 def _fc(directory: str, s: Settings):
@@ -566,6 +590,9 @@ def main(argv=None) -> int:
                         "temporaries, from XLA), without running it or the reference; does a batch fit?")
     p.add_argument("--grad_accum_steps", type=int,
                    help="train rows: split the batch into this many micro-batches per update (ours and reference)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="train rows: profile one more step of ours into DIR and print where its device time "
+                        "goes, per model scope (forward and backward) and per op")
     p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: known accelerators)")
     p.add_argument("--table", metavar="JSON", help="print the table of an earlier run's --json file (also one a "
                    "time limit cut short: it is rewritten after every row) and exit")
@@ -626,6 +653,8 @@ def main(argv=None) -> int:
             progress(f"{kind}: ours (compiling)")
             o = bench_train_ours(tmp, s, frozen, cached=kind == "train_frozen_cached")
             results[kind] = _train_row(o, r, s, peak)
+            if o.get("profile"):
+                print(f"\n### {kind}: where one step of ours spends its time\n\n{o['profile']}\n", flush=True)
             if o.get("feature_s") is not None:
                 results[kind]["feature_s_per_example"] = o["feature_s"] / s.train_batch
                 results.save()

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One command for a machine with one GPU (H100/H200): ours against PyTorch on Florence-2-base at 768x768,
 # bf16 compute, frozen and full fine-tune steps and generation, printed as the markdown table of
-# docs/benchmarks.md, then a full fine-tune at global batch 64 run inside a 40 GiB memory pool. Ends within 8 minutes: each part has its own time limit, and the benchmark rewrites
-# its JSON after every row, so a part cut short keeps the rows it finished (`--table FILE` prints them).
+# docs/benchmarks.md, with a profile of each train step of ours (device time per model scope), then a full
+# fine-tune at global batch 64 run inside a 40 GiB memory pool. Ends within 8 minutes: each part has its
+# own time limit, and the benchmark rewrites its JSON after every row, so a part cut short keeps the rows
+# it finished (`--table FILE` prints them).
 #
 #   bash scripts/device_bench.sh [OUT_DIR]
 #   PARITY=1 bash scripts/device_bench.sh    # then also the logits of ours against transformers on the GPU
@@ -40,8 +42,10 @@ run() {  # name, time limit (s), arguments
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "!! $name failed or ran out of time (limit ${limit}s); rows it finished:";
     [ -f "$OUT/$name.json" ] && "$PY" -m scripts.benchmark --table "$OUT/$name.json"; }
 }
-run train 220 --only train_frozen,train_full --train_batch 32 --repeats 5
-run generate 140 --only generate_beam3,decode_beam3,generate_greedy --gen_batch 32 --new_tokens 256 --repeats 2
+# --profile: one more step of ours under jax.profiler, printed as device time per model scope and per op
+# (trace, ops.md and the step's HLO under $OUT/profile/<row>/), to show where the step falls short.
+run train 240 --only train_frozen,train_full --train_batch 32 --repeats 5 --profile "$OUT/profile"
+run generate 120 --only generate_beam3,decode_beam3,generate_greedy --gen_batch 32 --new_tokens 256 --repeats 2
 # A full fine-tune at global batch 64 within 40 GiB: JAX's allocator gets a 40 GiB pool and nothing more
 # (preallocated, so the step either runs inside it or fails with out-of-memory). 4 micro-batches of 16
 # with full remat; compiled for the CPU the step needs 41.3 GiB, an upper bound for the GPU's compiler.

@@ -56,7 +56,8 @@ def _forward_loss(fns: StepFns, params, rest, batch, rng, total_weight):
         decoder_input_ids=decoder_input_ids, image_layout="NHWC", rngs=nnx.Rngs(dropout=rng),
         freeze_vision=fns.freeze_vision, vision_features=batch.get("vision_features"),
     )
-    losses, weights = token_cross_entropy(out.logits, labels, mask)
+    with jax.named_scope("loss"):
+        losses, weights = token_cross_entropy(out.logits, labels, mask)
     return losses.sum() / total_weight, (losses.sum(), weights.sum())
 
 
@@ -89,11 +90,12 @@ def train_step(fns: StepFns, state: TrainState, batch: dict, rng: jax.Array):
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (grads, loss_sum, n_tok), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(k)))
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
-    # Frozen leaves are returned as they are (not p + 0), so they stay bit-identical.
-    params = jax.tree.map(lambda p, u, lab: p if lab == FROZEN else (p + u).astype(p.dtype),
-                          state.params, updates, fns.labels)
+    with jax.named_scope("optimizer"):
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
+        # Frozen leaves are returned as they are (not p + 0), so they stay bit-identical.
+        params = jax.tree.map(lambda p, u, lab: p if lab == FROZEN else (p + u).astype(p.dtype),
+                              state.params, updates, fns.labels)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = {"loss": loss_sum / jnp.maximum(n_tok, 1.0), "grad_norm": grad_norm, "tokens": n_tok}
     return new_state, metrics

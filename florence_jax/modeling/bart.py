@@ -17,7 +17,7 @@ from flax import nnx
 
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
-from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat
+from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat, named
 
 POSITION_OFFSET = 2  # BART's learned positions are indexed from 2 (a fairseq legacy).
 
@@ -93,6 +93,7 @@ class _FFN(nnx.Module):
         self.dropout = nnx.Dropout(t.dropout)
         self.activation_dropout = nnx.Dropout(t.activation_dropout)
 
+    @named("ffn")
     def _ffn(self, h, rngs):
         r = h
         h = self.activation_dropout(self.act(dense(self.fc1, h, rngs)), rngs=rngs)
@@ -108,9 +109,10 @@ class EncoderLayer(_FFN):
         self._init_ffn(cfg, t.encoder_ffn_dim, rngs)
 
     def __call__(self, h, mask, rngs=None):
-        k, v = self.self_attn.project_kv(h, rngs)
-        a = self.dropout(self.self_attn(h, k, v, mask, rngs), rngs=rngs)
-        h = self.self_attn_layer_norm(h + a)
+        with jax.named_scope("self_attn"):
+            k, v = self.self_attn.project_kv(h, rngs)
+            a = self.dropout(self.self_attn(h, k, v, mask, rngs), rngs=rngs)
+            h = self.self_attn_layer_norm(h + a)
         return self._ffn(h, rngs)
 
 
@@ -125,17 +127,19 @@ class DecoderLayer(_FFN):
 
     def __call__(self, h, self_mask, cross_kv, cross_mask, cache: LayerCache | None = None, index=None,
                  rngs=None):
-        k, v = self.self_attn.project_kv(h, rngs)
-        if cache is not None:
-            # Write this step's keys/values at `index` and attend over the whole preallocated buffer;
-            # the caller's mask hides positions not yet written.
-            k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), index, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), index, axis=2)
-            cache = LayerCache(k, v)
-        a = self.dropout(self.self_attn(h, k, v, self_mask, rngs), rngs=rngs)
-        h = self.self_attn_layer_norm(h + a)
-        a = self.dropout(self.encoder_attn(h, cross_kv[0], cross_kv[1], cross_mask, rngs), rngs=rngs)
-        h = self.encoder_attn_layer_norm(h + a)
+        with jax.named_scope("self_attn"):
+            k, v = self.self_attn.project_kv(h, rngs)
+            if cache is not None:
+                # Write this step's keys/values at `index` and attend over the whole preallocated buffer;
+                # the caller's mask hides positions not yet written.
+                k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), index, axis=2)
+                v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), index, axis=2)
+                cache = LayerCache(k, v)
+            a = self.dropout(self.self_attn(h, k, v, self_mask, rngs), rngs=rngs)
+            h = self.self_attn_layer_norm(h + a)
+        with jax.named_scope("cross_attn"):
+            a = self.dropout(self.encoder_attn(h, cross_kv[0], cross_kv[1], cross_mask, rngs), rngs=rngs)
+            h = self.encoder_attn_layer_norm(h + a)
         return self._ffn(h, rngs), cache
 
 
@@ -159,6 +163,7 @@ class BartEncoder(_Stack):
         self._init_stack(cfg, rngs)
         self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.text_config.encoder_layers)])
 
+    @named("encoder")
     def __call__(self, inputs_embeds, attention_mask=None, rngs=None):
         """``inputs_embeds`` already hold the (scaled) token embeddings with image features merged in."""
         h = self._embed(inputs_embeds, 0, rngs)
@@ -173,10 +178,12 @@ class BartDecoder(_Stack):
         self._init_stack(cfg, rngs)
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.text_config.decoder_layers)])
 
+    @named("cross_kv")
     def cross_kv(self, encoder_hidden_states, rngs=None) -> list[tuple[jax.Array, jax.Array]]:
         """Cross-attention keys/values of every layer, computed once per generation."""
         return [layer.encoder_attn.project_kv(encoder_hidden_states, rngs) for layer in self.layers]
 
+    @named("decoder")
     def __call__(
         self,
         inputs_embeds,

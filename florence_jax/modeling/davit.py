@@ -20,6 +20,7 @@ from florence_jax.modeling.layers import (
     layer_norm,
     linear,
     maybe_remat,
+    named,
     recompute_in_backward,
     remat_function,
 )
@@ -49,6 +50,7 @@ class DepthwiseConv(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype))
         self.dtype = cfg.dtype
 
+    @named("dwconv")
     def __call__(self, x: jax.Array) -> jax.Array:
         return _depthwise_conv3x3(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
                                   self.bias[...].astype(self.dtype))
@@ -95,6 +97,7 @@ class ConvEmbed(nnx.Module):
                           rngs)
         self.norm = layer_norm(cfg, din if self.pre_norm else dout, rngs=rngs)
 
+    @named("patch_embed")
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.pre_norm:
             x = self.norm(x)
@@ -112,6 +115,7 @@ class VisionMLP(nnx.Module):
         self.fc1 = linear(cfg, dim, hidden, rngs=rngs)
         self.fc2 = linear(cfg, hidden, dim, rngs=rngs)
 
+    @named("mlp")
     def __call__(self, x, rngs=None):
         return dense_of_activation(self.fc2, self.act, dense(self.fc1, x, rngs), rngs)
 
@@ -128,6 +132,7 @@ class WindowAttention(nnx.Module):
         self.qkv = linear(cfg, self.dim, 3 * self.dim, use_bias=v.qkv_bias, rngs=rngs)
         self.proj = linear(cfg, self.dim, self.dim, rngs=rngs)
 
+    @named("window_attn")
     def __call__(self, x: jax.Array, rngs=None) -> jax.Array:
         b, h, w, c = x.shape
         ws = self.window_size
@@ -154,6 +159,7 @@ class ChannelAttention(nnx.Module):
         self.qkv = linear(cfg, self.dim, 3 * self.dim, use_bias=v.qkv_bias, rngs=rngs)
         self.proj = linear(cfg, self.dim, self.dim, rngs=rngs)
 
+    @named("channel_attn")
     def __call__(self, x: jax.Array, rngs=None) -> jax.Array:
         b, n, c = x.shape
         g, cg = self.groups, c // self.groups
@@ -182,6 +188,10 @@ class _DaViTBlockHalf(nnx.Module):
         raise NotImplementedError
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None, drop_rate: jax.Array | None = None) -> jax.Array:
+        with jax.named_scope(self.scope):
+            return self._forward(x, rngs, drop_rate)
+
+    def _forward(self, x: jax.Array, rngs, drop_rate) -> jax.Array:
         b, h, w, c = x.shape
         x = self.conv1(x) + x
         tokens = x.reshape(b, h * w, c)
@@ -195,6 +205,8 @@ class _DaViTBlockHalf(nnx.Module):
 
 
 class SpatialBlock(_DaViTBlockHalf):
+    scope = "spatial"
+
     def __init__(self, cfg: Florence2Config, stage: int, drop_path_rate: float, *, rngs: nnx.Rngs):
         self._init_common(cfg, stage, drop_path_rate, rngs)
         self.window_attn = WindowAttention(cfg, stage, rngs=rngs)
@@ -205,6 +217,8 @@ class SpatialBlock(_DaViTBlockHalf):
 
 
 class ChannelBlock(_DaViTBlockHalf):
+    scope = "channel"
+
     def __init__(self, cfg: Florence2Config, stage: int, drop_path_rate: float, *, rngs: nnx.Rngs):
         self._init_common(cfg, stage, drop_path_rate, rngs)
         self.channel_attn = ChannelAttention(cfg, stage, rngs=rngs)
@@ -253,15 +267,17 @@ class DaViT(nnx.Module):
         self.drop_rates = tuple(tuple((dpr[o + 2 * j], dpr[o + 2 * j + 1]) for j in range(d))
                                 for o, d in zip(starts.tolist(), v.depths))
 
+    @named("vision_tower")
     def __call__(self, pixels_nhwc: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         x = pixels_nhwc
         for stage, (conv, stage_blocks) in enumerate(zip(self.convs, self.blocks)):
-            x = conv(x)
-            if self.scan_blocks and len(stage_blocks) > 1:
-                x = self._scan_stage(stage, x, rngs)
-                continue
-            for block in stage_blocks:
-                x = maybe_remat(lambda blk, h, r: blk(h, r), self.remat_policy)(block, x, rngs)
+            with jax.named_scope(f"stage{stage}"):
+                x = conv(x)
+                if self.scan_blocks and len(stage_blocks) > 1:
+                    x = self._scan_stage(stage, x, rngs)
+                    continue
+                for block in stage_blocks:
+                    x = maybe_remat(lambda blk, h, r: blk(h, r), self.remat_policy)(block, x, rngs)
         return x
 
     def _scan_stage(self, stage: int, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:

@@ -15,7 +15,7 @@ from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
 from florence_jax.modeling.bart import BartModel
 from florence_jax.modeling.davit import DaViT
-from florence_jax.modeling.layers import embed, layer_norm, linear
+from florence_jax.modeling.layers import embed, layer_norm, linear, named
 
 
 class Buffer(nnx.Variable):
@@ -67,6 +67,7 @@ class MultiModalProjector(nnx.Module):
         self.image_position_embed = LearnedPositionEmbedding2D(cfg, rngs=rngs)
         self.visual_temporal_embed = CosineTemporalEmbedding(cfg)
 
+    @named("projector")
     def __call__(self, features_nhwc: jax.Array, rngs=None) -> jax.Array:
         b, h, w, c = features_nhwc.shape
         x = features_nhwc + self.image_position_embed(h, w)[None].astype(features_nhwc.dtype)
@@ -140,6 +141,7 @@ class Florence2ForConditionalGeneration(nnx.Module):
             raise ValueError(f"image_layout must be NCHW or NHWC, got {image_layout!r}")
         return self.model.vision_tower(x.astype(self.config.dtype), rngs)
 
+    @named("embed")
     def embed_inputs(self, input_ids, image_features=None) -> jax.Array:
         lm = self.model.language_model
         embeds = lm.embed(input_ids)
@@ -156,6 +158,7 @@ class Florence2ForConditionalGeneration(nnx.Module):
         mask = None if attention_mask is None else jnp.asarray(attention_mask)
         return self.model.language_model.encoder(embeds, mask, rngs)
 
+    @named("lm_head")
     def logits_from_hidden(self, hidden: jax.Array, rngs=None) -> jax.Array:
         """The tied LM head: hidden states against the shared embedding (plus its LoRA adapter, if any)."""
         logits = self.model.language_model.shared.attend(hidden)

@@ -10,6 +10,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def named(scope: str):
+    """Run the decorated method under ``jax.named_scope(scope)``.
+
+    The scope becomes part of every op's name in the compiled program's metadata (``vision_tower/stage2/
+    spatial/window_attn/dot_general``; autodiff wraps backward ops in ``transpose(...)``), so device
+    profiles read per model part (``scripts/op_profile.py``). Nothing changes at run time.
+    """
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def scoped(*args, **kwargs):
+            with jax.named_scope(scope):
+                return fn(*args, **kwargs)
+
+        return scoped
+
+    return wrap
+
+
 def recompute_in_backward(fn=None, *, static_argnums: tuple[int, ...] = ()):
     """``fn`` with only its inputs kept for the backward pass, which recomputes the rest.
 

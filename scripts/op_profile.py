@@ -1,0 +1,229 @@
+"""Where a compiled program spends its device time: one profiled call, summed per HLO op and per model scope.
+
+    from scripts.op_profile import profile_compiled, format_profile
+    prof = profile_compiled(lambda: run_step(), compiled.as_text(), "/tmp/trace")
+    print(format_profile(prof))
+
+The program runs under ``jax.profiler.trace``; the trace's op events (GPU kernels, or XLA:CPU thunks) carry
+the HLO instruction they ran, and the optimized HLO text maps each instruction to the JAX ``op_name`` it came
+from. The model's modules open ``jax.named_scope``\\ s (``vision_tower/stage2/spatial/window_attn``,
+``decoder/cross_attn``, ``lm_head``, ...), and autodiff wraps backward ops in ``transpose(...)``, so the
+time can be read per model part, forward and backward. ``scripts.benchmark --profile DIR`` prints this for
+its train rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?\s([a-z][a-z0-9\-]*)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_KIND = re.compile(r"kind=(k\w+)")
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_MODULE = re.compile(r"^HloModule\s+([\w.\-]+)")
+# Ops that only run other ops: their events enclose their body's events, so they are not summed.
+_CONTROL = {"while", "conditional", "call", "async-start", "async-done"}
+# Name-stack parts that say how a scope was reached rather than where it is in the model.
+_NOISE = re.compile(r"^(jit|pjit|jvp|checkpoint|remat|remat2|custom_jvp_call|custom_vjp_call|while|body|cond|"
+                    r"scan|vmap|cond_fun|body_fun|closed_call|core_call|rematted_computation)(\(.*\))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloOp:
+    opcode: str
+    kind: str  # fusion kind (kLoop, kInput, kOutput, kCustom) or custom-call target; "" otherwise
+    op_name: str  # the JAX op_name metadata ("" when XLA made the op up)
+
+
+@dataclasses.dataclass
+class OpTime:
+    name: str  # HLO instruction (or, without HLO names in the trace, the kernel's name)
+    ms: float  # per profiled call
+    count: float  # launches per call
+    op: HloOp | None
+
+
+@dataclasses.dataclass
+class Profile:
+    ops: list[OpTime]  # slowest first
+    wall_ms: float  # one call, as timed around the profiled calls
+    calls: int
+    source: str  # "device" (accelerator kernels) or "host" (XLA:CPU thunks)
+
+    @property
+    def total_ms(self) -> float:
+        return sum(o.ms for o in self.ops)
+
+
+def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
+    """Every instruction of an optimized HLO module (all computations): name -> opcode, kind, op_name."""
+    ops = {}
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, opcode = m.groups()
+        kind = _KIND.search(line) if opcode == "fusion" else None
+        target = _TARGET.search(line) if opcode == "custom-call" else None
+        op_name = _OP_NAME.search(line)
+        ops[name] = HloOp(opcode, (kind or target).group(1) if (kind or target) else "",
+                          op_name.group(1) if op_name else "")
+    return ops
+
+
+def module_name(hlo_text: str) -> str | None:
+    m = _MODULE.match(hlo_text.lstrip())
+    return m.group(1) if m else None
+
+
+def scope_of(op_name: str) -> tuple[str, bool]:
+    """``(model scope, backward?)`` of an op_name: ``jit(step)/transpose(jvp(encoder))/self_attn/dot_general``
+    -> ``("encoder/self_attn", True)``. Transformation wrappers are unwrapped into the path."""
+    backward = "transpose(" in op_name
+    parts = []
+    for part in op_name.split("/")[:-1]:  # the last part is the primitive
+        if re.fullmatch(r"p?jit\(.*\)", part) or "->" in part:
+            continue  # a jitted function's or an einsum's own name: not a model scope
+        while True:  # unwrap transpose(jvp(x)) -> x, keeping what was inside
+            m = re.fullmatch(r"[\w\-]+\((.*)\)", part)
+            if not m:
+                break
+            part = m.group(1)
+        if part and not _NOISE.match(part):
+            parts.append(part)
+    return "/".join(parts) or "(top)", backward
+
+
+def trace_op_times(trace_dir: str, module: str | None) -> tuple[dict[str, list[float]], str]:
+    """Summed duration (us) and count per HLO op of ``module`` in the newest perfetto trace under
+    ``trace_dir``; accelerator events when there are any, else XLA:CPU's host events."""
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    device_ops: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    host_ops: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    device_kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        args = e.get("args") or {}
+        op = args.get("hlo_op")
+        on_device = e.get("pid") in device_pids
+        if op is None:
+            if on_device and not e["name"].startswith("$"):
+                acc = device_kernels[e["name"]]
+                acc[0] += e.get("dur", 0.0)
+                acc[1] += 1
+            continue
+        if module is not None and args.get("hlo_module") not in (None, module):
+            continue
+        acc = (device_ops if on_device else host_ops)[op]
+        acc[0] += e.get("dur", 0.0)
+        acc[1] += 1
+    if device_ops:
+        return dict(device_ops), "device"
+    if device_kernels:  # kernels without HLO names: by kernel name
+        return dict(device_kernels), "device"
+    return dict(host_ops), "host"
+
+
+def _check_profiler_safe() -> None:
+    """Refuse, with the way out, where ``jax.profiler`` would crash the process: a PJRT plugin that is
+    installed but failed to start (libtpu on a machine without a TPU) still gets its tracer started, and
+    that tracer segfaults."""
+    from jax._src import xla_bridge
+
+    failed = dict(getattr(xla_bridge, "_backend_errors", {}) or {})
+    if failed:
+        names = ", ".join(sorted(failed))
+        raise RuntimeError(
+            f"jax.profiler cannot run in this process: the {names} plugin is installed but did not start "
+            f"({str(next(iter(failed.values())))[:120]}), and starting its tracer crashes the process. Name "
+            f"the platform to use, e.g. JAX_PLATFORMS={jax_platform()} python -m scripts.benchmark ...")
+
+
+def jax_platform() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
+def profile_compiled(run: Callable[[], Any], hlo_text: str, trace_dir: str, calls: int = 1) -> Profile:
+    """Profile ``calls`` calls of ``run`` (which must block until the program finishes) and attribute the
+    op time to the HLO in ``hlo_text`` (``compiled.as_text()`` of the program ``run`` executes)."""
+    import jax
+
+    _check_profiler_safe()
+    ops = hlo_ops(hlo_text)
+    os.makedirs(trace_dir, exist_ok=True)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            run()
+        wall = (time.perf_counter() - t0) / calls
+    times, source = trace_op_times(trace_dir, module_name(hlo_text))
+    rows = []
+    for name, (us, count) in times.items():
+        op = ops.get(name)
+        if op is not None and op.opcode in _CONTROL:
+            continue
+        rows.append(OpTime(name, us / 1e3 / calls, count / calls, op))
+    rows.sort(key=lambda r: -r.ms)
+    return Profile(rows, wall * 1e3, calls, source)
+
+
+def by_scope(prof: Profile) -> list[tuple[str, float, int]]:
+    """``(scope [bwd], ms per call, ops)`` summed over the ops of each model scope, slowest first."""
+    acc: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for r in prof.ops:
+        if r.op is None:
+            key = "(no HLO op)"
+        else:
+            scope, backward = scope_of(r.op.op_name)
+            key = f"{scope} [bwd]" if backward else scope
+        acc[key][0] += r.ms
+        acc[key][1] += 1
+    return sorted(((k, v[0], int(v[1])) for k, v in acc.items()), key=lambda t: -t[1])
+
+
+def by_part(prof: Profile) -> list[tuple[str, float]]:
+    """``(top-level scope [bwd], ms per call)``: the model's parts (``vision_tower``, ``encoder``, ...)."""
+    acc: dict[str, float] = collections.defaultdict(float)
+    for scope, ms, _ in by_scope(prof):
+        head, _, rest = scope.partition("/")
+        acc[head if head.endswith("]") or not rest.endswith("[bwd]") else f"{head} [bwd]"] += ms
+    return sorted(acc.items(), key=lambda t: -t[1])
+
+
+def format_profile(prof: Profile, top: int = 15) -> str:
+    total = prof.total_ms or 1.0
+    parts = ", ".join(f"{k} {ms:.1f} ms ({100 * ms / total:.0f}%)" for k, ms in by_part(prof))
+    lines = [f"op time {prof.total_ms:.2f} ms per call on the {prof.source} ({len(prof.ops)} ops), "
+             f"wall {prof.wall_ms:.2f} ms per call, {prof.calls} call(s) profiled", "", f"By part: {parts}",
+             "", "| scope | ms | % | ops |", "|---|---|---|---|"]
+    scopes = by_scope(prof)
+    lines += [f"| {k} | {ms:.2f} | {100 * ms / total:.1f} | {n} |" for k, ms, n in scopes[:max(top, 30)]]
+    if len(scopes) > max(top, 30):
+        rest = scopes[max(top, 30):]
+        lines.append(f"| ({len(rest)} more scopes) | {sum(ms for _, ms, _ in rest):.2f} | "
+                     f"{100 * sum(ms for _, ms, _ in rest) / total:.1f} | {sum(n for _, _, n in rest)} |")
+    lines += ["", "| op | kind | ms | % | launches | from |", "|---|---|---|---|---|---|"]
+    for r in prof.ops[:top]:
+        kind = "" if r.op is None else (r.op.kind or r.op.opcode)
+        origin = "" if r.op is None else r.op.op_name.split("/", 1)[-1][-90:]
+        lines.append(f"| {r.name} | {kind} | {r.ms:.2f} | {100 * r.ms / total:.1f} | {r.count:g} | {origin} |")
+    return "\n".join(lines)
