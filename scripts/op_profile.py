@@ -4,6 +4,8 @@
     prof = profile_compiled(lambda: run_step(), compiled.as_text(), "/tmp/trace")
     print(format_profile(prof))
 
+    python -m scripts.op_profile PROFILE_DIR/train_frozen   # the tables again, from a saved trace + HLO
+
 The program runs under ``jax.profiler.trace``; the trace's op events (GPU kernels, or XLA:CPU thunks) carry
 the HLO instruction they ran, and the optimized HLO text maps each instruction to the JAX ``op_name`` it came
 from. The model's modules open ``jax.named_scope``\\ s (``vision_tower/stage2/spatial/window_attn``,
@@ -88,8 +90,9 @@ def module_name(hlo_text: str) -> str | None:
 def scope_of(op_name: str) -> tuple[str, bool]:
     """``(model scope, backward?)`` of an op_name: ``jit(step)/transpose(jvp(encoder))/self_attn/dot_general``
     -> ``("encoder/self_attn", True)``. Transformation wrappers are unwrapped into the path."""
+    op_name = op_name.split(";")[0]  # XLA joins the names of ops it merged with ";": the first names the op
     backward = "transpose(" in op_name
-    parts = []
+    parts: list[str] = []
     for part in op_name.split("/")[:-1]:  # the last part is the primitive
         if re.fullmatch(r"p?jit\(.*\)", part) or "->" in part:
             continue  # a jitted function's or an einsum's own name: not a model scope
@@ -100,6 +103,16 @@ def scope_of(op_name: str) -> tuple[str, bool]:
             part = m.group(1)
         if part and not _NOISE.match(part):
             parts.append(part)
+    # A recomputed forward (jax.checkpoint) inside a backward repeats the scopes it was traced in:
+    # encoder/ffn/encoder/ffn -> encoder/ffn.
+    n = 1
+    while n <= len(parts) // 2:
+        for i in range(len(parts) - 2 * n + 1):
+            if parts[i:i + n] == parts[i + n:i + 2 * n]:
+                del parts[i + n:i + 2 * n]
+                break
+        else:
+            n += 1
     return "/".join(parts) or "(top)", backward
 
 
@@ -175,6 +188,13 @@ def profile_compiled(run: Callable[[], Any], hlo_text: str, trace_dir: str, call
         for _ in range(calls):
             run()
         wall = (time.perf_counter() - t0) / calls
+    return summarize(trace_dir, hlo_text, calls, wall * 1e3, ops)
+
+
+def summarize(trace_dir: str, hlo_text: str, calls: int, wall_ms: float, ops: dict[str, HloOp] | None = None
+              ) -> Profile:
+    """The :class:`Profile` of a trace already written under ``trace_dir`` (``calls`` calls profiled)."""
+    ops = hlo_ops(hlo_text) if ops is None else ops
     times, source = trace_op_times(trace_dir, module_name(hlo_text))
     rows = []
     for name, (us, count) in times.items():
@@ -183,7 +203,7 @@ def profile_compiled(run: Callable[[], Any], hlo_text: str, trace_dir: str, call
             continue
         rows.append(OpTime(name, us / 1e3 / calls, count / calls, op))
     rows.sort(key=lambda r: -r.ms)
-    return Profile(rows, wall * 1e3, calls, source)
+    return Profile(rows, wall_ms, calls, source)
 
 
 def by_scope(prof: Profile) -> list[tuple[str, float, int]]:
@@ -227,3 +247,21 @@ def format_profile(prof: Profile, top: int = 15) -> str:
         origin = "" if r.op is None else r.op.op_name.split("/", 1)[-1][-90:]
         lines.append(f"| {r.name} | {kind} | {r.ms:.2f} | {100 * r.ms / total:.1f} | {r.count:g} | {origin} |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the tables again from a directory ``scripts.benchmark --profile`` wrote (trace + hlo.txt.gz)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m scripts.op_profile", description=main.__doc__)
+    p.add_argument("directory", help="e.g. PROFILE_DIR/train_frozen")
+    p.add_argument("--top", type=int, default=30, help="ops (and at least as many scopes) to list")
+    args = p.parse_args(argv)
+    with gzip.open(os.path.join(args.directory, "hlo.txt.gz"), "rt") as f:
+        hlo = f.read()
+    print(format_profile(summarize(args.directory, hlo, calls=1, wall_ms=float("nan")), top=args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -27,6 +27,11 @@ def test_scope_of_unwraps_transformations_and_drops_call_plumbing():
     einsum = "jit(step)/jvp(decoder)/cross_attn/bqd,bkd->bqk/dot_general"
     assert scope_of(einsum) == ("decoder/cross_attn", False)
     assert scope_of("jit(f)/add") == ("(top)", False)
+    # a checkpointed forward recomputed in the backward repeats its scopes; merged ops join names with ";"
+    remat = "jit(step)/transpose(jvp(encoder))/ffn/encoder/ffn/rematted_computation/dot_general"
+    assert scope_of(remat) == ("encoder/ffn", True)
+    merged = "jit(step)/transpose(jvp(decoder))/cross_kv/transpose;jit(step)/transpose(jvp(decoder))/cross_attn/x"
+    assert scope_of(merged) == ("decoder/cross_kv", True)
 
 
 def test_profile_puts_the_big_matmul_first_forward_and_backward(tmp_path):
