@@ -8,6 +8,8 @@
 #
 #   bash scripts/device_bench.sh [OUT_DIR]
 #   PARITY=1 bash scripts/device_bench.sh    # then also the logits of ours against transformers on the GPU
+#   PACK=/path/bench.tgz bash scripts/device_bench.sh /tmp/b   # also pack every log, JSON and profile table
+#                                            # (not the raw traces) into one file, for a machine that returns few
 #
 # Needs jax with CUDA, flax, optax, torch with CUDA and transformers >= 5 on the machine; florence_jax is
 # used from this checkout (no install, no grain: the model rows need neither). Wheels in .whl/ (a flax
@@ -61,4 +63,7 @@ if [ "${PARITY:-0}" = 1 ]; then  # about 2 more minutes: two base-size compiles
   echo "== parity: logits of ours against transformers on this GPU (base size, 768x768)"
   timeout 150 "$PY" -m scripts.device_parity 2>&1 | tee "$OUT/parity.log" | quiet
   [ "${PIPESTATUS[0]}" = 0 ] || echo "!! parity failed or ran out of time"
+fi
+if [ -n "${PACK:-}" ]; then  # logs, JSON, profile tables and HLO; the raw traces stay behind
+  (cd "$OUT" && tar -czf "$PACK" --exclude=plugins --exclude=site_check.log -- *) && echo "packed into $PACK"
 fi
