@@ -34,7 +34,7 @@ def get_config() -> TrainConfig:
             image_size=768,
             max_prompt_tokens=64,
             max_target_tokens=64,
-            num_workers=8,  # ~40 images/s per worker decode+resize: 8 keep ahead of the step
+            num_workers=8,  # ~20 pages/s per worker (decode + resize): 8 feed ~140 examples/s (docs/scale-out.md)
         ),
         model=ModelConfig(
             name_or_path="florence-community/Florence-2-base-ft",

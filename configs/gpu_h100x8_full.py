@@ -2,6 +2,13 @@
 
 FSDP over the 8 GPUs shards parameters and Adam moments; bf16 compute, fp32 master weights, remat of
 the DaViT blocks and BART layers ("dots": keep matmul outputs, recompute the rest) to fit large batches.
+
+Data: eight GPUs at 200 examples/s each need 1,600 examples/s from this host. Decoding and resizing a
+DocVQA page takes a worker about 50 ms (20/s on a slow core), so even 64 workers may fall short; from a
+prepared dataset (pixels resized once, ~100 examples/s per worker) 16 keep up:
+    python -m scripts.prepare_data --config gpu_h100x8_full.py --out /data/docvqa_768
+    python -m train.main --config gpu_h100x8_full.py --config.data.source=/data/docvqa_768/train.array_record
+The log's data_busy (near 1: the step waits for data) says which case a run is in (docs/scale-out.md).
 """
 
 from train.config import DataConfig, EvalConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
@@ -19,7 +26,7 @@ def get_config() -> TrainConfig:
             image_size=768,
             max_prompt_tokens=64,
             max_target_tokens=64,
-            num_workers=16,
+            num_workers=64,  # decoding pages; 16 suffice from a prepared dataset
         ),
         model=ModelConfig(
             name_or_path="florence-community/Florence-2-base-ft",

@@ -50,6 +50,9 @@ def test_parquet_with_bad_records_trains_and_counts_skips(tmp_path):
     assert counters.get("skipped_empty_answers", 0) >= 1 and counters.get("skipped_bad_image", 0) >= 1
     # Skipped records do not change batch shapes: the step compiled at most once (zero on a cache hit).
     assert summary["train_step_recompiles"] == 0 and summary["train_step_compiles"] <= 1
+    assert 0.0 <= summary["data_busy"] <= 1.0
+    logged = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= m["data_busy"] <= 1.0 for m in logged if "data_busy" in m) and "data_busy" in logged[-1]
     evals = [json.loads(x) for x in (wd / "eval.jsonl").read_text().splitlines()]
     assert evals[-1]["num_examples"] == 10 and {"step", "epoch", "val_loss", "anls"} <= set(evals[-1])
     # The export loads in transformers.
@@ -148,6 +151,40 @@ def test_sigterm_saves_at_the_next_step_exits_0_and_resumes(tmp_path):
     for k in pa:
         np.testing.assert_allclose(pb[k], pa[k], atol=1e-6, rtol=0, err_msg=k)
     assert not json.loads((run / "summary.json").read_text())["preempted"]
+
+
+class _Source:
+    """An iterator with grain's state methods, each item taking ``delay`` seconds."""
+
+    def __init__(self, n: int, delay: float):
+        self.i, self.n, self.delay = 0, n, delay
+
+    def __next__(self):
+        if self.i == self.n:
+            raise StopIteration
+        time.sleep(self.delay)
+        self.i += 1
+        return self.i
+
+    def get_state(self):
+        return {"i": self.i}
+
+
+@pytest.mark.parametrize("read_s, step_s, bound", [(0.03, 0.0, True), (0.0, 0.03, False)])
+def test_prefetcher_says_whether_the_step_waits_for_data(read_s, step_s, bound):
+    from train.loop import DATA_BOUND, Prefetcher, data_busy
+
+    prefetch = Prefetcher(_Source(12, read_s), lambda b: b)
+    start = prefetch.busy()
+    got = []
+    for _ in range(12):
+        batch, state = next(prefetch)
+        got.append((batch, state["i"]))
+        time.sleep(step_s)  # the step
+    assert got == [(i, i) for i in range(1, 13)]  # in order, each with the state right after it
+    frac = data_busy(start, prefetch.busy())
+    # A slow source keeps the thread busy (the loop waits); a slow step leaves it waiting on a full queue.
+    assert (frac > DATA_BOUND) if bound else (frac < 0.5), frac
 
 
 def test_unknown_field_and_bad_value_fail_before_compiling(capsys):

@@ -291,15 +291,24 @@ class Prefetcher:
     def __init__(self, iterator, to_global, depth: int = 2):
         self.iterator, self.to_global = iterator, to_global
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        # Seconds the thread spent making batches (reading them and putting them on devices) and waiting
+        # for the loop to take one. Mostly busy means the loop waits for data: the input pipeline is the
+        # bottleneck. Mostly waiting means the data keeps ahead of the step.
+        self.busy_s = 0.0
+        self.waiting_s = 0.0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
         try:
             while True:
+                t0 = time.perf_counter()
                 batch = next(self.iterator)
-                state = self.iterator.get_state()
-                self.queue.put((self.to_global(batch), state, None))
+                item = (self.to_global(batch), self.iterator.get_state(), None)
+                t1 = time.perf_counter()
+                self.queue.put(item)
+                self.busy_s += t1 - t0
+                self.waiting_s += time.perf_counter() - t1
         except StopIteration:
             self.queue.put((None, None, StopIteration()))
         except Exception as e:  # surfaced in the main thread
@@ -310,6 +319,19 @@ class Prefetcher:
         if err is not None:
             raise err
         return batch, state
+
+    def busy(self) -> tuple[float, float]:
+        """``(busy_s, waiting_s)`` so far; differences of two readings give a window's data_busy fraction."""
+        return self.busy_s, self.waiting_s
+
+
+def data_busy(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """Fraction of a window the prefetch thread spent making batches (None before it made any)."""
+    busy, waiting = after[0] - before[0], after[1] - before[1]
+    return busy / (busy + waiting) if busy + waiting > 0 else None
+
+
+DATA_BOUND = 0.9  # a log window whose prefetch thread was busier than this waited for data
 
 
 class _Preemption:
@@ -460,6 +482,8 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
         progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
     t_last, step_last = time.time(), step
+    busy_last = busy_start = prefetch.busy()
+    warned_data_bound = False
     first_step = step  # of this launch
     last_metrics: dict[str, float] = {}
     data_state = iterator.get_state()
@@ -479,7 +503,17 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                 m["lr"] = float(schedule(step - 1))
                 m["examples_per_s"] = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
                 m["epoch"] = step / steps_per_epoch
-                t_last, step_last = now, step
+                busy_now = prefetch.busy()
+                frac = data_busy(busy_last, busy_now)
+                if frac is not None:
+                    m["data_busy"] = frac
+                    if frac > DATA_BOUND and not warned_data_bound and step - first_step > cfg.log_every_steps:
+                        warned_data_bound = True
+                        rep.print(f"The input pipeline is the bottleneck: it was busy {100 * frac:.0f}% of the last "
+                                  f"{step - step_last} steps, so the step waited for data. Raise "
+                                  f"data.num_workers (now {cfg.data.num_workers}) or prepare the dataset once "
+                                  "(python -m scripts.prepare_data; docs/scale-out.md).")
+                t_last, step_last, busy_last = now, step, busy_now
                 last_metrics = m
                 rep.train_metrics(step, m)
                 if progress is not None:
@@ -510,7 +544,8 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     ckpt.wait()
     summary = {"step": step, "total_steps": total_steps, "best": best, "last_train": last_metrics,
                "preempted": preempted, "data_counters": dict(getattr(iterator, "counters", {})),
-               "train_step_compiles": step_compiles.compiles, "train_step_recompiles": step_compiles.recompiles}
+               "train_step_compiles": step_compiles.compiles, "train_step_recompiles": step_compiles.recompiles,
+               "data_busy": data_busy(busy_start, prefetch.busy())}
     if not preempted and step >= total_steps:
         if cfg.export_at_end:
             nnx_update(model, state)
