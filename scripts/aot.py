@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from florence_jax.config import PRESETS, resolve_dtype
 from florence_jax.sharding import batch_sharding, make_mesh
-from train.config import TrainConfig
+from train.config import TrainConfig, pixel_dtype_for
 from train.state import _apply_model_options, abstract_train_state, tiny_config
 from train.step import jit_train_step
 
@@ -69,7 +69,7 @@ def abstract_batch(cfg: TrainConfig, fc, sharding):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     return {
-        "pixel_values": spec((b, size, size, 3), jnp.float32),
+        "pixel_values": spec((b, size, size, 3), jnp.dtype(pixel_dtype_for(cfg.model.dtype))),
         "input_ids": spec((b, seq), jnp.int32),
         "attention_mask": spec((b, seq), jnp.int32),
         "labels": spec((b, t), jnp.int32),

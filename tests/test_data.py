@@ -327,3 +327,22 @@ def test_worker_processes_give_the_same_batches(dirty, processor):
 
 def test_sources_module_exports():
     assert set(sources.KINDS) == {"hub", "parquet", "arrow", "disk", "jsonl", "coco", "prepared"}
+
+
+def test_bfloat16_pixels_are_the_float32_ones_rounded_in_workers_too(dirty, processor):
+    import ml_dtypes
+
+    cfg = dataclasses.replace(CFG, pixel_dtype="bfloat16", worker_count=2)
+    pipe = DataPipeline(dirty.source, processor, cfg)
+    assert pipe.batch_spec()["pixel_values"] == ((4, 64, 64, 3), np.dtype(ml_dtypes.bfloat16))
+    expected = _take(iter(dirty.train(0, 1)), 3)
+    got = _take(iter(pipe.train(0, 1)), 3)
+    for e, g in zip(expected, got):
+        assert g["pixel_values"].dtype == ml_dtypes.bfloat16
+        # the same bits a bfloat16 model's first cast gives (round to nearest even), and nothing else changed
+        np.testing.assert_array_equal(g["pixel_values"].view(np.uint16),
+                                      e["pixel_values"].astype(ml_dtypes.bfloat16).view(np.uint16))
+        np.testing.assert_array_equal(e["input_ids"], g["input_ids"])
+    assert pipe.encoder.padding_example()["pixel_values"].dtype == ml_dtypes.bfloat16
+    with pytest.raises(ValueError, match="pixel_dtype must be one of"):
+        DataPipeline(dirty.source, processor, dataclasses.replace(CFG, pixel_dtype="float16"))

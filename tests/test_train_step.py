@@ -138,3 +138,30 @@ def test_freeze_regex_matches_nothing_is_visible(bad, tiny_hf_dir):
     params = nnx.split(model, nnx.Param, ...)[1]
     counts = count_params(params, param_labels(params, (bad,)))
     assert counts["frozen"] == 0 and counts["trainable"] > 0
+
+
+def test_bfloat16_pixels_train_a_bfloat16_model_exactly_as_float32_ones(tiny_hf_dir):
+    """The data pipeline ships bfloat16 pixels to a bfloat16 model (train.config.pixel_dtype_for): the model's
+    first step casts pixels to bfloat16, so the loss and the update are bit for bit those of float32 pixels."""
+    import ml_dtypes
+
+    from train.config import pixel_dtype_for
+
+    assert pixel_dtype_for("bfloat16") == "bfloat16" and pixel_dtype_for("float32") == "float32"
+    mesh = make_mesh(devices=jax.devices()[:1])
+    results = []
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype="bfloat16", dropout=0.0,
+                                         drop_path_rate=0.0), mesh)
+        fns, state, _ = init_train_state(model, OptimConfig(learning_rate=1e-3, freeze=()), 10, mesh)
+        step = jit_train_step(fns, state, batch_sharding(mesh))
+        host = _batch(seed=0)
+        host["pixel_values"] = host["pixel_values"].astype(dtype)
+        state, metrics = step(state, jax.device_put(host, batch_sharding(mesh)), jax.random.key(0))
+        results.append((float(metrics["loss"]), _flat(state.params)))
+    (loss32, p32), (loss16, p16) = results
+    assert loss32 == loss16
+    assert p32.keys() == p16.keys() and all(np.array_equal(p32[k], p16[k]) for k in p32)
+    # and the pixels did differ as float32: the cast, not the data, made them equal
+    px = _batch(seed=0)["pixel_values"]
+    assert not np.array_equal(px, px.astype(ml_dtypes.bfloat16).astype(np.float32))

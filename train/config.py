@@ -94,6 +94,12 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
+def pixel_dtype_for(model_dtype: str) -> str:
+    """The dtype pixel batches travel in: bfloat16 for a bfloat16 model (it casts pixels to bfloat16 first,
+    so the input is the same at half the bytes through workers, batching and host-to-device), else float32."""
+    return "bfloat16" if str(model_dtype) == "bfloat16" else "float32"
+
+
 @dataclass
 class ModelConfig:
     # A Hub id or local directory; or "random:<preset>" (tiny, base, large) for a randomly initialised model.

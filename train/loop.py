@@ -25,7 +25,7 @@ import numpy as np
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.compiles import CompileWatch
-from train.config import MixtureComponent, TrainConfig, data_components
+from train.config import MixtureComponent, TrainConfig, data_components, pixel_dtype_for
 from train.distributed import compile_then_wait
 from train.evaluate import Evaluator, MixtureEvaluator, format_samples
 from train.optim import count_params
@@ -196,6 +196,7 @@ def _pipeline_config(cfg: TrainConfig):
         batch_size=cfg.batch_size // n, max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_target_tokens=cfg.data.max_target_tokens, image_size=cfg.data.image_size, seed=cfg.seed,
         num_epochs=None, shuffle=True, worker_count=cfg.data.num_workers, template=cfg.data.template,
+        pixel_dtype=pixel_dtype_for(cfg.model.dtype),
     ), eval_bs // n
 
 

@@ -14,7 +14,7 @@ Batching happens after the skip, in the main process, so a bad record never leav
 counters live in one place (the iterator's ``counters``, also saved in its state). Everything is indexed and
 seeded, so ``get_state``/``set_state`` on the returned iterator resumes the exact batch sequence.
 
-Batches (numpy): ``pixel_values`` float32 (B, H, W, 3) NHWC; ``input_ids``/``attention_mask`` int32 (B, Lp)
+Batches (numpy): ``pixel_values`` float32 (bfloat16 with ``pixel_dtype``) (B, H, W, 3) NHWC; ``input_ids``/``attention_mask`` int32 (B, Lp)
 with Lp = image_seq_length + max_prompt_tokens, laid out exactly as ``Florence2Processor`` does (image
 placeholders, ``<s>``, prompt, ``</s>``, right padding); ``labels`` int32 (B, Lt) = the tokenizer's
 ``text_target`` ids (``<s>`` ... ``</s>``), ``label_mask`` float32 (1 on real target tokens incl. ``</s>``).
@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
+import ml_dtypes
 import numpy as np
 from PIL import Image
 
@@ -45,6 +46,9 @@ __all__ = ["DataConfig", "DataPipeline", "ExampleEncoder", "load_image", "mixtur
 log = logging.getLogger(__name__)
 
 _SKIP = "_skip"
+# Pixel dtypes a batch can carry; the model casts pixels to its compute dtype first, so bfloat16 pixels give
+# a bfloat16 model exactly the input float32 ones do (numpy and XLA both round to nearest even).
+_PIXEL_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,8 @@ class DataConfig:
     image tokens is the processor's). ``num_epochs`` None repeats training data forever. ``worker_count`` 0
     decodes in the main process (threads only). ``drop_remainder`` applies to training; evaluation ignores
     ``shuffle``, ``num_epochs`` and ``drop_remainder`` (one ordered pass, last batch padded).
+    ``pixel_dtype`` "bfloat16" ships pixels at half the bytes (workers, batching, host-to-device); exact for
+    a model that computes in bfloat16, whose first step casts pixels to it (``pixel_dtype_for``).
     """
 
     batch_size: int = 8
@@ -72,6 +78,7 @@ class DataConfig:
     read_threads: int = 4
     drop_remainder: bool = True
     template: str | Callable[[Any], Example] = "docvqa"  # a registered name or a template (ConfiguredTemplate)
+    pixel_dtype: str = "float32"  # or "bfloat16"
 
 
 def load_image(value: Any) -> Image.Image:
@@ -150,6 +157,9 @@ class ExampleEncoder:
                 "build the processor at the size you train at (it also fixes the number of image tokens)"
             )
         self.image_shape = (*(int(v) for v in size), 3)
+        if config.pixel_dtype not in _PIXEL_DTYPES:
+            raise ValueError(f"pixel_dtype must be one of {sorted(_PIXEL_DTYPES)}, got {config.pixel_dtype!r}")
+        self.pixel_dtype = _PIXEL_DTYPES[config.pixel_dtype]
         self.image_seq_length = int(processor.num_image_tokens)
         self.prompt_length = self.image_seq_length + config.max_prompt_tokens
         self.target_length = config.max_target_tokens
@@ -245,14 +255,14 @@ class ExampleEncoder:
             raise BadRecordError("bad_image", f"transform failed: {type(e).__name__}: {e}") from e
         if pixels.shape != self.image_shape:
             raise BadRecordError("bad_image", f"transform gave shape {pixels.shape}, want {self.image_shape}")
-        return pixels
+        return pixels if self.pixel_dtype == np.float32 else pixels.astype(self.pixel_dtype)
 
     def padding_example(self) -> dict[str, Any]:
         """A filler row for padded eval batches: a valid minimal input (image tokens, ``<s></s>``) so no
         attention row is fully masked, with label_mask 0 and index -1."""
         arrays = self._text_arrays([self.bos_id, self.eos_id], [self.eos_id])
         arrays["label_mask"][:] = 0.0
-        return {"pixel_values": np.zeros(self.image_shape, np.float32), **arrays, "index": -1}
+        return {"pixel_values": np.zeros(self.image_shape, self.pixel_dtype), **arrays, "index": -1}
 
 
 _BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "label_mask")
@@ -500,7 +510,7 @@ class DataPipeline:
         """Shape and dtype of every batch array (all static), e.g. for ahead-of-time compilation."""
         b, enc = self.config.batch_size, self.encoder
         spec = {
-            "pixel_values": ((b, *enc.image_shape), np.dtype(np.float32)),
+            "pixel_values": ((b, *enc.image_shape), enc.pixel_dtype),
             "input_ids": ((b, enc.prompt_length), np.dtype(np.int32)),
             "attention_mask": ((b, enc.prompt_length), np.dtype(np.int32)),
             "labels": ((b, enc.target_length), np.dtype(np.int32)),
