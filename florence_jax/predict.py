@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from florence_jax.generation import split_once
 from florence_jax.postprocess import TASKS, post_process_generation
 from florence_jax.processing import load_processor, prepare_inputs, to_rgb
 
@@ -235,7 +236,7 @@ def iter_predict(
         return [load_image(item) for item in batch]
 
     batches = list(_chunks(items, batch_size))
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
+    with split_once(model), ThreadPoolExecutor(max_workers=1) as pool, tqdm(
         total=len(items), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True
     ) as bar:
         pending: Future | None = pool.submit(load_batch, batches[0]) if batches else None

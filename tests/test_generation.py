@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import TINY_IMAGE, TINY_IMAGE_TOKEN
 
-from florence_jax import Florence2ForConditionalGeneration
+from florence_jax import Florence2ForConditionalGeneration, generation
 from florence_jax.generation import encode, generate, generate_from_encoder, make_decode_fn
 
 N_IMG = 1 + (TINY_IMAGE // 8) ** 2
@@ -161,6 +161,24 @@ def test_second_call_does_not_compile(gen_pair, prompts):
         jax.monitoring.unregister_event_duration_listener(listener)
     assert events == []
     np.testing.assert_array_equal(first, again)
+
+
+def test_split_once_splits_the_model_once_and_changes_nothing(gen_pair, prompts, monkeypatch):
+    _, ours = gen_pair
+    kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True)
+    expected = generate(ours, *prompts, **kw)
+    splits = []  # splits of the whole model (tracing the tower also splits its blocks)
+    real_split = generation.nnx.split
+    monkeypatch.setattr(generation.nnx, "split", lambda *a, **k: splits.append(a[0] is ours) or real_split(*a, **k))
+    with generation.split_once(ours):
+        with generation.split_once(ours):  # nested: the outer split serves
+            got = [ours.generate(*prompts, **kw) for _ in range(2)]
+        got.append(generate_from_encoder(ours, encode(ours, *prompts), prompts[2], **kw))
+    assert sum(splits) == 1
+    for g in got:
+        np.testing.assert_array_equal(g, expected)
+    generate(ours, *prompts, **kw)  # outside the block every call splits again
+    assert sum(splits) == 2 and not generation._SPLITS
 
 
 def test_decode_only_entry_points(gen_pair, prompts):

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from florence_jax.generation import split_once
 from florence_jax.postprocess import post_process_generation
 from train.distributed import compile_then_wait
 from train.metrics import Metric, coco_map, get_metric
@@ -124,16 +125,20 @@ class Evaluator:
         if params is not None:
             nnx.update(self.model, params, *(() if rest is None else (rest,)))
         self.model.eval()
-        loss_sum = tokens = 0.0
-        predictions: list[str] = []
-        references: list[tuple[str, ...]] = []
-        samples: list[dict[str, Any]] = []
         batches = iter(self.pipeline.eval())
         n_batches = self.pipeline.num_eval_batches(jax.process_count())
         if progress and jax.process_index() == 0:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=n_batches, desc="eval", leave=False)
+        with split_once(self.model):  # the model is fixed for this evaluation: split it once, not per batch
+            return self._run(batches, params, rest)
+
+    def _run(self, batches, params, rest) -> EvalResult:
+        loss_sum = tokens = 0.0
+        predictions: list[str] = []
+        references: list[tuple[str, ...]] = []
+        samples: list[dict[str, Any]] = []
         seen = 0
         det_texts: list[str] = []
         det_examples: list[Any] = []
