@@ -135,7 +135,7 @@ def trace_op_times(trace_dir: str, module: str | None) -> tuple[dict[str, list[f
             continue
         args = e.get("args") or {}
         op = args.get("hlo_op")
-        on_device = e.get("pid") in device_pids
+        on_device = e.get("pid") in device_pids or e.get("cat") == "kernel"
         if op is None:
             if on_device and not e["name"].startswith("$"):
                 acc = device_kernels[e["name"]]

@@ -99,3 +99,34 @@ def test_train_step_profile_names_model_parts_and_frozen_tower_has_no_backward(t
     assert {"vision_tower", "encoder", "encoder [bwd]", "decoder [bwd]", "optimizer"} <= set(parts)
     assert "vision_tower [bwd]" not in parts
     assert abs(sum(parts.values()) - prof.total_ms) < 1e-6 * max(prof.total_ms, 1.0)
+
+
+def test_accelerator_traces_count_kernels_not_their_host_launches(tmp_path):
+    """The shape of a GPU trace: kernels on a /device: process (or cat "kernel") carry hlo_op and
+    hlo_module; the host thread's launch events for the same ops are not counted again."""
+    import gzip
+    import json
+
+    from scripts.op_profile import trace_op_times
+
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 30.0, "name": "fusion_1",
+         "args": {"hlo_op": "fusion.1", "hlo_module": "jit_step"}},
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 40, "dur": 10.0, "name": "fusion_1",
+         "args": {"hlo_op": "fusion.1", "hlo_module": "jit_step"}},
+        {"ph": "X", "pid": 1001, "tid": 2, "ts": 60, "dur": 5.0, "name": "gemm", "cat": "kernel",
+         "args": {"hlo_op": "dot.2", "hlo_module": "jit_step"}},
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 70, "dur": 99.0, "name": "other",
+         "args": {"hlo_op": "fusion.9", "hlo_module": "jit_other"}},
+        {"ph": "X", "pid": 7, "tid": 3, "ts": 0, "dur": 500.0, "name": "fusion.1",
+         "args": {"hlo_op": "fusion.1", "hlo_module": "jit_step"}},
+    ]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    times, source = trace_op_times(str(tmp_path), "jit_step")
+    assert source == "device"
+    assert times == {"fusion.1": [40.0, 2], "dot.2": [5.0, 1]}
