@@ -484,19 +484,21 @@ _SPLITS: dict[int, tuple[Any, Any, Any]] = {}  # id(model) -> (model, graphdef, 
 
 
 @contextlib.contextmanager
-def split_once(model) -> Iterator[None]:
+def split_once(model, split: tuple[Any, Any] | None = None) -> Iterator[None]:
     """Inside the block, :func:`generate`, :func:`encode` and :func:`make_decode_fn` reuse one
     ``nnx.split`` of ``model`` instead of splitting it on every call.
 
     Splitting walks the whole module graph: about 25-45 ms for the base model on a slow CPU core, a large
-    share of a short generation on an accelerator. For loops over batches (prediction, evaluation) whose
-    model does not change inside the block; nested blocks for the same model reuse the outer split.
+    share of a short generation on an accelerator. For loops over batches (evaluation) whose model does not
+    change inside the block; nested blocks for the same model reuse the outer split. A loop that yields
+    between calls passes ``split`` (an ``nnx.split(model)`` made once) and enters the block around each
+    call, so no split outlives a call.
     """
     key = id(model)
     if key in _SPLITS:
         yield
         return
-    _SPLITS[key] = (model, *nnx.split(model))
+    _SPLITS[key] = (model, *(split if split is not None else nnx.split(model)))
     try:
         yield
     finally:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from florence_jax.generation import split_once
@@ -214,7 +215,8 @@ def iter_predict(
     **generate_kwargs: Any,
 ) -> Iterator[tuple[dict[str, Any], Image.Image]]:
     """Like :func:`predict`, but yields ``(record, image)`` per image as each batch finishes, so callers
-    can stream output and draw on the already decoded image."""
+    can stream output and draw on the already decoded image. The model's parameters are read once, when
+    iteration starts."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -236,7 +238,8 @@ def iter_predict(
         return [load_image(item) for item in batch]
 
     batches = list(_chunks(items, batch_size))
-    with split_once(model), ThreadPoolExecutor(max_workers=1) as pool, tqdm(
+    split = nnx.split(model)  # once for all batches (the model must not change while this iterates)
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
         total=len(items), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True
     ) as bar:
         pending: Future | None = pool.submit(load_batch, batches[0]) if batches else None
@@ -248,10 +251,11 @@ def iter_predict(
             except ValueError as e:  # e.g. a prompt transformers' processor rejects
                 raise PredictError(f"the processor rejected prompt {prompt!r}: {_one_line(e)}") from e
             inputs = _pad_rows(_pad_prompt(inputs, prompt_multiple, pad_id), batch_size)
-            sequences = model.generate(
-                inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs,
-            )
+            with split_once(model, split):  # entered per call: this generator yields between calls
+                sequences = model.generate(
+                    inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                    max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs,
+                )
             rows = _trim_after_eos(np.asarray(sequences)[: len(loaded)], eos)
             texts = processor.batch_decode(rows, skip_special_tokens=False)
             for item, image, generated in zip(batch, loaded, texts, strict=True):

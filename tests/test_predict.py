@@ -99,9 +99,10 @@ def test_cli_prints_json_and_draws(model_dir, image_paths, tmp_path, capsys):
     assert isinstance(line["result"]["<DocVQA>"], str)
 
 
-def test_generated_text_matches_transformers(model_dir, image_paths):
+def test_generated_text_matches_transformers(model_dir, image_paths, monkeypatch):
     """predict()'s decoded text and parsed result equal transformers' generate() + batch_decode +
     post_process_generation, image by image (the last batch of two is padded with a copy)."""
+    from flax import nnx
     from transformers import Florence2ForConditionalGeneration as HF
 
     from florence_jax import Florence2ForConditionalGeneration
@@ -110,7 +111,12 @@ def test_generated_text_matches_transformers(model_dir, image_paths):
     processor = load_processor(model_dir)
     model = Florence2ForConditionalGeneration.from_pretrained(model_dir)
     images = [Image.open(path).convert("RGB") for path in image_paths]
+    splits = []  # of the whole model (tracing the tower also splits its blocks)
+    real_split = nnx.split
+    monkeypatch.setattr(nnx, "split", lambda *a, **k: splits.append(a[0] is model) or real_split(*a, **k))
     records = predict(model, processor, images, "<OD>", batch_size=2, max_new_tokens=MAX_NEW, num_beams=1)
+    assert sum(splits) == 1  # two batches, one split
+    monkeypatch.undo()
     assert [r["image"] for r in records] == [None] * 3
 
     hf = HF.from_pretrained(model_dir).eval()
