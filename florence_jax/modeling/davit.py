@@ -67,6 +67,20 @@ def _depthwise_conv3x3(x: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
     return out
 
 
+def _store_residuals() -> bool:
+    """Whether a block's residual stream is stored once rather than recomputed by each of its consumers.
+
+    XLA:CPU fuses cheap elementwise producers into every consumer, so it never stores the stream: the next
+    depthwise conv's padded input, the LayerNorm and the next residual add each recompute it from earlier
+    padded inputs, in the third stage up to 53 shifted slices per element (about 1 s of the base tower's
+    7 s for two 768 px images, `docs/benchmarks.md`). Dividing the stream by a 1.0 that XLA cannot fold
+    (1 + 0 * a LayerNorm scale, a runtime value) changes no bit of the features (x / 1.0 == x) and, a
+    division being expensive, is computed once and stored; gradients differ only in the order XLA sums
+    them (tests/test_modeling.py). Other backends fuse differently and are left as they were.
+    """
+    return jax.default_backend() == "cpu"
+
+
 def _drop_path(rate: float) -> nnx.Dropout | None:
     # Stochastic depth = dropout of whole samples: broadcast the mask over every non-batch axis.
     return nnx.Dropout(rate, broadcast_dims=(1, 2)) if rate > 0.0 else None
@@ -192,16 +206,21 @@ class _DaViTBlockHalf(nnx.Module):
             return self._forward(x, rngs, drop_rate)
 
     def _forward(self, x: jax.Array, rngs, drop_rate) -> jax.Array:
+        if _store_residuals():
+            one = (1 + 0 * jax.lax.stop_gradient(self.norm1.scale[...][0])).astype(x.dtype)
+            store = lambda t: t / one  # noqa: E731 - exact (x / 1.0 == x), see _store_residuals
+        else:
+            store = lambda t: t  # noqa: E731
         b, h, w, c = x.shape
-        x = self.conv1(x) + x
+        x = store(self.conv1(x) + x)
         tokens = x.reshape(b, h * w, c)
         attn = self._attend(self.norm1(tokens), (h, w), rngs)
-        tokens = tokens + _apply_drop_path(self.drop_path1, attn, rngs, drop_rate)
+        tokens = store(tokens + _apply_drop_path(self.drop_path1, attn, rngs, drop_rate))
         x = tokens.reshape(b, h, w, c)
-        x = self.conv2(x) + x
+        x = store(self.conv2(x) + x)
         tokens = x.reshape(b, h * w, c)
         tokens = tokens + _apply_drop_path(self.drop_path2, self.ffn(self.norm2(tokens), rngs), rngs, drop_rate)
-        return tokens.reshape(b, h, w, c)
+        return store(tokens).reshape(b, h, w, c)
 
 
 class SpatialBlock(_DaViTBlockHalf):
