@@ -480,7 +480,8 @@ def _encode_jit(graphdef, image_layout: str, state, input_ids, pixel_values, att
 
 
 # ------------------------------------------------------------------------------------------ public API
-_SPLITS: dict[int, tuple[Any, Any, Any]] = {}  # id(model) -> (model, graphdef, state), inside split_once
+# id(model) -> (graphdef, state), inside split_once. The caller's block holds the model, so its id stays its own.
+_SPLITS: dict[int, tuple[Any, Any]] = {}
 
 
 @contextlib.contextmanager
@@ -498,7 +499,7 @@ def split_once(model, split: tuple[Any, Any] | None = None) -> Iterator[None]:
     if key in _SPLITS:
         yield
         return
-    _SPLITS[key] = (model, *(split if split is not None else nnx.split(model)))
+    _SPLITS[key] = split if split is not None else nnx.split(model)
     try:
         yield
     finally:
@@ -506,10 +507,7 @@ def split_once(model, split: tuple[Any, Any] | None = None) -> Iterator[None]:
 
 
 def _split(model):
-    bound = _SPLITS.get(id(model))
-    if bound is not None and bound[0] is model:
-        return bound[1], bound[2]
-    return nnx.split(model)
+    return _SPLITS.get(id(model)) or nnx.split(model)
 
 
 def _ids(x) -> np.ndarray | jax.Array:

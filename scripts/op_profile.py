@@ -103,17 +103,17 @@ def scope_of(op_name: str) -> tuple[str, bool]:
             part = m.group(1)
         if part and not _NOISE.match(part):
             parts.append(part)
-    # A recomputed forward (jax.checkpoint) inside a backward repeats the scopes it was traced in:
-    # encoder/ffn/encoder/ffn -> encoder/ffn.
-    n = 1
-    while n <= len(parts) // 2:
+    return "/".join(_fold_repeats(parts)) or "(top)", backward
+
+
+def _fold_repeats(parts: list[str]) -> list[str]:
+    """A recomputed forward (jax.checkpoint) inside a backward repeats the scopes it was traced in:
+    ``encoder/ffn/encoder/ffn`` -> ``encoder/ffn``."""
+    for n in range(1, len(parts) // 2 + 1):
         for i in range(len(parts) - 2 * n + 1):
             if parts[i:i + n] == parts[i + n:i + 2 * n]:
-                del parts[i + n:i + 2 * n]
-                break
-        else:
-            n += 1
-    return "/".join(parts) or "(top)", backward
+                return _fold_repeats(parts[:i + n] + parts[i + 2 * n:])
+    return parts
 
 
 def trace_op_times(trace_dir: str, module: str | None) -> tuple[dict[str, list[float]], str]:
@@ -166,13 +166,8 @@ def _check_profiler_safe() -> None:
         raise RuntimeError(
             f"jax.profiler cannot run in this process: the {names} plugin is installed but did not start "
             f"({str(next(iter(failed.values())))[:120]}), and starting its tracer crashes the process. Name "
-            f"the platform to use, e.g. JAX_PLATFORMS={jax_platform()} python -m scripts.benchmark ...")
-
-
-def jax_platform() -> str:
-    import jax
-
-    return jax.default_backend()
+            f"the platform to use, e.g. JAX_PLATFORMS={xla_bridge.default_backend()} python -m "
+            "scripts.benchmark ...")
 
 
 def profile_compiled(run: Callable[[], Any], hlo_text: str, trace_dir: str, calls: int = 1) -> Profile:
@@ -206,15 +201,21 @@ def summarize(trace_dir: str, hlo_text: str, calls: int, wall_ms: float, ops: di
     return Profile(rows, wall_ms, calls, source)
 
 
-def by_scope(prof: Profile) -> list[tuple[str, float, int]]:
-    """``(scope [bwd], ms per call, ops)`` summed over the ops of each model scope, slowest first."""
+def _key(r: OpTime, depth: int | None) -> str:
+    """``scope [bwd]`` of an op, its scope cut to ``depth`` parts (None: whole)."""
+    if r.op is None:
+        return "(no HLO op)"
+    scope, backward = scope_of(r.op.op_name)
+    scope = "/".join(scope.split("/")[:depth])
+    return f"{scope} [bwd]" if backward else scope
+
+
+def by_scope(prof: Profile, depth: int | None = None) -> list[tuple[str, float, int]]:
+    """``(scope [bwd], ms per call, ops)`` summed over the ops of each model scope (its first ``depth``
+    parts), slowest first."""
     acc: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for r in prof.ops:
-        if r.op is None:
-            key = "(no HLO op)"
-        else:
-            scope, backward = scope_of(r.op.op_name)
-            key = f"{scope} [bwd]" if backward else scope
+        key = _key(r, depth)
         acc[key][0] += r.ms
         acc[key][1] += 1
     return sorted(((k, v[0], int(v[1])) for k, v in acc.items()), key=lambda t: -t[1])
@@ -222,11 +223,7 @@ def by_scope(prof: Profile) -> list[tuple[str, float, int]]:
 
 def by_part(prof: Profile) -> list[tuple[str, float]]:
     """``(top-level scope [bwd], ms per call)``: the model's parts (``vision_tower``, ``encoder``, ...)."""
-    acc: dict[str, float] = collections.defaultdict(float)
-    for scope, ms, _ in by_scope(prof):
-        head, _, rest = scope.partition("/")
-        acc[head if head.endswith("]") or not rest.endswith("[bwd]") else f"{head} [bwd]"] += ms
-    return sorted(acc.items(), key=lambda t: -t[1])
+    return [(k, ms) for k, ms, _ in by_scope(prof, depth=1)]
 
 
 def format_profile(prof: Profile, top: int = 15) -> str:

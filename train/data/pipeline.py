@@ -14,8 +14,8 @@ Batching happens after the skip, in the main process, so a bad record never leav
 counters live in one place (the iterator's ``counters``, also saved in its state). Everything is indexed and
 seeded, so ``get_state``/``set_state`` on the returned iterator resumes the exact batch sequence.
 
-Batches (numpy): ``pixel_values`` float32 (bfloat16 with ``pixel_dtype``) (B, H, W, 3) NHWC; ``input_ids``/``attention_mask`` int32 (B, Lp)
-with Lp = image_seq_length + max_prompt_tokens, laid out exactly as ``Florence2Processor`` does (image
+Batches (numpy): ``pixel_values`` float32, or bfloat16 with ``pixel_dtype`` (B, H, W, 3) NHWC;
+``input_ids``/``attention_mask`` int32 (B, Lp) with Lp = image_seq_length + max_prompt_tokens, laid out exactly as ``Florence2Processor`` does (image
 placeholders, ``<s>``, prompt, ``</s>``, right padding); ``labels`` int32 (B, Lt) = the tokenizer's
 ``text_target`` ids (``<s>`` ... ``</s>``), ``label_mask`` float32 (1 on real target tokens incl. ``</s>``).
 Eval batches add ``example_mask`` int32 (1 real row, 0 padding) and ``index`` int32 (record index, -1 padding).
