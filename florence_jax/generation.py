@@ -77,6 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from florence_jax import target
 from florence_jax.generation_config import GenerationConfig
 from florence_jax.modeling.bart import LayerCache
 
@@ -312,7 +313,7 @@ def _copy_slots_row_by_row() -> bool:
     launch (and, on a GPU, a host round trip for the loop condition) per row, far more than one gather of
     the whole cache at their memory bandwidth, so there the cache is gathered as transformers does.
     """
-    return jax.default_backend() == "cpu"
+    return target.platform() == "cpu"
 
 
 def _inherit_slots(cache: list[LayerCache], slot_of: jax.Array, parent: jax.Array,

@@ -7,6 +7,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from florence_jax import target
 from florence_jax.config import PRESETS, resolve_dtype
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.config import TrainConfig, pixel_dtype_for
@@ -77,8 +78,12 @@ def abstract_batch(cfg: TrainConfig, fc, sharding):
     }
 
 
-def compile_train_step(cfg: TrainConfig, devices) -> dict:
-    """Lower and compile the config's train step for ``devices``; return memory figures in bytes."""
+def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -> dict:
+    """Lower and compile the config's train step for ``devices``; return memory figures in bytes.
+
+    ``platform`` (``cpu``, ``gpu``, ``tpu``) is the one the step is traced for (``florence_jax.target``):
+    a GPU config compiled on simulated CPU devices traces the GPU's program. Default: the devices'.
+    """
     fc = model_config_of(cfg)
     data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp
     mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])
@@ -89,11 +94,15 @@ def compile_train_step(cfg: TrainConfig, devices) -> dict:
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=repl)
     step = jit_train_step(fns, state, bsh)
+    platform = platform or devices[0].platform
     t0 = time.time()
-    compiled = step.lower(state, batch, key).compile()
+    with target.compiling_for(platform):
+        lowered = step.lower(state, batch, key)
+    compiled = lowered.compile()
     seconds = time.time() - t0
     mem = compiled.memory_analysis()
-    out = {"mesh": dict(mesh.shape), "compile_seconds": seconds, "dtype": str(resolve_dtype(cfg.model.dtype))}
+    out = {"mesh": dict(mesh.shape), "compile_seconds": seconds, "dtype": str(resolve_dtype(cfg.model.dtype)),
+           "platform": platform}
     names = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
              "temp": "temp_size_in_bytes", "alias": "alias_size_in_bytes"}
     for k, attr in names.items():

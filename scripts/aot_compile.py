@@ -7,7 +7,9 @@ Nothing is downloaded and no weights are read: the model is abstract (shapes fro
 names containing "large" use Florence-2-large, others base), the batch is abstract at the config's
 shapes, and the step is lowered with the config's mesh and shardings. With ``--topology`` the target is
 a TPU slice described by libtpu (``jax.experimental.topologies``), so a user learns before renting the
-pod whether the step compiles and fits its HBM. Exit code 1 when it does not fit.
+pod whether the step compiles and fits its HBM. Exit code 1 when it does not fit. The step is traced for
+the target's platform (``--platform``; by default tpu with ``--topology``, gpu for a config named for a
+GPU), so the CPU-only formulations (``florence_jax.target``) stay out of a GPU or TPU program.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def _parse(argv):
     p.add_argument("--topology", help="TPU topology, e.g. v5e:4x4, v4:2x2x4, v5p:2x2x2 (needs libtpu)")
     p.add_argument("--hbm_gib", type=float, help="memory per device to check against (default: by chip/config)")
     p.add_argument("--cpu_devices", type=int, help="simulated CPU devices (default: the config's mesh size)")
+    p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
+                   help="platform whose program is traced (default: tpu with --topology, gpu for a config "
+                        "named for a GPU, else cpu)")
     return p.parse_known_args(argv)
 
 
@@ -48,11 +53,12 @@ def main(argv=None) -> int:
 
     devices, chip = target_devices(args.topology)
     hbm = args.hbm_gib or HBM_GIB.get(chip) or _gpu_hbm_from_name(args.config)
+    platform = args.platform or _platform_of(args.config, args.topology)
     target = args.topology or f"{len(devices)} x {devices[0].platform}"
     header = (f"config       {args.config}  ({cfg.model.name_or_path}, batch {cfg.batch_size}, "
               f"{cfg.data.image_size}px, freeze={list(cfg.optim.freeze)})")
     try:
-        report = compile_train_step(cfg, devices)
+        report = compile_train_step(cfg, devices, platform)
     except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory verdict is an answer, not a crash
         if "RESOURCE_EXHAUSTED" not in str(e) and "HbmOom" not in str(e):
             raise
@@ -64,6 +70,7 @@ def main(argv=None) -> int:
         return 1
     print(header)
     print(f"target       {target}  mesh {report['mesh']}")
+    print(f"program      traced for {report['platform']}")
     print(f"compiled in  {report['compile_seconds']:.1f}s")
     gib = 1024**3
     for k in ("argument", "output", "temp", "alias", "total"):
@@ -80,6 +87,14 @@ def main(argv=None) -> int:
 def _mesh_size(cfg) -> int:
     d, f = cfg.mesh.data, cfg.mesh.fsdp
     return (d if d > 0 else 1) * f
+
+
+def _platform_of(config: str, topology: str | None) -> str:
+    """The platform a config is for: a TPU slice with ``--topology``, a GPU for a config named for one."""
+    if topology:
+        return "tpu"
+    name = os.path.basename(config).lower()
+    return "gpu" if any(k in name for k in ("gpu", "a100", "h100", "h200")) else "cpu"
 
 
 def _gpu_hbm_from_name(name: str) -> float | None:

@@ -20,3 +20,4 @@ def test_tiny_model_compiles_for_a_small_tpu_topology():
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "mesh {'data': 2, 'fsdp': 2}" in out.stdout and "fits in 16 GiB" in out.stdout
+    assert "traced for tpu" in out.stdout  # not the CPU program of the machine compiling it

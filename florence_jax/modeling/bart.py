@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from florence_jax import target
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
 from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat, named
@@ -36,7 +37,7 @@ def _beam_queries_one_by_one(impl: str) -> bool:
     few query rows (base size, 4 x 3 beams against 593 encoder positions: 0.8-1.0 ms against 2.0-2.6 ms
     per layer), although it reads the keys once per beam. Elsewhere the beams stay one product.
     """
-    return impl == "xla" and jax.default_backend() == "cpu"
+    return impl == "xla" and target.platform() == "cpu"
 
 
 class BartAttention(nnx.Module):

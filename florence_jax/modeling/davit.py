@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from florence_jax import target
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense, dense_of_activation
 from florence_jax.modeling.layers import (
@@ -78,7 +79,7 @@ def _store_residuals() -> bool:
     division being expensive, is computed once and stored; gradients differ only in the order XLA sums
     them (tests/test_modeling.py). Other backends fuse differently and are left as they were.
     """
-    return jax.default_backend() == "cpu"
+    return target.platform() == "cpu"
 
 
 def _drop_path(rate: float) -> nnx.Dropout | None:
