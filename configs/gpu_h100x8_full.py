@@ -26,7 +26,7 @@ def get_config() -> TrainConfig:
             image_size=768,
             max_prompt_tokens=64,
             max_target_tokens=64,
-            num_workers=64,  # decoding pages; 16 suffice from a prepared dataset
+            num_workers=64,  # decoding pages; 3 suffice from a prepared dataset (docs/scale-out.md)
         ),
         model=ModelConfig(
             name_or_path="florence-community/Florence-2-base-ft",

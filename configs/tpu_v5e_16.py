@@ -24,7 +24,7 @@ def get_config() -> TrainConfig:
             image_size=768,
             max_prompt_tokens=64,
             max_target_tokens=64,
-            num_workers=24,  # per host: 4 chips x ~90 examples/s at 20 per worker (docs/scale-out.md)
+            num_workers=24,  # per host: 4 chips x ~90 examples/s at ~22 pages per worker (docs/scale-out.md)
         ),
         model=ModelConfig(
             name_or_path="florence-community/Florence-2-base-ft",

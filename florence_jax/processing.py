@@ -33,6 +33,7 @@ __all__ = [
     "coordinates_to_loc_tokens",
     "dequantize",
     "load_processor",
+    "normalize_pixels",
     "prepare_inputs",
     "quantize_coordinates",
     "to_rgb",
@@ -167,6 +168,11 @@ class ImageTransform:
             table = (table - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return table
 
+    @property
+    def table(self) -> np.ndarray:
+        """float32 ``(256, 3)``: what each uint8 value of each channel becomes (see :func:`normalize_pixels`)."""
+        return self._table
+
     def resize(self, image: Image.Image) -> Image.Image:
         """RGB conversion and resize only, as uint8 PIL (for caching decoded, resized images)."""
         if not isinstance(image, Image.Image):
@@ -179,6 +185,11 @@ class ImageTransform:
         pixels = np.asarray(self.resize(image), dtype=np.uint8)
         return self._table[pixels, np.arange(3)]
 
+    def uint8(self, image: Image.Image) -> np.ndarray:
+        """uint8 ``(H, W, 3)``: the resized pixels before rescaling and normalization, a quarter of the float32
+        bytes; ``normalize_pixels(pixels, self.table)`` on the device gives ``self(image)`` bit for bit."""
+        return np.asarray(self.resize(image), dtype=np.uint8)
+
     def chw(self, image: Image.Image) -> np.ndarray:
         """float32 ``(3, H, W)``, the layout of transformers' ``pixel_values``."""
         return np.ascontiguousarray(self(image).transpose(2, 0, 1))
@@ -187,3 +198,21 @@ class ImageTransform:
         """Stack images into ``(B, H, W, 3)``, or ``(B, 3, H, W)`` with ``channels_first``."""
         stacked = np.stack([self(image) for image in images])
         return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)) if channels_first else stacked
+
+
+def normalize_pixels(pixels, table):
+    """uint8 ``(..., 3)`` pixels -> float32 model input, on the device: ``table[pixels[..., c], c]``.
+
+    ``table`` is an :class:`ImageTransform`'s ``table``, so the result is bit for bit what the transform
+    computes on the host: batches can travel as uint8 (a quarter of float32's bytes through data workers,
+    batching and host-to-device copies) and become the model's input inside the jitted step.
+    """
+    import jax.numpy as jnp
+
+    table = jnp.asarray(table, jnp.float32)
+    if table.shape != (256, 3):
+        raise ValueError(f"a pixel table is (256, 3), got {table.shape}")
+    if pixels.dtype != jnp.uint8:
+        raise TypeError(f"normalize_pixels takes uint8 pixels, got {pixels.dtype}")
+    index = pixels.astype(jnp.int32) * 3 + jnp.arange(3, dtype=jnp.int32)
+    return jnp.take(table.reshape(-1), index, mode="clip")

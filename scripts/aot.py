@@ -9,8 +9,9 @@ import jax.numpy as jnp
 
 from florence_jax import target
 from florence_jax.config import PRESETS, resolve_dtype
+from florence_jax.processing import ImageTransform
 from florence_jax.sharding import batch_sharding, make_mesh
-from train.config import TrainConfig, pixel_dtype_for
+from train.config import PIXEL_DTYPE, TrainConfig
 from train.state import _apply_model_options, abstract_train_state, tiny_config
 from train.step import jit_train_step
 
@@ -70,7 +71,7 @@ def abstract_batch(cfg: TrainConfig, fc, sharding):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     return {
-        "pixel_values": spec((b, size, size, 3), jnp.dtype(pixel_dtype_for(cfg.model.dtype))),
+        "pixel_values": spec((b, size, size, 3), jnp.dtype(PIXEL_DTYPE)),
         "input_ids": spec((b, seq), jnp.int32),
         "attention_mask": spec((b, seq), jnp.int32),
         "labels": spec((b, t), jnp.int32),
@@ -87,8 +88,9 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     fc = model_config_of(cfg)
     data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp
     mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])
+    table = ImageTransform(size=(cfg.data.image_size, cfg.data.image_size)).table  # Florence-2's processor
     fns, state = abstract_train_state(fc, cfg.optim, 1000, mesh, grad_accum_steps=cfg.grad_accum_steps,
-                                      min_shard_size=cfg.mesh.fsdp_min_size, lora=cfg.lora)
+                                      min_shard_size=cfg.mesh.fsdp_min_size, lora=cfg.lora, pixel_table=table)
     bsh = batch_sharding(mesh)
     batch = abstract_batch(cfg, fc, bsh)
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

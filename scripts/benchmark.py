@@ -157,9 +157,17 @@ def make_batch(fc, s: Settings, batch: int, seed: int = 0) -> dict[str, np.ndarr
         labels[i, : a] = rng.integers(10, 50000, a)
         labels[i, a] = t.eos_token_id
         label_mask[i, : a + 1] = 1.0
-    pixels = rng.standard_normal((batch, s.image_size, s.image_size, 3)).astype(np.float32)
-    return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": attention_mask,
+    # An image as the data pipeline ships it (uint8, normalized in our step) and as the processor gives it.
+    image = rng.integers(0, 256, (batch, s.image_size, s.image_size, 3), dtype=np.uint8)
+    return {"pixel_values": _pixel_table(s)[image, np.arange(3)], "pixel_uint8": image,
+            "input_ids": input_ids, "attention_mask": attention_mask,
             "labels": labels, "label_mask": label_mask}
+
+
+def _pixel_table(s: Settings) -> np.ndarray:
+    from florence_jax.processing import ImageTransform
+
+    return ImageTransform(size=(s.image_size, s.image_size)).table  # Florence-2's processor settings
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -176,6 +184,8 @@ def bench_train_ours(directory: str, s: Settings, frozen: bool, cached: bool = F
     mesh = one_device_mesh()
     model = load_ours(directory, s, mesh)
     host = make_batch(_fc(directory, s), s, s.train_batch)
+    # The step takes pixels as training ships them: uint8, normalized on the device with the processor's table.
+    image = host.pop("pixel_uint8")
     feature_s = None
     if cached:
         fn = jax.jit(lambda m, x: m.vision_tower_features(x, image_layout="NHWC"))
@@ -183,11 +193,14 @@ def bench_train_ours(directory: str, s: Settings, frozen: bool, cached: bool = F
         t0 = time.perf_counter()
         host["vision_features"] = np.asarray(jax.block_until_ready(fn(model, host.pop("pixel_values"))))
         feature_s = time.perf_counter() - t0
+    else:
+        host["pixel_values"] = image
     optim = OptimConfig(learning_rate=1e-6, schedule="linear", freeze=(VISION_FROZEN,) if frozen else ())
     bsh = batch_sharding(mesh)
     batch = jax.device_put(host, bsh)
     key = jax.random.key(0)
-    fns, state, _ = init_train_state(model, optim, 1000, mesh, grad_accum_steps=s.grad_accum_steps)
+    fns, state, _ = init_train_state(model, optim, 1000, mesh, grad_accum_steps=s.grad_accum_steps,
+                                     pixel_table=_pixel_table(s))
     del model
     step = jit_train_step(fns, state, bsh)
     flops = _step_flops(step, state, batch, key)
@@ -491,15 +504,16 @@ def _document_bytes(n: int, seed: int = 0) -> list[bytes]:
 
 def bench_data(s: Settings) -> dict[str, Any]:
     from florence_jax.testing.processor import build_tiny_processor
-    from train.config import DataConfig
-    from train.data.pipeline import ExampleEncoder
+    from train.config import PIXEL_DTYPE
+    from train.data.pipeline import DataConfig, ExampleEncoder
 
     images = _document_bytes(s.data_images)
     records = [{"image": {"bytes": b, "path": None}, "question": "What is the invoice number?",
                 "answers": ["123456"]} for b in images]
     processor = build_tiny_processor(image_size=s.image_size)
+    # Pixels as training ships them (uint8: normalized in the step, on the device).
     enc_config = DataConfig(template="docvqa", image_size=s.image_size, max_prompt_tokens=s.prompt_tokens,
-                            max_target_tokens=s.target_tokens)
+                            max_target_tokens=s.target_tokens, pixel_dtype=PIXEL_DTYPE)
     enc = ExampleEncoder(records, processor, enc_config)
 
     def ours():

@@ -329,6 +329,34 @@ def test_sources_module_exports():
     assert set(sources.KINDS) == {"hub", "parquet", "arrow", "disk", "jsonl", "coco", "prepared"}
 
 
+def test_uint8_pixels_normalize_on_the_device_to_the_float32_ones_in_workers_too(dirty, processor):
+    """uint8 batches (what training ships) are the resized image: normalize_pixels with the encoder's table
+    gives, on the device, bit for bit the float32 pixels of the host transform; the text is unchanged."""
+    import jax
+
+    from florence_jax.processing import normalize_pixels
+
+    cfg = dataclasses.replace(CFG, pixel_dtype="uint8", worker_count=2)
+    pipe = DataPipeline(dirty.source, processor, cfg)
+    assert pipe.batch_spec()["pixel_values"] == ((4, 64, 64, 3), np.dtype(np.uint8))
+    assert dirty.encoder.pixel_table is None and pipe.encoder.pixel_table.shape == (256, 3)
+    normalize = jax.jit(normalize_pixels)
+    expected = _take(iter(dirty.train(0, 1)), 3)
+    got = _take(iter(pipe.train(0, 1)), 3)
+    for e, g in zip(expected, got):
+        assert g["pixel_values"].dtype == np.uint8 and e["pixel_values"].dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(normalize(g["pixel_values"], pipe.encoder.pixel_table)),
+                                      e["pixel_values"])
+        for key in ("input_ids", "attention_mask", "labels", "label_mask"):
+            np.testing.assert_array_equal(e[key], g[key])
+    assert pipe.encoder.padding_example()["pixel_values"].dtype == np.uint8
+    with pytest.raises(TypeError, match="takes uint8 pixels"):
+        normalize_pixels(expected[0]["pixel_values"], pipe.encoder.pixel_table)
+    with pytest.raises(ValueError, match="needs an image transform with .uint8"):
+        DataPipeline(dirty.source, processor, dataclasses.replace(cfg, image_size=64),
+                     image_transform=lambda image: np.zeros((64, 64, 3), np.float32))
+
+
 def test_bfloat16_pixels_are_the_float32_ones_rounded_in_workers_too(dirty, processor):
     import ml_dtypes
 

@@ -277,3 +277,11 @@ def test_stored_residual_stream_changes_no_bit(tiny_hf_dir, monkeypatch):
     for k in plain[1]:
         scale = float(np.max(np.abs(plain[1][k])))
         np.testing.assert_allclose(stored[1][k], plain[1][k], rtol=0, atol=1e-6 * scale, err_msg=str(k))
+
+
+def test_integer_pixels_are_refused_with_the_way_to_normalize_them(tiny_hf_dir):
+    """uint8 images are not the model's input: a cast would feed it 0..255 instead of normalized values."""
+    model = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
+    image = np.zeros((1, 64, 64, 3), np.uint8)
+    with pytest.raises(TypeError, match="normalize_pixels"):
+        model.vision_tower_features(image, image_layout="NHWC")

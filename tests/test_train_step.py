@@ -140,14 +140,46 @@ def test_freeze_regex_matches_nothing_is_visible(bad, tiny_hf_dir):
     assert counts["frozen"] == 0 and counts["trainable"] > 0
 
 
+def test_uint8_pixels_normalized_in_the_step_train_exactly_as_float32_ones(tiny_hf_dir):
+    """Training ships the resized uint8 image (train.config.PIXEL_DTYPE) and the step normalizes it on the
+    device with the processor's table: the loss and the update are bit for bit those of the float32 pixels
+    the host transform computes (a bfloat16 model then casts them as it casts float32 pixels, see below).
+    Without the table the step refuses."""
+    dtype = "float32"
+    from florence_jax.processing import ImageTransform
+    from train.config import PIXEL_DTYPE
+
+    assert PIXEL_DTYPE == "uint8"
+    table = ImageTransform(size=(64, 64)).table
+    image = np.random.default_rng(3).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    host_pixels = table[image, np.arange(3)]  # what ImageTransform.__call__ ships as float32
+    assert host_pixels.dtype == np.float32 and len(np.unique(host_pixels)) > 500
+    mesh = make_mesh(devices=jax.devices()[:1])
+    results = []
+    for pixels, pixel_table in ((host_pixels, None), (image, table)):
+        model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype=dtype, dropout=0.0,
+                                         drop_path_rate=0.0), mesh)
+        fns, state, _ = init_train_state(model, OptimConfig(learning_rate=1e-3, freeze=()), 10, mesh,
+                                         pixel_table=pixel_table)
+        step = jit_train_step(fns, state, batch_sharding(mesh))
+        host = {**_batch(seed=0), "pixel_values": pixels}
+        state, metrics = step(state, jax.device_put(host, batch_sharding(mesh)), jax.random.key(0))
+        results.append((float(metrics["loss"]), _flat(state.params)))
+    (loss_f, p_f), (loss_u, p_u) = results
+    assert loss_f == loss_u
+    assert p_f.keys() == p_u.keys() and all(np.array_equal(p_f[k], p_u[k]) for k in p_f)
+    with pytest.raises(ValueError, match="need the data pipeline's pixel table"):
+        model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype=dtype), mesh)
+        fns, state, _ = init_train_state(model, OptimConfig(freeze=()), 10, mesh)
+        jit_train_step(fns, state, batch_sharding(mesh))(
+            state, jax.device_put({**_batch(seed=0), "pixel_values": image}, batch_sharding(mesh)), jax.random.key(0))
+
+
 def test_bfloat16_pixels_train_a_bfloat16_model_exactly_as_float32_ones(tiny_hf_dir):
-    """The data pipeline ships bfloat16 pixels to a bfloat16 model (train.config.pixel_dtype_for): the model's
-    first step casts pixels to bfloat16, so the loss and the update are bit for bit those of float32 pixels."""
+    """A pipeline can ship bfloat16 pixels (DataConfig.pixel_dtype) to a bfloat16 model: the model's first
+    step casts pixels to bfloat16, so the loss and the update are bit for bit those of float32 pixels."""
     import ml_dtypes
 
-    from train.config import pixel_dtype_for
-
-    assert pixel_dtype_for("bfloat16") == "bfloat16" and pixel_dtype_for("float32") == "float32"
     mesh = make_mesh(devices=jax.devices()[:1])
     results = []
     for dtype in (np.float32, ml_dtypes.bfloat16):

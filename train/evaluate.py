@@ -18,6 +18,7 @@ to score the latest checkpoint of a run).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from florence_jax.generation import split_once
 from florence_jax.postprocess import post_process_generation
 from train.distributed import compile_then_wait
 from train.metrics import Metric, coco_map, get_metric
+from train.step import model_pixels
 
 log = logging.getLogger("train")
 
@@ -120,6 +122,9 @@ class Evaluator:
         self.to_global = to_global or (lambda b: jax.device_put(b, batch_sharding))
         self.metric = metric if isinstance(metric, Metric) else get_metric(metric, anls_threshold=threshold)
         self._compiled = False
+        # uint8 pixel batches become the model's input on the device (the data pipeline's table)
+        table = getattr(getattr(pipeline, "encoder", None), "pixel_table", None)
+        self._pixels = jax.jit(functools.partial(model_pixels, table=table))
 
     def __call__(self, params=None, rest=None, progress: bool = False) -> EvalResult:
         if params is not None:
@@ -152,8 +157,11 @@ class Evaluator:
                 out = self.eval_step(params, rest, batch)
                 loss_sum += float(out["loss_sum"])
                 tokens += float(out["tokens"])
+            pixels = batch["pixel_values"]
+            if pixels.dtype == np.uint8:
+                pixels = self._pixels(pixels)
             seqs = self.model.generate(
-                batch["input_ids"], batch["pixel_values"], batch["attention_mask"], num_beams=self.num_beams,
+                batch["input_ids"], pixels, batch["attention_mask"], num_beams=self.num_beams,
                 max_new_tokens=self.max_new_tokens, image_layout="NHWC",
             )
             seqs = _gather(seqs)

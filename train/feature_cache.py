@@ -29,6 +29,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from train.step import model_pixels
+
 log = logging.getLogger("train")
 
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -112,14 +114,16 @@ def _build(pipeline, model, tmp: Path, final: Path, key_parts, dtype: str, progr
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, jax.local_devices()[0])  # a process-local copy (params may be sharded)
 
+    table = pipeline.encoder.pixel_table
+
     @jax.jit
     def features(state, pixels):
         m = nnx.merge(graphdef, state)
         m.eval()
-        return m.vision_tower_features(pixels, image_layout="NHWC").astype(jnp.float32)
+        return m.vision_tower_features(model_pixels(pixels, table), image_layout="NHWC").astype(jnp.float32)
 
-    feature_shape = jax.eval_shape(features, state,
-                                   jax.ShapeDtypeStruct((1, *pipeline.encoder.image_shape), jnp.float32)).shape[1:]
+    feature_shape = jax.eval_shape(features, state, jax.ShapeDtypeStruct(
+        (1, *pipeline.encoder.image_shape), pipeline.encoder.pixel_dtype)).shape[1:]
     np_dtype = _DTYPES[dtype]
     store_dtype = np.uint16 if np_dtype.itemsize == 2 else np.float32
     mm = np.memmap(tmp / "features.bin", dtype=store_dtype, mode="w+", shape=(len(indices), *feature_shape))

@@ -25,7 +25,7 @@ import numpy as np
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.compiles import CompileWatch
-from train.config import MixtureComponent, TrainConfig, data_components, pixel_dtype_for
+from train.config import PIXEL_DTYPE, MixtureComponent, TrainConfig, data_components
 from train.distributed import compile_then_wait
 from train.evaluate import Evaluator, MixtureEvaluator, format_samples
 from train.optim import count_params
@@ -196,7 +196,7 @@ def _pipeline_config(cfg: TrainConfig):
         batch_size=cfg.batch_size // n, max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_target_tokens=cfg.data.max_target_tokens, image_size=cfg.data.image_size, seed=cfg.seed,
         num_epochs=None, shuffle=True, worker_count=cfg.data.num_workers, template=cfg.data.template,
-        pixel_dtype=pixel_dtype_for(cfg.model.dtype),
+        pixel_dtype=PIXEL_DTYPE,
     ), eval_bs // n
 
 
@@ -228,6 +228,11 @@ class RunPipelines:
     @property
     def mixture(self) -> bool:
         return bool(self.datasets[0].name)
+
+    @property
+    def pixel_table(self):
+        """The table the step normalizes uint8 pixel batches with (one processor: the same for every dataset)."""
+        return self.train_pipes[0].encoder.pixel_table
 
     def train(self):
         if not self.mixture:
@@ -420,7 +425,7 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                          min_shard_size=cfg.mesh.fsdp_min_size, lora=cfg.lora)
     fns, state, schedule = init_train_state(model, cfg.optim, total_steps, mesh,
                                             grad_accum_steps=cfg.grad_accum_steps,
-                                            min_shard_size=cfg.mesh.fsdp_min_size)
+                                            min_shard_size=cfg.mesh.fsdp_min_size, pixel_table=pipes.pixel_table)
     bsh = batch_sharding(mesh)
     if cfg.data.cache_vision_features:
         _use_feature_cache(cfg, fns, pipes, model, workdir)
@@ -617,7 +622,8 @@ def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | Non
     model_cfg = dataclasses.replace(cfg.model, add_tokens=()) if model else cfg.model
     net = create_model(model_cfg, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
                        min_shard_size=cfg.mesh.fsdp_min_size, lora=None if model else cfg.lora)
-    fns, state, _ = init_train_state(net, cfg.optim, 1, mesh, min_shard_size=cfg.mesh.fsdp_min_size)
+    fns, state, _ = init_train_state(net, cfg.optim, 1, mesh, min_shard_size=cfg.mesh.fsdp_min_size,
+                                     pixel_table=pipes.pixel_table)
     step = 0
     if workdir and not model:
         ckpt = Checkpointer(workdir_path / "checkpoints", keep=cfg.keep_checkpoints)

@@ -15,7 +15,7 @@ from florence_jax.config import PRESETS, resolve_dtype
 from florence_jax.sharding import param_sharding_fn, param_spec
 from train.config import LoRAConfig, ModelConfig, OptimConfig
 from train.optim import FROZEN, make_optimizer, path_str
-from train.step import StepFns, TrainState
+from train.step import StepFns, TrainState, static_table
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,10 @@ def _state_shardings(state, mesh: Mesh, min_size: int):
 
 
 def init_train_state(model, optim: OptimConfig, total_steps: int, mesh: Mesh, *, grad_accum_steps: int = 1,
-                     min_shard_size: int = 2**18):
-    """Split the model, build the optimizer and its sharded state; return ``(fns, state)``."""
+                     min_shard_size: int = 2**18, pixel_table=None):
+    """Split the model, build the optimizer and its sharded state; return ``(fns, state, schedule)``.
+
+    ``pixel_table``: the data pipeline's (``encoder.pixel_table``) when its batches carry uint8 pixels."""
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx, labels, schedule = make_optimizer(optim, params, total_steps)
@@ -150,7 +152,7 @@ def init_train_state(model, optim: OptimConfig, total_steps: int, mesh: Mesh, *,
     t = model.config.text_config
     fns = StepFns(graphdef=graphdef, tx=tx, labels=labels, pad_token_id=t.pad_token_id,
                   decoder_start_token_id=t.decoder_start_token_id, freeze_vision=freeze_vision,
-                  grad_accum_steps=grad_accum_steps)
+                  grad_accum_steps=grad_accum_steps, pixel_table=static_table(pixel_table))
     repl = NamedSharding(mesh, jax.sharding.PartitionSpec())
     # Parameters not yet on the mesh (e.g. loaded to one device) go to their rule-given sharding.
     targets = _state_shardings(params, mesh, min_shard_size)
@@ -188,7 +190,8 @@ def opt_state_shardings(tx, params, mesh: Mesh):
 
 
 def abstract_train_state(fc: Florence2Config, optim: OptimConfig, total_steps: int, mesh: Mesh, *,
-                         grad_accum_steps: int = 1, min_shard_size: int = 2**18, lora: LoRAConfig | None = None):
+                         grad_accum_steps: int = 1, min_shard_size: int = 2**18, lora: LoRAConfig | None = None,
+                         pixel_table=None):
     """``(fns, state)`` with ShapeDtypeStruct leaves carrying their shardings: no memory, no weights.
     Used for ahead-of-time compilation (also for TPU topologies this machine does not have)."""
 
@@ -217,7 +220,8 @@ def abstract_train_state(fc: Florence2Config, optim: OptimConfig, total_steps: i
     t = fc.text_config
     fns = StepFns(graphdef=graphdef, tx=tx, labels=labels, pad_token_id=t.pad_token_id,
                   decoder_start_token_id=t.decoder_start_token_id,
-                  freeze_vision=_vision_frozen(labels), grad_accum_steps=grad_accum_steps)
+                  freeze_vision=_vision_frozen(labels), grad_accum_steps=grad_accum_steps,
+                  pixel_table=static_table(pixel_table))
     return fns, state
 
 

@@ -1,6 +1,7 @@
 """Pure train and eval steps over split NNX state, jitted with explicit shardings by the caller.
 
-A batch is a dict of arrays: ``pixel_values`` (B, H, W, 3) NHWC, ``input_ids`` / ``attention_mask``
+A batch is a dict of arrays: ``pixel_values`` (B, H, W, 3) NHWC (float, or uint8 normalized in the step
+with ``StepFns.pixel_table``), ``input_ids`` / ``attention_mask``
 (B, Lp), ``labels`` (B, Lt) and ``label_mask`` (B, Lt) (1 on real target tokens, eos included), and for
 evaluation ``example_mask`` (B,) (0 on rows that only pad the last batch).
 """
@@ -13,10 +14,12 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from florence_jax.losses import shift_tokens_right, token_cross_entropy
+from florence_jax.processing import normalize_pixels
 from train.optim import FROZEN
 
 
@@ -39,6 +42,24 @@ class StepFns:
     decoder_start_token_id: int = flax.struct.field(pytree_node=False, default=2)
     freeze_vision: bool = flax.struct.field(pytree_node=False, default=False)
     grad_accum_steps: int = flax.struct.field(pytree_node=False, default=1)
+    # (256, 3) table that turns uint8 pixel batches into the model's input (the data pipeline's
+    # ``encoder.pixel_table``) as nested tuples, so the static fields stay hashable (``static_table``);
+    # None when batches carry float pixels.
+    pixel_table: Any = flax.struct.field(pytree_node=False, default=None)
+
+
+def static_table(table) -> tuple | None:
+    """A pixel table as nested tuples of Python floats (exact for float32 values), or None."""
+    return None if table is None else tuple(tuple(float(v) for v in row) for row in np.asarray(table, np.float32))
+
+
+def model_pixels(pixels, table):
+    """A batch's pixels as the model takes them: uint8 ones normalized on the device with ``table``."""
+    if pixels is None or pixels.dtype != jnp.uint8:
+        return pixels
+    if table is None:
+        raise ValueError("uint8 pixel batches need the data pipeline's pixel table (StepFns.pixel_table)")
+    return normalize_pixels(pixels, table)
 
 
 def _forward_loss(fns: StepFns, params, rest, batch, rng, total_weight):
@@ -52,7 +73,8 @@ def _forward_loss(fns: StepFns, params, rest, batch, rng, total_weight):
     # Cached vision-tower features (frozen tower, train/feature_cache.py) replace the pixels when present;
     # the projector still runs (and trains) on them.
     out = model(
-        input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"), attention_mask=batch["attention_mask"],
+        input_ids=batch["input_ids"], pixel_values=model_pixels(batch.get("pixel_values"), fns.pixel_table),
+        attention_mask=batch["attention_mask"],
         decoder_input_ids=decoder_input_ids, image_layout="NHWC", rngs=nnx.Rngs(dropout=rng),
         freeze_vision=fns.freeze_vision, vision_features=batch.get("vision_features"),
     )

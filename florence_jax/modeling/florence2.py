@@ -135,6 +135,9 @@ class Florence2ForConditionalGeneration(nnx.Module):
         """The vision tower alone: NHWC ``(batch, H/32, W/32, embed_dim[-1])``, the projector's input (what
         ``data.cache_vision_features`` stores, so the projector still trains on cached features)."""
         x = jnp.asarray(pixel_values)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"pixel_values must be normalized floats, got {x.dtype}: uint8 images become the model's "
+                            "input with florence_jax.processing.normalize_pixels(pixels, ImageTransform.table)")
         if image_layout == "NCHW":
             x = x.transpose(0, 2, 3, 1)
         elif image_layout != "NHWC":

@@ -14,7 +14,8 @@ Batching happens after the skip, in the main process, so a bad record never leav
 counters live in one place (the iterator's ``counters``, also saved in its state). Everything is indexed and
 seeded, so ``get_state``/``set_state`` on the returned iterator resumes the exact batch sequence.
 
-Batches (numpy): ``pixel_values`` float32, or bfloat16 with ``pixel_dtype`` (B, H, W, 3) NHWC;
+Batches (numpy): ``pixel_values`` (B, H, W, 3) NHWC, float32, or with ``pixel_dtype`` bfloat16 or uint8 (the
+resized image, normalized on the device with ``encoder.pixel_table``);
 ``input_ids``/``attention_mask`` int32 (B, Lp) with Lp = image_seq_length + max_prompt_tokens, laid out exactly as ``Florence2Processor`` does (image
 placeholders, ``<s>``, prompt, ``</s>``, right padding); ``labels`` int32 (B, Lt) = the tokenizer's
 ``text_target`` ids (``<s>`` ... ``</s>``), ``label_mask`` float32 (1 on real target tokens incl. ``</s>``).
@@ -47,8 +48,11 @@ log = logging.getLogger(__name__)
 
 _SKIP = "_skip"
 # Pixel dtypes a batch can carry; the model casts pixels to its compute dtype first, so bfloat16 pixels give
-# a bfloat16 model exactly the input float32 ones do (numpy and XLA both round to nearest even).
-_PIXEL_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# a bfloat16 model exactly the input float32 ones do (numpy and XLA both round to nearest even). uint8 pixels
+# are the resized image before rescaling and normalization, which the step does on the device
+# (``florence_jax.processing.normalize_pixels`` with the transform's table): exact for any model.
+_PIXEL_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                 "uint8": np.dtype(np.uint8)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +67,10 @@ class DataConfig:
     decodes in the main process (threads only). ``drop_remainder`` applies to training; evaluation ignores
     ``shuffle``, ``num_epochs`` and ``drop_remainder`` (one ordered pass, last batch padded).
     ``pixel_dtype`` "bfloat16" ships pixels at half the bytes (workers, batching, host-to-device); exact for
-    a model that computes in bfloat16, whose first step casts pixels to it (``pixel_dtype_for``).
+    a model that computes in bfloat16, whose first step casts pixels to it. "uint8" ships the resized image
+    (a quarter of the bytes, and no normalization on the host): the consumer normalizes on the device with
+    ``encoder.pixel_table`` (``florence_jax.processing.normalize_pixels``), exact for any model; training
+    uses it (``train.config.PIXEL_DTYPE``).
     """
 
     batch_size: int = 8
@@ -78,7 +85,7 @@ class DataConfig:
     read_threads: int = 4
     drop_remainder: bool = True
     template: str | Callable[[Any], Example] = "docvqa"  # a registered name or a template (ConfiguredTemplate)
-    pixel_dtype: str = "float32"  # or "bfloat16"
+    pixel_dtype: str = "float32"  # or "bfloat16", "uint8"
 
 
 def load_image(value: Any) -> Image.Image:
@@ -160,6 +167,14 @@ class ExampleEncoder:
         if config.pixel_dtype not in _PIXEL_DTYPES:
             raise ValueError(f"pixel_dtype must be one of {sorted(_PIXEL_DTYPES)}, got {config.pixel_dtype!r}")
         self.pixel_dtype = _PIXEL_DTYPES[config.pixel_dtype]
+        # uint8 batches: the table that turns them into the model's input on the device; None otherwise.
+        self.pixel_table = None
+        if self.pixel_dtype == np.uint8:
+            if not (callable(getattr(self.image_transform, "uint8", None))
+                    and getattr(self.image_transform, "table", None) is not None):
+                raise ValueError("pixel_dtype 'uint8' needs an image transform with .uint8(image) and a (256, 3) "
+                                 ".table, as florence_jax.processing.ImageTransform has")
+            self.pixel_table = np.asarray(self.image_transform.table, np.float32)
         self.image_seq_length = int(processor.num_image_tokens)
         self.prompt_length = self.image_seq_length + config.max_prompt_tokens
         self.target_length = config.max_target_tokens
@@ -250,12 +265,15 @@ class ExampleEncoder:
                 f"{example.image_size[0]}x{example.image_size[1]} (its boxes are relative to that)",
             )
         try:
-            pixels = np.asarray(self.image_transform(image), dtype=np.float32)
+            if self.pixel_table is not None:
+                pixels = np.asarray(self.image_transform.uint8(image), dtype=np.uint8)
+            else:
+                pixels = np.asarray(self.image_transform(image), dtype=np.float32)
         except Exception as e:  # noqa: BLE001
             raise BadRecordError("bad_image", f"transform failed: {type(e).__name__}: {e}") from e
         if pixels.shape != self.image_shape:
             raise BadRecordError("bad_image", f"transform gave shape {pixels.shape}, want {self.image_shape}")
-        return pixels if self.pixel_dtype == np.float32 else pixels.astype(self.pixel_dtype)
+        return pixels if pixels.dtype == self.pixel_dtype else pixels.astype(self.pixel_dtype)
 
     def padding_example(self) -> dict[str, Any]:
         """A filler row for padded eval batches: a valid minimal input (image tokens, ``<s></s>``) so no
