@@ -49,6 +49,11 @@ def main(argv=None) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
+    if not args.topology and os.environ["JAX_PLATFORMS"] == "cpu":
+        # The config may have imported jax already, which reads JAX_PLATFORMS on import: without this an
+        # installed libtpu would still try (and noisily fail) to find a TPU.
+        jax.config.update("jax_platforms", "cpu")
+
     from scripts.aot import compile_train_step, target_devices
 
     devices, chip = target_devices(args.topology)
