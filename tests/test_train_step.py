@@ -12,7 +12,7 @@ from florence_jax.sharding import batch_sharding, make_mesh
 from train.config import ModelConfig, OptimConfig
 from train.optim import path_str
 from train.state import create_model, init_train_state
-from train.step import jit_train_step
+from train.step import jit_train_step, model_pixels
 
 
 def _batch(seed=0, batch=8):
@@ -169,31 +169,30 @@ def test_uint8_pixels_normalized_in_the_step_train_exactly_as_float32_ones(tiny_
     assert loss_f == loss_u
     assert p_f.keys() == p_u.keys() and all(np.array_equal(p_f[k], p_u[k]) for k in p_f)
     with pytest.raises(ValueError, match="need the data pipeline's pixel table"):
-        model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype=dtype), mesh)
-        fns, state, _ = init_train_state(model, OptimConfig(freeze=()), 10, mesh)
-        jit_train_step(fns, state, batch_sharding(mesh))(
-            state, jax.device_put({**_batch(seed=0), "pixel_values": image}, batch_sharding(mesh)), jax.random.key(0))
+        model_pixels(jax.numpy.asarray(image), None)  # what the step calls with StepFns.pixel_table None
 
 
-def test_bfloat16_pixels_train_a_bfloat16_model_exactly_as_float32_ones(tiny_hf_dir):
+def test_bfloat16_pixels_give_a_bfloat16_model_exactly_what_float32_ones_do(tiny_hf_dir):
     """A pipeline can ship bfloat16 pixels (DataConfig.pixel_dtype) to a bfloat16 model: the model's first
-    step casts pixels to bfloat16, so the loss and the update are bit for bit those of float32 pixels."""
+    op casts pixels to bfloat16, so the vision features, the only thing pixels reach in a step, are bit
+    for bit those of float32 pixels, through the tower's forward and its gradient."""
     import ml_dtypes
 
     mesh = make_mesh(devices=jax.devices()[:1])
+    model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype="bfloat16", dropout=0.0,
+                                     drop_path_rate=0.0), mesh)
+    tower = jax.jit(lambda m, x: m.vision_tower_features(x, image_layout="NHWC"))
+    grad = jax.jit(nnx.grad(lambda m, x: m.vision_tower_features(x, image_layout="NHWC").astype(
+        jax.numpy.float32).sum()))
+    px = _batch(seed=0)["pixel_values"]
     results = []
     for dtype in (np.float32, ml_dtypes.bfloat16):
-        model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype="bfloat16", dropout=0.0,
-                                         drop_path_rate=0.0), mesh)
-        fns, state, _ = init_train_state(model, OptimConfig(learning_rate=1e-3, freeze=()), 10, mesh)
-        step = jit_train_step(fns, state, batch_sharding(mesh))
-        host = _batch(seed=0)
-        host["pixel_values"] = host["pixel_values"].astype(dtype)
-        state, metrics = step(state, jax.device_put(host, batch_sharding(mesh)), jax.random.key(0))
-        results.append((float(metrics["loss"]), _flat(state.params)))
-    (loss32, p32), (loss16, p16) = results
-    assert loss32 == loss16
-    assert p32.keys() == p16.keys() and all(np.array_equal(p32[k], p16[k]) for k in p32)
+        g = nnx.to_flat_state(nnx.state(grad(model, px.astype(dtype)), nnx.Param))
+        results.append((np.asarray(tower(model, px.astype(dtype)).astype(np.float32)),
+                        {k: np.asarray(v[...]) for k, v in g}))
+    (f32, g32), (f16, g16) = results
+    assert np.array_equal(f32, f16) and g32.keys() == g16.keys() and len(g32) > 20
+    assert all(np.array_equal(g32[k], g16[k]) for k in g32)
     # and the pixels did differ as float32: the cast, not the data, made them equal
     px = _batch(seed=0)["pixel_values"]
     assert not np.array_equal(px, px.astype(ml_dtypes.bfloat16).astype(np.float32))
