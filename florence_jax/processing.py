@@ -182,8 +182,7 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """float32 ``(H, W, 3)``: channels last, the model's internal layout."""
-        pixels = np.asarray(self.resize(image), dtype=np.uint8)
-        return self._table[pixels, np.arange(3)]
+        return self._table[self.uint8(image), np.arange(3)]
 
     def uint8(self, image: Image.Image) -> np.ndarray:
         """uint8 ``(H, W, 3)``: the resized pixels before rescaling and normalization, a quarter of the float32
