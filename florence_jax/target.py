@@ -1,10 +1,11 @@
 """The platform a program is traced for, which picks a few backend-specific formulations.
 
-Three choices in the model and in generation depend on how a backend's compiler treats a formulation
-(each is explained where it is made): the vision blocks' stored residual stream
-(``davit._store_residuals``), beam queries against the cross-attention keys one by one
-(``bart._beam_queries_one_by_one``) and beam search's row-by-row cache copies
-(``generation._copy_slots_row_by_row``). All three are right for XLA:CPU only.
+A few choices in the model, in generation and in input normalization depend on how a backend's compiler
+treats a formulation (each is explained where it is made). Three are right for XLA:CPU only: the vision
+blocks' stored residual stream (``davit._store_residuals``), beam queries against the cross-attention
+keys one by one (``bart._beam_queries_one_by_one``) and beam search's row-by-row cache copies
+(``generation._copy_slots_row_by_row``). One is right for TPUs only: uint8 pixels become the model's
+input through a one-hot product rather than a gather (``processing.normalize_pixels``).
 
 By default the platform is JAX's default backend, where the program will run. Compiling ahead of time
 for another target from this machine (``scripts.aot_compile`` for a GPU config on simulated CPU devices,
