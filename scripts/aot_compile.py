@@ -40,19 +40,17 @@ def main(argv=None) -> int:
     from train.config import load_config
 
     cfg = load_config(args.config, overrides)
+    import jax  # XLA_FLAGS below still counts: it is read when the backend starts, not on import
+
     if args.topology:
         # libtpu looks for a TPU VM's worker list at start-up; compiling for a topology needs none.
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     else:
         n = args.cpu_devices or _mesh_size(cfg)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
-
-    if not args.topology and os.environ["JAX_PLATFORMS"] == "cpu":
-        # The config may have imported jax already, which reads JAX_PLATFORMS on import: without this an
-        # installed libtpu would still try (and noisily fail) to find a TPU.
-        jax.config.update("jax_platforms", "cpu")
+        # jax reads JAX_PLATFORMS only on import, so set it through jax.config: without it an installed
+        # libtpu would still try (and noisily fail) to find a TPU.
+        jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS", "cpu"))
 
     from scripts.aot import compile_train_step, target_devices
 

@@ -15,9 +15,9 @@ counters live in one place (the iterator's ``counters``, also saved in its state
 seeded, so ``get_state``/``set_state`` on the returned iterator resumes the exact batch sequence.
 
 Batches (numpy): ``pixel_values`` (B, H, W, 3) NHWC, float32, or with ``pixel_dtype`` bfloat16 or uint8 (the
-resized image, normalized on the device with ``encoder.pixel_table``);
-``input_ids``/``attention_mask`` int32 (B, Lp) with Lp = image_seq_length + max_prompt_tokens, laid out exactly as ``Florence2Processor`` does (image
-placeholders, ``<s>``, prompt, ``</s>``, right padding); ``labels`` int32 (B, Lt) = the tokenizer's
+resized image, normalized on the device with ``encoder.pixel_table``); ``input_ids``/``attention_mask``
+int32 (B, Lp) with Lp = image_seq_length + max_prompt_tokens, laid out exactly as ``Florence2Processor``
+does (image placeholders, ``<s>``, prompt, ``</s>``, right padding); ``labels`` int32 (B, Lt) = the tokenizer's
 ``text_target`` ids (``<s>`` ... ``</s>``), ``label_mask`` float32 (1 on real target tokens incl. ``</s>``).
 Eval batches add ``example_mask`` int32 (1 real row, 0 padding) and ``index`` int32 (record index, -1 padding).
 """
