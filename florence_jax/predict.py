@@ -538,4 +538,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from florence_jax.host_memory import retain_freed_memory
+
+    retain_freed_memory()  # on the CPU only, before JAX starts (see florence_jax.host_memory)
     sys.exit(main())

@@ -843,4 +843,7 @@ def _table(results: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    from florence_jax.host_memory import retain_freed_memory
+
+    retain_freed_memory()  # on the CPU: before JAX starts; the reference in this process gets it too
     sys.exit(main())
