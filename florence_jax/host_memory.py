@@ -10,7 +10,7 @@ the matmul and elementwise kernels writing their outputs).
 :func:`retain_freed_memory` tells glibc (``mallopt``) to serve every allocation from one heap
 (``M_ARENA_MAX`` 1, ``M_MMAP_MAX`` 0) and never to return freed memory to the OS (``M_TRIM_THRESHOLD``
 off), which is what the allocators people preload for the same reason (tcmalloc, jemalloc) do. The
-tower's call then takes 5.0-5.3 s instead of 6.0-6.9 s, with no page faults. The process's resident
+tower's call then takes 4.9-5.9 s instead of 6.0-6.9 s, with no page faults. The process's resident
 memory stays at its peak, which a training or benchmark process reaches on its first step anyway.
 
 The command-line entry points (``train.main``, ``train.evaluate``, ``florence_jax.predict``,
