@@ -457,7 +457,7 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
     counts = count_params(state.params, fns.labels)
     rep.print(_summary(cfg, mesh, counts, steps_per_epoch, total_steps, pipes.num_train, pipes.num_val))
-    if cfg.data.source == "synthetic":
+    if cfg.data.source == "synthetic" and not cfg.data.mixture:
         from train.data.synthetic import question_only_bound
 
         bound = question_only_bound(threshold=cfg.eval.anls_threshold)
@@ -566,6 +566,12 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         plot = rep.plot()
         if plot:
             rep.print(f"Training curves: {plot}")
+        from train.metrics import get_metric
+
+        line = (rep.before_after("score") if cfg.data.mixture
+                else rep.before_after(cfg.data.metric, get_metric(cfg.data.metric).higher_is_better))
+        if line:
+            rep.print(line[0].upper() + line[1:])
     ckpt.close()
     rep.close()
     if rep.enabled:
