@@ -25,6 +25,7 @@ from typing import Any, Final
 import numpy as np
 
 __all__ = [
+    "ADDED_TOKENS",
     "DEFAULT_POST_PROCESSOR_CONFIG",
     "NUM_BINS",
     "PARSE_TYPES",
@@ -39,6 +40,18 @@ __all__ = [
 
 NUM_BINS: Final = 1000
 """Bins per image axis behind the ``<loc_0>`` ... ``<loc_999>`` tokens."""
+
+ADDED_TOKENS: Final[tuple[str, ...]] = (
+    ("<od>", "</od>", "<ocr>", "</ocr>")
+    + tuple(f"<loc_{i}>" for i in range(NUM_BINS))
+    + (
+        "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>", "<grounding>", "</grounding>",
+        "<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>", "<region_to_desciption>",
+        "</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>",
+    )
+)  # fmt: skip
+"""The tokens Florence-2's processor adds to BART's vocabulary, in its order (ids 50265.. in the published
+checkpoints; "desciption" is misspelt in the original and kept so: the text is part of the vocabulary)."""
 
 # Largest float32 below 2**31: pixel values are saturated here before the int32 cast.
 _INT32_LIMIT: Final = np.float32(2**31 - 128)
@@ -164,18 +177,22 @@ def quantize_coordinates(
 
 
 def dequantize(
-    bins: Sequence[Any] | np.ndarray, image_size: tuple[float, float], num_bins: int = NUM_BINS
+    bins: Sequence[Any] | np.ndarray, image_size: tuple[float, float], num_bins: int = NUM_BINS,
+    integer: bool = True,
 ) -> np.ndarray:
-    """Bin indices ``(..., 4)`` or ``(..., 2)`` -> integer pixel coordinates at the bin centres.
+    """Bin indices ``(..., 4)`` or ``(..., 2)`` -> pixel coordinates at the bin centres.
 
     Matches transformers: ``int((bin + 0.5) * pixels_per_bin)`` evaluated in float32 and truncated,
     with no clamping, so ``<loc_1000>`` (not a real token, but valid text) maps past the image.
+    ``integer=False`` stops before the truncation (float32), as the original remote code answers.
     """
     coords = np.asarray(bins, dtype=np.int64)
     if coords.size == 0:
-        return np.zeros(coords.shape, dtype=np.int32)
+        return np.zeros(coords.shape, dtype=np.int32 if integer else np.float32)
     per_bin = _per_bin(coords, image_size, num_bins)
     pixels = (coords.astype(np.float32) + np.float32(0.5)) * per_bin
+    if not integer:
+        return pixels
     # Clipping only bites for absurd bins (pixels past 2**31), where torch's int cast is undefined.
     return np.clip(pixels, -_INT32_LIMIT, _INT32_LIMIT).astype(np.int32)
 
@@ -190,9 +207,11 @@ def coordinates_to_loc_tokens(
     )
 
 
-def _dequantize_flat(bins: Iterable[int], image_size: tuple[float, float]) -> list[int]:
-    """Flat ``[x, y, x, y, ...]`` bins -> flat pixel list (python ints, as the reference returns)."""
-    return dequantize(np.asarray(list(bins), dtype=np.int64).reshape(-1, 2), image_size).ravel().tolist()
+def _dequantize_flat(bins: Iterable[int], image_size: tuple[float, float], integer: bool = True) -> list:
+    """Flat ``[x, y, x, y, ...]`` bins -> flat pixel list (python ints, as the reference returns; floats with
+    ``integer=False``)."""
+    flat = np.asarray(list(bins), dtype=np.int64).reshape(-1, 2)
+    return dequantize(flat, image_size, integer=integer).ravel().tolist()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,7 +257,8 @@ def _ascii(label: str) -> str:
 
 
 def _labelled_boxes(
-    text: str, image_size: tuple[float, float], allow_unlabelled: bool, banned: frozenset[str] = frozenset()
+    text: str, image_size: tuple[float, float], allow_unlabelled: bool, banned: frozenset[str] = frozenset(),
+    integer: bool = True,
 ) -> list[tuple[str, list[list[int]]]]:
     """``label<loc><loc><loc><loc>...`` runs -> ``[(label, [box, ...]), ...]``.
 
@@ -259,37 +279,41 @@ def _labelled_boxes(
         bins = [[_to_bin(v) for v in m.groups()] for m in _FOUR_LOCS.finditer(chunk)]
         if not bins:
             continue
-        boxes = dequantize(np.asarray(bins, dtype=np.int64), image_size).tolist()
+        boxes = dequantize(np.asarray(bins, dtype=np.int64), image_size, integer=integer).tolist()
         found.append((_ascii(label), boxes))
     return found
 
 
-def _parse_bboxes(text: str, image_size: tuple[float, float], allow_unlabelled: bool) -> dict[str, list]:
+def _parse_bboxes(text: str, image_size: tuple[float, float], allow_unlabelled: bool,
+                  integer: bool = True) -> dict[str, list]:
     bboxes, labels = [], []
-    for label, boxes in _labelled_boxes(text, image_size, allow_unlabelled):
+    for label, boxes in _labelled_boxes(text, image_size, allow_unlabelled, integer=integer):
         bboxes.extend(boxes)
         labels.extend([label] * len(boxes))
     return {"bboxes": bboxes, "labels": labels}
 
 
 def _parse_phrase_grounding(
-    text: str, image_size: tuple[float, float], banned: frozenset[str]
+    text: str, image_size: tuple[float, float], banned: frozenset[str], integer: bool = True
 ) -> dict[str, list]:
     # Banned phrases are compared before the ASCII filter and case-sensitively ("The image" passes).
     bboxes, labels = [], []
-    for label, boxes in _labelled_boxes(text, image_size, allow_unlabelled=False, banned=banned):
+    for label, boxes in _labelled_boxes(text, image_size, allow_unlabelled=False, banned=banned, integer=integer):
         bboxes.extend(boxes)
         labels.extend([label] * len(boxes))
     return {"bboxes": bboxes, "labels": labels}
 
 
 def _parse_ocr(
-    text: str, image_size: tuple[float, float], pattern: str | None, area_threshold: float
+    text: str, image_size: tuple[float, float], pattern: str | None, area_threshold: float, original: bool = False
 ) -> dict[str, list]:
     quad_boxes, labels = [], []
     width, height = image_size
-    for content, *quad_bins in re.findall(pattern or _OCR_PATTERN, _strip_sequence_tokens(text)):
-        quad = _dequantize_flat((_to_bin(b) for b in quad_bins), image_size)
+    # The original removes only "<s>": a generation decoded with special tokens starts "</s><s>", so its first
+    # line keeps a leading "</s>"; and it does not strip the lines.
+    text = text.replace("<s>", "") if original else _strip_sequence_tokens(text)
+    for content, *quad_bins in re.findall(pattern or _OCR_PATTERN, text):
+        quad = _dequantize_flat((_to_bin(b) for b in quad_bins), image_size, integer=not original)
         if area_threshold > 0:
             xs, ys = quad[0::2], quad[1::2]
             # Matches transformers: its shoelace sum stops one edge short (the closing edge from the
@@ -298,12 +322,12 @@ def _parse_ocr(
             if area < width * height * area_threshold:
                 continue
         quad_boxes.append(quad)
-        labels.append(content.strip())
+        labels.append(content if original else content.strip())
     return {"quad_boxes": quad_boxes, "labels": labels}
 
 
 def _polygon_instances(
-    text: str, image_size: tuple[float, float], allow_unlabelled: bool
+    text: str, image_size: tuple[float, float], allow_unlabelled: bool, integer: bool = True
 ) -> list[tuple[str, list[list[int]]]]:
     """``label<poly>locs<sep>locs</poly>...`` -> ``[(label, [polygon, ...]), ...]``.
 
@@ -332,24 +356,25 @@ def _polygon_instances(
             polygons = []
             for run in runs:
                 bins = [_to_bin(b) for b in _LOC_NUMBER.findall(run)]
-                polygons.append(_dequantize_flat(bins[: len(bins) // 2 * 2], image_size))
+                polygons.append(_dequantize_flat(bins[: len(bins) // 2 * 2], image_size, integer=integer))
             found.append((label, polygons))
     return found
 
 
-def _parse_polygons(text: str, image_size: tuple[float, float], allow_unlabelled: bool) -> dict[str, list]:
-    instances = _polygon_instances(text, image_size, allow_unlabelled)
+def _parse_polygons(text: str, image_size: tuple[float, float], allow_unlabelled: bool,
+                    integer: bool = True) -> dict[str, list]:
+    instances = _polygon_instances(text, image_size, allow_unlabelled, integer)
     return {"polygons": [polys for _, polys in instances], "labels": [label for label, _ in instances]}
 
 
-def _parse_boxes_or_polygons(text: str, image_size: tuple[float, float]) -> dict[str, list]:
+def _parse_boxes_or_polygons(text: str, image_size: tuple[float, float], integer: bool = True) -> dict[str, list]:
     # One answer holds either kind; transformers picks the parser by whether "<poly>" occurs at all.
     if "<poly>" in text:
-        polygons = _parse_polygons(text, image_size, allow_unlabelled=False)
+        polygons = _parse_polygons(text, image_size, allow_unlabelled=False, integer=integer)
         bboxes = {"bboxes": [], "labels": []}
     else:
         polygons = {"polygons": [], "labels": []}
-        bboxes = _parse_bboxes(text, image_size, allow_unlabelled=False)
+        bboxes = _parse_bboxes(text, image_size, allow_unlabelled=False, integer=integer)
     return {
         "bboxes": bboxes["bboxes"],
         "bboxes_labels": bboxes["labels"],
@@ -358,10 +383,11 @@ def _parse_boxes_or_polygons(text: str, image_size: tuple[float, float]) -> dict
     }
 
 
-def _pure_text(text: str) -> str:
+def _pure_text(text: str, original: bool = False) -> str:
     # Matches transformers: only <s> and </s> are removed, "<pad>" stays in the answer. Decode with
-    # the padding cut off (or skip_special_tokens=True) for free-text tasks.
-    return text.replace("<s>", "").replace("</s>", "").strip()
+    # the padding cut off (or skip_special_tokens=True) for free-text tasks. The original does not strip.
+    text = text.replace("<s>", "").replace("</s>", "")
+    return text if original else text.strip()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,11 +405,16 @@ def _settings(processor: Any | None) -> Mapping[str, Mapping[str, Any]]:
     return DEFAULT_POST_PROCESSOR_CONFIG if config is None else config
 
 
+STYLES: Final = ("native", "original")
+
+
 def post_process_generation(
-    text: str, task: str, image_size: tuple[float, float] | None, processor: Any | None = None
+    text: str, task: str, image_size: tuple[float, float] | None, processor: Any | None = None,
+    style: str | None = None,
 ) -> dict[str, Any]:
     """Parse one decoded generation for ``task``; same output as transformers'
-    ``Florence2Processor.post_process_generation(text=text, task=task, image_size=image_size)``.
+    ``Florence2Processor.post_process_generation(text=text, task=task, image_size=image_size)``, or with
+    ``style="original"`` as the original remote code's processor (``microsoft/Florence-2-*``) answers.
 
     Args:
         text: one sequence from ``batch_decode(..., skip_special_tokens=False)``; ``<s>``, ``</s>``
@@ -392,36 +423,45 @@ def post_process_generation(
         image_size: ``(width, height)`` of the original image; only needed for tasks with locations.
         processor: a Florence-2 processor whose ``post_processor_config`` supplies the settings
             (OCR ``PATTERN``/``AREA_THRESHOLD``, banned grounding phrases); defaults otherwise.
+        style: ``"native"`` (transformers) or ``"original"``; None: the processor's ``florence_layout``
+            (an original-layout checkpoint's processor says ``"original"``), else native. The original gives
+            coordinates as floats (the bin centre, float32, not truncated), leaves free text and OCR lines
+            unstripped, and removes only ``<s>`` before reading OCR lines.
 
     Returns:
-        ``{task: answer}``: a string for text tasks; for the others a dict of lists with integer
-        pixel coordinates: ``bboxes``/``labels``, ``quad_boxes``/``labels``, ``polygons``/``labels``
-        or, for ``<OPEN_VOCABULARY_DETECTION>``, ``bboxes``/``bboxes_labels``/``polygons``/``polygons_labels``.
+        ``{task: answer}``: a string for text tasks; for the others a dict of lists with pixel coordinates:
+        ``bboxes``/``labels``, ``quad_boxes``/``labels``, ``polygons``/``labels`` or, for
+        ``<OPEN_VOCABULARY_DETECTION>``, ``bboxes``/``bboxes_labels``/``polygons``/``polygons_labels``.
         Malformed generations give partial or empty lists, never an exception.
     """
     if task is None:
         raise ValueError("`task` must be provided for post-processing.")
+    style = style or getattr(processor, "florence_layout", None) or "native"
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    original = style == "original"
+    integer = not original
     parse_type = TASKS[task].parse_type if task in TASKS else "pure_text"
     settings = _settings(processor)
     if parse_type not in settings:
         raise ValueError(f"Unsupported parse task: {parse_type} (missing from post_processor_config)")
     options = settings[parse_type] or {}
     if parse_type == "pure_text":
-        return {task: _pure_text(text)}
+        return {task: _pure_text(text, original)}
     if image_size is None:
         raise ValueError(f"{task} answers with locations: pass image_size=(width, height)")
 
     if parse_type == "ocr":
-        answer = _parse_ocr(text, image_size, options.get("PATTERN"), options.get("AREA_THRESHOLD", 0.0))
+        answer = _parse_ocr(text, image_size, options.get("PATTERN"), options.get("AREA_THRESHOLD", 0.0), original)
     elif parse_type == "phrase_grounding":
         banned = frozenset(options.get("banned_grounding_tokens", ()))
-        answer = _parse_phrase_grounding(text, image_size, banned)
+        answer = _parse_phrase_grounding(text, image_size, banned, integer)
     elif parse_type in ("description_with_bboxes", "bboxes"):
-        answer = _parse_bboxes(text, image_size, allow_unlabelled=parse_type == "bboxes")
+        answer = _parse_bboxes(text, image_size, allow_unlabelled=parse_type == "bboxes", integer=integer)
     elif parse_type in ("description_with_polygons", "polygons"):
-        answer = _parse_polygons(text, image_size, allow_unlabelled=parse_type == "polygons")
+        answer = _parse_polygons(text, image_size, allow_unlabelled=parse_type == "polygons", integer=integer)
     elif parse_type == "description_with_bboxes_or_polygons":
-        answer = _parse_boxes_or_polygons(text, image_size)
+        answer = _parse_boxes_or_polygons(text, image_size, integer)
     else:  # pragma: no cover - TASKS only names the types above
         raise ValueError(f"Unknown post-processing type: {parse_type}")
     return {task: answer}

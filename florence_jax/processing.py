@@ -16,6 +16,7 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = [
     "load_processor",
     "normalize_pixels",
     "prepare_inputs",
+    "processor_dir",
     "quantize_coordinates",
     "to_rgb",
 ]
@@ -44,14 +46,36 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_processor(name_or_path: str | os.PathLike, revision: str | None = None) -> ProcessorMixin:
-    """transformers' native Florence-2 processor from a Hub id or a local directory.
+    """The checkpoint's Florence-2 processor, from a Hub id or a local directory, in either layout.
 
-    Never runs remote code: checkpoints in the original ``trust_remote_code`` layout must be
-    converted first (transformers' Florence-2 conversion script).
+    A transformers-native repository loads with ``AutoProcessor``. A repository in the original remote-code
+    layout (``microsoft/Florence-2-*``: a BART tokenizer, ``preprocessor_config.json`` and
+    ``processing_florence2.py``) gets transformers' native processor built from its own files with the
+    original's added tokens in the original's order (:mod:`florence_jax.original_layout`). No repository
+    code is ever run.
     """
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(os.fspath(name_or_path), revision=revision, trust_remote_code=False)
+    from florence_jax.original_layout import build_processor, is_original_processor_dir
+
+    directory = processor_dir(name_or_path, revision)
+    if is_original_processor_dir(directory):
+        return build_processor(directory)
+    return AutoProcessor.from_pretrained(os.fspath(directory), trust_remote_code=False)
+
+
+PROCESSOR_FILES = ("*.json", "*.txt", "*.model")
+
+
+def processor_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory as is; a Hub id as the snapshot of its processor files in huggingface_hub's cache
+    (``HF_HUB_OFFLINE=1`` reads the cache only). Repository code (``*.py``) is never fetched."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(os.fspath(name_or_path), revision=revision, allow_patterns=list(PROCESSOR_FILES)))
 
 
 def prepare_inputs(

@@ -16,9 +16,10 @@ free-form tokens such as ``<DocVQA>`` are tokenized as plain text.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from florence_jax.postprocess import NUM_BINS, default_post_processor_config
+from florence_jax.postprocess import ADDED_TOKENS, default_post_processor_config
 from florence_jax.processing import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
@@ -28,17 +29,8 @@ __all__ = ["FLORENCE2_ADDED_TOKENS", "IMAGE_TOKEN", "build_tiny_processor"]
 
 IMAGE_TOKEN = "<image>"
 
-# What Florence-2's processor adds to BART's vocabulary, in its order (ids 50265.. in the real
-# tokenizer). "desciption" is misspelt in the original and kept so.
-FLORENCE2_ADDED_TOKENS: tuple[str, ...] = (
-    ("<od>", "</od>", "<ocr>", "</ocr>")
-    + tuple(f"<loc_{i}>" for i in range(NUM_BINS))
-    + (
-        "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>", "<grounding>", "</grounding>",
-        "<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>", "<region_to_desciption>",
-        "</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>",
-    )
-)  # fmt: skip
+# What Florence-2's processor adds to BART's vocabulary, in its order (ids 50265.. in the real tokenizer).
+FLORENCE2_ADDED_TOKENS: tuple[str, ...] = ADDED_TOKENS
 
 _BART_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 
@@ -79,8 +71,9 @@ _CORPUS = (
 )
 
 
-def _train_tokenizer(vocab_size: int):  # -> tokenizers.Tokenizer
-    """Byte-level BPE in BART's layout, with Florence-2's added tokens and ``<image>``."""
+def _train_tokenizer(vocab_size: int, corpus: Sequence[str] = (), *, florence_tokens: bool = True):
+    """Byte-level BPE in BART's layout (a ``tokenizers.Tokenizer``), with Florence-2's added tokens and
+    ``<image>`` unless ``florence_tokens`` is False (the tokenizer files of an original-layout repo)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -92,11 +85,13 @@ def _train_tokenizer(vocab_size: int):  # -> tokenizers.Tokenizer
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    tokenizer.train_from_iterator((*_CORPUS, *corpus), trainer=trainer)
     tokenizer.post_processor = processors.RobertaProcessing(
         ("</s>", _BART_SPECIALS.index("</s>")), ("<s>", _BART_SPECIALS.index("<s>")), trim_offsets=True
     )
     tokenizer.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=False, special=True)])
+    if not florence_tokens:
+        return tokenizer
     tokenizer.add_special_tokens(
         [AddedToken(t, normalized=False, special=True) for t in FLORENCE2_ADDED_TOKENS]
     )
@@ -105,7 +100,8 @@ def _train_tokenizer(vocab_size: int):  # -> tokenizers.Tokenizer
 
 
 def build_tiny_processor(
-    save_dir: str | os.PathLike | None = None, image_size: int = 64, vocab_size: int = 500
+    save_dir: str | os.PathLike | None = None, image_size: int = 64, vocab_size: int = 500,
+    corpus: Sequence[str] = (),
 ) -> Florence2Processor:
     """A ``Florence2Processor`` built offline in well under a second (after imports).
 
@@ -117,6 +113,8 @@ def build_tiny_processor(
         vocab_size: BPE vocabulary size including BART's five special tokens (at most this many
             if the built-in corpus runs out of merges); Florence-2's 1024 added tokens and
             ``<image>`` come on top.
+        corpus: more text to learn the merges from, after the built-in corpus (the words of the
+            tasks a model will be trained on).
     """
     if image_size % 32:
         raise ValueError(f"image_size must be a multiple of 32, got {image_size}")
@@ -125,7 +123,7 @@ def build_tiny_processor(
     # Named extra tokens (image_token=...) survive save/load only when passed at construction; the
     # list keeps the added tokens in all_special_tokens, as in the published tokenizer config.
     tokenizer = BartTokenizerFast(
-        tokenizer_object=_train_tokenizer(vocab_size),
+        tokenizer_object=_train_tokenizer(vocab_size, corpus),
         extra_special_tokens=list(FLORENCE2_ADDED_TOKENS),
         image_token=IMAGE_TOKEN,
     )
