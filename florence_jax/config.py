@@ -104,6 +104,13 @@ class Florence2Config:
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of parameters. ``num_real_tokens``
     (when set) marks vocabulary rows at or above it as padding added at conversion: generation never
     emits them.
+
+    Two settings reproduce the original remote-code model (``microsoft/Florence-2-*``), set when such a
+    checkpoint loads: ``final_logits_bias`` gives the model a frozen ``(1, vocab)`` buffer added to every
+    logit, as the original adds its ``final_logits_bias``; ``mask_padded_vocab`` takes the rows at or above
+    ``num_real_tokens`` (``<image>`` and the padding to a multiple of 64, which the original's 51,289-row
+    vocabulary does not have) out of the softmax, in training and generation alike, so losses and beam
+    scores are the original's.
     """
 
     vision_config: VisionConfig = field(default_factory=VisionConfig)
@@ -116,6 +123,8 @@ class Florence2Config:
     attention_impl: str = "xla"  # "xla" (einsum softmax), "dot_product" (jax.nn.dot_product_attention)
     remat_policy: str = "none"  # "none", "full", "dots": rematerialise vision blocks and BART layers
     scan_vision_blocks: bool = True  # run a vision stage's blocks as one lax.scan (see DaViT._scan_stage)
+    final_logits_bias: bool = False  # original layout: a frozen bias added to the logits
+    mask_padded_vocab: bool = False  # original layout: rows >= num_real_tokens take no probability mass
 
     def replace(self, **kw) -> Florence2Config:
         if "dtype" in kw:
@@ -161,6 +170,8 @@ class Florence2Config:
             real = text.vocab_size
             kw["image_token_id"] = real
             kw["num_real_tokens"] = real
+            kw["final_logits_bias"] = True
+            kw["mask_padded_vocab"] = True
             padded = -(-(real + 1) // 64) * 64
             kw["text_config"] = dataclasses.replace(text, vocab_size=padded)
         else:

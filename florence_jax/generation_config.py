@@ -54,14 +54,46 @@ class GenerationConfig:
         return dataclasses.replace(base, **kw)
 
     @classmethod
-    def from_pretrained_dir(cls, directory: str | Path, cfg: Florence2Config) -> GenerationConfig:
+    def from_pretrained_dir(cls, directory: str | Path, cfg: Florence2Config,
+                            original: bool = False) -> GenerationConfig:
+        """The checkpoint's defaults. Native layout: generation_config.json over the model config, as
+        transformers reads them. Original layout: the text config (``num_beams`` 3, ``no_repeat_ngram_size``
+        3, ``early_stopping`` true in Microsoft's repositories), which is where the original ``generate()``
+        takes its defaults from; its generation_config.json is never read there, so not here either."""
         base = cls.from_model_config(cfg)
+        if original:
+            raw = json.loads((Path(directory) / "config.json").read_text())
+            return cls.from_dict(raw.get("text_config") or {}, base)
         path = Path(directory) / "generation_config.json"
         if path.exists():
             return cls.from_dict(json.loads(path.read_text()), base)
         return base
 
+    def effective(self, **overrides) -> GenerationConfig:
+        """These defaults with the caller's explicit settings (None: keep the default) over them."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def describe(self) -> str:
+        """The settings that decide the tokens, on one line (printed when predict and evaluation start)."""
+        parts = [f"num_beams={self.num_beams}", f"no_repeat_ngram_size={self.no_repeat_ngram_size}",
+                 f"early_stopping={self.early_stopping}", f"length_penalty={self.length_penalty:g}",
+                 f"forced_bos_token_id={self.forced_bos_token_id}", f"forced_eos_token_id={self.forced_eos_token_id}"]
+        if self.max_new_tokens is not None or self.max_length is not None:
+            parts.append(f"max_new_tokens={self.max_new_tokens}" if self.max_new_tokens is not None
+                         else f"max_length={self.max_length}")
+        return ", ".join(parts)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["suppress_tokens"] = list(self.suppress_tokens) or None
         return {k: v for k, v in d.items() if v is not None}
+
+
+def describe_settings(model, num_beams: int | None = None, max_new_tokens: int | None = None) -> str:
+    """What generation will use, the checkpoint's defaults under the caller's settings, on one line, naming the
+    layout the defaults came from (an original-layout checkpoint's come from its text config, as the original
+    code takes them)."""
+    gen = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    gen = gen.effective(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    layout = getattr(model, "checkpoint_layout", "native")
+    return f"{gen.describe()} (defaults of the {layout}-layout checkpoint, explicit settings over them)"

@@ -51,6 +51,7 @@ from flax import nnx
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from florence_jax.generation import split_once
+from florence_jax.generation_config import describe_settings
 from florence_jax.postprocess import TASKS, post_process_generation
 from florence_jax.processing import load_processor, prepare_inputs, to_rgb
 
@@ -515,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, processor = _load(args)
+        settings = describe_settings(model, args.num_beams, args.max_new_tokens or _default_max_new_tokens(model))
+        print(f"generation: {settings}", file=sys.stderr)
         out_dir = Path(args.draw) if args.draw else None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,13 @@
 """Export a training run's checkpoint as a transformers-loadable directory (model + processor).
 
     python -m scripts.export --workdir runs/gpu_a100 --out exported/ [--step N | --best] [--push_to_hub REPO]
-        [--lora merged|adapter|both]
+        [--lora merged|adapter|both] [--layout native|original [--code_repo microsoft/Florence-2-base-ft]]
 
 The run's saved config rebuilds the model; the checkpoint restores into it; ``save_pretrained`` writes
-config.json, generation_config.json and safetensors in the transformers-native layout. A LoRA run exports
-the adapters merged into the weights, as a peft adapter directory, or both (see ``train.loop.export_model``).
+config.json, generation_config.json and safetensors in the transformers-native layout, or with ``--layout
+original`` the microsoft/Florence-2-* remote-code layout (its config's auto_map names the code in
+``--code_repo``). A LoRA run exports the adapters merged into the weights, as a peft adapter directory, or both
+(see ``train.loop.export_model``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ def main(argv=None) -> int:
     p.add_argument("--lora", choices=("merged", "adapter", "both"),
                    help="for a LoRA run: merged full model, peft adapter directory, or both (default: the "
                         "run's lora.export)")
+    p.add_argument("--layout", choices=("native", "original"),
+                   help="native (transformers' Florence2ForConditionalGeneration) or original (the "
+                        "microsoft/Florence-2-* remote-code layout); default: the run's export_layout")
+    p.add_argument("--code_repo", help="original layout: the Hub repo whose code the auto_map names (default: the "
+                                       "run's export_code_repo, or the checkpoint's microsoft repo)")
     p.add_argument("--push_to_hub", help="also upload to this Hub repo id")
     args = p.parse_args(argv)
 
@@ -42,6 +49,8 @@ def main(argv=None) -> int:
     from train.state import create_model, init_train_state
 
     cfg = _config_from_json(json.loads((workdir / "config.json").read_text()), TrainConfig, apply_override)
+    if args.code_repo:
+        cfg.export_code_repo = args.code_repo
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     step = ckpt.best_step() if args.best else (args.step if args.step is not None else ckpt.latest_step())
     if step is None:
@@ -55,7 +64,7 @@ def main(argv=None) -> int:
     state, _, _ = ckpt.restore(step, abstract_like(state))
     ckpt.close()
     nnx.update(model, state.params, state.rest)
-    written = export_model(cfg, model, processor, Path(args.out), args.lora)
+    written = export_model(cfg, model, processor, Path(args.out), args.lora, layout=args.layout)
     print(f"exported step {step} of {workdir} to {', '.join(str(p) for p in written)}")
     if args.push_to_hub:
         from florence_jax.lora import has_lora, merge_lora

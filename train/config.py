@@ -190,6 +190,12 @@ class TrainConfig:
     log_every_steps: int = 10
     keep_checkpoints: int = 2  # the last K, plus the best by the evaluation score (data.metric)
     export_at_end: bool = True
+    # Layout of the end-of-run export: "native" (transformers' Florence2ForConditionalGeneration) or "original"
+    # (the microsoft/Florence-2-* remote-code layout, for tools that still load it; see README).
+    export_layout: str = "native"
+    # The Hub repo whose remote code an "original" export's auto_map names; None: the checkpoint's own repo when
+    # it is a microsoft/Florence-2-* id, else microsoft/Florence-2-base or -large by model size.
+    export_code_repo: str | None = None
     push_to_hub: str | None = None
     compilation_cache_dir: str | None = "~/.cache/florence_jax/jax_cache"
     data: DataConfig = field(default_factory=DataConfig)
@@ -336,6 +342,11 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ValueError(f"config.{dotted}={value!r}; expected one of {choices}")
+    if cfg.export_layout not in ("native", "original"):
+        raise ValueError(f"config.export_layout={cfg.export_layout!r}; expected one of ('native', 'original')")
+    if cfg.export_layout == "original" and cfg.lora.enabled and cfg.lora.export != "merged":
+        raise ValueError("config.export_layout='original' writes a full model: set config.lora.export=merged "
+                         "(a peft adapter has no original layout)")
     positive = {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
                 "eval.num_beams": cfg.eval.num_beams, "eval.max_new_tokens": cfg.eval.max_new_tokens,
                 "data.image_size": cfg.data.image_size, "data.max_target_tokens": cfg.data.max_target_tokens}

@@ -73,14 +73,36 @@ def get_processor(cfg: TrainConfig, workdir: Path):
     return processor
 
 
-def export_model(cfg: TrainConfig, model, processor, out: Path, lora_mode: str | None = None) -> list[Path]:
+def code_repo_for(cfg: TrainConfig, model) -> str:
+    """The Hub repo an original-layout export's ``auto_map`` names (``config.export_code_repo``)."""
+    if cfg.export_code_repo:
+        return cfg.export_code_repo
+    name = cfg.model.name_or_path
+    if name.startswith("microsoft/Florence-2-"):
+        return name
+    return "microsoft/Florence-2-large" if model.config.text_config.d_model >= 1024 else "microsoft/Florence-2-base"
+
+
+def export_model(cfg: TrainConfig, model, processor, out: Path, lora_mode: str | None = None,
+                 layout: str | None = None) -> list[Path]:
     """Write ``out``: a transformers-loadable model with the processor; with LoRA, ``lora_mode`` (default
     ``cfg.lora.export``) picks the merged model, a peft adapter directory, or both (adapter in
     ``out/adapter``). An adapter whose base is not the loaded checkpoint as is (added tokens, random init)
-    comes with that base in ``<adapter dir>/base``. Returns the directories written."""
+    comes with that base in ``<adapter dir>/base``. ``layout`` (default ``cfg.export_layout``) ``"original"``
+    writes the microsoft/Florence-2-* remote-code layout instead (a full model, adapters merged). Returns the
+    directories written."""
     from florence_jax.lora import has_lora, merge_lora, save_peft_adapter, strip_lora
 
     main = jax.process_index() == 0
+    if (layout or cfg.export_layout) == "original":
+        from florence_jax.weights.original import save_original_processor
+
+        full = merge_lora(model) if has_lora(model) else model
+        repo = code_repo_for(cfg, model)
+        full.save_pretrained(out, layout="original", code_repo=repo)
+        if main:
+            save_original_processor(processor, out, repo)
+        return [out]
     if not has_lora(model):
         model.save_pretrained(out)
         if main:
@@ -423,6 +445,8 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
     model = create_model(cfg.model, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
                          min_shard_size=cfg.mesh.fsdp_min_size, lora=cfg.lora)
+    check_lengths(cfg, model, pipes)
+    check_export(cfg, model)
     fns, state, schedule = init_train_state(model, cfg.optim, total_steps, mesh,
                                             grad_accum_steps=cfg.grad_accum_steps,
                                             min_shard_size=cfg.mesh.fsdp_min_size, pixel_table=pipes.pixel_table)
@@ -457,6 +481,10 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
     counts = count_params(state.params, fns.labels)
     rep.print(_summary(cfg, mesh, counts, steps_per_epoch, total_steps, pipes.num_train, pipes.num_val))
+    if cfg.eval.enabled:
+        from florence_jax.generation_config import describe_settings
+
+        rep.print(f"  evaluation   {describe_settings(model, cfg.eval.num_beams, cfg.eval.max_new_tokens)}")
     if cfg.data.source == "synthetic" and not cfg.data.mixture:
         from train.data.synthetic import question_only_bound
 
@@ -581,6 +609,30 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     return summary
 
 
+def check_lengths(cfg: TrainConfig, model, pipes: RunPipelines) -> None:
+    """The static text lengths fit the model's learned positions (past them a position lookup has no row and
+    the loss turns to NaN without a word)."""
+    positions = model.config.text_config.max_position_embeddings
+    encoder = pipes.train_pipes[0].encoder
+    if encoder.prompt_length > positions:
+        raise ValueError(f"the encoder input is {encoder.image_seq_length} image tokens + data.max_prompt_tokens="
+                         f"{cfg.data.max_prompt_tokens} = {encoder.prompt_length} positions, more than the model's "
+                         f"{positions}: lower data.max_prompt_tokens to at most {positions - encoder.image_seq_length}")
+    if cfg.data.max_target_tokens > positions:
+        raise ValueError(f"data.max_target_tokens={cfg.data.max_target_tokens} is more than the model's {positions} "
+                         "decoder positions")
+
+
+def check_export(cfg: TrainConfig, model) -> None:
+    """Refuse before training an end-of-run export that could not be written: a native export of a model whose
+    original-layout ``final_logits_bias`` is non-zero (the native class has no place for it)."""
+    bias = getattr(model, "final_logits_bias", None)
+    if cfg.export_at_end and cfg.export_layout == "native" and bias is not None:
+        if bool(jax.numpy.any(bias.get_value() != 0)):
+            raise ValueError(f"{cfg.model.name_or_path} adds a non-zero final_logits_bias to its logits (original "
+                             "layout), which a native export cannot keep: set --config.export_layout=original")
+
+
 def nnx_update(model, state) -> None:
     from flax import nnx
 
@@ -628,6 +680,7 @@ def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | Non
     model_cfg = dataclasses.replace(cfg.model, add_tokens=()) if model else cfg.model
     net = create_model(model_cfg, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
                        min_shard_size=cfg.mesh.fsdp_min_size, lora=None if model else cfg.lora)
+    check_lengths(cfg, net, pipes)
     fns, state, _ = init_train_state(net, cfg.optim, 1, mesh, min_shard_size=cfg.mesh.fsdp_min_size,
                                      pixel_table=pipes.pixel_table)
     step = 0
@@ -643,5 +696,8 @@ def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | Non
     evaluator = pipes.evaluator(lambda pipe, metric: Evaluator(
         pipe, net, processor.tokenizer, batch_sharding=bsh, eval_step=eval_step, num_beams=cfg.eval.num_beams,
         max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold, metric=metric))
+    from florence_jax.generation_config import describe_settings
+
+    log.warning("evaluation generates with %s", describe_settings(net, cfg.eval.num_beams, cfg.eval.max_new_tokens))
     res = evaluator(state.params, state.rest, progress=True)
     return {**res.record(step, math.nan), "samples": res.samples}

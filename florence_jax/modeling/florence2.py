@@ -117,6 +117,9 @@ class Florence2ForConditionalGeneration(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.model = Florence2Model(config, rngs=rngs)
+        if config.final_logits_bias:
+            # The original remote code's bias on every logit: a buffer, so it is never trained.
+            self.final_logits_bias = Buffer(jnp.zeros((1, config.text_config.vocab_size), config.param_dtype))
         self.eval()  # inference mode by default, as transformers' from_pretrained returns it
 
     # ------------------------------------------------------------------ pieces
@@ -163,11 +166,21 @@ class Florence2ForConditionalGeneration(nnx.Module):
 
     @named("lm_head")
     def logits_from_hidden(self, hidden: jax.Array, rngs=None) -> jax.Array:
-        """The tied LM head: hidden states against the shared embedding (plus its LoRA adapter, if any)."""
+        """The tied LM head: hidden states against the shared embedding (plus its LoRA adapter, if any); for
+        an original-layout checkpoint plus its ``final_logits_bias``, with the padded rows masked out."""
         logits = self.model.language_model.shared.attend(hidden)
         head = getattr(self, "lm_head", None)  # florence_jax.lora.LoRAHead
         if head is not None:
             logits = logits + head(hidden, rngs).astype(logits.dtype)
+        bias = getattr(self, "final_logits_bias", None)
+        if bias is not None:
+            logits = logits + bias.get_value()[0].astype(logits.dtype)
+        cfg = self.config
+        if cfg.mask_padded_vocab and cfg.num_real_tokens is not None and cfg.num_real_tokens < logits.shape[-1]:
+            # The lowest finite value, not -inf: exp() gives exactly 0 (the rows take no mass) and no
+            # inf - inf or 0 * inf can turn a loss or its gradient into NaN.
+            real = jnp.arange(logits.shape[-1]) < cfg.num_real_tokens
+            logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
         return logits
 
     def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask=None,

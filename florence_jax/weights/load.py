@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from florence_jax.weights import mapping
 
 log = logging.getLogger(__name__)
 
+LOGITS_BIAS = "final_logits_bias"  # the NNX path of the original layout's logits bias buffer
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
@@ -142,9 +142,8 @@ def plan_conversion(
         steps: list[tuple[str, str]] = []
         native = key
         if original:
-            if any(re.match(p, key) for p in mapping.ORIGINAL_DROPPED):
-                if get is not None and np.any(get(key) != 0):
-                    log.warning("dropping non-zero %s (the native Florence-2 model has no such tensor)", key)
+            if key == mapping.ORIGINAL_LOGITS_BIAS:
+                plan[LOGITS_BIAS] = (key, [("original", "none")])
                 continue
             renamed = mapping.original_to_native(key)
             if renamed is None:
@@ -207,7 +206,8 @@ def load_pretrained(
                                source=str(directory))
     from florence_jax.generation_config import GenerationConfig
 
-    model.generation_config = GenerationConfig.from_pretrained_dir(directory, cfg)
+    model.generation_config = GenerationConfig.from_pretrained_dir(directory, cfg, original=original)
+    model.checkpoint_layout = "original" if original else "native"
     model.name_or_path = str(name_or_path)
     return model
 
@@ -225,6 +225,10 @@ def _convert(cls, cfg: Florence2Config, keys: list[str], get: Callable[[str], np
     for path in plan:
         if path not in targets:
             problems.append(f"checkpoint tensor {plan[path][0]!r} maps to {path!r}, which the model lacks")
+    if original and LOGITS_BIAS in targets and LOGITS_BIAS not in plan:
+        # Re-saved original checkpoints may leave the bias out (the original code ignores it when missing and
+        # starts it at zero); so does this loader.
+        plan[LOGITS_BIAS] = ("", [])
     for p in targets:
         if p not in plan:
             native = mapping.flax_to_native(p)
@@ -236,12 +240,14 @@ def _convert(cls, cfg: Florence2Config, keys: list[str], get: Callable[[str], np
     for path, (key, steps) in plan.items():
         if path not in targets:
             continue
-        x = get(key)
+        x = get(key) if key else np.zeros(targets[path][1].get_value().shape, np.float32)
         for _, t in steps:
             x = mapping.TRANSFORMS[t].to_flax(x)
         want = tuple(targets[path][1].get_value().shape)
         if original and path.endswith("shared.embedding") and x.shape[0] < vocab and x.shape[1:] == want[1:]:
             x = _pad_vocab(x, vocab)
+        if path == LOGITS_BIAS and x.ndim == 2 and x.shape[0] == 1 and x.shape[1] < vocab:
+            x = np.pad(x, ((0, 0), (0, vocab - x.shape[1])))  # the added rows are masked out anyway
         if tuple(x.shape) != want:
             problems.append(f"shape mismatch for {key!r} -> {path!r}: checkpoint {tuple(x.shape)} "
                             f"(after transform), model expects {want}")

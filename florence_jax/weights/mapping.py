@@ -4,8 +4,8 @@ A rule pairs a transformers-native key template with an NNX path template (``{p}
 prefix, matched by the rule's regex) and names the transform that turns the PyTorch tensor into the
 Flax array. Loading reads the table left to right, export right to left; the transforms are inverses.
 
-The original remote-code layout (``microsoft/Florence-2-*``) is first renamed to native keys by
-``ORIGINAL_RENAMES`` (also declarative); export always writes the native layout.
+The original remote-code layout (``microsoft/Florence-2-*``) is renamed to and from native keys by
+``ORIGINAL_KEYS`` (also declarative, also used both ways): loading reads either layout, export writes either.
 """
 
 from __future__ import annotations
@@ -83,39 +83,65 @@ TIED_ALIASES = (
     "lm_head.weight",
 )
 
-# Original remote-code layout -> native keys: (regex, replacement, transform applied on the way).
-ORIGINAL_RENAMES: tuple[tuple[str, str, str], ...] = (
-    (r"^vision_tower\.convs\.(\d+)\.proj\.(weight|bias)$", r"model.vision_tower.convs.\1.conv.\2", "none"),
-    (r"^vision_tower\.convs\.(\d+)\.norm\.(weight|bias)$", r"model.vision_tower.convs.\1.norm.\2", "none"),
-    (r"^vision_tower\.blocks\.(\d+)\.(\d+)\.(spatial|channel)_block\.(conv[12])\.fn\.dw\.(weight|bias)$",
-     r"model.vision_tower.blocks.\1.\2.\3_block.\4.\5", "none"),
-    (r"^vision_tower\.blocks\.(\d+)\.(\d+)\.(spatial|channel)_block\.(window|channel)_attn\.norm\.(weight|bias)$",
-     r"model.vision_tower.blocks.\1.\2.\3_block.norm1.\5", "none"),
-    (r"^vision_tower\.blocks\.(\d+)\.(\d+)\.(spatial|channel)_block\.(window|channel)_attn\.fn\.(qkv|proj)\.(weight|bias)$",
-     r"model.vision_tower.blocks.\1.\2.\3_block.\4_attn.\5.\6", "none"),
-    (r"^vision_tower\.blocks\.(\d+)\.(\d+)\.(spatial|channel)_block\.ffn\.norm\.(weight|bias)$",
-     r"model.vision_tower.blocks.\1.\2.\3_block.norm2.\4", "none"),
-    (r"^vision_tower\.blocks\.(\d+)\.(\d+)\.(spatial|channel)_block\.ffn\.fn\.net\.(fc[12])\.(weight|bias)$",
-     r"model.vision_tower.blocks.\1.\2.\3_block.ffn.\4.\5", "none"),
+# Original remote-code layout <-> native keys: (original template, native template, transform to native).
+# ``{name}`` placeholders match ``_SLOTS[name]`` and carry over unchanged; the same rows serve both directions.
+_SLOTS = {"i": r"\d+", "j": r"\d+", "kind": r"spatial|channel", "wb": r"weight|bias", "conv": r"conv[12]",
+          "op": r"qkv|proj", "fc": r"fc[12]", "axis": r"row|column", "rest": r".+"}
+_VB = "vision_tower.blocks.{i}.{j}"
+ORIGINAL_KEYS: tuple[tuple[str, str, str], ...] = (
+    ("vision_tower.convs.{i}.proj.{wb}", "model.vision_tower.convs.{i}.conv.{wb}", "none"),
+    ("vision_tower.convs.{i}.norm.{wb}", "model.vision_tower.convs.{i}.norm.{wb}", "none"),
+    (_VB + ".{kind}_block.{conv}.fn.dw.{wb}", "model." + _VB + ".{kind}_block.{conv}.{wb}", "none"),
+    (_VB + ".spatial_block.window_attn.norm.{wb}", "model." + _VB + ".spatial_block.norm1.{wb}", "none"),
+    (_VB + ".channel_block.channel_attn.norm.{wb}", "model." + _VB + ".channel_block.norm1.{wb}", "none"),
+    (_VB + ".spatial_block.window_attn.fn.{op}.{wb}", "model." + _VB + ".spatial_block.window_attn.{op}.{wb}", "none"),
+    (_VB + ".channel_block.channel_attn.fn.{op}.{wb}", "model." + _VB + ".channel_block.channel_attn.{op}.{wb}",
+     "none"),
+    (_VB + ".{kind}_block.ffn.norm.{wb}", "model." + _VB + ".{kind}_block.norm2.{wb}", "none"),
+    (_VB + ".{kind}_block.ffn.fn.net.{fc}.{wb}", "model." + _VB + ".{kind}_block.ffn.{fc}.{wb}", "none"),
     # A raw parameter used as `x @ image_projection`: (in, out), the transpose of an nn.Linear weight.
-    (r"^image_projection$", "model.multi_modal_projector.image_projection.weight", "linear"),
-    (r"^image_proj_norm\.(weight|bias)$", r"model.multi_modal_projector.image_proj_norm.\1", "none"),
-    (r"^image_pos_embed\.(row|column)_embeddings\.weight$",
-     r"model.multi_modal_projector.image_position_embed.\1_embeddings.weight", "none"),
-    (r"^visual_temporal_embed\.pos_idx_to_embed$",
-     "model.multi_modal_projector.visual_temporal_embed.pos_idx_to_embed", "none"),
-    (r"^language_model\.model\.(.*)$", r"model.language_model.\1", "none"),
-    (r"^language_model\.lm_head\.weight$", "lm_head.weight", "none"),
+    ("image_projection", "model.multi_modal_projector.image_projection.weight", "linear"),
+    ("image_proj_norm.{wb}", "model.multi_modal_projector.image_proj_norm.{wb}", "none"),
+    ("image_pos_embed.{axis}_embeddings.weight",
+     "model.multi_modal_projector.image_position_embed.{axis}_embeddings.weight", "none"),
+    ("visual_temporal_embed.pos_idx_to_embed", "model.multi_modal_projector.visual_temporal_embed.pos_idx_to_embed",
+     "none"),
+    ("language_model.lm_head.weight", "lm_head.weight", "none"),
+    ("language_model.model.{rest}", "model.language_model.{rest}", "none"),
 )
-# Present in the original checkpoints, absent from the native model (transformers' converter drops it).
-ORIGINAL_DROPPED = (r"^language_model\.final_logits_bias$",)
+# The original model's bias on every logit: no native key; it loads into the model's ``final_logits_bias``
+# buffer (see ``Florence2Config.final_logits_bias``) and is written back by the original-layout export.
+ORIGINAL_LOGITS_BIAS = "language_model.final_logits_bias"
+# Keys the original checkpoints also store for the tied embedding (the shared table is the one loaded).
+ORIGINAL_TIED = ("language_model.model.encoder.embed_tokens.weight",
+                 "language_model.model.decoder.embed_tokens.weight", "language_model.lm_head.weight")
+
+
+def _template_regex(template: str) -> re.Pattern:
+    parts = re.split(r"(\{\w+\})", template)
+    body = "".join(f"(?P<{p[1:-1]}>{_SLOTS[p[1:-1]]})" if p.startswith("{") else re.escape(p) for p in parts)
+    return re.compile("^" + body + "$")
+
+
+_ORIGINAL_RULES = tuple((_template_regex(o), _template_regex(n), o, n, t) for o, n, t in ORIGINAL_KEYS)
 
 
 def original_to_native(key: str) -> tuple[str, str] | None:
     """Native key and transform for an original-layout key, or None if no rule matches."""
-    for pattern, repl, transform in ORIGINAL_RENAMES:
-        if re.match(pattern, key):
-            return re.sub(pattern, repl, key), transform
+    for original, _, _, native, transform in _ORIGINAL_RULES:
+        m = original.match(key)
+        if m:
+            return native.format(**m.groupdict()), transform
+    return None
+
+
+def native_to_original(key: str) -> tuple[str, str] | None:
+    """Original-layout key and the transform that made the native tensor from it (apply its ``to_torch`` to go
+    back), or None if no rule matches."""
+    for _, native, original, _, transform in _ORIGINAL_RULES:
+        m = native.match(key)
+        if m:
+            return original.format(**m.groupdict()), transform
     return None
 
 
