@@ -75,20 +75,32 @@ def main(argv=None) -> int:
 
 
 def _config_from_json(d: dict, cls, apply_override):
-    """Rebuild a TrainConfig from its saved JSON through the same type-checked override path."""
+    """Rebuild a TrainConfig from its saved JSON through the same type-checked override path (lists as Python
+    tuples; a list of sections, such as data.mixture, as those sections)."""
+    import dataclasses
+    import typing
+
     cfg = cls()
 
-    def walk(prefix, value):
+    def walk(obj, prefix, value):
         if isinstance(value, dict):
             for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
+                walk(getattr(obj, k) if dataclasses.is_dataclass(getattr(obj, k, None)) else obj, f"{prefix}{k}.", v)
+        elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            name = prefix[:-1].rsplit(".", 1)[-1]
+            (item_type,) = typing.get_args(typing.get_type_hints(type(obj))[name])[:1]
+            setattr(obj, name, tuple(_section(item_type, x) for x in value))
         else:
-            if isinstance(value, list):
-                value = "(" + ",".join(str(x) for x in value) + ")"
-            apply_override(cfg, f"{prefix[:-1]}={'none' if value is None else value}")
+            text = repr(tuple(value)) if isinstance(value, list) else ("none" if value is None else str(value))
+            apply_override(cfg, f"{prefix[:-1]}={text}")
 
-    walk("", d)
+    walk(cfg, "", d)
     return cfg
+
+
+def _section(cls, values: dict):
+    """A config section (dataclass) from its saved dict, lists back to tuples."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 if __name__ == "__main__":

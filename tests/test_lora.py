@@ -151,7 +151,7 @@ def test_export_model_merged_and_adapter_with_a_task_token(tmp_path):
     from train.loop import export_model, get_processor
 
     cfg = load_config("cpu_demo.py", ["lora.enabled=true", "lora.rank=4", "lora.alpha=4", "lora.export=both",
-                                      "model.add_tokens=(<MY_TASK>)"])
+                                      "model.add_tokens=('<MY_TASK>',)"])
     processor = get_processor(cfg, tmp_path)
     model = create_model(cfg.model, make_mesh(devices=jax.devices()[:1]), tokenizer=processor.tokenizer,
                          lora=cfg.lora)
@@ -200,7 +200,7 @@ def test_train_main_with_lora_and_a_task_token(tmp_path):
     wd = tmp_path / "run"
     assert main(["--config", "cpu_demo.py", "--workdir", str(wd), *SMALL, "--config.max_steps=2",
                  "--config.lora.enabled=true", "--config.lora.rank=4", "--config.lora.export=both",
-                 "--config.model.add_tokens=(<MY_TASK>)"]) == 0
+                 "--config.model.add_tokens=('<MY_TASK>',)"]) == 0
     merged_dir, adapter_dir = wd / "export", wd / "export/adapter"
     processor = load_processor(merged_dir)
     token = processor.tokenizer.convert_tokens_to_ids("<MY_TASK>")

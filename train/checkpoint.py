@@ -112,12 +112,65 @@ class Checkpointer:
         out = self.manager.restore(step, args=args)
         return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
 
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+        """``(step, state, data_state, meta)`` of the newest checkpoint that restores; None without any.
+
+        A checkpoint that fails to restore (a truncated array file, a missing metadata file, ...) is moved aside
+        to ``<checkpoints>_unreadable/<step>`` (never deleted), with a one-line warning naming the problem, and
+        the next newest is tried. When none restores, ``CheckpointRestoreError`` says what to do.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        failures = []
+        for step in steps:
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled the same way
+                reason = _one_line(e)
+                if jax.process_count() > 1:
+                    raise CheckpointRestoreError(
+                        f"checkpoint {step} in {self.directory} does not restore ({reason}); with several processes "
+                        f"it is not moved automatically: move {self.directory / str(step)} out of the way and rerun"
+                    ) from e
+                moved = self._move_aside(step)
+                log.warning("checkpoint %d does not restore (%s); moved to %s, trying an older one", step, reason,
+                            moved)
+                print(f"warning: checkpoint {step} does not restore ({reason}); moved to {moved}", flush=True)
+                failures.append(step)
+        if failures:
+            raise CheckpointRestoreError(
+                f"no checkpoint in {self.directory} restores (steps {failures} were moved to "
+                f"{self.directory}_unreadable): start again in a new --workdir, or delete {self.directory} to "
+                "train from the start in this one")
+        return None
+
+    def _move_aside(self, step: int) -> Path:
+        self.manager.wait_until_finished()
+        target_root = self.directory.parent / f"{self.directory.name}_unreadable"
+        target_root.mkdir(parents=True, exist_ok=True)
+        target = target_root / str(step)
+        n = 1
+        while target.exists():
+            target, n = target_root / f"{step}.{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        self.manager.reload()
+        return target
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint of a run restores; the message says what to do."""
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _selection_score(metrics: dict) -> float:

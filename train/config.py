@@ -7,6 +7,7 @@ typo or a bad value fails before anything is compiled.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import json
@@ -17,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work with this model, data or machine, found at start: the message says what to
+    change. ``python -m train.main`` prints it as one ``error:`` line and exits 2."""
 
 
 @dataclass
@@ -286,11 +292,30 @@ def _pick_element(items: tuple | list, key: str, where: str) -> Any:
     raise ValueError(f"config.{where} has no entry {key!r}: use a position 0..{len(items) - 1} or a name in {names}")
 
 
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return _NOT_A_LITERAL
+
+
+_NOT_A_LITERAL = object()
+
+
 def parse_value(raw: str, hint: Any, name: str = "value") -> Any:
+    """A command-line value for a field of type ``hint``, read as a user means it.
+
+    Python literals are read as Python reads them: ``("a", "b")`` or ``["a"]`` for a tuple field, ``'x'`` or
+    ``"x"`` for a string (quotes removed), ``1e-3``, ``True``/``true``. A tuple field also takes bare
+    comma-separated items (``question=query,answers=label``), and an empty value is the empty tuple; a regex
+    with a comma or parentheses in it needs the literal form (``("^model\\.(a|b)",)``). A bare string is the
+    string as typed. ``none``/``null``/``None`` is None where the field allows it.
+    """
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    raw_stripped = raw.strip()
     if origin in (typing.Union, types.UnionType):
-        if raw.lower() in ("none", "null") and type(None) in args:
+        if raw_stripped.lower() in ("none", "null") and type(None) in args:
             return None
         errors = []
         for a in args:
@@ -302,27 +327,53 @@ def parse_value(raw: str, hint: Any, name: str = "value") -> Any:
                 errors.append(str(e))
         raise ValueError(f"bad value {raw!r} for {name}: " + "; ".join(errors))
     if origin is tuple:
-        items = [x for x in (raw.strip("()[] ").split(",") if raw.strip("()[] ") else [])]
-        return tuple(parse_value(x.strip(), args[0] if args else str, name) for x in items)
+        item_type = args[0] if args else str
+        if raw_stripped.startswith(("(", "[")):
+            value = _literal(raw_stripped)
+            if not isinstance(value, tuple | list):
+                raise ValueError(f"bad value {raw!r} for {name}: expected a Python tuple such as ('a', 'b') "
+                                 "(quote each item; a one-item tuple needs its comma: ('a',))")
+            return tuple(_check_item(v, item_type, name, raw) for v in value)
+        if not raw_stripped:
+            return ()
+        return tuple(parse_value(x.strip(), item_type, name) for x in raw.split(","))
     if hint is bool:
-        if raw.lower() in ("true", "1", "yes"):
+        if raw_stripped.lower() in ("true", "1", "yes"):
             return True
-        if raw.lower() in ("false", "0", "no"):
+        if raw_stripped.lower() in ("false", "0", "no"):
             return False
         raise ValueError(f"bad value {raw!r} for {name}: expected true or false")
     if hint is int:
         try:
-            return int(raw)
+            return int(raw_stripped)
         except ValueError:
+            value = _literal(raw_stripped)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
             raise ValueError(f"bad value {raw!r} for {name}: expected an integer") from None
     if hint is float:
         try:
-            return float(raw)
+            return float(raw_stripped)
         except ValueError:
+            value = _literal(raw_stripped)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
             raise ValueError(f"bad value {raw!r} for {name}: expected a number") from None
     if hint is str:
+        if len(raw_stripped) >= 2 and raw_stripped[0] == raw_stripped[-1] and raw_stripped[0] in "'\"":
+            value = _literal(raw_stripped)
+            if isinstance(value, str):
+                return value
         return raw
     raise ValueError(f"cannot override {name} of type {hint}")
+
+
+def _check_item(value: Any, item_type: Any, name: str, raw: str) -> Any:
+    if item_type is str and isinstance(value, str):
+        return value
+    if item_type in (int, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        return item_type(value)
+    raise ValueError(f"bad value {raw!r} for {name}: {value!r} is not a {getattr(item_type, '__name__', item_type)}")
 
 
 CHOICES = {
@@ -360,6 +411,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("config.max_steps and config.num_epochs are both 0: nothing to train")
     if cfg.optim.learning_rate <= 0:
         raise ValueError(f"config.optim.learning_rate must be positive, got {cfg.optim.learning_rate}")
+    for pattern in cfg.optim.freeze:
+        check_regex(pattern, "config.optim.freeze")
     if cfg.lora.enabled:
         if cfg.lora.rank <= 0:
             raise ValueError(f"config.lora.rank must be positive, got {cfg.lora.rank}")
@@ -367,17 +420,26 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"config.lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
         if not cfg.lora.targets:
             raise ValueError("config.lora.targets is empty: give regexes over module paths to adapt")
+        for t in cfg.lora.targets:
+            check_regex(t, "config.lora.targets")
         import re
 
-        for t in cfg.lora.targets:
-            try:
-                re.compile(t)
-            except re.error as e:
-                raise ValueError(f"config.lora.targets: bad regex {t!r}: {e}") from None
         if cfg.lora.export != "adapter" and any(re.search(t, "lm_head") for t in cfg.lora.targets):
             raise ValueError("config.lora.targets adapts lm_head, whose adapter cannot be merged into the tied "
                              "embedding: set config.lora.export=adapter or drop lm_head from the targets")
     validate_data(cfg.data)
+
+
+def check_regex(pattern: str, where: str) -> None:
+    """A regex over parameter or module paths: it compiles and is not empty (an empty one matches every path)."""
+    import re
+
+    if not pattern:
+        raise ValueError(f"{where}: an empty pattern matches every path; remove it (or give the paths to match)")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{where}: bad regex {pattern!r}: {e}") from None
 
 
 _SINGLE_DATASET_FIELDS = ("source", "eval_source", "subset", "train_split", "eval_split", "template", "columns",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -285,7 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.workdir and not args.model:
         parser.error("pass --workdir (a run's latest checkpoint) or --model (a Hub id or directory)")
     result = evaluate_only(cfg, workdir=args.workdir, model=args.model)
-    print(json.dumps(result, indent=2))
+    from train.reporting import print_quietly, strict_json
+
+    print_quietly(strict_json(result, indent=2))
 
 
 if __name__ == "__main__":

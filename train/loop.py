@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import queue
 import signal
@@ -25,7 +24,7 @@ import numpy as np
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.compiles import CompileWatch
-from train.config import PIXEL_DTYPE, MixtureComponent, TrainConfig, data_components
+from train.config import PIXEL_DTYPE, ConfigError, MixtureComponent, TrainConfig, data_components
 from train.distributed import compile_then_wait
 from train.evaluate import Evaluator, MixtureEvaluator, format_samples
 from train.optim import count_params
@@ -416,26 +415,79 @@ def _use_feature_cache(cfg: TrainConfig, fns, pipes, model, workdir: Path) -> No
 
 
 # ------------------------------------------------------------------------------------------ run
-def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
-    """Train (or resume) in ``workdir``; returns the final summary (also in ``workdir/summary.json``)."""
+# Config fields that do not change what a run computes: a resumed run may change them freely.
+UNTRACKED_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "export_at_end", "export_layout",
+                    "export_code_repo", "push_to_hub", "compilation_cache_dir", "eval.", "distributed.",
+                    "data.num_workers", "data.max_eval_examples", "mesh.")
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``["optim.learning_rate: 1e-06 -> 1e-05", ...]``: the fields that differ and change the run's trajectory."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(before), flat(after)
+    changed = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(UNTRACKED_FIELDS) or a.get(key) == b.get(key):
+            continue
+        old, new = a.get(key), b.get(key)
+        if isinstance(old, list):
+            old = tuple(old)
+        if isinstance(new, list):
+            new = tuple(new)
+        if old != new:
+            changed.append(f"{key}: {old!r} -> {new!r}")
+    return changed
+
+
+def _has_checkpoint(workdir: Path) -> bool:
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = False) -> dict[str, Any]:
+    """Train (or resume) in ``workdir``; returns the final summary (also in ``workdir/summary.json``).
+
+    Resuming with a config that changes the run's trajectory (batch, learning rate, schedule, data, model, seed,
+    ...) is refused with the list of changes, unless ``allow_config_change``; then the previous config is kept
+    next to the new one (``config.previous-<time>.json``)."""
     workdir = Path(workdir).absolute()
     setup_runtime(cfg)
     rep = Reporter(workdir)
-    if rep.enabled:
-        (workdir / "config.json").write_text(cfg.to_json())
-    processor = get_processor(cfg, workdir)
-    pipes = build_pipelines(cfg, processor, get_datasets(cfg, workdir))
+    saved_config = workdir / "config.json"
+    if saved_config.exists() and _has_checkpoint(workdir):
+        import json
 
+        changes = config_changes(json.loads(saved_config.read_text()), cfg.to_dict())
+        if changes and not allow_config_change:
+            raise ConfigError(f"{workdir} holds a run with another config; resuming would change {len(changes)} "
+                              "setting(s) that shape the run:\n  " + "\n  ".join(changes) + "\nRerun with the run's "
+                              "own settings, pass --allow_config_change to resume with these (both configs are kept), "
+                              "or use a new --workdir")
+        if changes and rep.enabled:
+            kept = workdir / f"config.previous-{time.strftime('%Y%m%d-%H%M%S')}.json"
+            saved_config.rename(kept)
+            rep.print(f"Resuming with {len(changes)} changed setting(s) (--allow_config_change); the previous config "
+                      f"is kept in {kept.name}:\n  " + "\n  ".join(changes))
+    if rep.enabled:
+        saved_config.write_text(cfg.to_json())
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     n_dev = mesh.devices.size
     micro = cfg.batch_size // cfg.grad_accum_steps
     if cfg.batch_size % cfg.grad_accum_steps or micro % n_dev:
-        raise ValueError(f"batch_size {cfg.batch_size} / grad_accum_steps {cfg.grad_accum_steps} must be a "
-                         f"multiple of the {n_dev} devices")
+        raise ConfigError(f"batch_size {cfg.batch_size} / grad_accum_steps {cfg.grad_accum_steps} must be a "
+                          f"multiple of the {n_dev} devices: set --config.batch_size to a multiple of "
+                          f"{n_dev * cfg.grad_accum_steps}")
     eval_bs = cfg.eval.batch_size or cfg.batch_size
     if eval_bs % n_dev:
-        raise ValueError(f"eval batch size {eval_bs} must be a multiple of the {n_dev} devices "
-                         "(set --config.eval.batch_size)")
+        raise ConfigError(f"eval batch size {eval_bs} must be a multiple of the {n_dev} devices: set "
+                          f"--config.eval.batch_size to a multiple of {n_dev}")
+    processor = get_processor(cfg, workdir)
+    pipes = build_pipelines(cfg, processor, get_datasets(cfg, workdir))
     # A mixture's "epoch" is as many examples as all its datasets hold together (not each seen once).
     per_process_records = pipes.num_train // jax.process_count()
     steps_per_epoch = per_process_records // (cfg.batch_size // jax.process_count())
@@ -468,15 +520,17 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     iterator = iter(pipes.train())
-    start = ckpt.latest_step()
+    restored = ckpt.restore_latest(abstract_like(state))
+    start = None if restored is None else restored[0]
     best: dict[str, Any] = {"score": None, "step": None}  # score: EvalResult.score, higher is better
-    if start is not None:
-        state, data_state, meta = ckpt.restore(start, abstract_like(state))
+    if restored is not None:
+        start, state, data_state, meta = restored
         iterator.set_state(data_state)
         best = meta.get("best", best)
         if "score" not in best:  # a checkpoint written before scores: its best was by ANLS
             best = {"score": best.get("anls"), "step": best.get("step")}
         rep.print(f"Resuming from step {start} ({workdir / 'checkpoints'})")
+        rep.forget_after(start)  # what the interrupted launch logged past the checkpoint is redone now
     step = int(state.step)
 
     counts = count_params(state.params, fns.labels)
@@ -500,13 +554,14 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         rep.eval_metrics(rec)
         rep.print(f"[{tag}] step {step} epoch {epoch:.2f}: val_loss {res.val_loss:.4f}  {res.summary()} "
                   f"({rec['seconds']}s)")
+        for line in data_notes(getattr(iterator, "counters", {}), res.num_examples, pipes.num_val):
+            rep.print(f"  {line}")
         if res.samples:
             rep.print(format_samples(res.samples))
         return res
 
     if start is None and cfg.eval_at_start and cfg.eval.enabled:
-        res = do_eval("before training")
-        best = {"score": res.score, "step": 0}
+        do_eval("before training")  # no checkpoint holds step 0, so it is never the best one
 
     prefetch = Prefetcher(iterator, to_global)
     rng = jax.random.key(cfg.seed)
@@ -605,8 +660,27 @@ def run(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     if rep.enabled:
         import json
 
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        from train.reporting import strict_json
+
+        (workdir / "summary.json").write_text(strict_json(summary, indent=2, default=str))
     return summary
+
+
+def data_notes(counters: dict[str, int], evaluated: int, num_val: int) -> list[str]:
+    """Lines for the evaluation summary when records were lost or cut: training records skipped by reason,
+    truncated prompts and targets, validation records not scored."""
+    notes = []
+    reasons = {k[len("skipped_"):]: v for k, v in counters.items() if k.startswith("skipped_") and "/" not in k and v}
+    if counters.get("skipped"):
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+        notes.append(f"training data: {counters['skipped']} records skipped so far" + (f" ({detail})" if detail else ""))
+    cut = {k: counters.get(f"truncated_{k}", 0) for k in ("prompt", "target")}
+    if any(cut.values()):
+        notes.append(f"training data: {cut['prompt']} prompts and {cut['target']} targets truncated to "
+                     "data.max_prompt_tokens / data.max_target_tokens so far")
+    if num_val and evaluated < num_val:
+        notes.append(f"validation: {evaluated} of {num_val} records scored ({num_val - evaluated} skipped as unusable)")
+    return notes
 
 
 def check_lengths(cfg: TrainConfig, model, pipes: RunPipelines) -> None:
@@ -615,11 +689,11 @@ def check_lengths(cfg: TrainConfig, model, pipes: RunPipelines) -> None:
     positions = model.config.text_config.max_position_embeddings
     encoder = pipes.train_pipes[0].encoder
     if encoder.prompt_length > positions:
-        raise ValueError(f"the encoder input is {encoder.image_seq_length} image tokens + data.max_prompt_tokens="
+        raise ConfigError(f"the encoder input is {encoder.image_seq_length} image tokens + data.max_prompt_tokens="
                          f"{cfg.data.max_prompt_tokens} = {encoder.prompt_length} positions, more than the model's "
                          f"{positions}: lower data.max_prompt_tokens to at most {positions - encoder.image_seq_length}")
     if cfg.data.max_target_tokens > positions:
-        raise ValueError(f"data.max_target_tokens={cfg.data.max_target_tokens} is more than the model's {positions} "
+        raise ConfigError(f"data.max_target_tokens={cfg.data.max_target_tokens} is more than the model's {positions} "
                          "decoder positions")
 
 
@@ -629,7 +703,7 @@ def check_export(cfg: TrainConfig, model) -> None:
     bias = getattr(model, "final_logits_bias", None)
     if cfg.export_at_end and cfg.export_layout == "native" and bias is not None:
         if bool(jax.numpy.any(bias.get_value() != 0)):
-            raise ValueError(f"{cfg.model.name_or_path} adds a non-zero final_logits_bias to its logits (original "
+            raise ConfigError(f"{cfg.model.name_or_path} adds a non-zero final_logits_bias to its logits (original "
                              "layout), which a native export cannot keep: set --config.export_layout=original")
 
 
@@ -700,4 +774,4 @@ def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | Non
 
     log.warning("evaluation generates with %s", describe_settings(net, cfg.eval.num_beams, cfg.eval.max_new_tokens))
     res = evaluator(state.params, state.rest, progress=True)
-    return {**res.record(step, math.nan), "samples": res.samples}
+    return {**res.record(step, None), "samples": res.samples}

@@ -20,6 +20,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--coordinator_address", default=None, help="multi-process: host:port of process 0")
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--allow_config_change", action="store_true",
+                        help="resume a run with settings that change its trajectory (the old config is kept)")
     args, rest = parser.parse_known_args(argv)
     overrides, unknown = [], []
     for item in rest:
@@ -45,9 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from train.checkpoint import CheckpointRestoreError
+    from train.config import ConfigError
     from train.loop import run
 
-    run(cfg, workdir)
+    try:
+        run(cfg, workdir, allow_config_change=args.allow_config_change)
+    except (ConfigError, CheckpointRestoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

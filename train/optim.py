@@ -16,6 +16,7 @@ import optax
 from train.config import OptimConfig
 
 TRAINABLE, VISION, FROZEN = "trainable", "vision", "frozen"
+FREEZE_TOWER = r'(r"^model\.vision_tower\.",)'  # the override that freezes the vision tower, as a user types it
 
 
 def path_str(keypath) -> str:
@@ -71,9 +72,32 @@ def make_schedule(cfg: OptimConfig, peak: float, total_steps: int) -> optax.Sche
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm])
 
 
+def check_freeze(params, freeze: Sequence[str], labels) -> None:
+    """Every freeze pattern matches some parameter (a typo would silently turn a frozen-tower run into a full
+    fine-tune), and something is left to train. Raises ``ConfigError`` naming the nearest paths."""
+    import difflib
+
+    from train.config import ConfigError
+
+    paths = [path_str(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for pattern in freeze:
+        compiled = re.compile(pattern)
+        if any(compiled.search(p) for p in paths):
+            continue
+        prefixes = sorted({".".join(p.split(".")[:n]) for p in paths for n in range(1, len(p.split(".")) + 1)})
+        typed = re.sub(r"\\(.)", r"\1", pattern).strip("^$")
+        near = difflib.get_close_matches(typed, prefixes, n=5, cutoff=0.0)
+        raise ConfigError(f"config.optim.freeze: {pattern!r} matches no parameter path, so nothing would be frozen by "
+                          f"it. The nearest paths: {near}. For example --config.optim.freeze='{FREEZE_TOWER}' freezes "
+                          "the vision tower")
+    if not any(label != FROZEN for label in jax.tree.leaves(labels)):
+        raise ConfigError(f"config.optim.freeze={tuple(freeze)!r} freezes every parameter: nothing would train")
+
+
 def make_optimizer(cfg: OptimConfig, params, total_steps: int):
     """Returns ``(tx, labels, schedule)``; ``labels`` marks every leaf trainable/vision/frozen."""
     labels = param_labels(params, cfg.freeze, cfg.vision_learning_rate)
+    check_freeze(params, cfg.freeze, labels)
 
     def adamw(lr):
         return optax.adamw(make_schedule(cfg, lr, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,

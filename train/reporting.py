@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,20 @@ class Reporter:
     def _append(self, name: str, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.workdir / name, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(strict_json(record) + "\n")
+
+    def forget_after(self, step: int) -> None:
+        """Drop metrics.jsonl and eval.jsonl records past ``step`` (a resumed run redoes those steps), so no step
+        is recorded twice."""
+        if not self.enabled:
+            return
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            path = self.workdir / name
+            kept = [r for r in _read_jsonl(path) if r.get("step", 0) <= step]
+            if path.exists():
+                tmp = path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                tmp.replace(path)
 
     def train_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -67,8 +81,9 @@ class Reporter:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        train = _read_jsonl(self.workdir / "metrics.jsonl")
-        evals = _read_jsonl(self.workdir / "eval.jsonl")
+        # null (a NaN written as strict JSON) plots as a gap
+        train = [_nan_for_null(r) for r in _read_jsonl(self.workdir / "metrics.jsonl")]
+        evals = [_nan_for_null(r) for r in _read_jsonl(self.workdir / "eval.jsonl")]
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         if train:
             axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
@@ -111,6 +126,39 @@ class Reporter:
             self._tb.close()
 
 
+def _nan_for_null(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: float("nan") if v is None else v for k, v in record.items()}
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs) -> str:
+    """JSON that every parser reads: NaN and infinities (a diverged loss, an epoch that does not apply) become
+    null instead of the bare ``NaN`` Python writes."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def print_quietly(text: str) -> None:
+    """Print to stdout; a reader that went away (``| head``) ends the output silently instead of with a
+    BrokenPipeError traceback."""
+    import os
+    import sys
+
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def before_after(evals: list[dict[str, Any]], key: str, higher_is_better: bool = True) -> str | None:
     """``"validation anls: 0.041 before fine-tuning -> 0.912 after 375 steps (best 0.915 at step 250)"``
     from eval.jsonl records; None unless there is a step-0 record and a later one with ``key``."""
@@ -120,7 +168,7 @@ def before_after(evals: list[dict[str, Any]], key: str, higher_is_better: bool =
     first, last = scored[0], scored[-1]
     best = max(scored[1:], key=lambda r: r[key] if higher_is_better else -r[key])
     line = (f"validation {key}: {first[key]:.3f} before fine-tuning -> {last[key]:.3f} after {last['step']} steps")
-    if best is not last:
+    if best[key] != last[key]:
         line += f" (best {best[key]:.3f} at step {best['step']})"
     return line
 

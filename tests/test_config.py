@@ -1,0 +1,121 @@
+"""Command-line overrides are read as a user means them; freeze patterns that match nothing stop the run."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from train.config import ConfigError, load_config, parse_value
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    ('("nomatch_xyz",)', ("nomatch_xyz",)),  # a one-item tuple: one pattern, not an empty one
+    ("('a', 'b')", ("a", "b")),
+    ('["a"]', ("a",)),
+    (r'(r"^model\.(vision_tower|x)",)', (r"^model\.(vision_tower|x)",)),  # parentheses inside a regex survive
+    ('("a{1,2}b",)', ("a{1,2}b",)),  # so do commas
+    ("question=query,answers=label", ("question=query", "answers=label")),  # bare comma-separated items
+    ("^model\\.vision_tower\\.", ("^model\\.vision_tower\\.",)),
+    ("()", ()),
+    ("", ()),
+])
+def test_tuple_overrides(raw, want):
+    assert parse_value(raw, tuple[str, ...], "x") == want
+
+
+def test_scalar_overrides():
+    assert parse_value('"refs/pr/6"', str | None, "x") == "refs/pr/6"  # quotes are not kept
+    assert parse_value("'a b'", str, "x") == "a b"
+    assert parse_value("plain", str, "x") == "plain"
+    assert parse_value("None", str | None, "x") is None
+    assert parse_value("1e-3", float, "x") == 1e-3
+    assert parse_value("1_000", int, "x") == 1000
+    assert parse_value("True", bool, "x") is True
+    for raw, hint in (("('a', 3)", tuple[str, ...]), ("(1", tuple[str, ...]), ("1.5", int), ("maybe", bool)):
+        with pytest.raises(ValueError, match="bad value"):
+            parse_value(raw, hint, "x")
+
+
+def test_the_column_syntax_an_error_suggests_is_accepted():
+    from train.data.templates import ConfiguredTemplate
+
+    template = ConfiguredTemplate("docvqa")
+    with pytest.raises(ValueError) as err:
+        template.check_columns(type("Src", (), {"column_names": ["query", "image", "answers"]})(), "config.data")
+    suggested = re.search(r"columns=(\(.*?,\))", str(err.value)).group(1)  # ("question=YOUR_COLUMN",)
+    cfg = load_config("gpu_a100.py", [f"data.columns={suggested.replace('YOUR_COLUMN', 'query')}"])
+    assert cfg.data.columns == ("question=query",)
+
+
+def test_bad_and_empty_regexes_fail_at_config_time():
+    with pytest.raises(ValueError, match="bad regex"):
+        load_config("gpu_a100.py", ['optim.freeze=("^model\\.(vision",)'])
+    with pytest.raises(ValueError, match="empty pattern matches every path"):
+        load_config("gpu_a100.py", ['optim.freeze=("",)'])
+
+
+def _tiny_params():
+    from flax import nnx
+
+    from florence_jax import Florence2ForConditionalGeneration
+    from train.state import tiny_config
+
+    model = Florence2ForConditionalGeneration(tiny_config(128, 127), rngs=nnx.Rngs(0))
+    return nnx.state(model, nnx.Param)
+
+
+def test_a_freeze_pattern_that_matches_nothing_stops_the_run_and_names_the_nearest_paths():
+    from train.config import OptimConfig
+    from train.optim import FREEZE_TOWER, make_optimizer
+
+    params = _tiny_params()
+    with pytest.raises(ConfigError, match=r"'\^model\\\\.vision_towr\\\\.' matches no parameter path") as err:
+        make_optimizer(OptimConfig(freeze=(r"^model\.vision_towr\.",)), params, 10)
+    assert "model.vision_tower" in str(err.value)
+    # The override the message suggests is valid and freezes the tower.
+    suggested = parse_value(FREEZE_TOWER, tuple[str, ...], "optim.freeze")
+    assert f"--config.optim.freeze='{FREEZE_TOWER}'" in str(err.value)
+    _, labels, _ = make_optimizer(OptimConfig(freeze=suggested), params, 10)
+    from train.optim import count_params
+
+    counts = count_params(params, labels)
+    assert counts["frozen"] > 0 and counts["trainable"] > 0
+    with pytest.raises(ConfigError, match="freezes every parameter"):
+        make_optimizer(OptimConfig(freeze=(r"^model\.",)), params, 10)
+
+
+def test_start_up_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    from train.main import main
+
+    # The suite runs on 8 simulated devices: a batch of 12 does not divide over them.
+    assert main(["--config", "cpu_demo.py", "--workdir", str(tmp_path), "--config.batch_size=12",
+                 "--config.data.synthetic.num_train=48", "--config.data.synthetic.num_val=8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "multiple of the 8 devices" in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()  # refused before any data was made
+
+
+def test_every_config_round_trips_through_its_saved_json():
+    """scripts.export rebuilds a run's config from its config.json: tuples, regexes and mixtures included."""
+    import json
+
+    from scripts.export import _config_from_json
+    from train.config import CONFIG_DIR, TrainConfig, apply_override
+
+    for path in sorted(CONFIG_DIR.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        cfg = load_config(path.name)
+        again = _config_from_json(json.loads(cfg.to_json()), TrainConfig, apply_override)
+        assert again.to_dict() == cfg.to_dict(), path.name
+
+
+def test_a_resume_lists_the_settings_that_change_the_run():
+    from train.loop import config_changes
+
+    before = load_config("gpu_a100.py").to_dict()
+    after = load_config("gpu_a100.py", ["optim.learning_rate=1e-5", "log_every_steps=3", "batch_size=16",
+                                        "eval.num_beams=1", "data.num_workers=2"]).to_dict()
+    assert config_changes(before, after) == ["batch_size: 32 -> 16", "optim.learning_rate: 1e-06 -> 1e-05"]
+    assert config_changes(before, before) == []
