@@ -39,7 +39,6 @@ import os
 import re
 import sys
 import textwrap
-import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import zip_longest
@@ -235,8 +234,14 @@ def iter_predict(
     eos = model.config.text_config.eos_token_id if eos is None else eos
     pad_id = getattr(processor.tokenizer, "pad_token_id", None) or 0  # any id works: it is masked out
 
-    def load_batch(batch: Sequence[ImageInput]) -> list[Image.Image]:
-        return [load_image(item) for item in batch]
+    def load_batch(batch: Sequence[ImageInput]) -> list[Image.Image | PredictError]:
+        out: list[Image.Image | PredictError] = []
+        for item in batch:
+            try:
+                out.append(load_image(item))
+            except PredictError as e:  # one unreadable image is its own error record, not the end of the run
+                out.append(e)
+        return out
 
     batches = list(_chunks(items, batch_size))
     split = nnx.split(model)  # once for all batches (the model must not change while this iterates)
@@ -247,19 +252,27 @@ def iter_predict(
         for index, batch in enumerate(batches):
             loaded = pending.result()  # type: ignore[union-attr]
             pending = pool.submit(load_batch, batches[index + 1]) if index + 1 < len(batches) else None
-            try:
-                inputs = prepare_inputs(processor, loaded, [prompt] * len(loaded))
-            except ValueError as e:  # e.g. a prompt transformers' processor rejects
-                raise PredictError(f"the processor rejected prompt {prompt!r}: {_one_line(e)}") from e
-            inputs = _pad_rows(_pad_prompt(inputs, prompt_multiple, pad_id), batch_size)
-            with split_once(model, split):  # entered per call: this generator yields between calls
-                sequences = model.generate(
-                    inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                    max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs,
-                )
-            rows = _trim_after_eos(np.asarray(sequences)[: len(loaded)], eos)
-            texts = processor.batch_decode(rows, skip_special_tokens=False)
-            for item, image, generated in zip(batch, loaded, texts, strict=True):
+            good = [image for image in loaded if isinstance(image, Image.Image)]
+            texts: list[str] = []
+            if good:
+                try:
+                    inputs = prepare_inputs(processor, good, [prompt] * len(good))
+                except ValueError as e:  # e.g. a prompt transformers' processor rejects
+                    raise PredictError(f"the processor rejected prompt {prompt!r}: {_one_line(e)}") from e
+                inputs = _pad_rows(_pad_prompt(inputs, prompt_multiple, pad_id), batch_size)
+                with split_once(model, split):  # entered per call: this generator yields between calls
+                    sequences = model.generate(
+                        inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                        max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs,
+                    )
+                rows = _trim_after_eos(np.asarray(sequences)[: len(good)], eos)
+                texts = processor.batch_decode(rows, skip_special_tokens=False)
+            generated_texts = iter(texts)
+            for item, image in zip(batch, loaded, strict=True):
+                if not isinstance(image, Image.Image):
+                    yield {"image": _image_name(item), "task": task, "error": str(image)}, None
+                    continue
+                generated = next(generated_texts)
                 result = post_process_generation(generated, task, image.size, processor)
                 record = {"image": _image_name(item), "task": task, "result": result, "text": generated}
                 yield record, image
@@ -299,7 +312,8 @@ def predict(
     Returns:
         ``{"image": path or None for PIL input, "task": task, "result": {task: answer}, "text": raw}``
         per image: ``result`` as transformers' ``post_process_generation`` returns it, ``text`` the
-        decoded generation it was parsed from. Raises :class:`PredictError` for bad inputs.
+        decoded generation it was parsed from; an image that cannot be read gets ``{"image", "task",
+        "error"}`` instead and the others still run. Raises :class:`PredictError` for bad arguments.
     """
     return [
         record
@@ -318,10 +332,18 @@ _PALETTE = (
 )  # fmt: skip
 
 
-def _colour(label: str, index: int) -> tuple[int, int, int]:
-    """Same label, same colour (stable across images and runs); unlabelled shapes cycle."""
-    key = zlib.crc32(label.encode("utf-8")) if label else index
-    return _PALETTE[key % len(_PALETTE)]
+class _Colours:
+    """A colour per distinct label of one image, in order of appearance (distinct up to the palette's 12);
+    unlabelled shapes get one each."""
+
+    def __init__(self):
+        self.assigned: dict[str, int] = {}
+
+    def __call__(self, label: str, index: int) -> tuple[int, int, int]:
+        key = label if label else f"\0{index}"
+        if key not in self.assigned:
+            self.assigned[key] = len(self.assigned)
+        return _PALETTE[self.assigned[key] % len(_PALETTE)]
 
 
 def _font(size: tuple[int, int]) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -356,9 +378,22 @@ def _label(canvas: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colo
     canvas.text((x + 2 - left, y + 1 - top), text, fill=(255, 255, 255), font=font)
 
 
+def _caption_band(canvas: Image.Image, text: str, font: Any) -> Image.Image:
+    """The image with a white band below it holding ``text``, wrapped to the image's width."""
+    columns = max(8, int(canvas.width / (0.6 * getattr(font, "size", 10))))
+    wrapped = "\n".join(textwrap.wrap(text, columns)) or text
+    pen = ImageDraw.Draw(canvas)
+    left, top, right, bottom = pen.multiline_textbbox((0, 0), wrapped, font=font)
+    band = Image.new("RGB", (canvas.width, canvas.height + bottom - top + 8), (255, 255, 255))
+    band.paste(canvas, (0, 0))
+    ImageDraw.Draw(band).multiline_text((4 - left, canvas.height + 4 - top), wrapped, fill=(0, 0, 0), font=font)
+    return band
+
+
 def draw(image: Image.Image, result: Mapping[str, Any] | str, task: str) -> Image.Image:
     """A new RGB image with a result drawn on it: boxes, OCR quad boxes and polygons (translucent fill),
-    each with its label; free-text answers are written in the top-left corner.
+    each with its label (a colour per distinct label); a free-text answer goes in a caption band below the
+    image (the drawing is taller than the image then).
 
     ``result`` is :func:`predict`'s ``result`` (``{task: answer}``) or the answer itself.
     """
@@ -368,14 +403,11 @@ def draw(image: Image.Image, result: Mapping[str, Any] | str, task: str) -> Imag
     font = _font(size)
     width = max(1, round(min(size) / 250))
     if isinstance(answer, str):
-        if answer:
-            columns = max(8, int(size[0] / (0.6 * getattr(font, "size", 10))))
-            pen = ImageDraw.Draw(canvas)
-            _label(pen, (0, 0), "\n".join(textwrap.wrap(answer, columns)), _PALETTE[0], font, size)
-        return canvas
+        return _caption_band(canvas, answer or "(empty answer)", font)
     if not isinstance(answer, Mapping):
         raise TypeError(f"cannot draw a result of type {type(answer).__name__}")
 
+    _colour = _Colours()
     overlay = Image.new("RGBA", size, (0, 0, 0, 0))
     fill = ImageDraw.Draw(overlay)
     labels: list[tuple[tuple[float, float], str, tuple[int, int, int]]] = []
@@ -427,9 +459,18 @@ def draw(image: Image.Image, result: Mapping[str, Any] | str, task: str) -> Imag
     return canvas
 
 
-def _drawing_path(out_dir: Path, item: ImageInput, index: int, used: set[Path]) -> Path:
-    """``OUT_DIR/<stem>.png``, made unique (two inputs with one stem) and never an input file itself."""
+def _task_slug(task: str) -> str:
+    """``<OD>`` -> ``od``, ``<DocVQA>`` -> ``docvqa``; a free prompt -> its first words, file-name safe."""
+    slug = re.sub(r"[^a-z0-9]+", "_", task.lower()).strip("_")
+    return slug[:40] or "task"
+
+
+def _drawing_path(out_dir: Path, item: ImageInput, index: int, used: set[Path], task: str = "") -> Path:
+    """``OUT_DIR/<stem>.<task>.png`` (one file per image and task, so runs of several tasks over the same images
+    keep each other's drawings), made unique (two inputs with one stem) and never an input file itself."""
     stem = Path(os.fspath(item)).stem if not isinstance(item, Image.Image) else f"image_{index}"
+    if task:
+        stem = f"{stem}.{_task_slug(task)}"
     source = None if isinstance(item, Image.Image) else Path(os.fspath(item)).resolve()
     candidate, n = out_dir / f"{stem}.png", 1
     while candidate.resolve() in used or candidate.resolve() == source:
@@ -439,6 +480,15 @@ def _drawing_path(out_dir: Path, item: ImageInput, index: int, used: set[Path]) 
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def _print_line(line: str) -> None:
+    """One JSON line to stdout; a reader that went away (``| head``) ends the run quietly."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
+
+
 def _check_model_source(name: str) -> None:
     """A missing local directory is reported as such instead of as a failed Hub lookup: anything that
     cannot be a Hub repo id (absolute, relative with ``./``, more than one ``/``) must exist locally."""
@@ -503,8 +553,6 @@ def main(argv: list[str] | None = None) -> int:
                             ("max_new_tokens", args.max_new_tokens)):
             if value is not None and value < 1:
                 raise PredictError(f"--{name} must be at least 1, got {value}")
-        for image in args.images:
-            check_image(image)
         if args.draw and Path(args.draw).exists() and not Path(args.draw).is_dir():
             raise PredictError(f"--draw {args.draw} is a file; pass a directory")
         _check_model_source(args.model)
@@ -526,11 +574,21 @@ def main(argv: list[str] | None = None) -> int:
             model, processor, args.images, args.task, args.text, batch_size=args.batch_size,
             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, progress=True,
         )
+        failed = 0
         for index, (record, image) in enumerate(records):
-            print(json.dumps({key: record[key] for key in ("image", "task", "result")}), flush=True)
+            if "error" in record:
+                failed += 1
+                print(f"error: {record['error']}", file=sys.stderr)
+                _print_line(json.dumps({key: record[key] for key in ("image", "task", "error")}))
+                continue
+            _print_line(json.dumps({key: record[key] for key in ("image", "task", "result")}))
             if out_dir is not None:
-                target = _drawing_path(out_dir, args.images[index], index, used)
+                target = _drawing_path(out_dir, args.images[index], index, used, record["task"])
                 draw(image, record["result"], record["task"]).save(target)
+        if failed:
+            print(f"error: {failed} of {len(args.images)} images could not be read (their lines say why)",
+                  file=sys.stderr)
+            return 1
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

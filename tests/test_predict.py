@@ -85,7 +85,7 @@ def test_cli_prints_json_and_draws(model_dir, image_paths, tmp_path, capsys):
         assert answer.keys() == {"bboxes", "labels"} and len(answer["bboxes"]) == len(answer["labels"])
     assert "3/3" in err  # the progress bar went to stderr
     for path in image_paths:
-        drawn = draw_dir / f"{Path(path).stem}.png"
+        drawn = draw_dir / f"{Path(path).stem}.od.png"  # one drawing per image and task
         with Image.open(drawn) as image, Image.open(path) as original:
             assert image.format == "PNG" and image.mode == "RGB" and image.size == original.size
 
@@ -144,8 +144,14 @@ def test_draw_shapes_and_text():
     assert (drawn[55, 50] != 255).any() and (drawn[55, 70] == 255).all()  # box outline only
     assert (drawn[65, 15] != 255).any()  # polygon filled (translucent)
     assert blank.getpixel((50, 55)) == (255, 255, 255)  # the input is left alone
+    # A text answer goes in a band below the image, which is left as it was.
     text = np.asarray(draw(blank, {"<CAPTION>": "a cat"}, "<CAPTION>"))
-    assert (text[:10, :10] != 255).any() and (text[40:] == 255).all()
+    assert text.shape[0] > 80 and (text[:80] == 255).all() and (text[80:] != 255).any()
+    # Distinct labels get distinct colours.
+    boxes = {"bboxes": [[5, 5, 20, 20], [30, 5, 45, 20], [60, 5, 75, 20]], "labels": ["a", "b", "a"]}
+    drawn = np.asarray(draw(blank, {"<OD>": boxes}, "<OD>"))
+    a, b, a2 = (tuple(drawn[12, x]) for x in (5, 30, 60))
+    assert a == a2 and a != b
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +167,6 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     "case, needle, status",
     [
         ("unknown_task", "unknown task", 2),
-        ("missing_image", "image not found", 2),
-        ("unreadable_image", "cannot read image", 2),
         ("needs_text", "needs input text", 2),
         ("takes_no_text", "takes no input text", 2),
         ("missing_model_dir", "model directory not found", 2),
@@ -173,10 +177,6 @@ def test_cli_errors(case, needle, status, model_dir, image_paths, bad_inputs, ca
     model, task, text, images = str(model_dir), "<OD>", None, [image_paths[0]]
     if case == "unknown_task":
         task = "<OBJECT_DETECTION>"
-    elif case == "missing_image":
-        images = [image_paths[0], str(bad_inputs["missing"] / "x.png")]
-    elif case == "unreadable_image":
-        images = [str(bad_inputs["bad_image"])]
     elif case == "needs_text":
         task = "<CAPTION_TO_PHRASE_GROUNDING>"
     elif case == "takes_no_text":
@@ -189,6 +189,20 @@ def test_cli_errors(case, needle, status, model_dir, image_paths, bad_inputs, ca
     code, out, err = _run(argv, capsys)
     assert code == status and out == ""
     assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bad_image_is_an_error_record_and_the_others_run(model_dir, image_paths, bad_inputs, tmp_path, capsys):
+    missing, unreadable = str(bad_inputs["missing"] / "x.png"), str(bad_inputs["bad_image"])
+    images = [image_paths[0], missing, image_paths[1], unreadable]
+    code, out, err = _run(["--model", str(model_dir), "--task", "<OD>", "--batch_size", "2", "--max_new_tokens",
+                           str(MAX_NEW), "--num_beams", "1", "--draw", str(tmp_path / "drawn"), *images], capsys)
+    assert code == 1
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["image"] for line in lines] == images  # one line per input, in order
+    assert "result" in lines[0] and "result" in lines[2]
+    assert "image not found" in lines[1]["error"] and "cannot read image" in lines[3]["error"]
+    assert "2 of 4 images could not be read" in err
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["img0.od.png", "img1.od.png"]
 
 
 def test_cli_error_has_no_traceback(image_paths, bad_inputs):
