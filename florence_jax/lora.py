@@ -246,4 +246,7 @@ def save_peft_adapter(model, save_directory: str | os.PathLike, *, base_model_na
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    from florence_jax.weights.export import _ordinary_permissions
+
+    _ordinary_permissions(out)
     return out

@@ -85,15 +85,39 @@ def test_a_freeze_pattern_that_matches_nothing_stops_the_run_and_names_the_neare
         make_optimizer(OptimConfig(freeze=(r"^model\.",)), params, 10)
 
 
-def test_start_up_errors_are_one_line_with_exit_2(tmp_path, capsys):
+SMALL_DEMO = ["--config.data.synthetic.num_train=48", "--config.data.synthetic.num_val=8", "--config.batch_size=8"]
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    # The suite runs on 8 simulated devices: a batch of 12 does not divide over them.
+    (["--config.batch_size=12"], "multiple of the 8 devices"),
+    (["--config.data.source=/no/such/file.parquet"], "/no/such/file.parquet"),
+    (["--config.data.image_size=128", "--config.data.synthetic.image_size=128"], "--config.data.image_size=64"),
+    (["--config.lora.enabled=true", r"--config.lora.targets=('q_projj$',)"], "matches no linear layer"),
+    (["--config.optim.freeze=('^model\\.vision_towr',)"], "matches no parameter path"),
+])
+def test_start_up_errors_are_one_line_with_exit_2(tmp_path, capsys, overrides, needle):
     from train.main import main
 
-    # The suite runs on 8 simulated devices: a batch of 12 does not divide over them.
-    assert main(["--config", "cpu_demo.py", "--workdir", str(tmp_path), "--config.batch_size=12",
-                 "--config.data.synthetic.num_train=48", "--config.data.synthetic.num_val=8"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "multiple of the 8 devices" in err and "Traceback" not in err
-    assert not (tmp_path / "data").exists()  # refused before any data was made
+    assert main(["--config", "cpu_demo.py", "--workdir", str(tmp_path / "run"), *SMALL_DEMO, *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1] and not any("Traceback" in line for line in err)
+
+
+def test_an_unwritable_workdir_is_one_error_line(tmp_path, capsys):
+    from train.main import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["--config", "cpu_demo.py", "--workdir", str(blocker / "run"), *SMALL_DEMO]) == 2
+    assert "cannot write to the workdir" in capsys.readouterr().err
+
+
+def test_a_bad_batch_is_refused_before_any_data_is_made(tmp_path):
+    from train.main import main
+
+    assert main(["--config", "cpu_demo.py", "--workdir", str(tmp_path), *SMALL_DEMO, "--config.batch_size=12"]) == 2
+    assert not (tmp_path / "data").exists()
 
 
 def test_every_config_round_trips_through_its_saved_json():
@@ -119,3 +143,27 @@ def test_a_resume_lists_the_settings_that_change_the_run():
                                         "eval.num_beams=1", "data.num_workers=2"]).to_dict()
     assert config_changes(before, after) == ["batch_size: 32 -> 16", "optim.learning_rate: 1e-06 -> 1e-05"]
     assert config_changes(before, before) == []
+
+
+def test_a_step_that_would_exhaust_host_memory_is_refused_before_it_runs():
+    import jax
+    import jax.numpy as jnp
+
+    from train.loop import check_host_memory
+
+    compiled = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x).lower(jnp.ones((512, 256))).compile()
+    need = check_host_memory(compiled, devices=2, available=2**40)
+    assert need >= 2 * 512 * 512 * 4  # at least the (512, 512) temporary, on each of the 2 devices
+    with pytest.raises(ConfigError, match=r"needs .* GiB .* is available: lower batch_size"):
+        check_host_memory(compiled, devices=2, available=need // 2)
+
+
+def test_a_schedule_that_does_not_do_what_it_says_is_noted():
+    from train.loop import schedule_notes
+
+    cfg = load_config("cpu_demo.py", ["max_steps=20", "num_epochs=1"])
+    notes = schedule_notes(cfg, steps_per_epoch=6, total_steps=20)
+    assert notes == ["max_steps=20 sets the length (3.33 epochs), not num_epochs=1",
+                     "optim.warmup_steps=30 is not below the run's 20 steps: the learning rate rises for the whole "
+                     "run and never decays"]
+    assert schedule_notes(load_config("cpu_demo.py"), steps_per_epoch=125, total_steps=375) == []

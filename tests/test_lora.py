@@ -174,9 +174,14 @@ def test_export_model_merged_and_adapter_with_a_task_token(tmp_path):
     suppressed = json.loads((out / "generation_config.json").read_text())["suppress_tokens"]
     assert token not in suppressed and min(suppressed) == len(processor.tokenizer)
     config = json.loads((out / "adapter/adapter_config.json").read_text())
-    assert config["r"] == 4 and config["base_model_name_or_path"] == str(out / "adapter/base")
-    peft_model = PeftModel.from_pretrained(HF.from_pretrained(config["base_model_name_or_path"]),
-                                           out / "adapter").eval()
+    # The base is named relative to the adapter directory, so the folder can move.
+    assert config["r"] == 4 and config["base_model_name_or_path"] == "base"
+    moved = tmp_path / "moved"
+    (out / "adapter").rename(moved)
+    peft_model = PeftModel.from_pretrained(HF.from_pretrained(moved / config["base_model_name_or_path"]),
+                                           moved).eval()
+    # Every file gets the mode a new file gets here (safetensors alone would write 0600).
+    assert len({p.stat().st_mode & 0o777 for p in moved.iterdir() if p.is_file()}) == 1
     np.testing.assert_allclose(_hf_logits(merged, batch), ours, atol=1e-4)
     np.testing.assert_allclose(_hf_logits(peft_model, batch), ours, atol=1e-4)
 
@@ -211,8 +216,8 @@ def test_train_main_with_lora_and_a_task_token(tmp_path):
     assert token not in suppressed and min(suppressed) == len(processor.tokenizer)
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["base_model_name_or_path"] == str(adapter_dir / "base")
-    base = HF.from_pretrained(config["base_model_name_or_path"]).eval()
+    assert config["r"] == 4 and config["base_model_name_or_path"] == "base"
+    base = HF.from_pretrained(adapter_dir / config["base_model_name_or_path"]).eval()
     peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     inputs = processor(text=["<MY_TASK>What colour is the header?"], images=[image], return_tensors="pt")

@@ -45,6 +45,8 @@ def test_parquet_with_bad_records_trains_and_counts_skips(tmp_path):
     _run_main(wd, [f"--config.data.source={paths['train']}", f"--config.data.eval_source={paths['validation']}",
                    "--config.max_steps=3"])
     summary = json.loads((wd / "summary.json").read_text())
+    # The best checkpoint is one that exists (the evaluation before training has none).
+    assert summary["best"]["step"] > 0 and (wd / "checkpoints" / str(summary["best"]["step"])).is_dir()
     counters = summary["data_counters"]
     assert counters["skipped"] >= 5  # 2 corrupt + 1 missing + 2 empty answers, each counted
     assert counters.get("skipped_empty_answers", 0) >= 1 and counters.get("skipped_bad_image", 0) >= 1

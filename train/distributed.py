@@ -67,14 +67,16 @@ def wait_for_all(name: str, timeout_s: int = 3600) -> None:
     multihost.get_barrier_sync_fn()(key=f"florence_jax_{name}_{next(_barrier_ids)}", timeout_ms=timeout_s * 1000)
 
 
-def compile_then_wait(jitted, name: str, *args) -> None:
-    """Compile ``jitted`` for ``args`` (the call that follows reuses it), then wait for every process.
+def compile_then_wait(jitted, name: str, *args):
+    """Compile ``jitted`` for ``args`` (the call that follows reuses it), then wait for every process. Returns
+    the compiled program when it compiled ahead (several processes, or the CPU, whose memory the caller
+    checks), else None.
 
     The first run of a program creates the collective communicators it needs; on CPU (gloo) a process must
     join within 30 s of the first, while compile times can differ by minutes (one process hits the
     compilation cache, another compiles). Call before the first run of each large program.
     """
-    if jax.process_count() == 1:
-        return
-    jitted.lower(*args).compile()
-    wait_for_all(f"compiled_{name}")
+    compiled = jitted.lower(*args).compile() if jax.process_count() > 1 or jax.default_backend() == "cpu" else None
+    if jax.process_count() > 1:
+        wait_for_all(f"compiled_{name}")
+    return compiled

@@ -118,11 +118,14 @@ def export_model(cfg: TrainConfig, model, processor, out: Path, lora_mode: str |
         adapter_dir = out if mode == "adapter" else out / "adapter"
         base_name, revision = cfg.model.name_or_path, cfg.model.revision
         if cfg.model.add_tokens or base_name.startswith("random:"):
-            base_dir = (adapter_dir / "base").absolute()
+            base_dir = adapter_dir / "base"
             strip_lora(model).save_pretrained(base_dir)
             if main:
                 processor.save_pretrained(base_dir)
-            base_name, revision = str(base_dir), None
+            base_name, revision = "base", None  # relative to the adapter directory: the folder can move
+        elif Path(base_name).is_dir():
+            # A local checkpoint: named relative to the adapter directory, so both can move together.
+            base_name = os.path.relpath(Path(base_name).absolute(), adapter_dir.absolute())
         save_peft_adapter(model, adapter_dir, base_model_name_or_path=base_name, revision=revision)
         if main:
             processor.save_pretrained(adapter_dir)
@@ -457,7 +460,14 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
     next to the new one (``config.previous-<time>.json``)."""
     workdir = Path(workdir).absolute()
     setup_runtime(cfg)
-    rep = Reporter(workdir)
+    try:
+        rep = Reporter(workdir)
+        if rep.enabled:
+            (workdir / ".write_check").touch()
+            (workdir / ".write_check").unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to the workdir {workdir} ({type(e).__name__}: {e}); pass a writable "
+                          "--workdir") from None
     saved_config = workdir / "config.json"
     if saved_config.exists() and _has_checkpoint(workdir):
         import json
@@ -535,6 +545,8 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
 
     counts = count_params(state.params, fns.labels)
     rep.print(_summary(cfg, mesh, counts, steps_per_epoch, total_steps, pipes.num_train, pipes.num_val))
+    for note in schedule_notes(cfg, steps_per_epoch, total_steps):
+        rep.print(f"  note         {note}")
     if cfg.eval.enabled:
         from florence_jax.generation_config import describe_settings
 
@@ -582,7 +594,9 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
         while step < total_steps:
             batch, data_state = next(prefetch)
             if step == first_step:
-                compile_then_wait(train_step, "train_step", state, batch, rng)
+                compiled = compile_then_wait(train_step, "train_step", state, batch, rng)
+                if compiled is not None and jax.default_backend() == "cpu":
+                    check_host_memory(compiled, len(mesh.local_devices))
             with step_compiles:
                 state, metrics = train_step(state, batch, rng)
             step += 1
@@ -681,6 +695,44 @@ def data_notes(counters: dict[str, int], evaluated: int, num_val: int) -> list[s
     if num_val and evaluated < num_val:
         notes.append(f"validation: {evaluated} of {num_val} records scored ({num_val - evaluated} skipped as unusable)")
     return notes
+
+
+def schedule_notes(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> list[str]:
+    """One line for each schedule setting that does not do what it says."""
+    notes = []
+    if cfg.max_steps and cfg.max_steps != cfg.num_epochs * steps_per_epoch:
+        notes.append(f"max_steps={cfg.max_steps} sets the length ({total_steps / steps_per_epoch:.2f} epochs), not "
+                     f"num_epochs={cfg.num_epochs}")
+    if cfg.optim.warmup_steps >= total_steps:
+        notes.append(f"optim.warmup_steps={cfg.optim.warmup_steps} is not below the run's {total_steps} steps: the "
+                     "learning rate rises for the whole run and never decays")
+    return notes
+
+
+def _host_memory_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(compiled, devices: int, available: int | None = None) -> int:
+    """On the CPU, refuse a step whose compiled program needs more memory than the machine has free (it would be
+    killed mid-step without a message). The need is what one call allocates beyond its inputs, temporaries and
+    outputs that do not reuse a donated input, for each local device. Returns it in bytes."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return 0
+    need = (stats.temp_size_in_bytes + max(stats.output_size_in_bytes - stats.alias_size_in_bytes, 0)) * devices
+    available = _host_memory_available() if available is None else available
+    if available is not None and need > 0.9 * available:
+        raise ConfigError(f"the train step needs {need / 2**30:.1f} GiB of memory beyond the model and optimizer "
+                          f"state ({devices} device(s)), and {available / 2**30:.1f} GiB is available: lower "
+                          "batch_size or data.image_size, raise grad_accum_steps, or set model.remat_policy=full")
+    return need
 
 
 def check_lengths(cfg: TrainConfig, model, pipes: RunPipelines) -> None:

@@ -49,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from train.checkpoint import CheckpointRestoreError
     from train.config import ConfigError
+    from train.data.sources import SourceError
     from train.loop import run
 
     try:
         run(cfg, workdir, allow_config_change=args.allow_config_change)
-    except (ConfigError, CheckpointRestoreError) as e:
+    except (ConfigError, CheckpointRestoreError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

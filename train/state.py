@@ -85,8 +85,13 @@ def create_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: int = 0,
     if lora is not None and lora.enabled:
         from florence_jax.lora import apply_lora
 
-        paths = apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
-                           seed=seed)
+        try:
+            paths = apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
+                               seed=seed)
+        except ValueError as e:  # a target that matches no layer: the message lists what paths look like
+            from train.config import ConfigError
+
+            raise ConfigError(f"config.lora.targets: {e}") from None
         log.info("LoRA rank %d on %d layers", lora.rank, len(paths))
     return model
 

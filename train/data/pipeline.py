@@ -159,9 +159,12 @@ class ExampleEncoder:
                 raise ValueError("an image_transform without a .size needs DataConfig.image_size")
             size = (config.image_size, config.image_size)
         elif config.image_size is not None and tuple(size) != (config.image_size,) * 2:
-            raise ValueError(
-                f"DataConfig.image_size={config.image_size} but the processor resizes to {tuple(size)}; "
-                "build the processor at the size you train at (it also fixes the number of image tokens)"
+            from train.config import ConfigError
+
+            raise ConfigError(
+                f"data.image_size={config.image_size} but the processor resizes to {tuple(size)}: set "
+                f"--config.data.image_size={size[0]}, or use a processor built at the size you train at (it also "
+                "fixes the number of image tokens)"
             )
         self.image_shape = (*(int(v) for v in size), 3)
         if config.pixel_dtype not in _PIXEL_DTYPES:
