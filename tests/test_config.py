@@ -167,3 +167,36 @@ def test_a_schedule_that_does_not_do_what_it_says_is_noted():
                      "optim.warmup_steps=30 is not below the run's 20 steps: the learning rate rises for the whole "
                      "run and never decays"]
     assert schedule_notes(load_config("cpu_demo.py"), steps_per_epoch=125, total_steps=375) == []
+
+
+def test_the_override_syntax_error_messages_suggest_works():
+    """Every `--config.FIELD=VALUE` an error message suggests is accepted as written (shell quotes removed)."""
+    import shlex
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from florence_jax.testing.processor import build_tiny_processor
+    from train.config import OptimConfig, apply_override
+    from train.data.pipeline import DataConfig as PipelineConfig
+    from train.data.pipeline import ExampleEncoder
+    from train.loop import check_export
+    from train.optim import make_optimizer
+
+    messages = []
+    with pytest.raises(ConfigError) as err:
+        make_optimizer(OptimConfig(freeze=("^nomatch",)), _tiny_params(), 10)
+    messages.append(str(err.value))
+    with pytest.raises(ConfigError) as err:
+        ExampleEncoder([], build_tiny_processor(image_size=64), PipelineConfig(image_size=128))
+    messages.append(str(err.value))
+    biased = SimpleNamespace(final_logits_bias=SimpleNamespace(get_value=lambda: jnp.ones((1, 4))))
+    with pytest.raises(ConfigError) as err:
+        check_export(load_config("gpu_a100.py"), biased)
+    messages.append(str(err.value))
+    suggested = [m for message in messages for m in re.findall(r"--config\.\S+=(?:'[^']*'|\S+)", message)]
+    assert len(suggested) == 3, messages
+    for option in suggested:
+        (word,) = shlex.split(option)  # as the shell passes it
+        cfg = load_config("gpu_a100.py")
+        apply_override(cfg, word[len("--config."):])

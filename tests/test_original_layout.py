@@ -268,3 +268,33 @@ def test_native_export_refuses_a_non_zero_logits_bias(tmp_path, checkpoint):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert oct((tmp_path / "native_ok" / "model.safetensors").stat().st_mode & 0o777) == oct(
         (tmp_path / "native_ok" / "config.json").stat().st_mode & 0o777)
+
+
+def test_sharded_bin_and_a_revision_from_the_hub_cache_load_the_same(tmp_path, checkpoint, monkeypatch):
+    """Original checkpoints ship as (sharded) pytorch_model.bin; Hub users pin revisions such as refs/pr/6."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from florence_jax.testing.hub import populate_hub_cache
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(checkpoint.path, sharded, ignore=shutil.ignore_patterns("model.safetensors"))
+    keys = sorted(checkpoint.state)
+    index = {"metadata": {}, "weight_map": {}}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: torch.from_numpy(checkpoint.state[k].copy()) for k in part}, sharded / name)
+        index["weight_map"].update(dict.fromkeys(part, name))
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    populate_hub_cache(tmp_path / "hub", "someone/florence2-ft", sharded, revision="refs/pr/6")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    a = Florence2ForConditionalGeneration.from_pretrained(checkpoint.path)
+    b = Florence2ForConditionalGeneration.from_pretrained("someone/florence2-ft", revision="refs/pr/6")
+    processor = load_processor("someone/florence2-ft", revision="refs/pr/6")
+    assert processor.image_token_id == checkpoint.num_real
+    from florence_jax.weights.load import iter_flax_params
+
+    pa, pb = dict(iter_flax_params(a)), dict(iter_flax_params(b))
+    assert set(pa) == set(pb) and all(np.array_equal(np.asarray(pa[k]), np.asarray(pb[k])) for k in pa)

@@ -163,7 +163,7 @@ class ExampleEncoder:
 
             raise ConfigError(
                 f"data.image_size={config.image_size} but the processor resizes to {tuple(size)}: set "
-                f"--config.data.image_size={size[0]}, or use a processor built at the size you train at (it also "
+                f"--config.data.image_size={size[0]} or use a processor built at the size you train at (it also "
                 "fixes the number of image tokens)"
             )
         self.image_shape = (*(int(v) for v in size), 3)
