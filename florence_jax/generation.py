@@ -51,7 +51,7 @@ takes over the parent's slot without moving anything; each further child is copi
 beam had no child (so sources and destinations never overlap). Only those rows are copied, in a
 ``while_loop`` as long as the number of copies, which is usually a small part of the cache. That is the
 CPU's way; on accelerators one gather of the whole cache is cheaper than a loop of small copies, and the
-slots simply stay in rank order (``_copy_slots_row_by_row``).
+slots simply stay in rank order (``Formulations.beam_cache_copy``).
 
 The loop ends when no row can improve, when every row is full under ``early_stopping=True``, or when
 every candidate hit a stopping criterion (max length). Logits processors run in transformers' order
@@ -77,7 +77,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from florence_jax import target
 from florence_jax.generation_config import GenerationConfig
 from florence_jax.modeling.bart import LayerCache
 
@@ -305,17 +304,6 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _copy_slots_row_by_row() -> bool:
-    """Whether beam search copies only the cache rows of extra children (``_inherit_slots``), one by one.
-
-    On XLA:CPU that removes most of a step's cache traffic (base size, 4 x 3 beams, 256 new tokens: the
-    full gather took about a fifth of a step). On GPUs and TPUs a loop of small copies costs a kernel
-    launch (and, on a GPU, a host round trip for the loop condition) per row, far more than one gather of
-    the whole cache at their memory bandwidth, so there the cache is gathered as transformers does.
-    """
-    return target.platform() == "cpu"
-
-
 def _inherit_slots(cache: list[LayerCache], slot_of: jax.Array, parent: jax.Array,
                    row_offset: jax.Array) -> tuple[list[LayerCache], jax.Array]:
     """New ``slot_of`` for the beams whose parents (ranks) are ``parent``, copying only the cache rows of
@@ -381,7 +369,12 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
         cache=decoder.init_cache(batch * nb, total - 1, model.config.dtype),
         slot_of=jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (batch, nb)), done=jnp.bool_(False),
     )
-    row_by_row = _copy_slots_row_by_row()  # else slot_of stays the identity and nothing is permuted
+    # Copying only the cache rows of extra children saves the CPU most of a step's cache traffic; on an
+    # accelerator a loop of small copies costs a kernel launch (and, on a GPU, a host round trip for the
+    # loop condition) per row, more than one gather of the whole cache at its memory bandwidth, so there
+    # the cache is gathered as transformers does (Formulations.beam_cache_copy). With the gather, slot_of
+    # stays the identity and nothing is permuted.
+    row_by_row = model.formulations.beam_cache_copy == "row_by_row"
 
     def body(st: _BeamState) -> _BeamState:
         cur_len = st.cur_len

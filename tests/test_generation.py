@@ -236,25 +236,17 @@ def test_cache_slots_follow_parents_and_copy_only_extra_children():
     assert copies_seen > 0
 
 
-def test_cpu_and_accelerator_beam_paths_agree(gen_pair, prompts, monkeypatch):
+def test_cpu_and_accelerator_beam_paths_agree(gen_pair, prompts):
     """The CPU's beam-search step (each beam's cross-attention query alone; cache rows copied only for
     extra children) and the accelerators' (a row's beams as one product; the whole cache gathered by
-    parent) give the same beams and scores (float32 rounding: 1e-5). The parity tests above run the
-    CPU's path against transformers."""
-    from florence_jax import generation
-    from florence_jax.modeling import bart
-
+    parent), both run here from models built for each (florence_jax.hardware), give the same beams and
+    scores (float32 rounding: 1e-5). The parity tests above run the CPU's path against transformers."""
     _, ours = gen_pair
     ids, pixels, mask = prompts
     enc = encode(ours, ids, pixels, mask)
     kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True, **EARLY_EOS)
-    results = []
-    for cpu_way in (True, False):
-        monkeypatch.setattr(bart, "_beam_queries_one_by_one", lambda impl, _v=cpu_way: _v)
-        monkeypatch.setattr(generation, "_copy_slots_row_by_row", lambda _v=cpu_way: _v)
-        generation._decode_jit.clear_cache()  # the executable depends on the choice
-        results.append(generate_from_encoder(ours, enc, mask, return_scores=True, **kw))
-    generation._decode_jit.clear_cache()  # later tests get the real choice again
-    (a, sa), (b, sb) = results
+    accelerator = ours.for_hardware("cpu:beam_cross_attention=batched,beam_cache_copy=gather")
+    assert ours.formulations.beam_cache_copy == "row_by_row"
+    (a, sa), (b, sb) = (generate_from_encoder(m, enc, mask, return_scores=True, **kw) for m in (ours, accelerator))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(sa, sb, atol=1e-5)

@@ -123,7 +123,8 @@ class Evaluator:
         self._compiled = False
         # uint8 pixel batches become the model's input on the device (the data pipeline's table)
         table = getattr(getattr(pipeline, "encoder", None), "pixel_table", None)
-        self._pixels = jax.jit(functools.partial(model_pixels, table=table))
+        self._pixels = jax.jit(functools.partial(
+            model_pixels, table=table, formulation=model.formulations.pixel_normalize))
 
     def __call__(self, params=None, rest=None, progress: bool = False) -> EvalResult:
         if params is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from florence_jax import hardware
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.compiles import CompileWatch
@@ -595,7 +596,7 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
             batch, data_state = next(prefetch)
             if step == first_step:
                 compiled = compile_then_wait(train_step, "train_step", state, batch, rng)
-                if compiled is not None and jax.default_backend() == "cpu":
+                if compiled is not None and hardware.backend() == "cpu":
                     check_host_memory(compiled, len(mesh.local_devices))
             with step_compiles:
                 state, metrics = train_step(state, batch, rng)

@@ -10,7 +10,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from florence_jax import Florence2Config, Florence2ForConditionalGeneration, TextConfig, VisionConfig
+from florence_jax import (
+    Florence2Config,
+    Florence2ForConditionalGeneration,
+    TextConfig,
+    VisionConfig,
+    hardware,
+)
 from florence_jax.config import PRESETS, resolve_dtype
 from florence_jax.sharding import param_sharding_fn, param_spec
 from train.config import LoRAConfig, ModelConfig, OptimConfig
@@ -60,7 +66,7 @@ def model_config_for(cfg: ModelConfig, tokenizer=None) -> Florence2Config | None
 def _apply_model_options(fc: Florence2Config, cfg: ModelConfig) -> Florence2Config:
     fc = fc.replace(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
                     attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
-                    scan_vision_blocks=cfg.scan_vision_blocks)
+                    scan_vision_blocks=cfg.scan_vision_blocks, hardware=hardware.resolve(cfg.hardware))
     if cfg.dropout is not None:
         t = fc.text_config
         fc = fc.replace(text_config=dataclasses.replace(
@@ -103,9 +109,11 @@ def _create_base_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: in
             cfg.name_or_path, revision=cfg.revision, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             sharding_fn=param_sharding_fn(mesh, min_shard_size),
         )
+        loaded = model.config
         model.config = _apply_model_options(model.config, cfg)
         if (model.config.attention_impl != "xla" or model.config.remat_policy != "none" or cfg.dropout is not None
-                or cfg.drop_path_rate is not None or not cfg.scan_vision_blocks):
+                or cfg.drop_path_rate is not None or not cfg.scan_vision_blocks
+                or model.config.hardware != loaded.hardware):
             model = _rebuild_with_config(model, model.config)
         return model
     fc = _apply_model_options(fc, cfg)
