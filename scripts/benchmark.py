@@ -315,12 +315,10 @@ def _peak_memory_ours(compiled) -> int | None:
 
 def _program_memory(compiled) -> int | None:
     """Arguments + outputs + temporaries - donated (aliased) buffers: what the compiled step needs."""
-    try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001
-        return None
+    from florence_jax.devices import compiled_memory
+
+    memory = compiled_memory(compiled)
+    return None if memory is None else memory.total
 
 
 def bench_train_reference(ref, s: Settings, frozen: bool, device) -> dict[str, Any]:
