@@ -501,7 +501,7 @@ def _document_bytes(n: int, seed: int = 0) -> list[bytes]:
 
 
 def bench_data(s: Settings) -> dict[str, Any]:
-    from florence_jax.testing.processor import build_tiny_processor
+    from florence_jax.tiny_processor import build_tiny_processor
     from train.config import PIXEL_DTYPE
     from train.data.pipeline import DataConfig, ExampleEncoder
 

@@ -53,7 +53,7 @@ def get_processor(cfg: TrainConfig, workdir: Path):
     if cfg.model.processor:
         processor = load_processor(cfg.model.processor)
     elif cfg.model.name_or_path.startswith("random:"):
-        from florence_jax.testing.processor import build_tiny_processor
+        from florence_jax.tiny_processor import build_tiny_processor
 
         path = workdir / "processor"
         saved = (path / "tokenizer.json").exists()
