@@ -413,14 +413,15 @@ def gen_kwargs(s: Settings, beams: int) -> dict[str, Any]:
 def bench_generate_ours(model, s: Settings, beams: int, decode_only: bool) -> dict[str, Any]:
     import jax
 
-    from florence_jax.generation import encode, generate, make_decode_fn
+    from florence_jax.generation import Generator, generate
 
     b = make_batch(model.config, s, s.gen_batch, seed=1)
     ids, mask, pixels = b["input_ids"], b["attention_mask"], jax.device_put(b["pixel_values"])
     kw = gen_kwargs(s, beams)
     if decode_only:
-        enc = jax.block_until_ready(encode(model, ids, pixels, mask, image_layout="NHWC"))
-        fn = make_decode_fn(model, **kw)
+        generator = Generator(model, image_layout="NHWC", **kw)
+        enc = jax.block_until_ready(generator.encode(ids, pixels, mask))
+        fn = generator.decode_fn()
         out = {}
 
         def run():
