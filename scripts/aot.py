@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 
 from florence_jax import hardware
 from florence_jax.config import PRESETS, resolve_dtype
+from florence_jax.devices import CompiledMemory, compiled_memory
 from florence_jax.processing import ImageTransform
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.config import PIXEL_DTYPE, TrainConfig
@@ -102,13 +104,7 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     lowered = step.lower(state, batch, key)
     compiled = lowered.compile()
     seconds = time.time() - t0
-    mem = compiled.memory_analysis()
-    out = {"mesh": dict(mesh.shape), "compile_seconds": seconds, "dtype": str(resolve_dtype(cfg.model.dtype)),
-           "platform": formulations.platform, "hardware": formulations.spec()}
-    names = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
-             "temp": "temp_size_in_bytes", "alias": "alias_size_in_bytes"}
-    for k, attr in names.items():
-        out[k] = int(getattr(mem, attr, 0) or 0) if mem is not None else 0
-    # Donated state aliases the output: count it once.
-    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
+    mem = compiled_memory(compiled) or CompiledMemory(0, 0, 0, 0)
+    return {"mesh": dict(mesh.shape), "compile_seconds": seconds, "dtype": str(resolve_dtype(cfg.model.dtype)),
+            "platform": formulations.platform, "hardware": formulations.spec(), **dataclasses.asdict(mem),
+            "total": mem.total}

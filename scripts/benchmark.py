@@ -318,12 +318,10 @@ def _peak_memory_ours(compiled) -> int | None:
 
 def _program_memory(compiled) -> int | None:
     """Arguments + outputs + temporaries - donated (aliased) buffers: what the compiled step needs."""
-    try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001
-        return None
+    from florence_jax.devices import compiled_memory
+
+    memory = compiled_memory(compiled)
+    return None if memory is None else memory.total
 
 
 def bench_train_reference(ref, s: Settings, frozen: bool, device) -> dict[str, Any]:
@@ -418,14 +416,15 @@ def gen_kwargs(s: Settings, beams: int) -> dict[str, Any]:
 def bench_generate_ours(model, s: Settings, beams: int, decode_only: bool) -> dict[str, Any]:
     import jax
 
-    from florence_jax.generation import encode, generate, make_decode_fn
+    from florence_jax.generation import Generator, generate
 
     b = make_batch(model.config, s, s.gen_batch, seed=1)
     ids, mask, pixels = b["input_ids"], b["attention_mask"], jax.device_put(b["pixel_values"])
     kw = gen_kwargs(s, beams)
     if decode_only:
-        enc = jax.block_until_ready(encode(model, ids, pixels, mask, image_layout="NHWC"))
-        fn = make_decode_fn(model, **kw)
+        generator = Generator(model, image_layout="NHWC", **kw)
+        enc = jax.block_until_ready(generator.encode(ids, pixels, mask))
+        fn = generator.decode_fn()
         out = {}
 
         def run():
@@ -506,7 +505,7 @@ def _document_bytes(n: int, seed: int = 0) -> list[bytes]:
 
 
 def bench_data(s: Settings) -> dict[str, Any]:
-    from florence_jax.testing.processor import build_tiny_processor
+    from florence_jax.tiny_processor import build_tiny_processor
     from train.config import PIXEL_DTYPE
     from train.data.pipeline import DataConfig, ExampleEncoder
 

@@ -278,7 +278,9 @@ class Florence2ForConditionalGeneration(nnx.Module):
         return push_to_hub(self, repo_id, **kwargs)
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
-        """Greedy or beam-search generation; see :func:`florence_jax.generation.generate`."""
+        """Greedy or beam-search generation, options as :class:`florence_jax.generation.GenerationOptions`
+        fields. Splits the model on every call: a loop over batches makes one
+        :class:`florence_jax.generation.Generator` instead."""
         from florence_jax.generation import generate
 
         return generate(self, input_ids, pixel_values, attention_mask, **kwargs)
