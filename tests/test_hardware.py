@@ -65,17 +65,30 @@ def _tower_program(model, x) -> str:
 
 def test_the_formulations_are_part_of_the_model_so_jit_caches_by_them(tiny_hf_dir):
     """One jitted function traced with a CPU-built tower, then a GPU-built one, then the CPU one again:
-    each trace is its hardware's program (the CPU's stores each block's residual stream behind an
-    optimization barrier, the GPU's does not), with no cache cleared in between."""
+    each trace is its hardware's program (the CPU's stores each block's residual stream through a division
+    by 1.0, which survives XLA's optimizations; the GPU's does not), with no cache cleared in between."""
     cpu = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
     gpu = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir, hardware="gpu")
     assert cpu.formulations == hardware.DEFAULTS["cpu"] and gpu.formulations == hardware.DEFAULTS["gpu"]
     x = jnp.asarray(tiny_batch(seed=1)["pixel_values"]).transpose(0, 2, 3, 1)
     fn = jax.jit(lambda t, x: t(x))
-    barriers = [fn.lower(m.model.vision_tower, x).as_text().count("optimization_barrier") for m in (cpu, gpu, cpu)]
-    assert barriers[0] == barriers[2] > 0 == barriers[1]
+    divides = [fn.lower(m.model.vision_tower, x).as_text().count("stablehlo.divide") for m in (cpu, gpu, cpu)]
+    assert divides[0] == divides[2] > divides[1]
+    compiled = [fn.lower(m.model.vision_tower, x).compile().as_text().count("divide(") for m in (cpu, gpu)]
+    assert compiled[0] > compiled[1]  # not folded away: the stored stream is in the program that runs
     # Both run here and agree: a formulation is a way to compute, not a different function.
     np.testing.assert_array_equal(np.asarray(fn(cpu.model.vision_tower, x)), np.asarray(fn(gpu.model.vision_tower, x)))
+
+
+def test_the_stored_stream_is_exact_whatever_the_runtime_scalar_holds():
+    """The division that stores the residual stream divides by exactly 1.0 for any runtime scalar, NaN and
+    infinities included (the scalar is a LayerNorm scale, which a diverged run can fill with them)."""
+    from florence_jax.modeling.davit import _residual_store
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 3)).astype(np.float32)) * 1e30
+    for scalar in (0.5, 0.0, -3e38, np.inf, -np.inf, np.nan):
+        out = jax.jit(_residual_store)(x, jnp.float32(scalar))
+        assert np.array_equal(np.asarray(out), np.asarray(x)), scalar
 
 
 def _tower_and_grads(model, x):

@@ -81,6 +81,11 @@ def create_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: int = 0,
     """Load (or randomly initialise) the model straight into its sharding on ``mesh``; then give rows to
     ``cfg.add_tokens`` and wrap ``lora.targets`` with adapters when ``lora.enabled``."""
     model = _create_base_model(cfg, mesh, tokenizer=tokenizer, seed=seed, min_shard_size=min_shard_size)
+    built_for, runs_on = model.formulations.platform, hardware.backend()
+    if built_for != runs_on:
+        log.warning("the model's programs are built for %s (config.model.hardware=%r) but run on %s: they "
+                    "compute the same, with that hardware's formulations; --config.model.hardware=%s uses "
+                    "this machine's", built_for, cfg.hardware, runs_on, runs_on)
     if cfg.add_tokens:
         if tokenizer is None:
             raise ValueError("config.model.add_tokens needs the tokenizer")
@@ -107,13 +112,11 @@ def _create_base_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: in
     if fc is None:
         model = Florence2ForConditionalGeneration.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            sharding_fn=param_sharding_fn(mesh, min_shard_size),
+            sharding_fn=param_sharding_fn(mesh, min_shard_size), hardware=cfg.hardware or None,
         )
-        loaded = model.config
         model.config = _apply_model_options(model.config, cfg)
         if (model.config.attention_impl != "xla" or model.config.remat_policy != "none" or cfg.dropout is not None
-                or cfg.drop_path_rate is not None or not cfg.scan_vision_blocks
-                or model.config.hardware != loaded.hardware):
+                or cfg.drop_path_rate is not None or not cfg.scan_vision_blocks):
             model = _rebuild_with_config(model, model.config)
         return model
     fc = _apply_model_options(fc, cfg)

@@ -76,18 +76,22 @@ def _grouped_conv3x3(x: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
     return out + b
 
 
-def _residual_store(x: jax.Array) -> jax.Array:
+def _residual_store(x: jax.Array, runtime: jax.Array) -> jax.Array:
     """``x`` itself, computed once and stored rather than recomputed by each consumer
     (``Formulations.store_vision_residuals``).
 
     XLA:CPU fuses cheap elementwise producers into every consumer, so it never stores the stream: the next
     depthwise conv's padded input, the LayerNorm and the next residual add each recompute it from earlier
     padded inputs, in the third stage dozens of shifted slices per element (docs/benchmarks.md gives the
-    cost). An optimization barrier is XLA's documented way to keep
-    a value from being fused across: its output is a buffer, produced once. It changes no bit of the
-    features, and is the identity for gradients.
+    cost). XLA's documented fusion fence, ``lax.optimization_barrier``, does not help: XLA:CPU removes it
+    before fusion, and the compiled program is the plain stream's (tests/test_hardware.py). A division is
+    expensive to XLA, so it computes one once and stores the result; dividing by a 1.0 it cannot fold keeps
+    every bit. The 1.0 is ``1 + 0 * float(isnan(runtime))`` for a runtime scalar: XLA simplifies neither a float
+    comparison of a value with itself nor a float product by 0, and it is exactly 1 whatever the scalar
+    holds (NaN and infinities included), where ``1 + 0 * runtime`` would be NaN for an infinite one.
     """
-    return jax.lax.optimization_barrier(x)
+    one = 1 + 0 * jnp.isnan(jax.lax.stop_gradient(runtime)).astype(x.dtype)  # a float product: not folded
+    return x / one
 
 
 def _drop_path(rate: float) -> nnx.Dropout | None:
@@ -218,7 +222,11 @@ class _DaViTBlockHalf(nnx.Module):
             return self._forward(x, rngs, drop_rate)
 
     def _forward(self, x: jax.Array, rngs, drop_rate) -> jax.Array:
-        store = _residual_store if self.store_residuals else (lambda t: t)
+        if self.store_residuals:
+            scalar = self.norm1.scale[...][0]
+            store = lambda t: _residual_store(t, scalar)  # noqa: E731
+        else:
+            store = lambda t: t  # noqa: E731
         b, h, w, c = x.shape
         x = store(self.conv1(x) + x)
         tokens = x.reshape(b, h * w, c)
