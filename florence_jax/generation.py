@@ -521,9 +521,8 @@ def _finish(out: DecodeOutput, return_scores: bool):
 class Generator:
     """Generation for one model: its graph definition and state, split once, with default options.
 
-    ``Generator(model, num_beams=3)`` splits ``model`` (``nnx.split`` walks the whole module graph: about
-    25-45 ms for the base model on a slow CPU core, a large share of a short generation on an accelerator)
-    and keeps the split: the graph and the arrays the model holds at that moment. Every call then runs on
+    ``Generator(model, num_beams=3)`` splits ``model`` (``nnx.split`` walks the whole module graph, a large
+    share of a short generation on an accelerator; docs/architecture.md) and keeps the split: the graph and the arrays the model holds at that moment. Every call then runs on
     them, whatever happens to ``model`` afterwards (new values or new structure): a changed model is taken
     up by :meth:`update`, new values for the same variables by assigning :attr:`state`. Kept arrays stay
     alive while the generator does, so a loop that changes the model between uses (training) makes a

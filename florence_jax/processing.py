@@ -230,9 +230,9 @@ def normalize_pixels(pixels, table, formulation: str | None = None):
     computes on the host: batches can travel as uint8 (a quarter of float32's bytes through data workers,
     batching and host-to-device copies) and become the model's input inside the jitted step.
 
-    On CPUs and GPUs this is a gather from the table (2 ms for two 768 px images on a 2-core CPU). TPUs
-    gather element by element: XLA's TPU cost model puts that gather at 1.7 s for eight 768 px images on
-    a v5e chip, against 0.17 ms for the formulation used there (``Formulations.pixel_normalize``, by
+    On CPUs and GPUs this is a gather from the table. TPUs gather element by element, which XLA's TPU
+    cost model puts at four orders of magnitude slower than the formulation used there
+    (docs/benchmarks.md; ``Formulations.pixel_normalize``, by
     default the backend's; ``formulation`` names it: ``"gather"`` or ``"one_hot"``): a one-hot
     product with the table, ``sum_v [pixel == v] * table[v, c]``, at full float32 precision. Each output is
     one table entry times 1.0 plus zeros, which is exact (the float32 product splits the entry into three

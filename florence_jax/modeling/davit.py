@@ -332,7 +332,7 @@ class DaViT(nnx.Module):
         stacked = [jnp.stack(ls) for ls in zip(*per_block)]
         # Small parameters (biases, LayerNorm and depthwise-conv weights) feed elementwise fusions. Sliced
         # from the stack inside the loop, the slice fuses into them and XLA:CPU computes it per element
-        # (the depthwise conv ran 5x slower than outside a loop); so there
+        # (docs/benchmarks.md: the depthwise convs ran several times slower); so there
         # (Formulations.carry_small_scan_params) each iteration receives the next block's small parameters
         # through the carry, sliced in the iteration before. Matmul weights are sliced in place: a dot does
         # not fuse its operands.

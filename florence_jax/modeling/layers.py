@@ -128,8 +128,8 @@ def attention(
     when no attention dropout is active.
 
     ``layout`` (``Formulations.attention_layout``) is the einsums' operand layout for inputs that are not
-    heads-major: ``"heads_major"`` transposes them first (XLA:CPU's batched matmuls are about 2.5x faster
-    on that layout than on (batch, length, heads, dim): DaViT stage-1 windows, 460 ms vs 1140 ms);
+    heads-major: ``"heads_major"`` transposes them first (XLA:CPU's batched matmuls are much faster on
+    that layout than on (batch, length, heads, dim); docs/benchmarks.md, "Formulations per backend");
     ``"sequence_major"`` contracts them as they are and leaves the layout to the compiler. BART keeps its
     keys, values and decoding cache heads-major, so nothing is transposed per step either way.
     """
