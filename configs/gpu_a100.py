@@ -37,6 +37,7 @@ def get_config() -> TrainConfig:
             num_workers=8,  # ~20 pages/s per worker (decode + resize): 8 feed ~140 examples/s (docs/scale-out.md)
         ),
         model=ModelConfig(
+            hardware="a100",  # the formulations and device facts (florence_jax.hardware)
             name_or_path="florence-community/Florence-2-base-ft",
             dtype="bfloat16",
             param_dtype="float32",

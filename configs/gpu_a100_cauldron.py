@@ -72,6 +72,7 @@ def get_config() -> TrainConfig:
             ),
         ),
         model=ModelConfig(
+            hardware="a100",  # the formulations and device facts (florence_jax.hardware)
             name_or_path="florence-community/Florence-2-base-ft",
             dtype="bfloat16",
             param_dtype="float32",

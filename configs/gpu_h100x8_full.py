@@ -29,6 +29,7 @@ def get_config() -> TrainConfig:
             num_workers=64,  # decoding pages; 3 suffice from a prepared dataset (docs/scale-out.md)
         ),
         model=ModelConfig(
+            hardware="h100",  # the formulations and device facts (florence_jax.hardware)
             name_or_path="florence-community/Florence-2-base-ft",
             dtype="bfloat16",
             param_dtype="float32",

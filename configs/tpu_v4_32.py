@@ -26,6 +26,7 @@ def get_config() -> TrainConfig:
             num_workers=16,
         ),
         model=ModelConfig(
+            hardware="v4",  # the formulations and device facts (florence_jax.hardware)
             name_or_path="florence-community/Florence-2-large-ft",
             dtype="bfloat16",
             param_dtype="float32",

@@ -27,6 +27,7 @@ def get_config() -> TrainConfig:
             num_workers=24,  # per host: 4 chips x ~90 examples/s at ~22 pages per worker (docs/scale-out.md)
         ),
         model=ModelConfig(
+            hardware="v5e",  # the formulations and device facts (florence_jax.hardware)
             name_or_path="florence-community/Florence-2-base-ft",
             dtype="bfloat16",
             param_dtype="float32",

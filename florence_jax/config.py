@@ -125,6 +125,9 @@ class Florence2Config:
     scan_vision_blocks: bool = True  # run a vision stage's blocks as one lax.scan (see DaViT._scan_stage)
     final_logits_bias: bool = False  # original layout: a frozen bias added to the logits
     mask_padded_vocab: bool = False  # original layout: rows >= num_real_tokens take no probability mass
+    # The hardware the program is built for: a spec ("cpu", "gpu:depthwise_conv=grouped"; None for the
+    # backend JAX runs on), resolved once by the model into florence_jax.hardware.Formulations.
+    hardware: Any = None
 
     def replace(self, **kw) -> Florence2Config:
         if "dtype" in kw:

@@ -2,13 +2,20 @@
 
 Design
 ------
-*One executable per (shapes, structural settings).* :func:`generate` splits the model with
-``nnx.split`` and calls a module-level ``jax.jit`` whose static arguments are the ``GraphDef`` and a
-small frozen :class:`DecodeStatic` (total length, number of beams, n-gram size, image layout). The
-parameters travel as a jit *argument*, so a fine-tuned or reloaded model reuses the executable and no
-weights are baked in as constants. Everything a user tunes per call without changing shapes (length
-penalty, early-stopping mode, forced BOS/EOS, EOS/pad ids, min length, the suppressed-token mask) is a
-traced :class:`DecodeControls` pytree, so sweeping those never recompiles.
+*A generator owns the split model.* A :class:`Generator` splits the model once (``nnx.split``) and
+keeps its ``GraphDef`` and state; it takes up a changed model only when told (:meth:`Generator.update`,
+or assigning :attr:`Generator.state`), so what it generates with is always the split it holds and no
+process-wide cache can serve an old one. Its options are one frozen :class:`GenerationOptions`, resolved
+against the checkpoint's :class:`GenerationConfig` in one place (:meth:`GenerationOptions.resolve`).
+:func:`generate` is one call of a generator made for it.
+
+*One executable per (shapes, structural settings).* The generator calls a module-level ``jax.jit`` whose
+static arguments are the ``GraphDef`` and a small frozen :class:`DecodeStatic` (total length, number of
+beams, n-gram size, image layout). The parameters travel as a jit *argument*, so a fine-tuned or
+reloaded model (or another generator of the same model) reuses the executable and no weights are baked
+in as constants. Everything a user tunes per call without changing shapes (length penalty,
+early-stopping mode, forced BOS/EOS, EOS/pad ids, min length, the suppressed-token mask) is a traced
+:class:`DecodeControls` pytree, so sweeping those never recompiles.
 
 *Encoder once, decoder incrementally.* Inside the executable the vision tower, projector and BART
 encoder run once; each decoder layer's cross-attention keys/values are projected once
@@ -51,7 +58,7 @@ takes over the parent's slot without moving anything; each further child is copi
 beam had no child (so sources and destinations never overlap). Only those rows are copied, in a
 ``while_loop`` as long as the number of copies, which is usually a small part of the cache. That is the
 CPU's way; on accelerators one gather of the whole cache is cheaper than a loop of small copies, and the
-slots simply stay in rank order (``_copy_slots_row_by_row``).
+slots simply stay in rank order (``Formulations.beam_cache_copy``).
 
 The loop ends when no row can improve, when every row is full under ``early_stopping=True``, or when
 every candidate hit a stopping criterion (max length). Logits processors run in transformers' order
@@ -65,9 +72,9 @@ longest returned sequence, so shape ``(batch, <= 1 + max_new_tokens)``.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any, NamedTuple
@@ -77,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from florence_jax import target
+from florence_jax.devices import to_host
 from florence_jax.generation_config import GenerationConfig
 from florence_jax.modeling.bart import LayerCache
 
@@ -121,99 +128,112 @@ class DecodeOutput(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------ settings
-def _generation_config(model) -> GenerationConfig:
-    gc = getattr(model, "generation_config", None)
-    return gc if gc is not None else GenerationConfig.from_model_config(model.config)
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Everything a generation call may set, in one place; unset fields take the checkpoint's value.
 
-
-def resolve_settings(
-    model,
-    *,
-    max_new_tokens: int | None = None,
-    max_length: int | None = None,
-    min_length: int | None = None,
-    min_new_tokens: int | None = None,
-    num_beams: int | None = None,
-    no_repeat_ngram_size: int | None = None,
-    early_stopping: bool | str | None = None,
-    length_penalty: float | None = None,
-    forced_bos_token_id: int | None | EllipsisType = _FROM_CONFIG,
-    forced_eos_token_id: int | None | EllipsisType = _FROM_CONFIG,
-    suppress_tokens: tuple[int, ...] | list[int] | None | EllipsisType = _FROM_CONFIG,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-    decoder_start_token_id: int | None = None,
-    image_layout: str = "NCHW",
-) -> tuple[DecodeStatic, DecodeControls]:
-    """Merge explicit arguments over ``model.generation_config`` the way transformers does.
-
-    Length: ``max_new_tokens`` wins over ``max_length``; ``max_length`` counts the decoder start token
-    (so ``max_length=L`` yields at most ``L - 1`` new tokens). With neither given anywhere, transformers
-    generates its default 20 new tokens.
+    ``None`` means "the checkpoint's :class:`GenerationConfig` value". For ``forced_bos_token_id``,
+    ``forced_eos_token_id`` and ``suppress_tokens`` None means "none", so "the checkpoint's" is the default
+    ``...`` instead. :meth:`resolve` merges these over a generation config the way transformers does.
+    Length: ``max_new_tokens`` wins over ``max_length``; ``max_length`` counts the decoder start token (so
+    ``max_length=L`` yields at most ``L - 1`` new tokens). With neither set anywhere, transformers generates
+    its default 20 new tokens. ``image_layout`` is the pixels' layout (``"NCHW"`` or ``"NHWC"``).
     """
-    gc = _generation_config(model)
-    if max_new_tokens is None and max_length is None:
-        max_new_tokens = gc.max_new_tokens
-        if max_new_tokens is None:
-            if gc.max_length is None:
-                max_new_tokens = _DEFAULT_NEW_TOKENS
-            else:
-                max_length = gc.max_length
-    if max_new_tokens is not None:
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        total = 1 + int(max_new_tokens)
-    else:
-        total = int(max_length)
-    if total < 2:
-        raise ValueError(f"max_length={total} leaves no room after the decoder start token")
-    max_positions = model.config.text_config.max_position_embeddings
-    if total - 1 > max_positions:
-        raise ValueError(f"generation needs {total - 1} decoder positions; the model has {max_positions}")
 
-    num_beams = int(gc.num_beams if num_beams is None else num_beams)
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    ngram = int(gc.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size)
-    early_stopping = gc.early_stopping if early_stopping is None else early_stopping
-    if isinstance(early_stopping, str):
-        if early_stopping != "never":
-            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    else:
-        early_stopping = bool(early_stopping)
-    length_penalty = gc.length_penalty if length_penalty is None else length_penalty
-    forced_bos = gc.forced_bos_token_id if forced_bos_token_id is _FROM_CONFIG else forced_bos_token_id
-    forced_eos = gc.forced_eos_token_id if forced_eos_token_id is _FROM_CONFIG else forced_eos_token_id
-    suppress = gc.suppress_tokens if suppress_tokens is _FROM_CONFIG else (suppress_tokens or ())
-    eos = gc.eos_token_id if eos_token_id is None else eos_token_id
-    pad = gc.pad_token_id if pad_token_id is None else pad_token_id
-    pad = eos if pad is None else pad  # transformers falls back to EOS (with a warning)
-    start = gc.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
-    min_len = max(int(min_length or 0), 1 + int(min_new_tokens) if min_new_tokens else 0)
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    min_length: int | None = None
+    min_new_tokens: int | None = None
+    num_beams: int | None = None
+    no_repeat_ngram_size: int | None = None
+    early_stopping: bool | str | None = None
+    length_penalty: float | None = None
+    forced_bos_token_id: int | None | EllipsisType = _FROM_CONFIG
+    forced_eos_token_id: int | None | EllipsisType = _FROM_CONFIG
+    suppress_tokens: tuple[int, ...] | None | EllipsisType = _FROM_CONFIG
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    image_layout: str = "NCHW"
 
-    vocab = model.config.text_config.vocab_size
-    mask = np.zeros((vocab,), bool)
-    mask[[t for t in suppress if 0 <= t < vocab]] = True
+    def __post_init__(self):
+        if self.suppress_tokens not in (None, _FROM_CONFIG):  # any iterable of ids, kept hashable
+            object.__setattr__(self, "suppress_tokens", tuple(int(t) for t in self.suppress_tokens))
 
-    def denominators(lengths: list[int]) -> np.ndarray:
-        # Python's int ** float in double, rounded to float32: what ``tensor / python_float`` divides by.
-        return np.asarray([float(n**length_penalty) if n > 0 else 1.0 for n in lengths], np.float32)
+    def replace(self, **changes: Any) -> GenerationOptions:
+        """A copy with ``changes``; a name that is not an option is a ``TypeError``."""
+        return dataclasses.replace(self, **changes) if changes else self
 
-    finish = denominators(list(range(total + 1)))
-    if early_stopping == "never" and length_penalty > 0.0:
-        heuristic = denominators([total - 1] * (total + 1))
-    else:
-        heuristic = denominators([max(n - 1, 0) for n in range(total + 1)])
+    def resolve(self, gc: GenerationConfig, text_config) -> tuple[DecodeStatic, DecodeControls]:
+        """The compiled (:class:`DecodeStatic`) and traced (:class:`DecodeControls`) settings of a call on a
+        model whose text config is ``text_config`` and whose generation config is ``gc``."""
+        max_new_tokens, max_length = self.max_new_tokens, self.max_length
+        if max_new_tokens is None and max_length is None:
+            max_new_tokens = gc.max_new_tokens
+            if max_new_tokens is None:
+                if gc.max_length is None:
+                    max_new_tokens = _DEFAULT_NEW_TOKENS
+                else:
+                    max_length = gc.max_length
+        if max_new_tokens is not None:
+            if max_new_tokens <= 0:
+                raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+            total = 1 + int(max_new_tokens)
+        else:
+            total = int(max_length)
+        if total < 2:
+            raise ValueError(f"max_length={total} leaves no room after the decoder start token")
+        max_positions = text_config.max_position_embeddings
+        if total - 1 > max_positions:
+            raise ValueError(f"generation needs {total - 1} decoder positions; the model has {max_positions}")
 
-    i32 = np.int32
-    controls = DecodeControls(
-        eos=i32(eos), pad=i32(pad), fill=i32(pad if pad else eos), start=i32(start),
-        forced_bos=i32(-1 if forced_bos is None else forced_bos),
-        forced_eos=i32(-1 if forced_eos is None else forced_eos),
-        min_length=i32(min_len), suppress=mask, early_stop_true=np.bool_(early_stopping is True),
-        finish_denom=finish, heuristic_denom=heuristic,
-    )
-    return DecodeStatic(total, num_beams, ngram, image_layout), controls
+        num_beams = int(gc.num_beams if self.num_beams is None else self.num_beams)
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        ngram = int(gc.no_repeat_ngram_size if self.no_repeat_ngram_size is None else self.no_repeat_ngram_size)
+        early_stopping = gc.early_stopping if self.early_stopping is None else self.early_stopping
+        if isinstance(early_stopping, str):
+            if early_stopping != "never":
+                raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+        else:
+            early_stopping = bool(early_stopping)
+        length_penalty = gc.length_penalty if self.length_penalty is None else self.length_penalty
+
+        def or_config(value, config_value):
+            return config_value if value is _FROM_CONFIG else value
+
+        forced_bos = or_config(self.forced_bos_token_id, gc.forced_bos_token_id)
+        forced_eos = or_config(self.forced_eos_token_id, gc.forced_eos_token_id)
+        suppress = or_config(self.suppress_tokens, gc.suppress_tokens) or ()
+        eos = gc.eos_token_id if self.eos_token_id is None else self.eos_token_id
+        pad = gc.pad_token_id if self.pad_token_id is None else self.pad_token_id
+        pad = eos if pad is None else pad  # transformers falls back to EOS (with a warning)
+        start = gc.decoder_start_token_id if self.decoder_start_token_id is None else self.decoder_start_token_id
+        min_len = max(int(self.min_length or 0), 1 + int(self.min_new_tokens) if self.min_new_tokens else 0)
+
+        vocab = text_config.vocab_size
+        mask = np.zeros((vocab,), bool)
+        mask[[t for t in suppress if 0 <= t < vocab]] = True
+
+        def denominators(lengths: list[int]) -> np.ndarray:
+            # Python's int ** float in double, rounded to float32: what ``tensor / python_float`` divides by.
+            return np.asarray([float(n**length_penalty) if n > 0 else 1.0 for n in lengths], np.float32)
+
+        finish = denominators(list(range(total + 1)))
+        if early_stopping == "never" and length_penalty > 0.0:
+            heuristic = denominators([total - 1] * (total + 1))
+        else:
+            heuristic = denominators([max(n - 1, 0) for n in range(total + 1)])
+
+        i32 = np.int32
+        controls = DecodeControls(
+            eos=i32(eos), pad=i32(pad), fill=i32(pad if pad else eos), start=i32(start),
+            forced_bos=i32(-1 if forced_bos is None else forced_bos),
+            forced_eos=i32(-1 if forced_eos is None else forced_eos),
+            min_length=i32(min_len), suppress=mask, early_stop_true=np.bool_(early_stopping is True),
+            finish_denom=finish, heuristic_denom=heuristic,
+        )
+        return DecodeStatic(total, num_beams, ngram, self.image_layout), controls
 
 
 # ------------------------------------------------------------------------------------------ processors
@@ -305,17 +325,6 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _copy_slots_row_by_row() -> bool:
-    """Whether beam search copies only the cache rows of extra children (``_inherit_slots``), one by one.
-
-    On XLA:CPU that removes most of a step's cache traffic (base size, 4 x 3 beams, 256 new tokens: the
-    full gather took about a fifth of a step). On GPUs and TPUs a loop of small copies costs a kernel
-    launch (and, on a GPU, a host round trip for the loop condition) per row, far more than one gather of
-    the whole cache at their memory bandwidth, so there the cache is gathered as transformers does.
-    """
-    return target.platform() == "cpu"
-
-
 def _inherit_slots(cache: list[LayerCache], slot_of: jax.Array, parent: jax.Array,
                    row_offset: jax.Array) -> tuple[list[LayerCache], jax.Array]:
     """New ``slot_of`` for the beams whose parents (ranks) are ``parent``, copying only the cache rows of
@@ -381,7 +390,12 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
         cache=decoder.init_cache(batch * nb, total - 1, model.config.dtype),
         slot_of=jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (batch, nb)), done=jnp.bool_(False),
     )
-    row_by_row = _copy_slots_row_by_row()  # else slot_of stays the identity and nothing is permuted
+    # Copying only the cache rows of extra children saves the CPU most of a step's cache traffic; on an
+    # accelerator a loop of small copies costs a kernel launch (and, on a GPU, a host round trip for the
+    # loop condition) per row, more than one gather of the whole cache at its memory bandwidth, so there
+    # the cache is gathered as transformers does (Formulations.beam_cache_copy). With the gather, slot_of
+    # stays the identity and nothing is permuted.
+    row_by_row = model.formulations.beam_cache_copy == "row_by_row"
 
     def body(st: _BeamState) -> _BeamState:
         cur_len = st.cur_len
@@ -481,128 +495,131 @@ def _encode_jit(graphdef, image_layout: str, state, input_ids, pixel_values, att
 
 
 # ------------------------------------------------------------------------------------------ public API
-# id(model) -> (graphdef, state), inside split_once. The caller's block holds the model, so its id stays its own.
-_SPLITS: dict[int, tuple[Any, Any]] = {}
-
-
-@contextlib.contextmanager
-def split_once(model, split: tuple[Any, Any] | None = None) -> Iterator[None]:
-    """Inside the block, :func:`generate`, :func:`encode` and :func:`make_decode_fn` reuse one
-    ``nnx.split`` of ``model`` instead of splitting it on every call.
-
-    Splitting walks the whole module graph: about 25-45 ms for the base model on a slow CPU core, a large
-    share of a short generation on an accelerator. For loops over batches (evaluation) whose model does not
-    change inside the block; nested blocks for the same model reuse the outer split. A loop that yields
-    between calls passes ``split`` (an ``nnx.split(model)`` made once) and enters the block around each
-    call, so no split outlives a call.
-    """
-    key = id(model)
-    if key in _SPLITS:
-        yield
-        return
-    _SPLITS[key] = split if split is not None else nnx.split(model)
-    try:
-        yield
-    finally:
-        _SPLITS.pop(key, None)
-
-
-def _split(model):
-    return _SPLITS.get(id(model)) or nnx.split(model)
-
-
 def _ids(x) -> np.ndarray | jax.Array:
     return x.astype(jnp.int32) if isinstance(x, jax.Array) else np.asarray(x, np.int32)
 
 
-def _host(x) -> np.ndarray:
-    """The whole array as numpy on every process (gathered when it spans other processes' devices)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
+def _mask(attention_mask) -> np.ndarray | jax.Array | None:
+    return None if attention_mask is None else _ids(attention_mask)
 
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+
+def _detached(state: nnx.State) -> nnx.State:
+    """The same arrays in variables of their own. ``nnx.split`` returns the model's own variable objects, so
+    ``nnx.update(model, ...)`` would change a kept split behind the generator's back; new variables holding
+    the current arrays (no device copy) keep what the generator was given."""
+    return jax.tree.map(lambda x: x, state)
 
 
 def _finish(out: DecodeOutput, return_scores: bool):
-    length = int(_host(out.length))
-    sequences = _host(out.sequences)[:, :length]
+    length = int(to_host(out.length))
+    sequences = to_host(out.sequences)[:, :length]
     if not return_scores:
         return sequences
-    return sequences, None if out.scores is None else _host(out.scores)
+    return sequences, None if out.scores is None else to_host(out.scores)
 
 
-def generate(
-    model,
-    input_ids,
-    pixel_values=None,
-    attention_mask=None,
-    *,
-    max_new_tokens: int | None = None,
-    max_length: int | None = None,
-    min_length: int | None = None,
-    min_new_tokens: int | None = None,
-    num_beams: int | None = None,
-    no_repeat_ngram_size: int | None = None,
-    early_stopping: bool | str | None = None,
-    length_penalty: float | None = None,
-    forced_bos_token_id: int | None | EllipsisType = _FROM_CONFIG,
-    forced_eos_token_id: int | None | EllipsisType = _FROM_CONFIG,
-    suppress_tokens: tuple[int, ...] | list[int] | None | EllipsisType = _FROM_CONFIG,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-    decoder_start_token_id: int | None = None,
-    image_layout: str = "NCHW",
-    return_scores: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
-    """Greedy (``num_beams=1``) or beam search, matching transformers' ``generate()`` token for token.
+class Generator:
+    """Generation for one model: its graph definition and state, split once, with default options.
 
-    Unset arguments come from ``model.generation_config``. Prompts may be right-padded; pass their
-    ``attention_mask`` (without one the encoder attends to every position, as transformers does).
-    Returns int32 ``(batch, <= 1 + max_new_tokens)`` sequences starting with the decoder start token,
-    pad after EOS; with ``return_scores`` also the beam ``sequences_scores`` (None for greedy, which
-    transformers does not score). Compiled once per (input shapes, ``DecodeStatic``); see the module
-    docstring.
+    ``Generator(model, num_beams=3)`` splits ``model`` (``nnx.split`` walks the whole module graph, a large
+    share of a short generation on an accelerator; docs/architecture.md) and keeps the split: the graph and the arrays the model holds at that moment. Every call then runs on
+    them, whatever happens to ``model`` afterwards (new values or new structure): a changed model is taken
+    up by :meth:`update`, new values for the same variables by assigning :attr:`state`. Kept arrays stay
+    alive while the generator does, so a loop that changes the model between uses (training) makes a
+    generator per use rather than keeping one. Nothing is cached outside the object; the compiled programs
+    are shared by every generator (keyed by graph definition, shapes and :class:`DecodeStatic`).
+
+    Options given at construction (a :class:`GenerationOptions` and/or its fields as keywords) are the
+    defaults of every call; a call's keywords override them for that call. Either way a name that is not a
+    field of :class:`GenerationOptions` is a ``TypeError``.
     """
-    static, controls = resolve_settings(
-        model, max_new_tokens=max_new_tokens, max_length=max_length, min_length=min_length,
-        min_new_tokens=min_new_tokens, num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
-        early_stopping=early_stopping, length_penalty=length_penalty, forced_bos_token_id=forced_bos_token_id,
-        forced_eos_token_id=forced_eos_token_id, suppress_tokens=suppress_tokens, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id, image_layout=image_layout,
-    )
-    graphdef, state = _split(model)
-    mask = None if attention_mask is None else _ids(attention_mask)
-    out = _generate_jit(graphdef, static, state, _ids(input_ids), pixel_values, mask, controls)
-    return _finish(out, return_scores)
+
+    def __init__(self, model, options: GenerationOptions | None = None, **overrides: Any):
+        self.options = (options or GenerationOptions()).replace(**overrides)
+        self.update(model)
+
+    def update(self, model) -> None:
+        """Take ``model`` as it is now: its graph definition, state, config and generation config."""
+        self._graphdef, state = nnx.split(model)
+        self._state = _detached(state)
+        gc = getattr(model, "generation_config", None)
+        self.generation_config = gc if gc is not None else GenerationConfig.from_model_config(model.config)
+        self.text_config = model.config.text_config
+
+    @property
+    def state(self) -> nnx.State:
+        """The parameters (and other variables) generation runs with."""
+        return self._state
+
+    @state.setter
+    def state(self, state: nnx.State) -> None:
+        """Swap in new values for the same variables (same tree, shapes and dtypes), e.g. trained parameters;
+        a model whose structure changed is taken up by :meth:`update` instead."""
+        if jax.tree.structure(state) != jax.tree.structure(self._state):
+            raise ValueError("the new state's variables are not the generator's: use update(model) for a "
+                             "model whose structure changed")
+
+        def kind(x):
+            return jnp.shape(x), getattr(x, "dtype", type(x))
+
+        for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(self._state)):
+            if kind(new) != kind(old):
+                raise ValueError(f"{jax.tree_util.keystr(path)}: the new state's (shape, dtype) is {kind(new)} "
+                                 f"where the generator's is {kind(old)}")
+        self._state = _detached(state)
+
+    def resolve(self, **options: Any) -> tuple[DecodeStatic, DecodeControls]:
+        """The settings of a call with ``options`` over the generator's, resolved against the generation
+        config."""
+        return self.options.replace(**options).resolve(self.generation_config, self.text_config)
+
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, return_scores: bool = False,
+                 **options: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+        """Greedy (``num_beams=1``) or beam search, matching transformers' ``generate()`` token for token.
+
+        Prompts may be right-padded; pass their ``attention_mask`` (without one the encoder attends to
+        every position, as transformers does). Returns int32 ``(batch, <= 1 + max_new_tokens)`` sequences
+        starting with the decoder start token, pad after EOS; with ``return_scores`` also the beam
+        ``sequences_scores`` (None for greedy, which transformers does not score). Compiled once per
+        (input shapes, ``DecodeStatic``); see the module docstring.
+        """
+        static, controls = self.resolve(**options)
+        out = _generate_jit(self._graphdef, static, self._state, _ids(input_ids), pixel_values,
+                            _mask(attention_mask), controls)
+        return _finish(out, return_scores)
+
+    def encode(self, input_ids, pixel_values=None, attention_mask=None, *,
+               image_layout: str | None = None) -> jax.Array:
+        """Vision tower + projector + encoder under jit: the input of :meth:`generate_from_encoder`."""
+        layout = self.options.image_layout if image_layout is None else image_layout
+        return _encode_jit(self._graphdef, layout, self._state, _ids(input_ids), pixel_values,
+                           _mask(attention_mask))
+
+    def generate_from_encoder(self, encoder_hidden_states, attention_mask=None, *, return_scores: bool = False,
+                              **options: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`__call__` from precomputed encoder outputs (same options), decoder loop only."""
+        return _finish(self.decode_fn(**options)(encoder_hidden_states, attention_mask), return_scores)
+
+    def decode_fn(self, **options: Any) -> Callable[..., DecodeOutput]:
+        """The jitted decode loop bound to the current state and these options, for benchmarking.
+
+        ``fn(encoder_hidden_states, attention_mask=None)`` returns a :class:`DecodeOutput` of device arrays
+        without a host sync (call ``jax.block_until_ready`` on it to time the decoder alone).
+        """
+        static, controls = self.resolve(**options)
+        graphdef, state = self._graphdef, self._state
+
+        def fn(encoder_hidden_states, attention_mask=None) -> DecodeOutput:
+            return _decode_jit(graphdef, static, state, encoder_hidden_states, _mask(attention_mask), controls)
+
+        return fn
 
 
-def encode(model, input_ids, pixel_values=None, attention_mask=None, *, image_layout: str = "NCHW") -> jax.Array:
-    """Vision tower + projector + encoder under jit: the input of :func:`generate_from_encoder`."""
-    graphdef, state = _split(model)
-    mask = None if attention_mask is None else _ids(attention_mask)
-    return _encode_jit(graphdef, image_layout, state, _ids(input_ids), pixel_values, mask)
+def generate(model, input_ids, pixel_values=None, attention_mask=None, *, return_scores: bool = False,
+             **options: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+    """One call of a :class:`Generator` made for it: ``Generator(model)(input_ids, ..., **options)``.
 
-
-def generate_from_encoder(model, encoder_hidden_states, attention_mask=None, *, return_scores: bool = False,
-                          **kwargs: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
-    """:func:`generate` from precomputed encoder outputs (same keyword arguments), decoder loop only."""
-    fn = make_decode_fn(model, **kwargs)
-    return _finish(fn(encoder_hidden_states, attention_mask), return_scores)
-
-
-def make_decode_fn(model, **kwargs: Any) -> Callable[..., DecodeOutput]:
-    """Bind the model's current parameters and settings to the jitted decode loop, for benchmarking.
-
-    ``fn(encoder_hidden_states, attention_mask=None)`` returns a :class:`DecodeOutput` of device arrays
-    without a host sync (call ``jax.block_until_ready`` on it to time the decoder alone). Accepts the
-    keyword arguments of :func:`generate` except ``pixel_values``/``return_scores``.
+    Unset options come from ``model.generation_config``. Loops over batches make one :class:`Generator`
+    instead, which splits the model once.
     """
-    static, controls = resolve_settings(model, **kwargs)
-    graphdef, state = _split(model)
-
-    def fn(encoder_hidden_states, attention_mask=None) -> DecodeOutput:
-        mask = None if attention_mask is None else _ids(attention_mask)
-        return _decode_jit(graphdef, static, state, encoder_hidden_states, mask, controls)
-
-    return fn
+    return Generator(model)(input_ids, pixel_values, attention_mask, return_scores=return_scores, **options)

@@ -24,7 +24,6 @@ computation); importing JAX is fine. Called later, the page faults stay.
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import platform
 
@@ -33,16 +32,14 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 _applied = False
-_ACCELERATOR_NODES = ("/dev/nvidia*", "/dev/kfd", "/dev/accel*", "/dev/vfio/[0-9]*")
 
 
 def will_run_on_cpu() -> bool:
-    """Whether JAX's programs will run on the CPU, decided without starting a backend: ``JAX_PLATFORMS``
-    names ``cpu`` first, or it is unset and the machine has no GPU or TPU device node."""
-    wanted = os.environ.get("JAX_PLATFORMS", "").strip()
-    if wanted:
-        return wanted.split(",")[0].strip() == "cpu"
-    return not any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
+    """Whether JAX's programs will run on the CPU, decided without starting a backend
+    (:func:`florence_jax.hardware.predicted_backend`)."""
+    from florence_jax.hardware import predicted_backend
+
+    return predicted_backend() == "cpu"
 
 
 def retain_freed_memory(only_on_cpu: bool = True) -> bool:

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from florence_jax.devices import to_host
+
 LM_HEAD = "lm_head"
 # Dotted parameter paths of adapter weights (what the optimizer trains when adapters are present).
 LORA_PARAM_RE = re.compile(r"(^|\.)lora\.lora_[ab]$")
@@ -190,19 +192,13 @@ def _plain_model(model, merge: bool):
     return plain
 
 
-def _to_numpy(x) -> np.ndarray:
-    from florence_jax.weights.export import _to_numpy as gather
-
-    return gather(x)
-
-
 def peft_state_dict(model) -> dict[str, np.ndarray]:
     """Adapter weights under peft's names: ``base_model.model.<module>.lora_A.weight`` (r, in) and
     ``.lora_B.weight`` (out, r), as torch's nn.Linear stores them."""
     out = {}
     for p, m in lora_modules(model).items():
-        out[f"base_model.model.{p}.lora_A.weight"] = np.ascontiguousarray(_to_numpy(m.lora.lora_a.get_value()).T)
-        out[f"base_model.model.{p}.lora_B.weight"] = np.ascontiguousarray(_to_numpy(m.lora.lora_b.get_value()).T)
+        out[f"base_model.model.{p}.lora_A.weight"] = np.ascontiguousarray(to_host(m.lora.lora_a.get_value()).T)
+        out[f"base_model.model.{p}.lora_B.weight"] = np.ascontiguousarray(to_host(m.lora.lora_b.get_value()).T)
     return out
 
 

@@ -46,10 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from florence_jax.generation import split_once
+from florence_jax.generation import Generator
 from florence_jax.generation_config import describe_settings
 from florence_jax.postprocess import TASKS, post_process_generation
 from florence_jax.processing import load_processor, prepare_inputs, to_rgb
@@ -244,7 +243,8 @@ def iter_predict(
         return out
 
     batches = list(_chunks(items, batch_size))
-    split = nnx.split(model)  # once for all batches (the model must not change while this iterates)
+    # The model as it is now, split once for all batches: a change to it while this iterates is not seen.
+    generator = Generator(model, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
         total=len(items), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True
     ) as bar:
@@ -260,11 +260,7 @@ def iter_predict(
                 except ValueError as e:  # e.g. a prompt transformers' processor rejects
                     raise PredictError(f"the processor rejected prompt {prompt!r}: {_one_line(e)}") from e
                 inputs = _pad_rows(_pad_prompt(inputs, prompt_multiple, pad_id), batch_size)
-                with split_once(model, split):  # entered per call: this generator yields between calls
-                    sequences = model.generate(
-                        inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                        max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs,
-                    )
+                sequences = generator(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
                 rows = _trim_after_eos(np.asarray(sequences)[: len(good)], eos)
                 texts = processor.batch_decode(rows, skip_special_tokens=False)
             generated_texts = iter(texts)
@@ -307,7 +303,8 @@ def predict(
         progress: show a tqdm bar on stderr.
         prompt_multiple: prompts are right-padded (masked) to a multiple of this many tokens, so calls
             with different questions of similar length reuse one compiled program; 1 disables it.
-        generate_kwargs: passed on to ``model.generate`` (``no_repeat_ngram_size``, ...).
+        generate_kwargs: more generation options, fields of
+            :class:`~florence_jax.generation.GenerationOptions` (``no_repeat_ngram_size``, ...).
 
     Returns:
         ``{"image": path or None for PIL input, "task": task, "result": {task: answer}, "text": raw}``

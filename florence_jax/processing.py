@@ -223,16 +223,17 @@ class ImageTransform:
         return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)) if channels_first else stacked
 
 
-def normalize_pixels(pixels, table):
+def normalize_pixels(pixels, table, formulation: str | None = None):
     """uint8 ``(..., 3)`` pixels -> float32 model input, on the device: ``table[pixels[..., c], c]``.
 
     ``table`` is an :class:`ImageTransform`'s ``table``, so the result is bit for bit what the transform
     computes on the host: batches can travel as uint8 (a quarter of float32's bytes through data workers,
     batching and host-to-device copies) and become the model's input inside the jitted step.
 
-    On CPUs and GPUs this is a gather from the table (2 ms for two 768 px images on a 2-core CPU). TPUs
-    gather element by element: XLA's TPU cost model puts that gather at 1.7 s for eight 768 px images on
-    a v5e chip, against 0.17 ms for the formulation used there (``florence_jax.target``): a one-hot
+    On CPUs and GPUs this is a gather from the table. TPUs gather element by element, which XLA's TPU
+    cost model puts at four orders of magnitude slower than the formulation used there
+    (docs/benchmarks.md; ``Formulations.pixel_normalize``, by
+    default the backend's; ``formulation`` names it: ``"gather"`` or ``"one_hot"``): a one-hot
     product with the table, ``sum_v [pixel == v] * table[v, c]``, at full float32 precision. Each output is
     one table entry times 1.0 plus zeros, which is exact (the float32 product splits the entry into three
     bfloat16 parts whose sum is the entry), so both give the same bits.
@@ -240,14 +241,15 @@ def normalize_pixels(pixels, table):
     import jax
     import jax.numpy as jnp
 
-    from florence_jax import target
+    from florence_jax import hardware
 
+    formulation = formulation or hardware.resolve().pixel_normalize
     table = jnp.asarray(table, jnp.float32)
     if table.shape != (256, 3):
         raise ValueError(f"a pixel table is (256, 3), got {table.shape}")
     if pixels.dtype != jnp.uint8:
         raise TypeError(f"normalize_pixels takes uint8 pixels, got {pixels.dtype}")
-    if target.platform() == "tpu":
+    if formulation == "one_hot":
         onehot = (pixels[..., None] == jnp.arange(256, dtype=jnp.uint8)).astype(jnp.bfloat16)
         return jnp.einsum("...cv,vc->...c", onehot, table, precision=jax.lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)

@@ -44,14 +44,14 @@ def resize_for_tokens(model, new_ids: Sequence[int], num_tokens: int, *, shardin
     ``num_tokens`` is the tokenizer's length after adding; ids at or above it are suppressed in generation.
     ``sharding_fn(path, shape)`` places a grown embedding (default: the old one's sharding when it fits).
     """
-    from florence_jax.weights.export import _to_numpy
+    from florence_jax.devices import to_host
 
     new_ids = sorted(set(int(i) for i in new_ids))
     if not new_ids:
         return model
     cfg = model.config
     shared = model.model.language_model.shared
-    old = _to_numpy(shared.embedding.get_value())
+    old = to_host(shared.embedding.get_value())
     old_vocab = old.shape[0]
     first_new = new_ids[0]
     need = max(new_ids[-1] + 1, num_tokens)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 
-from florence_jax import target
+from florence_jax import hardware
 from florence_jax.config import PRESETS, resolve_dtype
+from florence_jax.devices import CompiledMemory, compiled_memory
 from florence_jax.processing import ImageTransform
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.config import PIXEL_DTYPE, TrainConfig
@@ -82,10 +84,12 @@ def abstract_batch(cfg: TrainConfig, fc, sharding):
 def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -> dict:
     """Lower and compile the config's train step for ``devices``; return memory figures in bytes.
 
-    ``platform`` (``cpu``, ``gpu``, ``tpu``) is the one the step is traced for (``florence_jax.target``):
-    a GPU config compiled on simulated CPU devices traces the GPU's program. Default: the devices'.
+    The step is traced for the config's hardware (``cfg.model.hardware``, see :mod:`florence_jax.hardware`),
+    or for ``platform`` when given (a TPU topology's); with neither, for the devices'. A GPU config
+    compiled on simulated CPU devices so traces the GPU's program: the formulations are part of the model.
     """
-    fc = model_config_of(cfg)
+    formulations = hardware.resolve(cfg.model.hardware, platform=platform, auto=devices[0].platform)
+    fc = model_config_of(cfg).replace(hardware=formulations)
     data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp
     mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])
     table = ImageTransform(size=(cfg.data.image_size, cfg.data.image_size)).table  # Florence-2's processor
@@ -96,19 +100,11 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=repl)
     step = jit_train_step(fns, state, bsh)
-    platform = platform or devices[0].platform
     t0 = time.time()
-    with target.compiling_for(platform):
-        lowered = step.lower(state, batch, key)
+    lowered = step.lower(state, batch, key)
     compiled = lowered.compile()
     seconds = time.time() - t0
-    mem = compiled.memory_analysis()
-    out = {"mesh": dict(mesh.shape), "compile_seconds": seconds, "dtype": str(resolve_dtype(cfg.model.dtype)),
-           "platform": platform}
-    names = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
-             "temp": "temp_size_in_bytes", "alias": "alias_size_in_bytes"}
-    for k, attr in names.items():
-        out[k] = int(getattr(mem, attr, 0) or 0) if mem is not None else 0
-    # Donated state aliases the output: count it once.
-    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
+    mem = compiled_memory(compiled) or CompiledMemory(0, 0, 0, 0)
+    return {"mesh": dict(mesh.shape), "compile_seconds": seconds, "dtype": str(resolve_dtype(cfg.model.dtype)),
+            "platform": formulations.platform, "hardware": formulations.spec(), **dataclasses.asdict(mem),
+            "total": mem.total}

@@ -8,8 +8,9 @@ names containing "large" use Florence-2-large, others base), the batch is abstra
 shapes, and the step is lowered with the config's mesh and shardings. With ``--topology`` the target is
 a TPU slice described by libtpu (``jax.experimental.topologies``), so a user learns before renting the
 pod whether the step compiles and fits its HBM. Exit code 1 when it does not fit. The step is traced for
-the target's platform (``--platform``; by default tpu with ``--topology``, gpu for a config named for a
-GPU), so the CPU-only formulations (``florence_jax.target``) stay out of a GPU or TPU program.
+the config's hardware (``config.model.hardware``: ``a100``, ``h100``, ``v4``, ...; a TPU with
+``--topology``; ``--platform`` to choose), so the CPU's formulations (``florence_jax.hardware``) stay
+out of a GPU or TPU program; the memory checked against is the named device's (``--hbm_gib`` to choose).
 """
 
 from __future__ import annotations
@@ -18,19 +19,17 @@ import argparse
 import os
 import sys
 
-# HBM per chip in GiB (public figures).
-HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32, "a100": 40, "h100": 80}
-
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m scripts.aot_compile", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--topology", help="TPU topology, e.g. v5e:4x4, v4:2x2x4, v5p:2x2x2 (needs libtpu)")
-    p.add_argument("--hbm_gib", type=float, help="memory per device to check against (default: by chip/config)")
+    p.add_argument("--hbm_gib", type=float,
+                   help="memory per device to check against (default: the topology's chip or the config's device)")
     p.add_argument("--cpu_devices", type=int, help="simulated CPU devices (default: the config's mesh size)")
     p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
-                   help="platform whose program is traced (default: tpu with --topology, gpu for a config "
-                        "named for a GPU, else cpu)")
+                   help="platform whose program is traced (default: tpu with --topology, else the config's "
+                        "model.hardware, else the devices')")
     return p.parse_known_args(argv)
 
 
@@ -52,11 +51,14 @@ def main(argv=None) -> int:
         # libtpu would still try (and noisily fail) to find a TPU.
         jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS", "cpu"))
 
+    from florence_jax import hardware
     from scripts.aot import compile_train_step, target_devices
 
     devices, chip = target_devices(args.topology)
-    hbm = args.hbm_gib or HBM_GIB.get(chip) or _gpu_hbm_from_name(args.config)
-    platform = args.platform or _platform_of(args.config, args.topology)
+    platform = args.platform or (chip if args.topology else None)
+    formulations = hardware.resolve(cfg.model.hardware, platform=platform, auto=devices[0].platform)
+    spec = hardware.device_spec(chip if args.topology else formulations.device)
+    hbm = args.hbm_gib or (spec.hbm_gib if spec else None)
     target = args.topology or f"{len(devices)} x {devices[0].platform}"
     header = (f"config       {args.config}  ({cfg.model.name_or_path}, batch {cfg.batch_size}, "
               f"{cfg.data.image_size}px, freeze={list(cfg.optim.freeze)})")
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
         return 1
     print(header)
     print(f"target       {target}  mesh {report['mesh']}")
-    print(f"program      traced for {report['platform']}")
+    print(f"program      traced for {report['platform']} (hardware {report['hardware']})")
     print(f"compiled in  {report['compile_seconds']:.1f}s")
     gib = 1024**3
     for k in ("argument", "output", "temp", "alias", "total"):
@@ -90,21 +92,6 @@ def main(argv=None) -> int:
 def _mesh_size(cfg) -> int:
     d, f = cfg.mesh.data, cfg.mesh.fsdp
     return (d if d > 0 else 1) * f
-
-
-def _platform_of(config: str, topology: str | None) -> str:
-    """The platform a config is for: a TPU slice with ``--topology``, a GPU for a config named for one."""
-    if topology:
-        return "tpu"
-    name = os.path.basename(config).lower()
-    return "gpu" if any(k in name for k in ("gpu", "a100", "h100", "h200")) else "cpu"
-
-
-def _gpu_hbm_from_name(name: str) -> float | None:
-    for chip in ("a100", "h100"):
-        if chip in name:
-            return HBM_GIB[chip]
-    return None
 
 
 if __name__ == "__main__":

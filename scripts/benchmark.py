@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from florence_jax import hardware
+
 ROWS = ("train_frozen", "train_full", "generate_greedy", "generate_beam3", "decode_beam3", "data",
         "train_frozen_cached")
-PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "v4": 275.0, "v5e": 197.0, "v5 lite": 197.0,
-               "v5p": 459.0, "v6": 918.0}
 VISION_FROZEN = r"^model\.vision_tower\."
 
 
@@ -64,6 +64,7 @@ class Settings:
     memory_only: bool = False  # train rows: compile and report the program's memory, run nothing
     grad_accum_steps: int = 1  # train rows: the batch as this many micro-batches, one update (both sides)
     profile: str | None = None  # train rows: also profile one step of ours into this directory
+    hardware: str = ""  # ours: the formulations' spec (florence_jax.hardware); "" for this backend's defaults
 
 
 def defaults_for(platform_name: str) -> Settings:
@@ -121,9 +122,11 @@ def build_reference(s: Settings, directory: str):
     return model
 
 
-def torch_device(platform_name: str):
+def torch_device(platform_name: str | None = None):
+    """The reference's device: CUDA where JAX runs on a GPU (and torch sees one), else the CPU."""
     import torch
 
+    platform_name = platform_name or hardware.backend()
     return torch.device("cuda" if platform_name == "gpu" and torch.cuda.is_available() else "cpu")
 
 
@@ -132,7 +135,7 @@ def load_ours(directory: str, s: Settings, mesh):
     from train.state import create_model
 
     cfg = ModelConfig(name_or_path=directory, dtype=s.dtype, param_dtype="float32",
-                      attention_impl=s.attention_impl, remat_policy=s.remat_policy)
+                      attention_impl=s.attention_impl, remat_policy=s.remat_policy, hardware=s.hardware)
     return create_model(cfg, mesh)
 
 
@@ -315,12 +318,10 @@ def _peak_memory_ours(compiled) -> int | None:
 
 def _program_memory(compiled) -> int | None:
     """Arguments + outputs + temporaries - donated (aliased) buffers: what the compiled step needs."""
-    try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001
-        return None
+    from florence_jax.devices import compiled_memory
+
+    memory = compiled_memory(compiled)
+    return None if memory is None else memory.total
 
 
 def bench_train_reference(ref, s: Settings, frozen: bool, device) -> dict[str, Any]:
@@ -415,14 +416,15 @@ def gen_kwargs(s: Settings, beams: int) -> dict[str, Any]:
 def bench_generate_ours(model, s: Settings, beams: int, decode_only: bool) -> dict[str, Any]:
     import jax
 
-    from florence_jax.generation import encode, generate, make_decode_fn
+    from florence_jax.generation import Generator, generate
 
     b = make_batch(model.config, s, s.gen_batch, seed=1)
     ids, mask, pixels = b["input_ids"], b["attention_mask"], jax.device_put(b["pixel_values"])
     kw = gen_kwargs(s, beams)
     if decode_only:
-        enc = jax.block_until_ready(encode(model, ids, pixels, mask, image_layout="NHWC"))
-        fn = make_decode_fn(model, **kw)
+        generator = Generator(model, image_layout="NHWC", **kw)
+        enc = jax.block_until_ready(generator.encode(ids, pixels, mask))
+        fn = generator.decode_fn()
         out = {}
 
         def run():
@@ -503,7 +505,7 @@ def _document_bytes(n: int, seed: int = 0) -> list[bytes]:
 
 
 def bench_data(s: Settings) -> dict[str, Any]:
-    from florence_jax.testing.processor import build_tiny_processor
+    from florence_jax.tiny_processor import build_tiny_processor
     from train.config import PIXEL_DTYPE
     from train.data.pipeline import DataConfig, ExampleEncoder
 
@@ -576,11 +578,8 @@ def device_name(platform_name: str) -> str:
 def peak_tflops(name: str, override: float | None) -> float | None:
     if override:
         return override
-    low = name.lower()
-    for k, v in PEAK_TFLOPS.items():
-        if k in low:
-            return v
-    return None
+    spec = hardware.device_spec(name)
+    return spec.peak_tflops if spec else None
 
 
 def main(argv=None) -> int:
@@ -597,6 +596,8 @@ def main(argv=None) -> int:
     p.add_argument("--data_images", type=int, help="images in the data-pipeline row")
     p.add_argument("--remat_policy", choices=("none", "full", "dots"))
     p.add_argument("--attention_impl", choices=("xla", "dot_product"))
+    p.add_argument("--hardware", help="ours: formulations to use, as florence_jax.hardware reads them (an A/B: "
+                   "'gpu:depthwise_conv=grouped'); default: this backend's")
     p.add_argument("--torch_compile", action="store_true", help="also wrap the reference's forward in torch.compile")
     p.add_argument("--no_reference", action="store_true", help="measure ours only")
     p.add_argument("--memory_only", action="store_true",
@@ -618,9 +619,8 @@ def main(argv=None) -> int:
         print(_table(saved, meta), flush=True)
         return 0
 
-    import jax
 
-    platform_name = jax.devices()[0].platform
+    platform_name = hardware.backend()
     s = defaults_for(platform_name)
     for f in dataclasses.fields(Settings):
         v = getattr(args, f.name, None)
@@ -785,7 +785,8 @@ def _meta(s: Settings, dev_name: str, torch_version: str, tf_version: str) -> di
     import jax
 
     return {"device": dev_name, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
-            "torch": torch_version, "transformers": tf_version, "settings": dataclasses.asdict(s)}
+            "torch": torch_version, "transformers": tf_version, "settings": dataclasses.asdict(s),
+            "hardware": hardware.resolve(s.hardware).spec()}
 
 
 def _table(results: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -801,7 +802,8 @@ def _table(results: dict[str, Any], meta: dict[str, Any]) -> str:
         + (f"; remat {s.remat_policy}" if s.remat_policy != "none" else "") + "), "
         f"generation batch {s.gen_batch} x {s.new_tokens} new tokens (no_repeat_ngram_size "
         f"{s.no_repeat_ngram_size}), median of {s.repeats}"
-        + (", reference under torch.compile" if s.torch_compile else ""),
+        + (", reference under torch.compile" if s.torch_compile else "")
+        + (f"; formulations {meta['hardware']}" if meta.get("hardware") else ""),
         "",
         "| row | ours | reference | unit | ratio | ours: median step (spread), first call | "
         "reference: median (spread), first call | notes |",

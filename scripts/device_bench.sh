@@ -10,6 +10,8 @@
 #   PARITY=1 bash scripts/device_bench.sh    # then also the logits of ours against transformers on the GPU
 #   PACK=/path/bench.tgz bash scripts/device_bench.sh /tmp/b   # also pack every log, JSON and profile table
 #                                            # (not the raw traces) into one file, for a machine that returns few
+#   MODE=ab bash scripts/device_bench.sh     # instead: A/B each formulation choice (florence_jax.hardware)
+#                                            # against the GPU's defaults, ours only, same 8-minute bound
 #
 # Needs jax with CUDA, flax, optax, torch with CUDA and transformers >= 5 on the machine; florence_jax is
 # used from this checkout (no install, no grain: the model rows need neither). Wheels in .whl/ (a flax
@@ -44,6 +46,26 @@ run() {  # name, time limit (s), arguments
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "!! $name failed or ran out of time (limit ${limit}s); rows it finished:";
     [ -f "$OUT/$name.json" ] && "$PY" -m scripts.benchmark --table "$OUT/$name.json"; }
 }
+if [ "${MODE:-}" = ab ]; then
+  # Each row builds and compiles ours with one formulation changed from the GPU's defaults; the frozen
+  # train step at batch 32 (the vision tower's forward runs in it) and beam-3 decoding. The defaults' row
+  # comes first, so a time limit cuts a variant, never the baseline.
+  ab() {  # name, time limit (s), hardware spec, arguments
+    local name=$1 limit=$2 spec=$3; shift 3
+    run "ab_$name" "$limit" --no_reference --hardware "$spec" "$@"
+  }
+  train=(--only train_frozen --train_batch 32 --repeats 5)
+  ab defaults 80 gpu "${train[@]}"
+  ab grouped_conv 70 gpu:depthwise_conv=grouped "${train[@]}"
+  ab sequence_major 70 gpu:attention_layout=sequence_major "${train[@]}"
+  ab stored_residuals 70 gpu:store_vision_residuals=true "${train[@]}"
+  ab carried_params 70 gpu:carry_small_scan_params=true "${train[@]}"
+  decode=(--only decode_beam3 --gen_batch 32 --new_tokens 256 --repeats 2)
+  ab decode_defaults 45 gpu "${decode[@]}"
+  ab decode_cpu_beams 45 gpu:beam_cross_attention=per_beam,beam_cache_copy=row_by_row "${decode[@]}"
+  for f in "$OUT"/ab_*.json; do echo "== $(basename "$f" .json)"; "$PY" -m scripts.benchmark --table "$f" | tail -n +6; done
+  exit 0
+fi
 # --profile: one more step of ours under jax.profiler, printed as device time per model scope and per op
 # (trace, ops.md and the step's HLO under $OUT/profile/<row>/), to show where the step falls short.
 run train 235 --only train_frozen,train_full --train_batch 32 --repeats 5 --profile "$OUT/profile"

@@ -43,8 +43,7 @@ def main(argv=None) -> int:
     from train.config import ModelConfig
     from train.state import create_model
 
-    platform_name = jax.devices()[0].platform
-    dev = torch_device(platform_name)
+    dev = torch_device()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     hf = make_hf_model(hf_config(BASE_VISION, BASE_TEXT, image_token_id=BASE_IMAGE_TOKEN), seed=0).to(dev).eval()

@@ -160,13 +160,15 @@ def _check_profiler_safe() -> None:
     that tracer segfaults."""
     from jax._src import xla_bridge
 
+    from florence_jax import hardware
+
     failed = dict(getattr(xla_bridge, "_backend_errors", {}) or {})
     if failed:
         names = ", ".join(sorted(failed))
         raise RuntimeError(
             f"jax.profiler cannot run in this process: the {names} plugin is installed but did not start "
             f"({str(next(iter(failed.values())))[:120]}), and starting its tracer crashes the process. Name "
-            f"the platform to use, e.g. JAX_PLATFORMS={xla_bridge.default_backend()} python -m "
+            f"the platform to use, e.g. JAX_PLATFORMS={hardware.backend()} python -m "
             "scripts.benchmark ...")
 
 

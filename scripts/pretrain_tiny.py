@@ -5,7 +5,7 @@
 What it does, all on this machine, no download:
 
 1. builds the reader's tokenizer (a byte-level BPE in BART's layout with Florence-2's added tokens, from
-   ``florence_jax.testing.processor``) over English text plus the words of the scenes and of the fine-tuning
+   ``florence_jax.tiny_processor``) over English text plus the words of the scenes and of the fine-tuning
    questions, as a real tokenizer's 50k merges know them;
 2. writes generated scenes (``train/data/synthetic_scenes.py``) for three of Florence-2's pretraining tasks:
    ``<CAPTION>``, ``<OD>`` and ``<OCR>``;
@@ -50,7 +50,7 @@ def tokenizer_corpus() -> list[str]:
 
 
 def build_processor(directory: Path):
-    from florence_jax.testing.processor import build_tiny_processor
+    from florence_jax.tiny_processor import build_tiny_processor
 
     return build_tiny_processor(save_dir=directory, image_size=IMAGE_SIZE, vocab_size=VOCAB_SIZE,
                                 corpus=tokenizer_corpus())

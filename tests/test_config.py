@@ -176,7 +176,7 @@ def test_the_override_syntax_error_messages_suggest_works():
 
     import jax.numpy as jnp
 
-    from florence_jax.testing.processor import build_tiny_processor
+    from florence_jax.tiny_processor import build_tiny_processor
     from train.config import OptimConfig, apply_override
     from train.data.pipeline import DataConfig as PipelineConfig
     from train.data.pipeline import ExampleEncoder

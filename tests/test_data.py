@@ -24,7 +24,7 @@ CFG = DataConfig(batch_size=4, max_prompt_tokens=32, max_target_tokens=8, read_t
 
 @pytest.fixture(scope="module")
 def processor():
-    from florence_jax.testing.processor import build_tiny_processor
+    from florence_jax.tiny_processor import build_tiny_processor
 
     return build_tiny_processor(image_size=64)
 

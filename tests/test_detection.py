@@ -48,7 +48,7 @@ def _write_coco(root: Path, sizes=SIZES, annotations=ANNOTATIONS, image_dir="ima
 
 @pytest.fixture(scope="module")
 def processor():
-    from florence_jax.testing.processor import build_tiny_processor
+    from florence_jax.tiny_processor import build_tiny_processor
 
     return build_tiny_processor(image_size=64)
 

@@ -49,7 +49,7 @@ def test_feature_store_reuse_and_partial_rebuild(tmp_path):
     import jax
 
     from florence_jax.sharding import make_mesh
-    from florence_jax.testing.processor import build_tiny_processor
+    from florence_jax.tiny_processor import build_tiny_processor
     from train.config import ModelConfig
     from train.data import synthetic
     from train.data.pipeline import DataConfig, DataPipeline

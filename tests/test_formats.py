@@ -24,7 +24,7 @@ COLOURS = ["red", "blue", "green", "white", "black", "yellow", "gray", "purple"]
 
 @pytest.fixture(scope="module")
 def processor():
-    from florence_jax.testing.processor import build_tiny_processor
+    from florence_jax.tiny_processor import build_tiny_processor
 
     return build_tiny_processor(image_size=64)
 

@@ -7,14 +7,17 @@ input-dependent outputs, so the comparison exercises n-gram bans, beam reorderin
 hypotheses; ``_assert_diverse`` fails the test if the references ever degenerate again.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_IMAGE, TINY_IMAGE_TOKEN
+from flax import nnx
 
-from florence_jax import Florence2ForConditionalGeneration, generation
-from florence_jax.generation import encode, generate, generate_from_encoder, make_decode_fn
+from florence_jax import Florence2ForConditionalGeneration
+from florence_jax.generation import GenerationOptions, Generator, generate
 
 N_IMG = 1 + (TINY_IMAGE // 8) ** 2
 PROMPT_LENGTHS = (7, 4, 2)  # right padding on rows 1 and 2
@@ -163,35 +166,89 @@ def test_second_call_does_not_compile(gen_pair, prompts):
     np.testing.assert_array_equal(first, again)
 
 
-def test_split_once_splits_the_model_once_and_changes_nothing(gen_pair, prompts, monkeypatch):
-    _, ours = gen_pair
-    kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True)
-    expected = generate(ours, *prompts, **kw)
-    splits = []  # splits of the whole model (tracing the tower also splits its blocks)
-    real_split = generation.nnx.split
-    monkeypatch.setattr(generation.nnx, "split", lambda *a, **k: splits.append(a[0] is ours) or real_split(*a, **k))
-    with generation.split_once(ours):
-        with generation.split_once(ours):  # nested: the outer split serves
-            got = [ours.generate(*prompts, **kw) for _ in range(2)]
-        got.append(generate_from_encoder(ours, encode(ours, *prompts), prompts[2], **kw))
-    assert sum(splits) == 1
-    for g in got:
-        np.testing.assert_array_equal(g, expected)
-    generate(ours, *prompts, **kw)  # outside the block every call splits again
-    assert sum(splits) == 2 and not generation._SPLITS
-
-
-def test_decode_only_entry_points(gen_pair, prompts):
+def test_generator_splits_once_and_all_entry_points_agree(gen_pair, prompts, monkeypatch):
+    """A generator splits the model once, at construction, and every entry point (generate, encode +
+    generate_from_encoder, decode_fn, a per-call override of its default options) gives what the one-off
+    ``generate`` gives."""
     _, ours = gen_pair
     ids, pixels, mask = prompts
     kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True)
-    full, full_scores = ours.generate(ids, pixels, mask, return_scores=True, **kw)  # the model's method
-    enc = encode(ours, ids, pixels, mask)
-    seqs, scores = generate_from_encoder(ours, enc, mask, return_scores=True, **kw)
-    np.testing.assert_array_equal(seqs, full)
-    np.testing.assert_allclose(scores, full_scores, atol=1e-6)
-    out = jax.block_until_ready(make_decode_fn(ours, **kw)(enc, mask))
-    np.testing.assert_array_equal(np.asarray(out.sequences)[:, :int(out.length)], full)
+    expected, expected_scores = generate(ours, *prompts, return_scores=True, **kw)
+    greedy = ours.generate(*prompts, **dict(kw, num_beams=1))  # the model's method
+    splits = []  # splits of the whole model (tracing the tower also splits its blocks)
+    real_split = nnx.split
+    monkeypatch.setattr(nnx, "split", lambda *a, **k: splits.append(a[0] is ours) or real_split(*a, **k))
+    generator = Generator(ours, GenerationOptions(**kw))
+    got = [generator(*prompts) for _ in range(2)]
+    enc = generator.encode(ids, pixels, mask)
+    seqs, scores = generator.generate_from_encoder(enc, mask, return_scores=True)
+    out = jax.block_until_ready(generator.decode_fn()(enc, mask))
+    got_greedy = generator(*prompts, num_beams=1)
+    assert sum(splits) == 1
+    for g in [*got, seqs, np.asarray(out.sequences)[:, :int(out.length)]]:
+        np.testing.assert_array_equal(g, expected)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-6)
+    np.testing.assert_array_equal(got_greedy, greedy)
+    assert not np.array_equal(greedy, expected)  # the override really changed the search
+    assert generator.options == GenerationOptions(**kw)  # a call's options are its own
+
+
+def test_generation_options_are_one_frozen_checked_set(gen_pair, prompts):
+    _, ours = gen_pair
+    options = GenerationOptions(num_beams=3, suppress_tokens=[5, 7])
+    assert options.suppress_tokens == (5, 7)
+    assert hash(options) == hash(GenerationOptions(num_beams=3, suppress_tokens=(5, 7)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.num_beams = 1
+    with pytest.raises(TypeError, match="num_beam"):
+        options.replace(num_beam=1)
+    with pytest.raises(TypeError, match="num_beam"):
+        Generator(ours, num_beam=1)
+    with pytest.raises(TypeError, match="num_beam"):
+        Generator(ours)(*prompts, num_beam=1)
+
+
+def test_a_changed_model_is_never_served_from_an_old_split(gen_pair, prompts):
+    """A generator generates with the split it made until it is told about a change (``update``, or new
+    ``state``); nothing outside it keeps a split, so a model changed while a generator exists is served
+    as it is now by every other call."""
+    _, ours = gen_pair
+    model = nnx.clone(ours)  # changed below; the shared fixture stays as it is
+    kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True)
+    generator = Generator(model, **kw)
+    before = generator(*prompts)
+    old_state = generator.state
+
+    params = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(params))))
+    nnx.update(model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), params))
+
+    after = generate(model, *prompts, **kw)  # a one-off call while the generator lives: the model as it is now
+    assert not np.array_equal(after, before)  # the change matters to the output
+    np.testing.assert_array_equal(model.generate(*prompts, **kw), after)
+    np.testing.assert_array_equal(Generator(model, **kw)(*prompts), after)
+    np.testing.assert_array_equal(generator(*prompts), before)  # not told yet: its own split
+    generator.update(model)
+    np.testing.assert_array_equal(generator(*prompts), after)
+    generator.state = old_state  # explicit new values for the same variables
+    np.testing.assert_array_equal(generator(*prompts), before)
+    generator.state = nnx.state(model)
+    np.testing.assert_array_equal(generator(*prompts), after)
+
+    with pytest.raises(ValueError, match="shape"):
+        generator.state = jax.tree.map(lambda x: x[..., :1] if x.ndim else x, nnx.state(model))
+    with pytest.raises(ValueError, match="update"):
+        generator.state = nnx.state(model, nnx.Param)  # other variables: not the generator's tree
+    np.testing.assert_array_equal(generator(*prompts), after)  # a refused state changes nothing
+
+    # update takes the model's generation config too: unset options now come from the new one
+    beams = 2 if model.generation_config.num_beams != 2 else 4
+    model.generation_config = dataclasses.replace(model.generation_config, num_beams=beams)
+    assert generator.resolve(num_beams=None)[0].num_beams != beams
+    generator.update(model)
+    assert generator.resolve(num_beams=None)[0].num_beams == beams
+    np.testing.assert_array_equal(generator(*prompts, num_beams=None),
+                                  generate(model, *prompts, **dict(kw, num_beams=beams)))
 
 
 def test_cache_slots_follow_parents_and_copy_only_extra_children():
@@ -236,25 +293,18 @@ def test_cache_slots_follow_parents_and_copy_only_extra_children():
     assert copies_seen > 0
 
 
-def test_cpu_and_accelerator_beam_paths_agree(gen_pair, prompts, monkeypatch):
+def test_cpu_and_accelerator_beam_paths_agree(gen_pair, prompts):
     """The CPU's beam-search step (each beam's cross-attention query alone; cache rows copied only for
     extra children) and the accelerators' (a row's beams as one product; the whole cache gathered by
-    parent) give the same beams and scores (float32 rounding: 1e-5). The parity tests above run the
-    CPU's path against transformers."""
-    from florence_jax import generation
-    from florence_jax.modeling import bart
-
+    parent), both run here from models built for each (florence_jax.hardware), give the same beams and
+    scores (float32 rounding: 1e-5). The parity tests above run the CPU's path against transformers."""
     _, ours = gen_pair
     ids, pixels, mask = prompts
-    enc = encode(ours, ids, pixels, mask)
+    generator = Generator(ours)
+    enc = generator.encode(ids, pixels, mask)
     kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True, **EARLY_EOS)
-    results = []
-    for cpu_way in (True, False):
-        monkeypatch.setattr(bart, "_beam_queries_one_by_one", lambda impl, _v=cpu_way: _v)
-        monkeypatch.setattr(generation, "_copy_slots_row_by_row", lambda _v=cpu_way: _v)
-        generation._decode_jit.clear_cache()  # the executable depends on the choice
-        results.append(generate_from_encoder(ours, enc, mask, return_scores=True, **kw))
-    generation._decode_jit.clear_cache()  # later tests get the real choice again
-    (a, sa), (b, sb) = results
+    accelerator = Generator(ours.for_hardware("cpu:beam_cross_attention=batched,beam_cache_copy=gather"))
+    assert ours.formulations.beam_cache_copy == "row_by_row"
+    (a, sa), (b, sb) = (g.generate_from_encoder(enc, mask, return_scores=True, **kw) for g in (generator, accelerator))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(sa, sb, atol=1e-5)

@@ -25,7 +25,7 @@ from florence_jax.postprocess import (
     post_process_generation,
     quantize_coordinates,
 )
-from florence_jax.testing.processor import build_tiny_processor
+from florence_jax.tiny_processor import build_tiny_processor
 
 
 def _locs(*bins: int) -> str:

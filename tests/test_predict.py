@@ -35,7 +35,7 @@ VISION = dict(
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     from florence_jax.testing.models import TINY_TEXT, hf_config, make_hf_model
-    from florence_jax.testing.processor import IMAGE_TOKEN, build_tiny_processor
+    from florence_jax.tiny_processor import IMAGE_TOKEN, build_tiny_processor
 
     directory = tmp_path_factory.mktemp("tiny_pair")
     tokenizer = build_tiny_processor(directory, image_size=64).tokenizer

@@ -3,7 +3,7 @@
 import numpy as np
 
 from florence_jax.processing import ImageTransform
-from florence_jax.testing.processor import build_tiny_processor
+from florence_jax.tiny_processor import build_tiny_processor
 from train.data import synthetic
 from train.data.pipeline import DataConfig, ExampleEncoder
 from train.data.prepared import PreparedRecords, decode_record, encode_record, prepare

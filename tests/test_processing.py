@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from florence_jax.processing import ImageTransform, load_processor, prepare_inputs, to_rgb
-from florence_jax.testing.processor import FLORENCE2_ADDED_TOKENS, build_tiny_processor
+from florence_jax.tiny_processor import FLORENCE2_ADDED_TOKENS, build_tiny_processor
 
 REPO_ROOT = Path(__file__).parents[1]
 

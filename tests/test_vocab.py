@@ -65,7 +65,7 @@ def test_new_tokens_never_generated_ours_and_transformers(grown, num_beams, tmp_
 
 def test_tokenizer_takes_the_task_token(tmp_path):
     from florence_jax.processing import load_processor
-    from florence_jax.testing.processor import build_tiny_processor
+    from florence_jax.tiny_processor import build_tiny_processor
 
     processor = build_tiny_processor()
     tok = processor.tokenizer

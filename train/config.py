@@ -118,6 +118,9 @@ class ModelConfig:
     attention_impl: str = "xla"  # "xla" or "dot_product" (cuDNN flash attention on GPU)
     remat_policy: str = "none"  # "none", "full", "dots"
     scan_vision_blocks: bool = True  # a vision stage's blocks as one lax.scan (fast compile; False unrolls)
+    # The hardware the programs are built for: "cpu", "gpu", "tpu", or "" for the backend that runs them;
+    # ":name=value,..." changes single formulations (florence_jax.hardware), e.g. "gpu:depthwise_conv=grouped".
+    hardware: str = ""
     dropout: float | None = None  # override the text model's dropout, attention and activation dropout
     drop_path_rate: float | None = None  # override the vision tower's stochastic depth
     # New tokens (e.g. "<MY_TASK>") added to the tokenizer; the embedding grows, new rows start at the mean.

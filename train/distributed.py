@@ -8,6 +8,7 @@ import os
 
 import jax
 
+from florence_jax import hardware
 from train.config import DistributedConfig
 
 log = logging.getLogger("train")
@@ -76,7 +77,7 @@ def compile_then_wait(jitted, name: str, *args):
     join within 30 s of the first, while compile times can differ by minutes (one process hits the
     compilation cache, another compiles). Call before the first run of each large program.
     """
-    compiled = jitted.lower(*args).compile() if jax.process_count() > 1 or jax.default_backend() == "cpu" else None
+    compiled = jitted.lower(*args).compile() if jax.process_count() > 1 or hardware.backend() == "cpu" else None
     if jax.process_count() > 1:
         wait_for_all(f"compiled_{name}")
     return compiled

@@ -26,9 +26,9 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from florence_jax.generation import split_once
+from florence_jax.devices import to_host
+from florence_jax.generation import Generator
 from florence_jax.postprocess import post_process_generation
 from train.distributed import compile_then_wait
 from train.metrics import Metric, coco_map, get_metric
@@ -96,12 +96,6 @@ def score_detections(texts: list[str], examples: list[Any]) -> tuple[dict[str, A
     return coco_map(gts, preds).as_dict(), preds
 
 
-def _gather(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 class Evaluator:
     """Runs validation for a model whose parameters are refreshed before each call."""
 
@@ -123,7 +117,8 @@ class Evaluator:
         self._compiled = False
         # uint8 pixel batches become the model's input on the device (the data pipeline's table)
         table = getattr(getattr(pipeline, "encoder", None), "pixel_table", None)
-        self._pixels = jax.jit(functools.partial(model_pixels, table=table))
+        self._pixels = jax.jit(functools.partial(
+            model_pixels, table=table, formulation=model.formulations.pixel_normalize))
 
     def __call__(self, params=None, rest=None, progress: bool = False) -> EvalResult:
         if params is not None:
@@ -135,10 +130,13 @@ class Evaluator:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=n_batches, desc="eval", leave=False)
-        with split_once(self.model):  # the model is fixed for this evaluation: split it once, not per batch
-            return self._run(batches, params, rest)
+        # The model as it is now, split once for this evaluation. Made per call and dropped after it: a
+        # generator kept between evaluations would hold the previous parameters' buffers.
+        generator = Generator(self.model, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
+                              image_layout="NHWC")
+        return self._run(batches, params, rest, generator)
 
-    def _run(self, batches, params, rest) -> EvalResult:
+    def _run(self, batches, params, rest, generator: Generator) -> EvalResult:
         loss_sum = tokens = 0.0
         predictions: list[str] = []
         references: list[tuple[str, ...]] = []
@@ -159,12 +157,8 @@ class Evaluator:
             pixels = batch["pixel_values"]
             if pixels.dtype == np.uint8:
                 pixels = self._pixels(pixels)
-            seqs = self.model.generate(
-                batch["input_ids"], pixels, batch["attention_mask"], num_beams=self.num_beams,
-                max_new_tokens=self.max_new_tokens, image_layout="NHWC",
-            )
-            seqs = _gather(seqs)
-            idx = _gather(self._global_index(index))
+            seqs = generator(batch["input_ids"], pixels, batch["attention_mask"])
+            idx = to_host(self._global_index(index))
             if self.metric.name == "map":
                 # Locations are special tokens: keep them; the parser drops <s>, </s> and <pad>.
                 texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=False)

@@ -120,7 +120,8 @@ def _build(pipeline, model, tmp: Path, final: Path, key_parts, dtype: str, progr
     def features(state, pixels):
         m = nnx.merge(graphdef, state)
         m.eval()
-        return m.vision_tower_features(model_pixels(pixels, table), image_layout="NHWC").astype(jnp.float32)
+        pixels = model_pixels(pixels, table, m.formulations.pixel_normalize)
+        return m.vision_tower_features(pixels, image_layout="NHWC").astype(jnp.float32)
 
     feature_shape = jax.eval_shape(features, state, jax.ShapeDtypeStruct(
         (1, *pipeline.encoder.image_shape), pipeline.encoder.pixel_dtype)).shape[1:]

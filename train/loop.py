@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from florence_jax import hardware
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.compiles import CompileWatch
@@ -53,7 +54,7 @@ def get_processor(cfg: TrainConfig, workdir: Path):
     if cfg.model.processor:
         processor = load_processor(cfg.model.processor)
     elif cfg.model.name_or_path.startswith("random:"):
-        from florence_jax.testing.processor import build_tiny_processor
+        from florence_jax.tiny_processor import build_tiny_processor
 
         path = workdir / "processor"
         saved = (path / "tokenizer.json").exists()
@@ -595,7 +596,7 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
             batch, data_state = next(prefetch)
             if step == first_step:
                 compiled = compile_then_wait(train_step, "train_step", state, batch, rng)
-                if compiled is not None and jax.default_backend() == "cpu":
+                if compiled is not None and hardware.backend() == "cpu":
                     check_host_memory(compiled, len(mesh.local_devices))
             with step_compiles:
                 state, metrics = train_step(state, batch, rng)
@@ -723,10 +724,12 @@ def check_host_memory(compiled, devices: int, available: int | None = None) -> i
     """On the CPU, refuse a step whose compiled program needs more memory than the machine has free (it would be
     killed mid-step without a message). The need is what one call allocates beyond its inputs, temporaries and
     outputs that do not reuse a donated input, for each local device. Returns it in bytes."""
-    stats = compiled.memory_analysis()
-    if stats is None:
+    from florence_jax.devices import compiled_memory
+
+    memory = compiled_memory(compiled)
+    if memory is None:
         return 0
-    need = (stats.temp_size_in_bytes + max(stats.output_size_in_bytes - stats.alias_size_in_bytes, 0)) * devices
+    need = memory.beyond_inputs * devices
     available = _host_memory_available() if available is None else available
     if available is not None and need > 0.9 * available:
         raise ConfigError(f"the train step needs {need / 2**30:.1f} GiB of memory beyond the model and optimizer "

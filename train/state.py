@@ -10,7 +10,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from florence_jax import Florence2Config, Florence2ForConditionalGeneration, TextConfig, VisionConfig
+from florence_jax import (
+    Florence2Config,
+    Florence2ForConditionalGeneration,
+    TextConfig,
+    VisionConfig,
+    hardware,
+)
 from florence_jax.config import PRESETS, resolve_dtype
 from florence_jax.sharding import param_sharding_fn, param_spec
 from train.config import LoRAConfig, ModelConfig, OptimConfig
@@ -60,7 +66,7 @@ def model_config_for(cfg: ModelConfig, tokenizer=None) -> Florence2Config | None
 def _apply_model_options(fc: Florence2Config, cfg: ModelConfig) -> Florence2Config:
     fc = fc.replace(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
                     attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy,
-                    scan_vision_blocks=cfg.scan_vision_blocks)
+                    scan_vision_blocks=cfg.scan_vision_blocks, hardware=hardware.resolve(cfg.hardware))
     if cfg.dropout is not None:
         t = fc.text_config
         fc = fc.replace(text_config=dataclasses.replace(
@@ -75,6 +81,11 @@ def create_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: int = 0,
     """Load (or randomly initialise) the model straight into its sharding on ``mesh``; then give rows to
     ``cfg.add_tokens`` and wrap ``lora.targets`` with adapters when ``lora.enabled``."""
     model = _create_base_model(cfg, mesh, tokenizer=tokenizer, seed=seed, min_shard_size=min_shard_size)
+    built_for, runs_on = model.formulations.platform, hardware.backend()
+    if built_for != runs_on:
+        log.warning("the model's programs are built for %s (config.model.hardware=%r) but run on %s: they "
+                    "compute the same, with that hardware's formulations; --config.model.hardware=%s uses "
+                    "this machine's", built_for, cfg.hardware, runs_on, runs_on)
     if cfg.add_tokens:
         if tokenizer is None:
             raise ValueError("config.model.add_tokens needs the tokenizer")
@@ -101,7 +112,7 @@ def _create_base_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: in
     if fc is None:
         model = Florence2ForConditionalGeneration.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            sharding_fn=param_sharding_fn(mesh, min_shard_size),
+            sharding_fn=param_sharding_fn(mesh, min_shard_size), hardware=cfg.hardware or None,
         )
         model.config = _apply_model_options(model.config, cfg)
         if (model.config.attention_impl != "xla" or model.config.remat_policy != "none" or cfg.dropout is not None

@@ -53,13 +53,14 @@ def static_table(table) -> tuple | None:
     return None if table is None else tuple(tuple(float(v) for v in row) for row in np.asarray(table, np.float32))
 
 
-def model_pixels(pixels, table):
-    """A batch's pixels as the model takes them: uint8 ones normalized on the device with ``table``."""
+def model_pixels(pixels, table, formulation: str | None = None):
+    """A batch's pixels as the model takes them: uint8 ones normalized on the device with ``table`` (by
+    ``formulation``, the model's ``Formulations.pixel_normalize``)."""
     if pixels is None or pixels.dtype != jnp.uint8:
         return pixels
     if table is None:
         raise ValueError("uint8 pixel batches need the data pipeline's pixel table (StepFns.pixel_table)")
-    return normalize_pixels(pixels, table)
+    return normalize_pixels(pixels, table, formulation)
 
 
 def _forward_loss(fns: StepFns, params, rest, batch, rng, total_weight):
@@ -72,8 +73,9 @@ def _forward_loss(fns: StepFns, params, rest, batch, rng, total_weight):
                                            fns.decoder_start_token_id)
     # Cached vision-tower features (frozen tower, train/feature_cache.py) replace the pixels when present;
     # the projector still runs (and trains) on them.
+    pixels = model_pixels(batch.get("pixel_values"), fns.pixel_table, model.formulations.pixel_normalize)
     out = model(
-        input_ids=batch["input_ids"], pixel_values=model_pixels(batch.get("pixel_values"), fns.pixel_table),
+        input_ids=batch["input_ids"], pixel_values=pixels,
         attention_mask=batch["attention_mask"],
         decoder_input_ids=decoder_input_ids, image_layout="NHWC", rngs=nnx.Rngs(dropout=rng),
         freeze_vision=fns.freeze_vision, vision_features=batch.get("vision_features"),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from florence_jax import target
+from florence_jax import hardware
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
 from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat, named
@@ -30,22 +30,17 @@ class LayerCache(NamedTuple):
     value: jax.Array
 
 
-def _beam_queries_one_by_one(impl: str) -> bool:
-    """Whether a beam-search step's cross-attention runs each beam's query on its own.
-
-    On XLA:CPU a matrix-vector product per beam is 2-3x faster than one product with a row's beams as a
-    few query rows (base size, 4 x 3 beams against 593 encoder positions: 0.8-1.0 ms against 2.0-2.6 ms
-    per layer), although it reads the keys once per beam. Elsewhere the beams stay one product.
-    """
-    return impl == "xla" and target.platform() == "cpu"
-
-
 class BartAttention(nnx.Module):
     def __init__(self, cfg: Florence2Config, num_heads: int, *, rngs: nnx.Rngs):
         d = cfg.text_config.d_model
         self.num_heads = num_heads
         self.head_dim = d // num_heads
         self.impl = cfg.attention_impl
+        # Beam search's cross-attention: a matrix-vector product per beam (XLA:CPU runs those faster than one
+        # product with a row's beams as query rows, though each reads the keys) or one product per row
+        # (Formulations.beam_cross_attention; figures in docs/benchmarks.md).
+        self.beam_queries_one_by_one = (self.impl == "xla"
+                                        and hardware.resolve(cfg.hardware).beam_cross_attention == "per_beam")
         self.k_proj = linear(cfg, d, d, rngs=rngs)
         self.v_proj = linear(cfg, d, d, rngs=rngs)
         self.q_proj = linear(cfg, d, d, rngs=rngs)
@@ -63,7 +58,7 @@ class BartAttention(nnx.Module):
         """``x`` (rows, q_len, d_model) attends to heads-major ``key``/``value``."""
         q = self._heads(dense(self.q_proj, x, rngs))  # (rows, heads, q_len, head_dim)
         rows, q_len, groups = x.shape[0], x.shape[1], x.shape[0] // key.shape[0]
-        if groups > 1 and q_len == 1 and _beam_queries_one_by_one(self.impl):
+        if groups > 1 and q_len == 1 and self.beam_queries_one_by_one:
             q = q.reshape(key.shape[0], groups, self.num_heads, 1, self.head_dim)
             out = jnp.concatenate([attention(q[:, g], key, value, scale=self.head_dim**-0.5, mask=mask,
                                              impl=self.impl, dropout=self.dropout, rngs=rngs, heads_major=True)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from florence_jax import target
+from florence_jax import hardware
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense, dense_of_activation
 from florence_jax.modeling.layers import (
@@ -36,13 +36,13 @@ def _conv(cfg: Florence2Config, din: int, dout: int, k: int, stride: int, pad: i
 
 
 class DepthwiseConv(nnx.Module):
-    """3x3 depthwise conv (stride 1, padding 1) as nine shifted multiply-adds.
+    """3x3 depthwise conv (stride 1, padding 1), as nine shifted multiply-adds or XLA's grouped convolution.
 
     Same parameters as ``nnx.Conv(C, C, (3, 3), feature_group_count=C)`` (kernel (3, 3, 1, C), bias (C,)),
-    so checkpoints map identically. On CPU the shifted sum is about ten times faster than XLA's grouped
-    convolution forward and backward (which computes it as a dense C x C convolution). Being elementwise,
-    it lets XLA fuse a block's residual stream into long chains; the scan over a stage's blocks
-    (``DaViT``) keeps those chains within one block.
+    so checkpoints map identically whichever formulation runs (``Formulations.depthwise_conv``). XLA:CPU
+    computes the grouped convolution as a dense C x C one, so there the shifted sum is much faster forward
+    and backward (docs/benchmarks.md). Being elementwise, it lets XLA fuse a block's residual stream into
+    long chains; the scan over a stage's blocks (``DaViT``) keeps those chains within one block.
     """
 
     def __init__(self, cfg: Florence2Config, dim: int, *, rngs: nnx.Rngs):
@@ -50,11 +50,12 @@ class DepthwiseConv(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (3, 3, 1, dim), cfg.param_dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype))
         self.dtype = cfg.dtype
+        self.formulation = hardware.resolve(cfg.hardware).depthwise_conv
 
     @named("dwconv")
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _depthwise_conv3x3(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                                  self.bias[...].astype(self.dtype))
+        fn = _depthwise_conv3x3 if self.formulation == "shifted_sum" else _grouped_conv3x3
+        return fn(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype))
 
 
 @recompute_in_backward  # keeps x, not the nine shifted copies each product's backward would keep
@@ -68,18 +69,29 @@ def _depthwise_conv3x3(x: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
     return out
 
 
-def _store_residuals() -> bool:
-    """Whether a block's residual stream is stored once rather than recomputed by each of its consumers.
+def _grouped_conv3x3(x: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
+    out = jax.lax.conv_general_dilated(x, k, window_strides=(1, 1), padding=((1, 1), (1, 1)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       feature_group_count=x.shape[-1])
+    return out + b
+
+
+def _residual_store(x: jax.Array, runtime: jax.Array) -> jax.Array:
+    """``x`` itself, computed once and stored rather than recomputed by each consumer
+    (``Formulations.store_vision_residuals``).
 
     XLA:CPU fuses cheap elementwise producers into every consumer, so it never stores the stream: the next
     depthwise conv's padded input, the LayerNorm and the next residual add each recompute it from earlier
-    padded inputs, in the third stage up to 53 shifted slices per element (about 1 s of the base tower's
-    7 s for two 768 px images, `docs/benchmarks.md`). Dividing the stream by a 1.0 that XLA cannot fold
-    (1 + 0 * a LayerNorm scale, a runtime value) changes no bit of the features (x / 1.0 == x) and, a
-    division being expensive, is computed once and stored; gradients differ only in the order XLA sums
-    them (tests/test_modeling.py). Other backends fuse differently and are left as they were.
+    padded inputs, in the third stage dozens of shifted slices per element (docs/benchmarks.md gives the
+    cost). XLA's documented fusion fence, ``lax.optimization_barrier``, does not help: XLA:CPU removes it
+    before fusion, and the compiled program is the plain stream's (tests/test_hardware.py). A division is
+    expensive to XLA, so it computes one once and stores the result; dividing by a 1.0 it cannot fold keeps
+    every bit. The 1.0 is ``1 + 0 * float(isnan(runtime))`` for a runtime scalar: XLA simplifies neither a float
+    comparison of a value with itself nor a float product by 0, and it is exactly 1 whatever the scalar
+    holds (NaN and infinities included), where ``1 + 0 * runtime`` would be NaN for an infinite one.
     """
-    return target.platform() == "cpu"
+    one = 1 + 0 * jnp.isnan(jax.lax.stop_gradient(runtime)).astype(x.dtype)  # a float product: not folded
+    return x / one
 
 
 def _drop_path(rate: float) -> nnx.Dropout | None:
@@ -144,6 +156,7 @@ class WindowAttention(nnx.Module):
         self.num_heads = v.num_heads[stage]
         self.window_size = v.window_size
         self.impl = cfg.attention_impl
+        self.layout = hardware.resolve(cfg.hardware).attention_layout
         self.qkv = linear(cfg, self.dim, 3 * self.dim, use_bias=v.qkv_bias, rngs=rngs)
         self.proj = linear(cfg, self.dim, self.dim, rngs=rngs)
 
@@ -158,7 +171,8 @@ class WindowAttention(nnx.Module):
         x = x.reshape(b, hp // ws, ws, wp // ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
         heads, hd = self.num_heads, c // self.num_heads
         qkv = dense(self.qkv, x, rngs).reshape(x.shape[0], ws * ws, 3, heads, hd)
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=hd**-0.5, impl=self.impl)
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=hd**-0.5, impl=self.impl,
+                        layout=self.layout)
         out = dense(self.proj, out.reshape(x.shape[0], ws * ws, c), rngs)
         out = out.reshape(b, hp // ws, wp // ws, ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
         return out[:, :h, :w, :].reshape(b, h * w, c)
@@ -198,6 +212,7 @@ class _DaViTBlockHalf(nnx.Module):
         self.norm2 = layer_norm(cfg, dim, rngs=rngs)
         self.ffn = VisionMLP(cfg, stage, rngs=rngs)
         self.drop_path2 = _drop_path(drop_path_rate)
+        self.store_residuals = hardware.resolve(cfg.hardware).store_vision_residuals
 
     def _attend(self, tokens: jax.Array, hw: tuple[int, int], rngs=None) -> jax.Array:
         raise NotImplementedError
@@ -207,9 +222,9 @@ class _DaViTBlockHalf(nnx.Module):
             return self._forward(x, rngs, drop_rate)
 
     def _forward(self, x: jax.Array, rngs, drop_rate) -> jax.Array:
-        if _store_residuals():
-            one = (1 + 0 * jax.lax.stop_gradient(self.norm1.scale[...][0])).astype(x.dtype)
-            store = lambda t: t / one  # noqa: E731 - exact (x / 1.0 == x), see _store_residuals
+        if self.store_residuals:
+            scalar = self.norm1.scale[...][0]
+            store = lambda t: _residual_store(t, scalar)  # noqa: E731
         else:
             store = lambda t: t  # noqa: E731
         b, h, w, c = x.shape
@@ -282,6 +297,7 @@ class DaViT(nnx.Module):
         self.convs = nnx.List(convs)
         self.blocks = nnx.List(blocks)
         self.scan_blocks = cfg.scan_vision_blocks
+        self.carry_small = hardware.resolve(cfg.hardware).carry_small_scan_params
         # (spatial, channel) stochastic-depth rate of every block, per stage, for the scan.
         starts = np.cumsum([0, *v.depths[:-1]]) * 2
         self.drop_rates = tuple(tuple((dpr[o + 2 * j], dpr[o + 2 * j + 1]) for j in range(d))
@@ -316,10 +332,11 @@ class DaViT(nnx.Module):
         stacked = [jnp.stack(ls) for ls in zip(*per_block)]
         # Small parameters (biases, LayerNorm and depthwise-conv weights) feed elementwise fusions. Sliced
         # from the stack inside the loop, the slice fuses into them and XLA:CPU computes it per element
-        # (the depthwise conv ran 5x slower than outside a loop); so each iteration receives the next
-        # block's small parameters through the carry, sliced in the iteration before. Matmul weights are
-        # sliced in place: a dot does not fuse its operands.
-        small = [x.size // x.shape[0] < _SMALL_PARAM for x in stacked]
+        # (docs/benchmarks.md: the depthwise convs ran several times slower); so there
+        # (Formulations.carry_small_scan_params) each iteration receives the next block's small parameters
+        # through the carry, sliced in the iteration before. Matmul weights are sliced in place: a dot does
+        # not fuse its operands.
+        small = [self.carry_small and x.size // x.shape[0] < _SMALL_PARAM for x in stacked]
         big_xs = [x for x, sm in zip(stacked, small) if not sm]
         small_now = [x[0] for x, sm in zip(stacked, small) if sm]
         small_next = [jnp.concatenate([x[1:], x[-1:]]) for x, sm in zip(stacked, small) if sm]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from florence_jax import hardware
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
 from florence_jax.modeling.bart import BartModel
@@ -115,12 +116,32 @@ class Florence2ForConditionalGeneration(nnx.Module):
 
     def __init__(self, config: Florence2Config, *, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
+        # Resolved once: every submodule reads the same frozen formulations from the static config.
+        config = config.replace(hardware=hardware.resolve(config.hardware))
         self.config = config
         self.model = Florence2Model(config, rngs=rngs)
         if config.final_logits_bias:
             # The original remote code's bias on every logit: a buffer, so it is never trained.
             self.final_logits_bias = Buffer(jnp.zeros((1, config.text_config.vocab_size), config.param_dtype))
         self.eval()  # inference mode by default, as transformers' from_pretrained returns it
+
+    @property
+    def formulations(self) -> hardware.Formulations:
+        """The formulations the model's programs use (:mod:`florence_jax.hardware`)."""
+        return hardware.resolve(self.config.hardware)
+
+    def for_hardware(self, spec) -> Florence2ForConditionalGeneration:
+        """The same parameters (shared, not copied) in a model whose programs are built for ``spec``
+        (``"gpu"``, ``"cpu:depthwise_conv=grouped"``, ...): an A/B of formulations, or a program traced
+        here for another backend. Build it before wrapping LoRA adapters, whose structure it does not know.
+        """
+        config = self.config.replace(hardware=hardware.resolve(spec))
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: type(self)(config, rngs=nnx.Rngs(0))))
+        new = nnx.merge(graphdef, nnx.state(self))
+        for name in ("generation_config", "checkpoint_layout", "name_or_path"):
+            if hasattr(self, name):
+                setattr(new, name, getattr(self, name))
+        return new
 
     # ------------------------------------------------------------------ pieces
     def get_image_features(self, pixel_values, *, image_layout: str = "NCHW", rngs=None,
@@ -231,10 +252,17 @@ class Florence2ForConditionalGeneration(nnx.Module):
     # ------------------------------------------------------------------ checkpoints and generation
     @classmethod
     def from_pretrained(cls, name_or_path, revision: str | None = None, dtype: Any = "float32",
-                        param_dtype: Any = "float32", **kwargs) -> Florence2ForConditionalGeneration:
-        """Load a Hub id or local directory (either checkpoint layout); see :mod:`florence_jax.weights`."""
+                        param_dtype: Any = "float32", hardware: Any = None,
+                        **kwargs) -> Florence2ForConditionalGeneration:
+        """Load a Hub id or local directory (either checkpoint layout); see :mod:`florence_jax.weights`.
+
+        ``hardware`` is what the programs are built for (:mod:`florence_jax.hardware`: ``"gpu"``,
+        ``"tpu:pixel_normalize=gather"``, ...); by default the backend JAX runs on.
+        """
         from florence_jax.weights.load import load_pretrained
 
+        if hardware is not None:
+            kwargs["config_overrides"] = {**(kwargs.get("config_overrides") or {}), "hardware": hardware}
         return load_pretrained(cls, name_or_path, revision=revision, dtype=dtype, param_dtype=param_dtype,
                                **kwargs)
 
@@ -250,7 +278,9 @@ class Florence2ForConditionalGeneration(nnx.Module):
         return push_to_hub(self, repo_id, **kwargs)
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
-        """Greedy or beam-search generation; see :func:`florence_jax.generation.generate`."""
+        """Greedy or beam-search generation, options as :class:`florence_jax.generation.GenerationOptions`
+        fields. Splits the model on every call: a loop over batches makes one
+        :class:`florence_jax.generation.Generator` instead."""
         from florence_jax.generation import generate
 
         return generate(self, input_ids, pixel_values, attention_mask, **kwargs)

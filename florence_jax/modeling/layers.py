@@ -116,6 +116,7 @@ def attention(
     dropout: nnx.Dropout | None = None,
     rngs: nnx.Rngs | None = None,
     heads_major: bool = False,
+    layout: str = "heads_major",
 ) -> jax.Array:
     """Softmax attention over ``(batch, length, heads, head_dim)`` inputs, or ``(batch, heads, length,
     head_dim)`` ones with ``heads_major`` (the output has the inputs' layout).
@@ -126,9 +127,11 @@ def attention(
     ``impl="dot_product"`` routes to ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU)
     when no attention dropout is active.
 
-    The einsums run on heads-major operands: XLA:CPU's batched matmuls are about 2.5x faster on them
-    than on the (batch, length, heads, dim) layout (DaViT stage-1 windows: 460 ms vs 1140 ms), and
-    BART keeps its keys, values and decoding cache heads-major so nothing is transposed per step.
+    ``layout`` (``Formulations.attention_layout``) is the einsums' operand layout for inputs that are not
+    heads-major: ``"heads_major"`` transposes them first (XLA:CPU's batched matmuls are much faster on
+    that layout than on (batch, length, heads, dim); docs/benchmarks.md, "Formulations per backend");
+    ``"sequence_major"`` contracts them as they are and leaves the layout to the compiler. BART keeps its
+    keys, values and decoding cache heads-major, so nothing is transposed per step either way.
     """
     use_dropout = dropout is not None and dropout.rate > 0 and not dropout.deterministic
     if impl == "dot_product" and not use_dropout:
@@ -136,16 +139,21 @@ def attention(
             q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale).astype(v.dtype)
         return out.transpose(0, 2, 1, 3) if heads_major else out
-    if not heads_major:
+    if layout not in ("heads_major", "sequence_major"):
+        raise ValueError(f"unknown attention layout {layout!r}; expected heads_major or sequence_major")
+    transpose = not heads_major and layout == "heads_major"
+    if transpose:
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    qk, pv = (("bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd") if not heads_major and not transpose
+              else ("bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd"))
+    scores = jnp.einsum(qk, q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if use_dropout:
         probs = dropout(probs, rngs=rngs)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-    return out if heads_major else out.transpose(0, 2, 1, 3)
+    out = jnp.einsum(pv, probs, v)
+    return out.transpose(0, 2, 1, 3) if transpose else out
 
 
 _REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}

@@ -39,7 +39,7 @@ def write_original_processor_files(out: str | Path, image_seq_length: int, image
     from transformers import BartTokenizerFast
 
     from florence_jax.processing import IMAGENET_MEAN, IMAGENET_STD
-    from florence_jax.testing.processor import _train_tokenizer
+    from florence_jax.tiny_processor import _train_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,19 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from florence_jax.devices import to_host
 from florence_jax.weights import mapping
 from florence_jax.weights.load import LOGITS_BIAS, iter_flax_params
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-
-
-def _to_numpy(x) -> np.ndarray:
-    import jax
-    from jax.experimental import multihost_utils
-
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
 
 
 class ExportError(ValueError):
@@ -37,7 +29,7 @@ def export_state_dict(model, dtype=None) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for path, value in iter_flax_params(model):
         if path == LOGITS_BIAS:
-            if np.any(_to_numpy(value) != 0):
+            if np.any(to_host(value) != 0):
                 raise ExportError(
                     "this model adds a non-zero final_logits_bias to its logits (an original-layout checkpoint), "
                     "which transformers' native Florence2ForConditionalGeneration has no place for: exporting it "
@@ -48,7 +40,7 @@ def export_state_dict(model, dtype=None) -> dict[str, np.ndarray]:
         if target is None:
             raise KeyError(f"no mapping rule for parameter {path!r}")
         key, transform = target
-        x = mapping.TRANSFORMS[transform].to_torch(_to_numpy(value))
+        x = mapping.TRANSFORMS[transform].to_torch(to_host(value))
         if dtype is not None:
             x = x.astype(dtype)
         out[key] = np.ascontiguousarray(x)

@@ -48,14 +48,14 @@ def _original_vocab(model) -> int:
 
 def original_state_dict(model, dtype=None) -> dict[str, np.ndarray]:
     """The original layout's state dict (numpy arrays) of an NNX Florence-2 model."""
-    from florence_jax.weights.export import _to_numpy
+    from florence_jax.devices import to_host
     from florence_jax.weights.load import LOGITS_BIAS, iter_flax_params
 
     real = _original_vocab(model)
     out: dict[str, np.ndarray] = {}
     bias = None
     for path, value in iter_flax_params(model):
-        x = _to_numpy(value)
+        x = to_host(value)
         if path == LOGITS_BIAS:
             bias = x
             continue

@@ -1,7 +1,7 @@
-"""A tiny, offline Florence-2 processor for tests.
+"""A tiny, offline Florence-2 processor: for ``random:<preset>`` training runs, the CPU demo and tests.
 
-Tests cannot download microsoft/Florence-2-*, so this builds a ``Florence2Processor`` with the
-same structure as the published one: a byte-level BPE tokenizer in BART's layout (``<s>``=0,
+A randomly initialised model has no checkpoint processor to load, and tests cannot download
+microsoft/Florence-2-*, so this builds a ``Florence2Processor`` with the same structure as the published one: a byte-level BPE tokenizer in BART's layout (``<s>``=0,
 ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>`` after the merges) with Florence-2's added tokens
 in Florence-2's order (``<od>``, ``</od>``, ``<ocr>``, ``</ocr>``, ``<loc_0..999>``, the 20
 structural tokens, then ``<image>``), a CLIP image processor with Florence-2's settings at a small

@@ -1,0 +1,231 @@
+"""The hardware a program is built for, as one explicit fact, and the formulations it selects.
+
+A few computations in the model, in generation and in input normalization have more than one exact
+formulation, and which is fastest depends on how a backend's compiler treats it. Each choice is a named
+field of :class:`Formulations`; :func:`resolve` turns a hardware spec into a frozen set of them, once.
+The set is part of the model's config (``Florence2Config.hardware``), so it lives in the model's static
+structure like ``scan_vision_blocks``: jit caches by it, and a program traced for a GPU on this CPU (the
+ahead-of-time check) is the GPU's program without touching any process-wide state.
+
+A spec is a platform or accelerator name, optionally followed by formulation overrides::
+
+    "cpu"                                   # the CPU defaults
+    "h100"                                  # a GPU's defaults; the device names its memory and peak
+    "gpu:depthwise_conv=grouped"            # the GPU defaults, one choice changed (an A/B run)
+    None or "auto"                          # the backend JAX will run the program on
+
+Every formulation computes the same function; the tests check each pair against each other. Which
+defaults were measured on which hardware is in ``docs/benchmarks.md`` ("Formulations per backend").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from dataclasses import dataclass
+from typing import Any
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+
+@dataclass(frozen=True)
+class Formulations:
+    """One choice per formulation that has a backend-dependent best. Hashable: a static model field."""
+
+    platform: str
+    # DaViT's 3x3 depthwise convolutions: nine shifted multiply-adds ("shifted_sum"), or XLA's grouped
+    # convolution ("grouped", ``feature_group_count`` = channels), which XLA:CPU computes as a dense
+    # C x C convolution.
+    depthwise_conv: str
+    # A vision block's residual stream stored once rather than recomputed by each consumer: XLA:CPU fuses
+    # the cheap elementwise stream into every consumer, recomputing long chains of shifted slices.
+    store_vision_residuals: bool
+    # A stage scan's small parameters (biases, norms, depthwise kernels) passed to the next iteration
+    # through the carry instead of sliced from the stack in place: XLA:CPU computes a slice fused into an
+    # elementwise consumer once per element.
+    carry_small_scan_params: bool
+    # The einsum attention path's operand layout for (batch, length, heads, dim) inputs: transposed to
+    # heads-major first ("heads_major", where XLA:CPU's batched matmuls are fastest) or contracted as they
+    # are ("sequence_major", leaving the layout to the compiler).
+    attention_layout: str
+    # Beam search: each beam's cross-attention query on its own ("per_beam": matrix-vector products, which
+    # XLA:CPU runs faster than a product with a few query rows) or a row's beams as one product ("batched").
+    beam_cross_attention: str
+    # Beam search's KV cache after a step: only the rows of extra children copied one by one ("row_by_row",
+    # saving the CPU most of a step's cache traffic), or one gather of the whole cache as transformers does
+    # ("gather": on an accelerator a loop of small copies costs a launch per row).
+    beam_cache_copy: str
+    # uint8 pixels to the model's input: a gather from the processor's table ("gather"), or a one-hot
+    # product with it ("one_hot": TPUs gather element by element).
+    pixel_normalize: str
+    # The accelerator, when the spec named one ("a100", "v5e"): its memory and peak (DEVICE_SPECS) for
+    # the ahead-of-time memory check and MFU. No formulation depends on it yet.
+    device: str = ""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            allowed = _CHOICES.get(f.name)
+            value = getattr(self, f.name)
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"hardware formulation {f.name}={value!r}: expected one of "
+                                 + ", ".join(map(repr, allowed)))
+
+    def spec(self) -> str:
+        """The shortest spec that resolves to this set: the platform plus what differs from its defaults."""
+        base = DEFAULTS[self.platform]
+        changed = [f"{f.name}={_format(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                   if f.name not in ("platform", "device") and getattr(self, f.name) != getattr(base, f.name)]
+        return (self.device or self.platform) + (":" + ",".join(changed) if changed else "")
+
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "platform": PLATFORMS,
+    "depthwise_conv": ("shifted_sum", "grouped"),
+    "store_vision_residuals": (True, False),
+    "carry_small_scan_params": (True, False),
+    "attention_layout": ("heads_major", "sequence_major"),
+    "beam_cross_attention": ("per_beam", "batched"),
+    "beam_cache_copy": ("row_by_row", "gather"),
+    "pixel_normalize": ("gather", "one_hot"),
+}
+_FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spec may change
+
+# Each backend's defaults. docs/benchmarks.md ("Formulations per backend") gives the measurement behind
+# each and lists the ones no run on that hardware has chosen yet: the GPU's and TPU's keep the CPU's
+# depthwise convolution and attention layout until scripts/device_bench.sh (MODE=ab) compares them there.
+DEFAULTS: dict[str, Formulations] = {
+    "cpu": Formulations("cpu", depthwise_conv="shifted_sum", store_vision_residuals=True,
+                        carry_small_scan_params=True, attention_layout="heads_major",
+                        beam_cross_attention="per_beam", beam_cache_copy="row_by_row", pixel_normalize="gather"),
+    "gpu": Formulations("gpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
+                        carry_small_scan_params=False, attention_layout="heads_major",
+                        beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="gather"),
+    "tpu": Formulations("tpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
+                        carry_small_scan_params=False, attention_layout="heads_major",
+                        beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="one_hot"),
+}
+
+def _format(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _parse_value(name: str, text: str) -> Any:
+    if name not in _FORMULATIONS:
+        known = ", ".join(_FORMULATIONS)
+        raise ValueError(f"unknown hardware formulation {name!r}: expected one of {known}")
+    if _CHOICES[name] == (True, False):
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"hardware formulation {name} takes true or false, got {text!r}")
+        return text.lower() == "true"
+    return text
+
+
+def backend() -> str:
+    """The platform JAX runs programs on here (``cpu``, ``gpu`` or ``tpu``): the one answer to that question.
+
+    Read from JAX's default backend once JAX has started one; before that (deciding how to set up the
+    process without starting a backend), from ``JAX_PLATFORMS`` or the machine's accelerator device nodes.
+    """
+    import jax
+
+    try:
+        from jax._src import xla_bridge
+
+        started = bool(getattr(xla_bridge, "_backends", None))
+    except ImportError:  # pragma: no cover - a future jax without the private module
+        started = True
+    if started:
+        return platform_name(jax.default_backend())
+    return predicted_backend()
+
+
+def predicted_backend() -> str:
+    """The platform JAX will pick, decided without starting a backend: the first of ``JAX_PLATFORMS``, else
+    ``gpu`` or ``tpu`` when the machine has such a device node, else ``cpu``."""
+    wanted = os.environ.get("JAX_PLATFORMS", "").strip()
+    if wanted:
+        first = wanted.split(",")[0].strip().lower()
+        return _ALIASES.get(first, first)
+    if any(glob.glob(p) for p in ("/dev/nvidia[0-9]*", "/dev/kfd")):
+        return "gpu"
+    if any(glob.glob(p) for p in ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")):
+        return "tpu"
+    return "cpu"
+
+
+def platform_name(name: str) -> str:
+    """A backend's name as one of :data:`PLATFORMS` (``cuda`` and ``rocm`` are ``gpu``)."""
+    name = _ALIASES.get(name.lower(), name.lower())
+    if name not in PLATFORMS:
+        raise ValueError(f"unknown platform {name!r}: expected one of {', '.join(PLATFORMS)}")
+    return name
+
+
+def resolve(spec: str | Formulations | None = None, *, platform: str | None = None,
+            auto: str | None = None) -> Formulations:
+    """The formulations for ``spec``: a :class:`Formulations` (returned as is), or a spec string
+    ``platform[:name=value,...]``; None, ``""`` or ``"auto"`` as the platform mean the backend that runs
+    the program (or ``auto`` when given: the devices a program is compiled for ahead of time).
+    ``platform`` replaces the spec's platform and keeps its single changes."""
+    if isinstance(spec, Formulations) and platform is None:
+        return spec
+    if isinstance(spec, Formulations):
+        spec = spec.spec()
+    if spec is not None and not isinstance(spec, str):
+        raise TypeError(f"hardware must be a spec string or Formulations, got {type(spec).__name__}")
+    text = (spec or "").strip()
+    head, _, rest = text.partition(":")
+    head = (platform or head).strip().lower()
+    if head in ("", "auto"):
+        head = auto or backend()
+    device = ""
+    if head not in PLATFORMS and head not in _ALIASES:
+        spec_row = DEVICE_SPECS.get(head)
+        if spec_row is None:
+            raise ValueError(f"unknown hardware {head!r}: expected one of {', '.join(PLATFORMS)} or an "
+                             f"accelerator ({', '.join(DEVICE_SPECS)})")
+        device, head = head, spec_row.platform
+    overrides: dict[str, Any] = {"device": device}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"hardware spec {text!r}: {item!r} is not name=value")
+        overrides[key.strip()] = _parse_value(key.strip(), value.strip())
+    return dataclasses.replace(DEFAULTS[platform_name(head)], **overrides)
+
+
+# --------------------------------------------------------------------------- device facts
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Public figures of an accelerator: its platform, memory per device and dense bf16 peak (for MFU)."""
+
+    platform: str
+    hbm_gib: float
+    peak_tflops: float
+
+
+# Keys are matched as substrings of a device's lower-cased kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite")
+# or of a topology's chip name ("v5e"); the longest matching key wins.
+DEVICE_SPECS: dict[str, DeviceSpec] = {
+    "a100": DeviceSpec("gpu", 40, 312.0),
+    "h100": DeviceSpec("gpu", 80, 989.0),
+    "h200": DeviceSpec("gpu", 141, 989.0),
+    "v4": DeviceSpec("tpu", 32, 275.0),
+    "v5 lite": DeviceSpec("tpu", 16, 197.0),
+    "v5litepod": DeviceSpec("tpu", 16, 197.0),
+    "v5e": DeviceSpec("tpu", 16, 197.0),
+    "v5p": DeviceSpec("tpu", 95, 459.0),
+    "v6e": DeviceSpec("tpu", 32, 918.0),
+    "v6 lite": DeviceSpec("tpu", 32, 918.0),
+}
+
+
+def device_spec(kind: str) -> DeviceSpec | None:
+    """The :data:`DEVICE_SPECS` row whose key occurs in ``kind`` (a device kind, chip or config name)."""
+    kind = kind.lower()
+    for key in sorted(DEVICE_SPECS, key=len, reverse=True):
+        if key in kind:
+            return DEVICE_SPECS[key]
+    return None

@@ -1,0 +1,175 @@
+"""The hardware a program is built for is one explicit fact (florence_jax.hardware): resolved once into a
+frozen set of formulations that lives in the model's static structure, so jit caches by it, every
+formulation computes the same function as its alternative, and nothing process-wide decides it."""
+
+import ast
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_batch
+from flax import nnx
+
+from florence_jax import Florence2ForConditionalGeneration, hardware
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_specs_resolve_to_each_backends_defaults_with_single_changes():
+    assert hardware.backend() == jax.default_backend() == "cpu"
+    assert hardware.resolve() == hardware.resolve("auto") == hardware.resolve("") == hardware.DEFAULTS["cpu"]
+    assert hardware.resolve("cuda") == hardware.DEFAULTS["gpu"]  # a GPU backend's own name means gpu
+    h100 = hardware.resolve("h100")
+    assert (h100.platform, h100.device) == ("gpu", "h100") and h100.spec() == "h100"
+    assert hardware.resolve("v5e").pixel_normalize == "one_hot"
+    ab = hardware.resolve("gpu:depthwise_conv=grouped, store_vision_residuals=true")
+    assert ab.depthwise_conv == "grouped" and ab.store_vision_residuals is True
+    assert ab.beam_cache_copy == "gather"  # the rest stay the GPU's
+    # Every set round-trips through its shortest spec, and a resolved set is returned as it is.
+    for f in (ab, h100, hardware.DEFAULTS["tpu"], hardware.resolve("cpu:attention_layout=sequence_major")):
+        assert hardware.resolve(f.spec()) == f and hardware.resolve(f) is f
+    # Another platform keeps the single changes; an ahead-of-time compile names what "auto" means.
+    assert hardware.resolve("cpu:beam_cache_copy=gather", platform="tpu") == dataclasses.replace(
+        hardware.DEFAULTS["tpu"], beam_cache_copy="gather")
+    assert hardware.resolve("", auto="tpu").platform == "tpu"
+    assert hash(ab) != hash(hardware.DEFAULTS["gpu"])  # usable as a static jit key
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("metal", "unknown hardware 'metal'"),
+    ("gpu:depthwise=grouped", "unknown hardware formulation 'depthwise'"),
+    ("gpu:depthwise_conv=fft", "depthwise_conv='fft'"),
+    ("gpu:store_vision_residuals=yes", "takes true or false"),
+    ("gpu:depthwise_conv", "is not name=value"),
+])
+def test_bad_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(ValueError, match=message):
+        hardware.resolve(spec)
+
+
+def test_the_device_table_serves_kinds_chips_and_specs():
+    assert hardware.device_spec("NVIDIA H100 80GB HBM3").hbm_gib == 80
+    assert hardware.device_spec("TPU v5 lite").peak_tflops == 197.0
+    assert hardware.device_spec("v4").platform == "tpu"
+    assert hardware.device_spec("cpu") is None
+    for key, row in hardware.DEVICE_SPECS.items():
+        assert hardware.resolve(key).platform == row.platform
+
+
+def _tower_program(model, x) -> str:
+    return jax.jit(lambda t, x: t(x)).lower(model.model.vision_tower, x).as_text()
+
+
+def test_the_formulations_are_part_of_the_model_so_jit_caches_by_them(tiny_hf_dir):
+    """One jitted function traced with a CPU-built tower, then a GPU-built one, then the CPU one again:
+    each trace is its hardware's program (the CPU's stores each block's residual stream through a division
+    by 1.0, which survives XLA's optimizations; the GPU's does not), with no cache cleared in between."""
+    cpu = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
+    gpu = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir, hardware="gpu")
+    assert cpu.formulations == hardware.DEFAULTS["cpu"] and gpu.formulations == hardware.DEFAULTS["gpu"]
+    x = jnp.asarray(tiny_batch(seed=1)["pixel_values"]).transpose(0, 2, 3, 1)
+    fn = jax.jit(lambda t, x: t(x))
+    divides = [fn.lower(m.model.vision_tower, x).as_text().count("stablehlo.divide") for m in (cpu, gpu, cpu)]
+    assert divides[0] == divides[2] > divides[1]
+    compiled = [fn.lower(m.model.vision_tower, x).compile().as_text().count("divide(") for m in (cpu, gpu)]
+    assert compiled[0] > compiled[1]  # not folded away: the stored stream is in the program that runs
+    # Both run here and agree: a formulation is a way to compute, not a different function.
+    np.testing.assert_array_equal(np.asarray(fn(cpu.model.vision_tower, x)), np.asarray(fn(gpu.model.vision_tower, x)))
+
+
+def test_the_stored_stream_is_exact_whatever_the_runtime_scalar_holds():
+    """The division that stores the residual stream divides by exactly 1.0 for any runtime scalar, NaN and
+    infinities included (the scalar is a LayerNorm scale, which a diverged run can fill with them)."""
+    from florence_jax.modeling.davit import _residual_store
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 3)).astype(np.float32)) * 1e30
+    for scalar in (0.5, 0.0, -3e38, np.inf, -np.inf, np.nan):
+        out = jax.jit(_residual_store)(x, jnp.float32(scalar))
+        assert np.array_equal(np.asarray(out), np.asarray(x)), scalar
+
+
+def _tower_and_grads(model, x):
+    tower = model.model.vision_tower
+    out = jax.jit(lambda t, x: t(x))(tower, x)
+    grads = jax.jit(nnx.grad(lambda t, x: jnp.sum(t(x) ** 2)))(tower, x)
+    return np.asarray(out), {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(grads, nnx.Param))}
+
+
+# Each formulation against its alternative on the CPU's defaults, with how close they must be:
+#  - the stored residual stream and the carried small scan parameters change where values live, not the
+#    arithmetic: the features are bit-identical; XLA orders the backward's sums differently around them.
+#  - the grouped convolution and the sequence-major attention einsums sum the same products in another
+#    order: float32 rounding of the features too.
+@pytest.mark.parametrize("change, exact_features", [
+    ("store_vision_residuals=false", True),
+    ("carry_small_scan_params=false", True),
+    ("depthwise_conv=grouped", False),
+    ("attention_layout=sequence_major", False),
+])
+def test_every_vision_formulation_computes_the_same_tower(tiny_hf_dir, change, exact_features):
+    model = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
+    other = model.for_hardware(f"cpu:{change}")
+    assert other.formulations != model.formulations
+    x = jnp.asarray(tiny_batch(seed=4)["pixel_values"]).transpose(0, 2, 3, 1)
+    a, b = _tower_and_grads(model, x), _tower_and_grads(other, x)
+    if exact_features:
+        np.testing.assert_array_equal(a[0], b[0])
+    else:
+        np.testing.assert_allclose(a[0], b[0], rtol=0, atol=1e-5 * float(np.max(np.abs(a[0]))))
+    assert a[1].keys() == b[1].keys() and len(a[1]) > 20
+    for k in a[1]:  # float32 rounding of each tensor's largest entry
+        scale = float(np.max(np.abs(a[1][k])))
+        np.testing.assert_allclose(b[1][k], a[1][k], rtol=0, atol=1e-5 * scale, err_msg=str(k))
+
+
+def test_tpu_pixel_normalization_is_the_gather_bit_for_bit():
+    """On TPUs uint8 pixels are normalized by a one-hot product with the table instead of a gather (TPU
+    gathers are slow): run here, it gives the gather's bits for every value and channel, and the lowered
+    programs do differ (no gather in the one-hot one)."""
+    from florence_jax.processing import ImageTransform, normalize_pixels
+
+    table = ImageTransform(size=(16, 16)).table
+    values = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([values, values[::-1], np.roll(values, 7)], -1).reshape(2, 8, 16, 3)
+    gather = jax.jit(lambda p, t: normalize_pixels(p, t, "gather"))
+    onehot = jax.jit(lambda p, t: normalize_pixels(p, t, hardware.resolve("tpu").pixel_normalize))
+    assert "gather" in gather.lower(pixels, table).as_text()
+    assert "gather" not in onehot.lower(pixels, table).as_text()
+    np.testing.assert_array_equal(np.asarray(gather(pixels, table)), table[pixels, np.arange(3)])
+    np.testing.assert_array_equal(np.asarray(onehot(pixels, table)), np.asarray(gather(pixels, table)))
+
+
+def _python_files():
+    for top in ("florence_jax", "train", "scripts"):
+        yield from sorted((ROOT / top).rglob("*.py"))
+
+
+def test_no_library_code_clears_jits_caches_or_reads_a_platform_while_tracing():
+    """The old way (a context variable read while tracing, with every compiled program thrown away on
+    entry and exit) is gone: no project module calls jax.clear_caches or asks the default backend inside
+    the model; the one answer to "which platform" is florence_jax.hardware."""
+    offenders = []
+    for path in _python_files():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "clear_caches":
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} clear_caches")
+            if (isinstance(node, ast.Attribute) and node.attr == "default_backend"
+                    and path.relative_to(ROOT).as_posix() != "florence_jax/hardware.py"):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} default_backend")
+    assert not offenders, offenders
+
+
+def test_no_test_patches_a_private_switch_to_choose_a_formulation():
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setattr"
+                    and len(node.args) >= 2 and isinstance(node.args[0], ast.Name)
+                    and node.args[0].id in ("davit", "bart", "generation", "layers", "processing")
+                    and isinstance(node.args[1], ast.Constant) and str(node.args[1].value).startswith("_")):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, offenders
