@@ -1,0 +1,118 @@
+"""Every shipped config resolves to the fields it had when tests/data/configs_resolved.json was written, and two of
+them, made tiny, take the same first training steps as then (tests/data/first_losses.json).
+
+The goldens were written from the code before the configs were rewritten to derive from one another; a refactor
+of ``configs/`` or ``train/config.py`` that changes what any config means fails here. Regenerate them only for a
+change that means to alter a config: ``python tests/data/make_config_goldens.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "data" / "configs_resolved.json"
+LOSSES = ROOT / "tests" / "data" / "first_losses.json"
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
+
+# Fields a config gained after the golden was written; each is checked by its own test below.
+NEW_FIELDS: set[str] = set()
+
+
+def _plain(value):
+    """JSON's view of a value, with paths inside this checkout written relative to it (``<root>/...``)."""
+    return json.loads(json.dumps(value).replace(json.dumps(str(ROOT))[1:-1], "<root>"))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def datasets_of(data) -> list[dict]:
+    """The run's datasets as a list of components, each with the evaluation limit that applies to it."""
+    from train.config import data_components
+
+    out = []
+    for c in data_components(data):
+        d = dataclasses.asdict(c)
+        d["max_eval_examples"] = c.max_eval_examples or data.max_eval_examples
+        out.append(_plain(d))
+    return out
+
+
+DATASET_FIELDS = ("source", "eval_source", "subset", "format", "image_root", "eval_image_root", "train_split",
+                  "eval_split", "template", "columns", "prompt_prefix", "metric", "mixture")
+
+
+def resolved(name: str) -> dict:
+    """A config's fields as train.main loads it: flattened, the dataset normalised to its list of components."""
+    from train.config import load_config
+
+    cfg = load_config(name)
+    flat = _flat(_plain(cfg.to_dict()))
+    for f in DATASET_FIELDS:
+        flat.pop(f"data.{f}", None)
+    flat["data.datasets"] = datasets_of(cfg.data)
+    return flat
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_resolves_as_before(name):
+    golden = json.loads(GOLDEN.read_text())
+    assert name in golden, f"{name} is not in {GOLDEN.name}: a new config needs its golden entry"
+    now = {k: v for k, v in resolved(name).items() if k not in NEW_FIELDS}
+    want = golden[name]
+    assert sorted(now) == sorted(want)
+    diff = {k: (want[k], now[k]) for k in want if want[k] != now[k]}
+    assert not diff, diff
+
+
+def test_every_golden_config_still_exists():
+    assert sorted(json.loads(GOLDEN.read_text())) == CONFIGS
+
+
+# ------------------------------------------------------------------------------------------ first losses
+TINY = ["--config.max_steps=3", "--config.log_every_steps=1", "--config.eval.enabled=false",
+        "--config.eval_at_start=false", "--config.export_at_end=false", "--config.checkpoint_every_steps=0",
+        "--config.compilation_cache_dir=none", "--config.batch_size=8", "--config.data.num_workers=0",
+        "--config.data.synthetic.num_train=48", "--config.data.synthetic.num_val=8",
+        "--config.data.synthetic.image_size=64", "--config.data.image_size=64"]
+
+
+def loss_runs() -> dict[str, list[str]]:
+    from florence_jax.assets import TINY_READER
+
+    # gpu_a100.py on the shipped reader and generated documents: its optimizer, schedule, frozen tower, template
+    # and lengths at the reader's size, float32 and plain attention on the CPU.
+    gpu = ["--config.data.source=synthetic", f"--config.model.name_or_path={TINY_READER}",
+           "--config.model.dtype=float32", "--config.model.attention_impl=xla", "--config.data.max_prompt_tokens=24",
+           "--config.data.max_target_tokens=8", "--config.optim.learning_rate=1e-3"]
+    return {"cpu_demo.py": ["--config", "cpu_demo.py", *TINY],
+            "gpu_a100.py": ["--config", "gpu_a100.py", *TINY, *gpu]}
+
+
+def first_losses(argv: list[str], workdir: Path) -> list[float]:
+    from train.main import main
+
+    assert main([*argv, "--workdir", str(workdir)]) == 0
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in sorted(rows, key=lambda r: r["step"])]
+
+
+@pytest.mark.parametrize("name", ["cpu_demo.py", "gpu_a100.py"])
+def test_first_losses_as_before(name, tmp_path):
+    want = json.loads(LOSSES.read_text())[name]
+    got = first_losses(loss_runs()[name], tmp_path)
+    assert len(got) == len(want) == 3
+    assert got == pytest.approx(want, rel=1e-5, abs=0), (got, want)
+    assert got[2] != pytest.approx(got[0], rel=1e-4)  # the steps moved the model: the later losses test the optimizer
