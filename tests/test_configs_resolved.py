@@ -20,7 +20,7 @@ LOSSES = ROOT / "tests" / "data" / "first_losses.json"
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
 
 # Fields a config gained after the golden was written; each is checked by its own test below.
-NEW_FIELDS: set[str] = set()
+NEW_FIELDS = {"model.preset"}
 
 
 def _plain(value):
@@ -40,10 +40,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def datasets_of(data) -> list[dict]:
     """The run's datasets as a list of components, each with the evaluation limit that applies to it."""
-    from train.config import data_components
-
     out = []
-    for c in data_components(data):
+    for c in data.mixture:
         d = dataclasses.asdict(c)
         d["max_eval_examples"] = c.max_eval_examples or data.max_eval_examples
         out.append(_plain(d))
@@ -51,7 +49,7 @@ def datasets_of(data) -> list[dict]:
 
 
 DATASET_FIELDS = ("source", "eval_source", "subset", "format", "image_root", "eval_image_root", "train_split",
-                  "eval_split", "template", "columns", "prompt_prefix", "metric", "mixture")
+                  "eval_split", "template", "columns", "prompt_prefix", "metric", "mixture")  # before: under data
 
 
 def resolved(name: str) -> dict:
@@ -75,6 +73,19 @@ def test_config_resolves_as_before(name):
     assert sorted(now) == sorted(want)
     diff = {k: (want[k], now[k]) for k in want if want[k] != now[k]}
     assert not diff, diff
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_model_preset_is_the_checkpoints_architecture(name):
+    """model.preset (what scripts/aot.py compiles for) names the architecture of the config's checkpoint."""
+    from train.config import load_config
+
+    model = load_config(name).model
+    if Path(model.name_or_path).is_dir():  # the shipped reader: the tiny preset's widths
+        fc = json.loads((Path(model.name_or_path) / "config.json").read_text())
+        assert model.preset == "tiny" and fc["text_config"]["d_model"] == 128
+    else:
+        assert model.preset == ("large" if "-large" in model.name_or_path else "base")
 
 
 def test_every_golden_config_still_exists():
@@ -116,3 +127,27 @@ def test_first_losses_as_before(name, tmp_path):
     assert len(got) == len(want) == 3
     assert got == pytest.approx(want, rel=1e-5, abs=0), (got, want)
     assert got[2] != pytest.approx(got[0], rel=1e-4)  # the steps moved the model: the later losses test the optimizer
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_no_config_restates_a_default(name):
+    """A config section built in a file (TrainConfig(...), OptimConfig(...), ...) sets only what differs from the
+    default; a variant states only what differs from the config it derives from (dataclasses.replace)."""
+    import ast
+
+    import train.config as C
+
+    sections = {n: c for n, c in vars(C).items() if isinstance(c, type) and dataclasses.is_dataclass(c)}
+    restated = []
+    for node in ast.walk(ast.parse((ROOT / "configs" / name).read_text())):
+        if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) in sections):
+            continue
+        defaults = {f.name: f.default for f in dataclasses.fields(sections[node.func.id])}
+        for kw in node.keywords:
+            try:
+                value = ast.literal_eval(kw.value)
+            except ValueError:
+                continue
+            if defaults.get(kw.arg, dataclasses.MISSING) == value:
+                restated.append(f"{node.func.id}({kw.arg}={value!r})")
+    assert not restated

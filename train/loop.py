@@ -9,6 +9,7 @@ boundary and exits cleanly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import queue
@@ -24,7 +25,7 @@ import numpy as np
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.compiles import CompileWatch
-from train.config import PIXEL_DTYPE, ConfigError, MixtureComponent, TrainConfig, data_components
+from train.config import PIXEL_DTYPE, ConfigError, MixtureComponent, TrainConfig
 from train.distributed import compile_then_wait
 from train.evaluate import Evaluator, MixtureEvaluator, format_samples
 from train.optim import count_params
@@ -168,13 +169,13 @@ class RunDataset:
 
 
 def get_datasets(cfg: TrainConfig, workdir: Path) -> list[RunDataset]:
-    """Open every dataset of the run (``data.mixture`` or the single ``data.source``) and check, at start, that
+    """Open every dataset of the run (``data.mixture``: one or several) and check, at start, that
     each template finds its columns (after ``columns`` renames)."""
     from train.data.sources import SourceSpec, open_source
     from train.data.templates import ConfiguredTemplate
 
     out = []
-    for c in data_components(cfg.data):
+    for c in cfg.data.mixture:
         where = f"config.data.mixture[{c.name}]" if c.name else "config.data"
         template = ConfiguredTemplate(c.template, c.columns, c.prompt_prefix)
         if c.source in ("synthetic", "synthetic_detection"):
@@ -209,7 +210,7 @@ def _barrier(name: str) -> None:
 
 
 def _pipeline_config(cfg: TrainConfig):
-    from train.data.pipeline import DataConfig as PipelineConfig
+    from train.data.pipeline import PipelineConfig
 
     n = jax.process_count()
     eval_bs = cfg.eval.batch_size or cfg.batch_size
@@ -219,13 +220,14 @@ def _pipeline_config(cfg: TrainConfig):
     return PipelineConfig(
         batch_size=cfg.batch_size // n, max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_target_tokens=cfg.data.max_target_tokens, image_size=cfg.data.image_size, seed=cfg.seed,
-        num_epochs=None, shuffle=True, worker_count=cfg.data.num_workers, template=cfg.data.template,
+        num_epochs=None, shuffle=True, worker_count=cfg.data.num_workers, template=cfg.data.mixture[0].template,
         pixel_dtype=PIXEL_DTYPE,
     ), eval_bs // n
 
 
 def make_pipelines(cfg: TrainConfig, processor, train_src, val_src, template=None):
-    """Training and validation pipelines of one dataset (``template``: a ConfiguredTemplate, or data.template)."""
+    """Training and validation pipelines of one dataset (``template``: a ConfiguredTemplate, or the first
+    dataset's template name)."""
     from train.data.pipeline import DataPipeline
 
     base, eval_bs = _pipeline_config(cfg)
@@ -425,26 +427,30 @@ UNTRACKED_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoin
 
 
 def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """``["optim.learning_rate: 1e-06 -> 1e-05", ...]``: the fields that differ and change the run's trajectory."""
+    """``["optim.learning_rate: 1e-06 -> 1e-05", ...]``: the fields that differ and change the run's trajectory.
+    Both are compared as saved (JSON: tuples as lists); a dataset's fields are ``data.mixture.<i>.<field>``."""
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                v = {str(i): x for i, x in enumerate(v)}
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    a, b = flat(before), flat(after)
+    a, b = flat(json.loads(json.dumps(before))), flat(json.loads(json.dumps(after)))
     changed = []
     for key in sorted(set(a) | set(b)):
-        if key.startswith(UNTRACKED_FIELDS) or a.get(key) == b.get(key):
+        untracked = key.startswith(UNTRACKED_FIELDS) or (key.startswith("data.mixture.")
+                                                         and key.endswith(".max_eval_examples"))
+        if untracked or a.get(key) == b.get(key):
             continue
         old, new = a.get(key), b.get(key)
-        if isinstance(old, list):
-            old = tuple(old)
-        if isinstance(new, list):
-            new = tuple(new)
-        if old != new:
-            changed.append(f"{key}: {old!r} -> {new!r}")
+        changed.append(f"{key}: {_show(old)} -> {_show(new)}")
     return changed
+
+
+def _show(value: Any) -> str:
+    return repr(tuple(value)) if isinstance(value, list) else repr(value)
 
 
 def _has_checkpoint(workdir: Path) -> bool:
@@ -470,8 +476,6 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
                           "--workdir") from None
     saved_config = workdir / "config.json"
     if saved_config.exists() and _has_checkpoint(workdir):
-        import json
-
         changes = config_changes(json.loads(saved_config.read_text()), cfg.to_dict())
         if changes and not allow_config_change:
             raise ConfigError(f"{workdir} holds a run with another config; resuming would change {len(changes)} "
@@ -551,7 +555,7 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
         from florence_jax.generation_config import describe_settings
 
         rep.print(f"  evaluation   {describe_settings(model, cfg.eval.num_beams, cfg.eval.max_new_tokens)}")
-    if cfg.data.source == "synthetic" and not cfg.data.mixture:
+    if not cfg.data.mixed and cfg.data.mixture[0].source == "synthetic":
         from train.data.synthetic import question_only_bound
 
         bound = question_only_bound(threshold=cfg.eval.anls_threshold)
@@ -665,14 +669,14 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
             rep.print(f"Training curves: {plot}")
         from train.metrics import get_metric
 
-        line = (rep.before_after("score") if cfg.data.mixture
-                else rep.before_after(cfg.data.metric, get_metric(cfg.data.metric).higher_is_better))
+        metric = cfg.data.mixture[0].metric
+        line = (rep.before_after("score") if cfg.data.mixed
+                else rep.before_after(metric, get_metric(metric).higher_is_better))
         if line:
             rep.print(line[0].upper() + line[1:])
     ckpt.close()
     rep.close()
     if rep.enabled:
-        import json
 
         from train.reporting import strict_json
 
@@ -787,8 +791,9 @@ def _summary(cfg, mesh, counts, steps_per_epoch, total_steps, n_train, n_val) ->
 
 
 def _data_summary(cfg: TrainConfig) -> str:
-    if not cfg.data.mixture:
-        return cfg.data.source + (f" ({cfg.data.subset})" if cfg.data.subset else "")
+    if not cfg.data.mixed:
+        (only,) = cfg.data.mixture
+        return only.source + (f" ({only.subset})" if only.subset else "")
     total = sum(c.weight for c in cfg.data.mixture)
     return "mixture " + ", ".join(f"{c.name} {c.weight / total:.0%} ({c.metric})" for c in cfg.data.mixture)
 
