@@ -191,7 +191,7 @@ def _plain_model(model, merge: bool):
 
 
 def _to_numpy(x) -> np.ndarray:
-    from florence_jax.weights.export import _to_numpy as gather
+    from florence_jax.weights.common import to_numpy as gather
 
     return gather(x)
 

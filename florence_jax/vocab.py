@@ -44,7 +44,7 @@ def resize_for_tokens(model, new_ids: Sequence[int], num_tokens: int, *, shardin
     ``num_tokens`` is the tokenizer's length after adding; ids at or above it are suppressed in generation.
     ``sharding_fn(path, shape)`` places a grown embedding (default: the old one's sharding when it fits).
     """
-    from florence_jax.weights.export import _to_numpy
+    from florence_jax.weights.common import to_numpy as _to_numpy
 
     new_ids = sorted(set(int(i) for i in new_ids))
     if not new_ids:

@@ -186,8 +186,8 @@ def test_the_override_syntax_error_messages_suggest_works():
     from florence_jax.testing.processor import build_tiny_processor
     from train.config import OptimConfig, apply_override
     from train.data.pipeline import ExampleEncoder, PipelineConfig
-    from train.loop import check_export
     from train.optim import make_optimizer
+    from train.setup import check_export
 
     messages = []
     with pytest.raises(ConfigError) as err:

@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from train.data import MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS
+from train.errors import ConfigError as ConfigError  # where users of the config look for it
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work with this model, data or machine, found at start: the message says what to
-    change. ``python -m train.main`` prints it as one ``error:`` line and exits 2."""
 
 
 @dataclass
@@ -33,11 +31,6 @@ class SyntheticConfig:
     num_val: int = 200
     image_size: int = 128
     seed: int = 0
-
-
-# Text lengths, shared with the input pipeline's own settings (train.data.pipeline.PipelineConfig).
-MAX_PROMPT_TOKENS = 64  # text tokens after the image tokens (question), truncated and counted
-MAX_TARGET_TOKENS = 64  # answer tokens incl. eos, truncated and counted
 
 
 @dataclass

@@ -9,22 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from florence_jax.weights import mapping
+from florence_jax.weights.common import ExportError as ExportError  # raised here; callers catch it from here
+from florence_jax.weights.common import to_numpy as _to_numpy
 from florence_jax.weights.load import LOGITS_BIAS, iter_flax_params
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-
-
-def _to_numpy(x) -> np.ndarray:
-    import jax
-    from jax.experimental import multihost_utils
-
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
-class ExportError(ValueError):
-    """A model that the requested layout cannot represent (the message says what to do instead)."""
 
 
 def export_state_dict(model, dtype=None) -> dict[str, np.ndarray]:

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from florence_jax.processing import ImageTransform
-from train.config import MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS
+from train.data import MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS
 from train.data.templates import BadRecordError, Example, get_template
 
 __all__ = ["PipelineConfig", "DataPipeline", "ExampleEncoder", "load_image", "mixture_train"]
@@ -160,7 +160,7 @@ class ExampleEncoder:
                 raise ValueError("an image_transform without a .size needs PipelineConfig.image_size")
             size = (config.image_size, config.image_size)
         elif config.image_size is not None and tuple(size) != (config.image_size,) * 2:
-            from train.config import ConfigError
+            from train.errors import ConfigError
 
             raise ConfigError(
                 f"data.image_size={config.image_size} but the processor resizes to {tuple(size)}: set "
