@@ -27,14 +27,13 @@ def get_config() -> TrainConfig:
         checkpoint_every_steps=100,
         log_every_steps=5,
         compilation_cache_dir=None,
-        data=DataConfig(
-            source="synthetic",
-            synthetic=SyntheticConfig(num_train=4000, num_val=200, image_size=64, seed=0),
+        data=DataConfig(  # the generated documents (data.mixture's default dataset: "synthetic")
+            synthetic=SyntheticConfig(num_train=4000, image_size=64),
             image_size=64,  # the reader's input size
             max_prompt_tokens=24,
             max_target_tokens=8,
         ),
-        model=ModelConfig(name_or_path=str(TINY_READER), dtype="float32"),
+        model=ModelConfig(name_or_path=str(TINY_READER), preset="tiny", dtype="float32"),
         optim=OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=30, weight_decay=0.05),
         eval=EvalConfig(num_beams=1, max_new_tokens=8),  # batches of 32, as training: any device count up to 32
     )

@@ -11,49 +11,23 @@ boxes of bands, shapes and words in its `<OD>` pretraining, never these classes)
 Measured runs, and the from-scratch design it replaces, are in docs/benchmarks.md.
 """
 
-from florence_jax.assets import TINY_READER
-from train.config import (
-    DataConfig,
-    EvalConfig,
-    MeshConfig,
-    ModelConfig,
-    OptimConfig,
-    SyntheticConfig,
-    TrainConfig,
-)
+import dataclasses
+
+from configs import cpu_demo
+from train.config import MixtureComponent
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
-        seed=0,
-        max_steps=0,
-        num_epochs=3,
-        batch_size=32,
-        checkpoint_every_steps=100,
-        eval_every_steps=0,
-        log_every_steps=5,
-        keep_checkpoints=2,
-        compilation_cache_dir=None,
-        data=DataConfig(
-            source="synthetic_detection",
-            template="od",
-            metric="map",  # COCO box mAP of the decoded generations
-            synthetic=SyntheticConfig(num_train=3200, num_val=200, image_size=64, seed=0),
-            image_size=64,  # the reader's input size
-            max_prompt_tokens=24,
+def get_config():
+    cfg = cpu_demo.get_config()
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            cfg.data,
+            # COCO box mAP of the decoded generations
+            mixture=(MixtureComponent(source="synthetic_detection", template="od", metric="map"),),
+            synthetic=dataclasses.replace(cfg.data.synthetic, num_train=3200),
             max_target_tokens=32,  # 3 objects of up to 5 label tokens + 4 locations, plus <s> and </s>
-            num_workers=0,
         ),
-        model=ModelConfig(name_or_path=str(TINY_READER), dtype="float32", param_dtype="float32"),
-        optim=OptimConfig(
-            learning_rate=1e-3,
-            vision_learning_rate=None,
-            schedule="cosine",
-            warmup_steps=30,
-            weight_decay=0.05,
-            max_grad_norm=1.0,
-            freeze=(),  # everything trains: the reader never saw these classes at this precision
-        ),
-        mesh=MeshConfig(data=-1, fsdp=1),
-        eval=EvalConfig(num_beams=1, max_new_tokens=32, num_print=3),  # batches of 32, as training
+        optim=dataclasses.replace(cfg.optim, freeze=()),  # everything trains: the reader never saw these classes
+        eval=dataclasses.replace(cfg.eval, max_new_tokens=32, num_print=3),
     )

@@ -30,37 +30,26 @@ unchanged). Not measured for this config: run ``python -m scripts.aot_compile --
 before renting the GPU, and lower ``batch_size`` or raise ``grad_accum_steps`` if it does not fit.
 """
 
-from train.config import (
-    DataConfig,
-    EvalConfig,
-    MeshConfig,
-    MixtureComponent,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-)
+import dataclasses
+
+from configs import gpu_a100
+from train.config import MixtureComponent
 
 CAULDRON = "HuggingFaceM4/the_cauldron"
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
-        seed=0,
-        max_steps=0,
+def get_config():
+    cfg = gpu_a100.get_config()
+    (docvqa,) = cfg.data.mixture
+    return dataclasses.replace(
+        cfg,
         num_epochs=3,
-        batch_size=32,
-        checkpoint_every_steps=500,
         eval_every_steps=2000,
-        log_every_steps=20,
-        keep_checkpoints=2,
-        data=DataConfig(
-            image_size=768,
+        data=dataclasses.replace(
+            cfg.data,
             max_prompt_tokens=96,
-            max_target_tokens=64,
-            num_workers=8,
             mixture=(
-                MixtureComponent(name="docvqa", source="HuggingFaceM4/DocumentVQA", train_split="train",
-                                 eval_split="validation", template="docvqa", weight=0.50, metric="anls"),
+                dataclasses.replace(docvqa, name="docvqa", weight=0.50),
                 MixtureComponent(name="chartqa", source=CAULDRON, subset="chartqa", train_split="train[:-500]",
                                  eval_split="train[-500:]", template="cauldron", weight=0.20,
                                  metric="relaxed_accuracy"),
@@ -68,25 +57,7 @@ def get_config() -> TrainConfig:
                                  eval_split="train[-300:]", template="cauldron", weight=0.15,
                                  metric="exact_match"),
                 MixtureComponent(name="textvqa", source=CAULDRON, subset="textvqa", train_split="train[:-500]",
-                                 eval_split="train[-500:]", template="cauldron", weight=0.15, metric="anls"),
+                                 eval_split="train[-500:]", template="cauldron", weight=0.15),
             ),
         ),
-        model=ModelConfig(
-            hardware="a100",  # the formulations and device facts (florence_jax.hardware)
-            name_or_path="florence-community/Florence-2-base-ft",
-            dtype="bfloat16",
-            param_dtype="float32",
-            attention_impl="dot_product",
-            remat_policy="none",
-        ),
-        optim=OptimConfig(
-            learning_rate=1e-6,
-            schedule="linear",
-            warmup_steps=0,
-            weight_decay=0.01,
-            max_grad_norm=1.0,
-            freeze=(r"^model\.vision_tower\.",),
-        ),
-        mesh=MeshConfig(data=-1, fsdp=1),
-        eval=EvalConfig(num_beams=3, max_new_tokens=64, batch_size=32),
     )

@@ -24,49 +24,34 @@ global batch 32 runs as 2 micro-batches of 16 (`grad_accum_steps=2`, same update
 compiled here: `python -m scripts.aot_compile --config gpu_a100_detection.py` checks it before renting.
 """
 
-from train.config import DataConfig, EvalConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+import dataclasses
+
+from configs import gpu_a100
+from train.config import MixtureComponent
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
-        seed=0,
-        max_steps=0,
+def get_config():
+    cfg = gpu_a100.get_config()
+    coco = MixtureComponent(
+        source="coco/annotations/instances_train2017.json",
+        image_root="coco/train2017",
+        eval_source="coco/annotations/instances_val2017.json",
+        eval_image_root="coco/val2017",
+        format="coco",
+        template="od",
+        metric="map",  # COCO box mAP of the decoded generations
+    )
+    return dataclasses.replace(
+        cfg,
         num_epochs=3,
-        batch_size=32,
         grad_accum_steps=2,
         checkpoint_every_steps=1000,
-        eval_every_steps=0,  # each epoch's end
-        log_every_steps=20,
-        keep_checkpoints=2,
-        data=DataConfig(
-            source="coco/annotations/instances_train2017.json",
-            image_root="coco/train2017",
-            eval_source="coco/annotations/instances_val2017.json",
-            eval_image_root="coco/val2017",
-            format="coco",
-            template="od",
-            metric="map",  # COCO box mAP of the decoded generations
-            image_size=768,
+        data=dataclasses.replace(
+            cfg.data,
+            mixture=(coco,),
             max_prompt_tokens=16,  # "Locate the objects with category name in the image."
             max_target_tokens=256,
-            num_workers=8,
         ),
-        model=ModelConfig(
-            hardware="a100",  # the formulations and device facts (florence_jax.hardware)
-            name_or_path="florence-community/Florence-2-base-ft",
-            dtype="bfloat16",
-            param_dtype="float32",
-            attention_impl="dot_product",
-            remat_policy="none",
-        ),
-        optim=OptimConfig(
-            learning_rate=5e-6,
-            schedule="linear",
-            warmup_steps=200,
-            weight_decay=0.01,
-            max_grad_norm=1.0,
-            freeze=(r"^model\.vision_tower\.",),
-        ),
-        mesh=MeshConfig(data=-1, fsdp=1),
-        eval=EvalConfig(num_beams=3, max_new_tokens=256, batch_size=32),
+        optim=dataclasses.replace(cfg.optim, learning_rate=5e-6, warmup_steps=200),
+        eval=dataclasses.replace(cfg.eval, max_new_tokens=256),
     )

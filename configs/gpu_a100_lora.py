@@ -16,61 +16,17 @@ Memory (``python -m scripts.aot_compile --config gpu_a100_lora.py``, the CPU com
 with dropout, lower the batch or raise ``grad_accum_steps``.
 """
 
-from train.config import (
-    DataConfig,
-    EvalConfig,
-    LoRAConfig,
-    MeshConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-)
+import dataclasses
+
+from configs import gpu_a100
+from train.config import LoRAConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
-        seed=0,
-        max_steps=0,
+def get_config():
+    cfg = gpu_a100.get_config()
+    return dataclasses.replace(
+        cfg,
         num_epochs=3,
-        batch_size=32,
-        checkpoint_every_steps=500,
-        eval_every_steps=0,  # each epoch's end
-        log_every_steps=20,
-        keep_checkpoints=2,
-        data=DataConfig(
-            source="HuggingFaceM4/DocumentVQA",
-            train_split="train",
-            eval_split="validation",
-            template="docvqa",
-            image_size=768,
-            max_prompt_tokens=64,
-            max_target_tokens=64,
-            num_workers=8,
-        ),
-        model=ModelConfig(
-            hardware="a100",  # the formulations and device facts (florence_jax.hardware)
-            name_or_path="florence-community/Florence-2-base-ft",
-            dtype="bfloat16",
-            param_dtype="float32",
-            attention_impl="dot_product",
-            remat_policy="none",
-        ),
-        optim=OptimConfig(
-            learning_rate=1e-4,
-            schedule="linear",
-            warmup_steps=100,
-            weight_decay=0.01,
-            max_grad_norm=1.0,
-            freeze=(r"^model\.vision_tower\.",),
-        ),
-        lora=LoRAConfig(
-            enabled=True,
-            rank=16,
-            alpha=32.0,
-            dropout=0.0,
-            targets=(r"^model\.language_model\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)$",),
-            export="both",
-        ),
-        mesh=MeshConfig(data=-1, fsdp=1),
-        eval=EvalConfig(num_beams=3, max_new_tokens=64, batch_size=32),
+        optim=dataclasses.replace(cfg.optim, learning_rate=1e-4, warmup_steps=100),
+        lora=LoRAConfig(enabled=True, dropout=0.0, export="both"),
     )

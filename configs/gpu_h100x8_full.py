@@ -11,32 +11,21 @@ prepared dataset (pixels resized once, ~100 examples/s per worker) 16 keep up:
 The log's data_busy (near 1: the step waits for data) says which case a run is in (docs/scale-out.md).
 """
 
-from train.config import DataConfig, EvalConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+import dataclasses
+
+from configs import gpu_a100
+from train.config import MeshConfig
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
-        seed=0,
-        num_epochs=7,
+def get_config():
+    cfg = gpu_a100.get_config()
+    return dataclasses.replace(
+        cfg,
         batch_size=64,
-        checkpoint_every_steps=500,
-        log_every_steps=20,
-        data=DataConfig(
-            source="HuggingFaceM4/DocumentVQA",
-            image_size=768,
-            max_prompt_tokens=64,
-            max_target_tokens=64,
-            num_workers=64,  # decoding pages; 3 suffice from a prepared dataset (docs/scale-out.md)
-        ),
-        model=ModelConfig(
-            hardware="h100",  # the formulations and device facts (florence_jax.hardware)
-            name_or_path="florence-community/Florence-2-base-ft",
-            dtype="bfloat16",
-            param_dtype="float32",
-            attention_impl="dot_product",
-            remat_policy="dots",
-        ),
-        optim=OptimConfig(learning_rate=1e-6, schedule="linear", max_grad_norm=1.0, freeze=()),
+        # decoding pages; 3 suffice from a prepared dataset (docs/scale-out.md)
+        data=dataclasses.replace(cfg.data, num_workers=64),
+        model=dataclasses.replace(cfg.model, remat_policy="dots", hardware="h100"),
+        optim=dataclasses.replace(cfg.optim, freeze=()),
         mesh=MeshConfig(data=1, fsdp=8, fsdp_min_size=2**16),
-        eval=EvalConfig(num_beams=3, max_new_tokens=64, batch_size=64),
+        eval=dataclasses.replace(cfg.eval, batch_size=64),
     )

@@ -7,33 +7,26 @@ host). libtpu compiles it at 16.6 GiB per chip of 32 (docs/scale-out.md). Check 
     python -m scripts.aot_compile --config tpu_v4_32.py --topology v4:2x2x4
 """
 
-from train.config import DataConfig, EvalConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from train.config import (
+    DataConfig,
+    EvalConfig,
+    MeshConfig,
+    MixtureComponent,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        seed=0,
-        num_epochs=7,
         batch_size=128,
         checkpoint_every_steps=250,
         log_every_steps=20,
-        compilation_cache_dir="~/.cache/florence_jax/jax_cache",
-        data=DataConfig(
-            source="HuggingFaceM4/DocumentVQA",
-            image_size=768,
-            max_prompt_tokens=64,
-            max_target_tokens=64,
-            num_workers=16,
-        ),
-        model=ModelConfig(
-            hardware="v4",  # the formulations and device facts (florence_jax.hardware)
-            name_or_path="florence-community/Florence-2-large-ft",
-            dtype="bfloat16",
-            param_dtype="float32",
-            attention_impl="xla",
-            remat_policy="dots",
-        ),
-        optim=OptimConfig(learning_rate=2e-6, schedule="linear", warmup_steps=100, max_grad_norm=1.0, freeze=()),
+        data=DataConfig(mixture=(MixtureComponent(source="HuggingFaceM4/DocumentVQA"),), num_workers=16),
+        model=ModelConfig(name_or_path="florence-community/Florence-2-large-ft", preset="large", remat_policy="dots",
+                          hardware="v4"),
+        optim=OptimConfig(learning_rate=2e-6, warmup_steps=100, freeze=()),
         mesh=MeshConfig(data=4, fsdp=4, fsdp_min_size=2**16),
-        eval=EvalConfig(num_beams=3, max_new_tokens=64, batch_size=128),
+        eval=EvalConfig(batch_size=128),
     )

@@ -9,8 +9,9 @@ parameters and the step computes no gradient for it. libtpu compiles it at 8.16 
 import dataclasses
 
 from configs import tpu_v4_32
+from train.config import OptimConfig
 
 
 def get_config():
     cfg = tpu_v4_32.get_config()
-    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, freeze=(r"^model\.vision_tower\.",)))
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, freeze=OptimConfig().freeze))

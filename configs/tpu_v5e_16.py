@@ -8,34 +8,29 @@ trained tower's activations need 54 GiB per chip). Check it fits before renting:
     python -m scripts.aot_compile --config tpu_v5e_16.py --topology v5e:4x4
 """
 
-from train.config import DataConfig, EvalConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from train.config import (
+    DataConfig,
+    EvalConfig,
+    MeshConfig,
+    MixtureComponent,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 
 def get_config() -> TrainConfig:
+    # Florence-2-base-ft with the vision tower frozen, 768 px, 7 epochs: the defaults (train/config.py).
     return TrainConfig(
-        seed=0,
-        num_epochs=7,
         batch_size=256,
         checkpoint_every_steps=250,
         log_every_steps=20,
-        compilation_cache_dir="~/.cache/florence_jax/jax_cache",
         data=DataConfig(
-            source="HuggingFaceM4/DocumentVQA",
-            image_size=768,
-            max_prompt_tokens=64,
-            max_target_tokens=64,
+            mixture=(MixtureComponent(source="HuggingFaceM4/DocumentVQA"),),
             num_workers=24,  # per host: 4 chips x ~90 examples/s at ~22 pages per worker (docs/scale-out.md)
         ),
-        model=ModelConfig(
-            hardware="v5e",  # the formulations and device facts (florence_jax.hardware)
-            name_or_path="florence-community/Florence-2-base-ft",
-            dtype="bfloat16",
-            param_dtype="float32",
-            attention_impl="xla",
-            remat_policy="none",
-        ),
-        optim=OptimConfig(learning_rate=1e-5, schedule="linear", warmup_steps=100, max_grad_norm=1.0,
-                          freeze=(r"^model\.vision_tower\.",)),
-        mesh=MeshConfig(data=16, fsdp=1),
-        eval=EvalConfig(num_beams=3, max_new_tokens=64, batch_size=256),
+        model=ModelConfig(hardware="v5e"),
+        optim=OptimConfig(learning_rate=1e-5, warmup_steps=100),
+        mesh=MeshConfig(data=16),
+        eval=EvalConfig(batch_size=256),
     )

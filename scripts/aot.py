@@ -52,14 +52,11 @@ def _chips_per_host(topology: str) -> tuple[int, int, int]:
 
 
 def model_config_of(cfg: TrainConfig):
-    name = cfg.model.name_or_path
-    if name.startswith("random:tiny"):
-        fc = tiny_config(vocab_size=1088, image_token_id=1024)
+    """The abstract model of ``cfg.model.preset`` with the config's model options (no weights are read)."""
+    if cfg.model.preset == "tiny":
+        fc = tiny_config(vocab_size=1088, image_token_id=1024)  # random:tiny's vocabulary (the tiny processor)
     else:
-        preset = "large" if "large" in name.lower() else "base"
-        if name.startswith("random:"):
-            preset = name.split(":", 1)[1]
-        fc = PRESETS[preset]()
+        fc = PRESETS[cfg.model.preset]()
     return _apply_model_options(fc, cfg.model)
 
 

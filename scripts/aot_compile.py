@@ -3,8 +3,8 @@
     python -m scripts.aot_compile --config gpu_a100.py                 # simulated CPU devices
     python -m scripts.aot_compile --config tpu_v4_32.py --topology v4:2x2x4   # a TPU pod slice (needs libtpu)
 
-Nothing is downloaded and no weights are read: the model is abstract (shapes from the config's preset:
-names containing "large" use Florence-2-large, others base), the batch is abstract at the config's
+Nothing is downloaded and no weights are read: the model is abstract (shapes from the config's
+``model.preset``: tiny, base or large), the batch is abstract at the config's
 shapes, and the step is lowered with the config's mesh and shardings. With ``--topology`` the target is
 a TPU slice described by libtpu (``jax.experimental.topologies``), so a user learns before renting the
 pod whether the step compiles and fits its HBM. Exit code 1 when it does not fit. The step is traced for

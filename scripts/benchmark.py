@@ -507,14 +507,14 @@ def _document_bytes(n: int, seed: int = 0) -> list[bytes]:
 def bench_data(s: Settings) -> dict[str, Any]:
     from florence_jax.tiny_processor import build_tiny_processor
     from train.config import PIXEL_DTYPE
-    from train.data.pipeline import DataConfig, ExampleEncoder
+    from train.data.pipeline import ExampleEncoder, PipelineConfig
 
     images = _document_bytes(s.data_images)
     records = [{"image": {"bytes": b, "path": None}, "question": "What is the invoice number?",
                 "answers": ["123456"]} for b in images]
     processor = build_tiny_processor(image_size=s.image_size)
     # Pixels as training ships them (uint8: normalized in the step, on the device).
-    enc_config = DataConfig(template="docvqa", image_size=s.image_size, max_prompt_tokens=s.prompt_tokens,
+    enc_config = PipelineConfig(template="docvqa", image_size=s.image_size, max_prompt_tokens=s.prompt_tokens,
                             max_target_tokens=s.target_tokens, pixel_dtype=PIXEL_DTYPE)
     enc = ExampleEncoder(records, processor, enc_config)
 

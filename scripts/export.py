@@ -7,7 +7,7 @@ The run's saved config rebuilds the model; the checkpoint restores into it; ``sa
 config.json, generation_config.json and safetensors in the transformers-native layout, or with ``--layout
 original`` the microsoft/Florence-2-* remote-code layout (its config's auto_map names the code in
 ``--code_repo``). A LoRA run exports the adapters merged into the weights, as a peft adapter directory, or both
-(see ``train.loop.export_model``).
+(see ``train.setup.export_model``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from florence_jax.sharding import make_mesh
     from train.checkpoint import Checkpointer, abstract_like
     from train.config import TrainConfig, apply_override
-    from train.loop import export_model, get_processor
+    from train.setup import export_model, get_processor
     from train.state import create_model, init_train_state
 
     cfg = _config_from_json(json.loads((workdir / "config.json").read_text()), TrainConfig, apply_override)

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from florence_jax.processing import ImageTransform
     from train.config import load_config
     from train.data.prepared import prepare
-    from train.loop import get_processor, get_sources
+    from train.setup import get_processor, get_sources
 
     cfg = load_config(args.config, [a[len("--config."):] for a in rest])
     out = Path(args.out).absolute()

@@ -112,7 +112,7 @@ def pretrain_config(data_dir: Path, start: str, processor_dir: Path, phase: Phas
         compilation_cache_dir=None,
         data=DataConfig(mixture=tuple(component(t) for t in TASK_WEIGHTS), image_size=IMAGE_SIZE,
                         max_prompt_tokens=24, max_target_tokens=TASK_MAX_TOKENS),
-        model=ModelConfig(name_or_path=start, processor=str(processor_dir), dtype="float32", param_dtype="float32"),
+        model=ModelConfig(name_or_path=start, preset="tiny", processor=str(processor_dir), dtype="float32", param_dtype="float32"),
         optim=OptimConfig(learning_rate=phase.learning_rate, vision_learning_rate=phase.vision_learning_rate,
                           schedule="cosine", warmup_steps=phase.warmup_steps, weight_decay=0.05, max_grad_norm=1.0,
                           freeze=phase.freeze),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -45,7 +46,7 @@ def test_the_column_syntax_an_error_suggests_is_accepted():
         template.check_columns(type("Src", (), {"column_names": ["query", "image", "answers"]})(), "config.data")
     suggested = re.search(r"columns=(\(.*?,\))", str(err.value)).group(1)  # ("question=YOUR_COLUMN",)
     cfg = load_config("gpu_a100.py", [f"data.columns={suggested.replace('YOUR_COLUMN', 'query')}"])
-    assert cfg.data.columns == ("question=query",)
+    assert cfg.data.mixture[0].columns == ("question=query",)
 
 
 def test_bad_and_empty_regexes_fail_at_config_time():
@@ -143,6 +144,12 @@ def test_a_resume_lists_the_settings_that_change_the_run():
                                         "eval.num_beams=1", "data.num_workers=2"]).to_dict()
     assert config_changes(before, after) == ["batch_size: 32 -> 16", "optim.learning_rate: 1e-06 -> 1e-05"]
     assert config_changes(before, before) == []
+    # As saved in the workdir (JSON), a config is unchanged; a dataset's setting is named by its position.
+    saved = json.loads(json.dumps(before))
+    assert config_changes(saved, before) == []
+    other = load_config("gpu_a100.py", ["data.source=x.parquet", "data.max_eval_examples=5",
+                                        "data.mixture.0.max_eval_examples=5"]).to_dict()
+    assert config_changes(saved, other) == ["data.mixture.0.source: 'HuggingFaceM4/DocumentVQA' -> 'x.parquet'"]
 
 
 def test_a_step_that_would_exhaust_host_memory_is_refused_before_it_runs():
@@ -178,10 +185,9 @@ def test_the_override_syntax_error_messages_suggest_works():
 
     from florence_jax.tiny_processor import build_tiny_processor
     from train.config import OptimConfig, apply_override
-    from train.data.pipeline import DataConfig as PipelineConfig
-    from train.data.pipeline import ExampleEncoder
-    from train.loop import check_export
+    from train.data.pipeline import ExampleEncoder, PipelineConfig
     from train.optim import make_optimizer
+    from train.setup import check_export
 
     messages = []
     with pytest.raises(ConfigError) as err:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from train.data import sources
-from train.data.pipeline import DataConfig, DataPipeline, load_image
+from train.data.pipeline import DataPipeline, PipelineConfig, load_image
 from train.data.sources import SourceError, SourceSpec, detect_kind, open_source
 from train.data.synthetic import BadRecords, inject_bad_records, make_records, write_parquet
 from train.data.templates import BadRecordError, docvqa, get_template, prefix_suffix
@@ -19,7 +19,7 @@ BAD = BadRecords(
     grayscale=1, rgba=1, cmyk=1, palette=1,
 )  # fmt: skip
 NUM_RECORDS = 30
-CFG = DataConfig(batch_size=4, max_prompt_tokens=32, max_target_tokens=8, read_threads=1, seed=0)
+CFG = PipelineConfig(batch_size=4, max_prompt_tokens=32, max_target_tokens=8, read_threads=1, seed=0)
 
 
 @pytest.fixture(scope="module")

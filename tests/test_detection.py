@@ -159,7 +159,7 @@ def test_grounding_and_region_templates(tmp_path, processor):
 
 
 def test_bad_detection_records_are_skipped_with_a_reason(tmp_path, processor):
-    from train.data.pipeline import DataConfig, DataPipeline
+    from train.data.pipeline import DataPipeline, PipelineConfig
     from train.data.sources import SourceSpec
 
     sizes = {1: (64, 64), 2: (64, 64), 3: (64, 64), 4: (64, 64)}
@@ -169,7 +169,7 @@ def test_bad_detection_records_are_skipped_with_a_reason(tmp_path, processor):
     data["images"][3]["width"] = 100  # the file is 64 px wide: boxes would be relative to the wrong size
     path.write_text(json.dumps(data))
     src = open_source(SourceSpec(str(path), image_root=str(tmp_path / "images")))
-    enc = DataPipeline(src, processor, DataConfig(batch_size=2, template="od", image_size=64, max_target_tokens=16)).encoder
+    enc = DataPipeline(src, processor, PipelineConfig(batch_size=2, template="od", image_size=64, max_target_tokens=16)).encoder
     assert "pixel_values" in enc(0)
     assert [enc(i).get("_skip") for i in (1, 2, 3)] == ["bad_box", "bad_box", "image_size_mismatch"]
 

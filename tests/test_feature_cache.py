@@ -52,7 +52,7 @@ def test_feature_store_reuse_and_partial_rebuild(tmp_path):
     from florence_jax.tiny_processor import build_tiny_processor
     from train.config import ModelConfig
     from train.data import synthetic
-    from train.data.pipeline import DataConfig, DataPipeline
+    from train.data.pipeline import DataPipeline, PipelineConfig
     from train.data.sources import open_source
     from train.feature_cache import build_or_load
     from train.state import create_model
@@ -61,7 +61,7 @@ def test_feature_store_reuse_and_partial_rebuild(tmp_path):
                                bad=synthetic.BadRecords(corrupt_image=1))
     processor = build_tiny_processor(image_size=64)
     src = open_source(paths["train"])
-    pipe = DataPipeline(src, processor, DataConfig(batch_size=4, image_size=64, shuffle=False))
+    pipe = DataPipeline(src, processor, PipelineConfig(batch_size=4, image_size=64, shuffle=False))
     model = create_model(ModelConfig(name_or_path="random:tiny", dtype="float32"), make_mesh(1, 1, devices=jax.devices()[:1]),
                          tokenizer=processor.tokenizer)
     key = {"model": "random:tiny"}

@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from train.config import DataConfig, MixtureComponent, TrainConfig, apply_override, load_config, validate
-from train.data.pipeline import DataConfig as PipelineConfig
-from train.data.pipeline import DataPipeline, mixture_train
+from train.data.pipeline import DataPipeline, PipelineConfig, mixture_train
 from train.data.sources import SourceError, SourceSpec, open_source, slice_bounds
 from train.data.templates import BadRecordError, ConfiguredTemplate, ExpandedRecords
 from train.evaluate import EvalResult, MixtureEvaluator
@@ -314,7 +313,6 @@ def test_mixture_config_overrides_and_validation():
         ("data.mixture.a.weight=0", "weight must be positive"),
         ("data.mixture.a.name=b", "used twice"),
         ("data.mixture.a.columns=prompt=q", "prefix_suffix"),
-        ("data.source=other.parquet", "single-dataset fields \\['source'\\]"),
     ]
     for override, message in bad:
         broken = TrainConfig(data=DataConfig(mixture=tuple(dataclasses.replace(c) for c in cfg.data.mixture)))
@@ -323,13 +321,26 @@ def test_mixture_config_overrides_and_validation():
             validate(broken)
     with pytest.raises(ValueError, match="registered metrics"):
         load_config("cpu_demo.py", ["data.metric=bleu"])
+    # A dataset field under data names the only dataset of a run of one; a mixture's must be named.
+    with pytest.raises(ValueError, match=r"mixes 2 \['a', 'b'\].*--config.data.mixture.a.source="):
+        apply_override(cfg, "data.source=other.parquet")
+    single = load_config("gpu_a100.py", ["data.source=other.parquet", "data.eval_split=test", "data.columns=question=q"])
+    assert [(c.source, c.eval_split, c.columns) for c in single.data.mixture] == [("other.parquet", "test", ("question=q",))]
+    assert load_config("gpu_a100.py", ["data.mixture.0.source=x.parquet"]).data.mixture[0].source == "x.parquet"
+    with pytest.raises(ValueError, match="evaluates it"):
+        load_config("gpu_a100.py", ["data.eval_split=none"])
+    with pytest.raises(ValueError, match="at least one dataset"):
+        validate(TrainConfig(data=DataConfig(mixture=())))
+    with pytest.raises(ValueError, match="config.model.preset=tiny"):
+        load_config("gpu_a100.py", ["model.name_or_path=random:tiny"])
+    assert load_config("gpu_a100.py", ["model.name_or_path=random:tiny", "model.preset=tiny"]).model.preset == "tiny"
 
 
 def test_configs_load_and_the_cauldron_mixture_is_stated():
     for name in ("cpu_demo.py", "gpu_a100.py", "gpu_a100_full.py", "gpu_h100x8_full.py", "tpu_v4_32.py",
                  "tpu_v5e_16.py", "tpu_v5e_16_full.py", "tpu_v4_32_frozen.py"):
         cfg = load_config(name)
-        assert not cfg.data.mixture and cfg.data.metric == "anls"
+        assert not cfg.data.mixed and [c.metric for c in cfg.data.mixture] == ["anls"]
     frozen, full = load_config("tpu_v5e_16.py"), load_config("tpu_v5e_16_full.py")
     assert frozen.optim.freeze and not full.optim.freeze and full.model.remat_policy == "full"
     assert full.model.name_or_path == frozen.model.name_or_path and full.mesh == frozen.mesh
@@ -368,7 +379,7 @@ def get_config():
                              columns=("prompt=query", "target=label", "image=img"), weight=0.2),
             MixtureComponent(name="docvqa", source="{docvqa}", eval_split=None, weight=0.2),
         )),
-        model=ModelConfig(name_or_path="random:tiny", dtype="float32"),
+        model=ModelConfig(name_or_path="random:tiny", preset="tiny", dtype="float32"),
         optim=OptimConfig(learning_rate=1e-3, freeze=()),
         eval=EvalConfig(num_beams=1, max_new_tokens=4, batch_size=8, num_print=1),
     )

@@ -138,7 +138,7 @@ def test_bad_lora_target_is_a_clear_error(tiny_hf_dir):
 
 
 def test_export_model_merged_and_adapter_with_a_task_token(tmp_path):
-    """train.loop.export_model for a LoRA model with a new token (random:tiny, as the CPU demo): the merged
+    """train.setup.export_model for a LoRA model with a new token (random:tiny, as the CPU demo): the merged
     model and the peft adapter on its written base give our logits in transformers, tokenizer included."""
     import json
 
@@ -148,7 +148,7 @@ def test_export_model_merged_and_adapter_with_a_task_token(tmp_path):
 
     from florence_jax.processing import load_processor
     from train.config import load_config
-    from train.loop import export_model, get_processor
+    from train.setup import export_model, get_processor
 
     cfg = load_config("cpu_demo.py", ["lora.enabled=true", "lora.rank=4", "lora.alpha=4", "lora.export=both",
                                       "model.add_tokens=('<MY_TASK>',)"])

@@ -5,7 +5,7 @@ import numpy as np
 from florence_jax.processing import ImageTransform
 from florence_jax.tiny_processor import build_tiny_processor
 from train.data import synthetic
-from train.data.pipeline import DataConfig, ExampleEncoder
+from train.data.pipeline import ExampleEncoder, PipelineConfig
 from train.data.prepared import PreparedRecords, decode_record, encode_record, prepare
 from train.data.sources import detect_kind, open_source
 
@@ -29,7 +29,7 @@ def test_prepared_dataset_gives_identical_examples(tmp_path):
     assert n == len(original) and detect_kind(str(out)) == "prepared"
     prepared = open_source(str(out))
     assert isinstance(prepared, PreparedRecords) and len(prepared) == len(original)
-    cfg = DataConfig(image_size=64, max_prompt_tokens=24, max_target_tokens=12)
+    cfg = PipelineConfig(image_size=64, max_prompt_tokens=24, max_target_tokens=12)
     a, b = ExampleEncoder(original, processor, cfg), ExampleEncoder(prepared, processor, cfg)
     skipped = 0
     for i in range(len(original)):

@@ -187,7 +187,8 @@ class _Source:
 
 @pytest.mark.parametrize("read_s, step_s, bound", [(0.03, 0.0, True), (0.0, 0.03, False)])
 def test_prefetcher_says_whether_the_step_waits_for_data(read_s, step_s, bound):
-    from train.loop import DATA_BOUND, Prefetcher, data_busy
+    from train.loop import Prefetcher
+    from train.reporting import DATA_BOUND, data_busy
 
     prefetch = Prefetcher(_Source(12, read_s), lambda b: b)
     start = prefetch.busy()

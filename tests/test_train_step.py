@@ -173,7 +173,7 @@ def test_uint8_pixels_normalized_in_the_step_train_exactly_as_float32_ones(tiny_
 
 
 def test_bfloat16_pixels_give_a_bfloat16_model_exactly_what_float32_ones_do(tiny_hf_dir):
-    """A pipeline can ship bfloat16 pixels (DataConfig.pixel_dtype) to a bfloat16 model: the model's first
+    """A pipeline can ship bfloat16 pixels (PipelineConfig.pixel_dtype) to a bfloat16 model: the model's first
     op casts pixels to bfloat16, so the vision features, the only thing pixels reach in a step, are bit
     for bit those of float32 pixels, through the tower's forward and its gradient."""
     import ml_dtypes

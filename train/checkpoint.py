@@ -174,8 +174,8 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
 
 
 def _selection_score(metrics: dict) -> float:
-    """The evaluation score a checkpoint is kept for (``anls`` in checkpoints written before scores)."""
-    return float(metrics.get("score", metrics.get("anls", float("-inf"))))
+    """The evaluation score a checkpoint is kept for (``EvalResult.score``; -inf when it was not evaluated)."""
+    return float(metrics.get("score", float("-inf")))
 
 
 def abstract_like(tree: Any) -> Any:

@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from train.data import MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS
+from train.errors import ConfigError as ConfigError  # where users of the config look for it
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work with this model, data or machine, found at start: the message says what to
-    change. ``python -m train.main`` prints it as one ``error:`` line and exits 2."""
 
 
 @dataclass
@@ -37,67 +35,60 @@ class SyntheticConfig:
 
 @dataclass
 class MixtureComponent:
-    """One dataset of a mixture (``data.mixture``): its own source, template, sampling weight and metric.
+    """One dataset of a run: its source, template, metric and (in a mixture of several) sampling weight.
 
-    The fields mean what the single-dataset ``data.*`` fields of the same name mean. ``name`` labels its
-    evaluation keys (``anls/<name>``) and counters; ``weight`` is relative (normalized over the mixture);
-    ``eval_split`` None trains on it without evaluating it. Override one from the command line by position
-    or name: ``--config.data.mixture.chartqa.weight=0.3``.
+    Every run trains on ``data.mixture``; a single-dataset run is a mixture of one whose ``name`` is empty (its
+    evaluation keys are then plain: ``anls``, not ``anls/<name>``). ``name`` labels the evaluation keys and
+    counters of a named dataset; ``weight`` is relative (normalized over the mixture); ``eval_split`` None trains
+    on it without evaluating it. Override a field from the command line by position or name:
+    ``--config.data.mixture.chartqa.weight=0.3``; a run of one dataset also takes ``--config.data.source=...``
+    (and each other field here) for its only dataset.
     """
 
     name: str = ""
-    source: str = ""
-    subset: str | None = None  # Hub config name, e.g. "chartqa" of HuggingFaceM4/the_cauldron
+    # A Hub dataset id (e.g. "HuggingFaceM4/DocumentVQA"), a local parquet/arrow/JSONL file or glob,
+    # a `datasets.save_to_disk` folder, a COCO detection JSON, "synthetic" or "synthetic_detection".
+    source: str = "synthetic"
+    subset: str | None = None  # Hub config name (a subset such as "chartqa" of HuggingFaceM4/the_cauldron)
+    # Validation data when it is another file/folder (local data); None: `source` at `eval_split`.
     eval_source: str | None = None
-    format: str | None = None  # source kind; None: detected from the path
+    format: str | None = None  # source kind (hub, parquet, arrow, disk, jsonl, coco); None: detected from the path
     image_root: str | None = None  # folder of a COCO JSON's images (None: the JSON's folder)
-    eval_image_root: str | None = None
+    eval_image_root: str | None = None  # the same for eval_source
+    # Splits may carry a slice, e.g. train_split="train[:-500]", eval_split="train[-500:]".
     train_split: str = "train"
     eval_split: str | None = "validation"
-    template: str = "docvqa"
-    columns: tuple[str, ...] = ()  # "template_field=dataset_column" renames
-    prompt_prefix: str = ""
+    template: str = "docvqa"  # record -> (prompt, target, references); see train/data/templates.py
+    # "template_field=dataset_column" renames, e.g. ("question=query", "answers=label"); or with the `mapped`
+    # template ("prompt=query", "target=label", "image=img").
+    columns: tuple[str, ...] = ()
+    prompt_prefix: str = ""  # put before every prompt, e.g. a task token "<VQA>"
     weight: float = 1.0
+    # evaluation metric (train/metrics.py METRICS): anls, exact_match, relaxed_accuracy, cer, map (COCO box mAP
+    # of the generations decoded into boxes; templates od, phrase_grounding)
     metric: str = "anls"
     max_eval_examples: int = 0  # 0: data.max_eval_examples
 
 
 @dataclass
 class DataConfig:
-    """Where examples come from and how they become static-shape batches."""
+    """Where examples come from (``mixture``: one dataset or several) and how they become static-shape batches."""
 
-    # A Hub dataset id (e.g. "HuggingFaceM4/DocumentVQA"), a local parquet/arrow/JSONL file or glob,
-    # a `datasets.save_to_disk` folder, a COCO detection JSON, "synthetic" or "synthetic_detection".
-    source: str = "synthetic"
-    # Validation data when it is another file/folder (local data); None: `source` at `eval_split`.
-    eval_source: str | None = None
-    subset: str | None = None  # Hub config name (a subset such as "chartqa" of HuggingFaceM4/the_cauldron)
-    # Splits may carry a slice, e.g. train_split="train[:-500]", eval_split="train[-500:]".
-    format: str | None = None  # source kind (hub, parquet, arrow, disk, jsonl, coco); None: detected
-    image_root: str | None = None  # folder of a COCO JSON's images (None: the JSON's folder)
-    eval_image_root: str | None = None  # the same for eval_source
-    train_split: str = "train"
-    eval_split: str = "validation"
-    template: str = "docvqa"  # record -> (prompt, target, references); see train/data/templates.py
-    # "template_field=dataset_column" renames, e.g. ("question=query", "answers=label"); or with the `mapped`
-    # template ("prompt=query", "target=label", "image=img").
-    columns: tuple[str, ...] = ()
-    prompt_prefix: str = ""  # put before every prompt, e.g. a task token "<VQA>"
-    # evaluation metric (train/metrics.py METRICS): anls, exact_match, relaxed_accuracy, cer, map (COCO box mAP
-    # of the generations decoded into boxes; templates od, phrase_grounding)
-    metric: str = "anls"
-    # Several datasets sampled by weight in one run; when set, the single-dataset fields above (source through
-    # metric) stay at their defaults and each component has its own.
-    mixture: tuple[MixtureComponent, ...] = ()
+    mixture: tuple[MixtureComponent, ...] = field(default_factory=lambda: (MixtureComponent(),))
     image_size: int = 768
-    max_prompt_tokens: int = 64  # text tokens after the image tokens (question), truncated and counted
-    max_target_tokens: int = 64  # answer tokens incl. eos, truncated and counted
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
+    max_target_tokens: int = MAX_TARGET_TOKENS
     num_workers: int = 0  # grain worker processes for decode + resize (0: in the main process)
-    max_eval_examples: int = 0  # 0: the whole validation split
+    max_eval_examples: int = 0  # 0: the whole validation split (of each dataset without its own limit)
     # Frozen vision tower only: compute its features once per training record (cached in the workdir)
     # and train on them instead of pixels; no stochastic depth in the frozen tower, no image augmentation.
     cache_vision_features: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    @property
+    def mixed(self) -> bool:
+        """Several datasets (or one named one): evaluation keys and counters carry each dataset's name."""
+        return len(self.mixture) > 1 or bool(self.mixture and self.mixture[0].name)
 
 
 # The dtype training's pixel batches travel in: the resized uint8 image, a quarter of float32's bytes through
@@ -111,6 +102,9 @@ PIXEL_DTYPE = "uint8"
 class ModelConfig:
     # A Hub id or local directory; or "random:<preset>" (tiny, base, large) for a randomly initialised model.
     name_or_path: str = "florence-community/Florence-2-base-ft"
+    # The architecture name_or_path holds (tiny, base, large): what a model built without reading its weights
+    # has (scripts/aot.py compiles the step for it); a "random:<preset>" model's must be the same.
+    preset: str = "base"
     revision: str | None = None
     processor: str | None = None  # defaults to name_or_path
     dtype: str = "bfloat16"  # compute dtype
@@ -256,6 +250,7 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like field.sub=value")
     dotted, raw = item.split("=", 1)
+    dotted = _dataset_alias(cfg, dotted)
     obj: Any = cfg
     parts = dotted.split(".")
     i = 0
@@ -283,6 +278,23 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
             ):
                 raise ValueError(f"config field {'.'.join(parts[: i + 1])!r} is not a section")
         i += 1
+
+
+_DATASET_FIELDS = tuple(f.name for f in dataclasses.fields(MixtureComponent))
+
+
+def _dataset_alias(cfg: TrainConfig, dotted: str) -> str:
+    """``data.source`` (any dataset field under ``data``) means the run's only dataset: ``data.mixture.0.source``.
+    A run of several datasets is told to name the one it means."""
+    parts = dotted.split(".")
+    if len(parts) != 2 or parts[0] != "data" or parts[1] not in _DATASET_FIELDS or parts[1] == "max_eval_examples":
+        return dotted
+    mixture = cfg.data.mixture
+    if len(mixture) == 1:
+        return f"data.mixture.0.{parts[1]}"
+    names = [c.name for c in mixture]
+    raise ValueError(f"config.{dotted} names a field of one dataset, and this run mixes {len(mixture)} {names}: set "
+                     f"it on the one you mean, e.g. --config.data.mixture.{names[0]}.{parts[1]}=...")
 
 
 def _pick_element(items: tuple | list, key: str, where: str) -> Any:
@@ -382,6 +394,7 @@ def _check_item(value: Any, item_type: Any, name: str, raw: str) -> Any:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.preset": ("tiny", "base", "large"),
     "model.attention_impl": ("xla", "dot_product"),
     "model.remat_policy": ("none", "full", "dots"),
     "optim.schedule": ("linear", "cosine", "constant"),
@@ -396,6 +409,11 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ValueError(f"config.{dotted}={value!r}; expected one of {choices}")
+    name = cfg.model.name_or_path
+    if name.startswith("random:") and name.split(":", 1)[1] != cfg.model.preset:
+        raise ValueError(f"config.model.name_or_path={name!r} initialises the {name.split(':', 1)[1]!r} preset, but "
+                         f"config.model.preset={cfg.model.preset!r}: set --config.model.preset="
+                         f"{name.split(':', 1)[1]}")
     if cfg.export_layout not in ("native", "original"):
         raise ValueError(f"config.export_layout={cfg.export_layout!r}; expected one of ('native', 'original')")
     if cfg.export_layout == "original" and cfg.lora.enabled and cfg.lora.export != "merged":
@@ -445,12 +463,8 @@ def check_regex(pattern: str, where: str) -> None:
         raise ValueError(f"{where}: bad regex {pattern!r}: {e}") from None
 
 
-_SINGLE_DATASET_FIELDS = ("source", "eval_source", "subset", "train_split", "eval_split", "template", "columns",
-                          "prompt_prefix", "metric", "format", "image_root", "eval_image_root")
-
-
 def validate_data(d: DataConfig) -> None:
-    """Templates, metrics and column renames exist; mixture entries are complete, named and weighted."""
+    """Templates, metrics and column renames exist; datasets are complete and weighted, and named when several."""
     from train.data.sources import KINDS
     from train.data.templates import BOX_TEMPLATES, parse_columns, template_names
     from train.metrics import METRICS
@@ -471,18 +485,17 @@ def validate_data(d: DataConfig) -> None:
             raise ValueError(f"config.{where}.columns: {e}") from None
 
     if not d.mixture:
-        check("data", d.template, d.metric, d.columns, d.format)
-        return
-    default = DataConfig()
-    changed = [f for f in _SINGLE_DATASET_FIELDS if getattr(d, f) != getattr(default, f)]
-    if changed:
-        raise ValueError(f"config.data.mixture is set, so the single-dataset fields {changed} would be ignored: "
-                         "move them into the mixture's components (or leave data.mixture empty)")
+        raise ValueError("config.data.mixture is empty: give the run at least one dataset")
     names = [c.name for c in d.mixture]
     for i, c in enumerate(d.mixture):
-        where = f"data.mixture[{i}]"
+        where = f"data.mixture[{i}]" if d.mixed else "data"
         if not isinstance(c, MixtureComponent):
             raise ValueError(f"config.{where} is a {type(c).__name__}, expected MixtureComponent")
+        if not d.mixed:
+            check(where, c.template, c.metric, c.columns, c.format)
+            if c.eval_split is None:
+                raise ValueError("config.data.eval_split is None: a run of one dataset evaluates it")
+            continue
         if not c.name or not all(ch.isalnum() or ch in "_-." for ch in c.name):
             raise ValueError(f"config.{where}.name={c.name!r}: give it a name of letters, digits, _ - . "
                              "(it labels the evaluation keys, e.g. anls/<name>)")
@@ -497,14 +510,3 @@ def validate_data(d: DataConfig) -> None:
         check(f"{where} ({c.name})", c.template, c.metric, c.columns, c.format)
     if all(c.eval_split is None for c in d.mixture):
         raise ValueError("config.data.mixture: every component has eval_split=None; evaluate at least one")
-
-
-def data_components(d: DataConfig) -> tuple[MixtureComponent, ...]:
-    """The datasets of a run: the mixture, or the single dataset as one unnamed component of weight 1."""
-    if d.mixture:
-        return tuple(d.mixture)
-    return (MixtureComponent(name="", source=d.source, subset=d.subset, eval_source=d.eval_source,
-                             train_split=d.train_split, eval_split=d.eval_split, template=d.template,
-                             columns=d.columns, prompt_prefix=d.prompt_prefix, weight=1.0, metric=d.metric,
-                             format=d.format, image_root=d.image_root, eval_image_root=d.eval_image_root,
-                             max_eval_examples=d.max_eval_examples),)

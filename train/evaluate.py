@@ -18,9 +18,12 @@ to score the latest checkpoint of a run).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,9 +33,14 @@ from flax import nnx
 from florence_jax.devices import to_host
 from florence_jax.generation import Generator
 from florence_jax.postprocess import post_process_generation
+from florence_jax.sharding import batch_sharding, make_mesh
+from train.checkpoint import Checkpointer, abstract_like
+from train.config import TrainConfig
 from train.distributed import compile_then_wait
 from train.metrics import Metric, coco_map, get_metric
-from train.step import model_pixels
+from train.setup import build_pipelines, check_lengths, get_datasets, get_processor, setup_runtime
+from train.state import create_model, init_train_state
+from train.step import jit_eval_step, model_pixels
 
 log = logging.getLogger("train")
 
@@ -51,11 +59,6 @@ class EvalResult:
     loss_sum: float = 0.0
     tokens: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # reported, not scored: mAP@.5, per-class AP, counts
-
-    @property
-    def anls(self) -> float:
-        """ANLS of a single-dataset evaluation (NaN when the metric is another)."""
-        return self.metrics.get("anls", float("nan"))
 
     def record(self, step: int, epoch: float) -> dict[str, Any]:
         return {"step": step, "epoch": epoch, "val_loss": self.val_loss, **self.metrics, "score": self.score,
@@ -96,12 +99,70 @@ def score_detections(texts: list[str], examples: list[Any]) -> tuple[dict[str, A
     return coco_map(gts, preds).as_dict(), preds
 
 
+class _TextScores:
+    """A text metric's side of an evaluation: the decoded answers (special tokens dropped) against the template's
+    references, and the first few as printed samples."""
+
+    skip_special_tokens = True
+
+    def __init__(self, metric: Metric, pipeline, num_samples: int):
+        self.metric, self.pipeline, self.num_samples = metric, pipeline, num_samples
+        self.predictions: list[str] = []
+        self.references: list[tuple[str, ...]] = []
+        self.samples: list[dict[str, Any]] = []
+
+    def add(self, indices: list[int], texts: list[str]) -> None:
+        for i, text, ref in zip(indices, texts, self.pipeline.references(np.asarray(indices))):
+            prediction, ref = text.strip(), tuple(ref)
+            self.predictions.append(prediction)
+            self.references.append(ref)
+            if len(self.samples) < self.num_samples:
+                self.samples.append({"question": self.pipeline.encoder.example(i).prompt, "prediction": prediction,
+                                     "references": list(ref), "metric": self.metric.name,
+                                     "score": self.metric([prediction], [ref])})
+
+    def result(self, loss_sum: float, tokens: float) -> EvalResult:
+        value = self.metric(self.predictions, self.references)
+        return EvalResult(val_loss=loss_sum / max(tokens, 1.0), metrics={self.metric.name: value},
+                          score=self.metric.score(value), num_examples=len(self.predictions), samples=self.samples,
+                          loss_sum=loss_sum, tokens=tokens)
+
+
+class _BoxScores:
+    """COCO mAP's side: the generations, location tokens kept, parsed into boxes against each example's ground
+    truth (``score_detections``) once every batch is in."""
+
+    skip_special_tokens = False  # locations are special tokens; the parser drops <s>, </s> and <pad>
+
+    def __init__(self, metric: Metric, pipeline, num_samples: int):
+        self.metric, self.pipeline, self.num_samples = metric, pipeline, num_samples
+        self.texts: list[str] = []
+        self.examples: list[Any] = []
+
+    def add(self, indices: list[int], texts: list[str]) -> None:
+        self.texts += texts
+        self.examples += [self.pipeline.encoder.example(i) for i in indices]
+
+    def result(self, loss_sum: float, tokens: float) -> EvalResult:
+        scores, preds = score_detections(self.texts, self.examples)
+        samples = []
+        for text, ex, pred in list(zip(self.texts, self.examples, preds))[: self.num_samples]:
+            clean = text.replace("<s>", "").replace("</s>", "").replace("<pad>", "").strip()
+            samples.append({"question": ex.prompt, "prediction": clean, "references": list(ex.references),
+                            "metric": "boxes", "boxes": f"{len(pred['boxes'])} predicted, "
+                                                        f"{len(ex.ground_truth['boxes'])} true"})
+        extra = {k: v for k, v in scores.items() if k != "map"}
+        return EvalResult(val_loss=loss_sum / max(tokens, 1.0), metrics={"map": scores["map"]},
+                          score=self.metric.score(scores["map"]), num_examples=len(self.texts), samples=samples,
+                          loss_sum=loss_sum, tokens=tokens, extra=extra)
+
+
 class Evaluator:
     """Runs validation for a model whose parameters are refreshed before each call."""
 
     def __init__(self, pipeline, model, tokenizer, *, batch_sharding, eval_step=None, num_beams: int = 3,
-                 max_new_tokens: int = 64, threshold: float = 0.5, max_examples: int = 0, num_samples: int = 4,
-                 to_global=None, metric: str | Metric = "anls"):
+                 max_new_tokens: int = 64, threshold: float = 0.5, num_samples: int = 4, to_global=None,
+                 metric: str | Metric = "anls"):
         self.pipeline = pipeline
         self.model = model
         self.tokenizer = tokenizer
@@ -110,7 +171,6 @@ class Evaluator:
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
         self.threshold = threshold
-        self.max_examples = max_examples
         self.num_samples = num_samples
         self.to_global = to_global or (lambda b: jax.device_put(b, batch_sharding))
         self.metric = metric if isinstance(metric, Metric) else get_metric(metric, anls_threshold=threshold)
@@ -137,13 +197,9 @@ class Evaluator:
         return self._run(batches, params, rest, generator)
 
     def _run(self, batches, params, rest, generator: Generator) -> EvalResult:
+        scores = (_BoxScores if self.metric.name == "map" else _TextScores)(self.metric, self.pipeline,
+                                                                              self.num_samples)
         loss_sum = tokens = 0.0
-        predictions: list[str] = []
-        references: list[tuple[str, ...]] = []
-        samples: list[dict[str, Any]] = []
-        seen = 0
-        det_texts: list[str] = []
-        det_examples: list[Any] = []
         for host_batch in batches:
             index = host_batch.pop("index")
             batch = self.to_global(host_batch)
@@ -158,52 +214,11 @@ class Evaluator:
             if pixels.dtype == np.uint8:
                 pixels = self._pixels(pixels)
             seqs = generator(batch["input_ids"], pixels, batch["attention_mask"])
-            idx = to_host(self._global_index(index))
-            if self.metric.name == "map":
-                # Locations are special tokens: keep them; the parser drops <s>, </s> and <pad>.
-                texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=False)
-                for i, text in zip(idx.tolist(), texts):
-                    if i >= 0:
-                        det_texts.append(text)
-                        det_examples.append(self.pipeline.encoder.example(i))
-                seen += int((idx >= 0).sum())
-                if self.max_examples and seen >= self.max_examples:
-                    break
-                continue
-            texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
-            refs = self.pipeline.references(idx)
-            for i, text, ref in zip(idx.tolist(), texts, refs):
-                if i < 0:
-                    continue
-                predictions.append(text.strip())
-                references.append(tuple(ref))
-                if len(samples) < self.num_samples:
-                    question = self.pipeline.encoder.example(i).prompt
-                    samples.append({"question": question, "prediction": text.strip(), "references": list(ref),
-                                    "metric": self.metric.name,
-                                    "score": self.metric([text.strip()], [tuple(ref)])})
-            seen += int((idx >= 0).sum())
-            if self.max_examples and seen >= self.max_examples:
-                break
-        if self.metric.name == "map":
-            return self._detection_result(det_texts, det_examples, loss_sum, tokens)
-        value = self.metric(predictions, references)
-        return EvalResult(val_loss=loss_sum / max(tokens, 1.0), metrics={self.metric.name: value},
-                          score=self.metric.score(value), num_examples=len(predictions), samples=samples,
-                          loss_sum=loss_sum, tokens=tokens)
-
-    def _detection_result(self, texts, examples, loss_sum: float, tokens: float) -> EvalResult:
-        scores, preds = score_detections(texts, examples)
-        samples = []
-        for text, ex, pred in list(zip(texts, examples, preds))[: self.num_samples]:
-            clean = text.replace("<s>", "").replace("</s>", "").replace("<pad>", "").strip()
-            samples.append({"question": ex.prompt, "prediction": clean, "references": list(ex.references),
-                            "metric": "boxes", "boxes": f"{len(pred['boxes'])} predicted, "
-                                                        f"{len(ex.ground_truth['boxes'])} true"})
-        extra = {k: v for k, v in scores.items() if k != "map"}
-        return EvalResult(val_loss=loss_sum / max(tokens, 1.0), metrics={"map": scores["map"]},
-                          score=self.metric.score(scores["map"]), num_examples=len(texts), samples=samples,
-                          loss_sum=loss_sum, tokens=tokens, extra=extra)
+            texts = self.tokenizer.batch_decode(to_host(seqs), skip_special_tokens=scores.skip_special_tokens)
+            real = [(i, t) for i, t in zip(to_host(self._global_index(index)).tolist(), texts) if i >= 0]  # no padding
+            if real:
+                scores.add([i for i, _ in real], [t for _, t in real])
+        return scores.result(loss_sum, tokens)
 
     def _global_index(self, local_index: np.ndarray):
         if jax.process_count() == 1:
@@ -244,6 +259,51 @@ class MixtureEvaluator:
                           num_examples=count, samples=samples, loss_sum=loss_sum, tokens=tokens)
 
 
+def evaluator_for(pipes, make):
+    """The run's evaluator: ``make(val_pipeline, metric)`` -> Evaluator for its one dataset, or one per evaluated
+    dataset of a mixture combined into a ``MixtureEvaluator`` (``pipes``: ``train.setup.RunPipelines``)."""
+    if not pipes.mixture:
+        return make(pipes.val_pipes[0], pipes.datasets[0].component.metric)
+    return MixtureEvaluator([(d.name, d.component.weight, make(p, d.component.metric))
+                             for d, p in zip(pipes.datasets, pipes.val_pipes) if p is not None])
+
+
+def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | None = None) -> dict[str, Any]:
+    """Score a run's latest checkpoint or a model directory/Hub id on the config's validation split."""
+    workdir_path = Path(workdir).absolute() if workdir else Path(os.getcwd()) / "eval_workdir"
+    setup_runtime(cfg)
+    if model:
+        cfg.model.name_or_path = model
+    processor = get_processor(cfg, workdir_path)
+    pipes = build_pipelines(cfg, processor, get_datasets(cfg, workdir_path))
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    # An exported model already holds its added tokens' (trained) rows and merged adapters.
+    model_cfg = dataclasses.replace(cfg.model, add_tokens=()) if model else cfg.model
+    net = create_model(model_cfg, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
+                       min_shard_size=cfg.mesh.fsdp_min_size, lora=None if model else cfg.lora)
+    check_lengths(cfg, net, pipes)
+    fns, state, _ = init_train_state(net, cfg.optim, 1, mesh, min_shard_size=cfg.mesh.fsdp_min_size,
+                                     pixel_table=pipes.pixel_table)
+    step = 0
+    if workdir and not model:
+        ckpt = Checkpointer(workdir_path / "checkpoints", keep=cfg.keep_checkpoints)
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir_path / 'checkpoints'}")
+        state, _, _ = ckpt.restore(step, abstract_like(state))
+        ckpt.close()
+    bsh = batch_sharding(mesh)
+    eval_step = jit_eval_step(fns, state, bsh)
+    evaluator = evaluator_for(pipes, lambda pipe, metric: Evaluator(
+        pipe, net, processor.tokenizer, batch_sharding=bsh, eval_step=eval_step, num_beams=cfg.eval.num_beams,
+        max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold, metric=metric))
+    from florence_jax.generation_config import describe_settings
+
+    log.warning("evaluation generates with %s", describe_settings(net, cfg.eval.num_beams, cfg.eval.max_new_tokens))
+    res = evaluator(state.params, state.rest, progress=True)
+    return {**res.record(step, None), "samples": res.samples}
+
+
 def format_samples(samples: list[dict[str, Any]]) -> str:
     lines = []
     for s in samples:
@@ -264,7 +324,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_examples", type=int)
     args, rest = parser.parse_known_args(argv)
     from train.config import load_config
-    from train.loop import evaluate_only
 
     overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]

@@ -1,4 +1,6 @@
-"""The training run: data, model, sharded state, the step loop, evaluation, checkpoints and export.
+"""The training run: sharded state from the setup (``train.setup``), the step loop, and when it logs (the
+``Reporter``), evaluates (``train.evaluate``) and saves (``train.checkpoint``): ``itstime``, ``eval_now``,
+``checkpoint_now``.
 
 Running the same command again resumes from the workdir's latest complete checkpoint: parameters,
 optimizer state, step and the data iterator's position are restored together, so the resumed run sees
@@ -8,9 +10,8 @@ boundary and exits cleanly.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
-import os
 import queue
 import signal
 import threading
@@ -25,291 +26,26 @@ from florence_jax import hardware
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.compiles import CompileWatch
-from train.config import PIXEL_DTYPE, ConfigError, MixtureComponent, TrainConfig, data_components
+from train.config import ConfigError, TrainConfig
 from train.distributed import compile_then_wait
-from train.evaluate import Evaluator, MixtureEvaluator, format_samples
+from train.evaluate import Evaluator, evaluator_for, format_samples
 from train.optim import count_params
-from train.reporting import Reporter
+from train.reporting import Reporter, data_busy, strict_json
+from train.setup import (
+    build_pipelines,
+    check_batch_sizes,
+    check_export,
+    check_lengths,
+    export_model,
+    get_datasets,
+    get_processor,
+    setup_runtime,
+    use_feature_cache,
+)
 from train.state import create_model, init_train_state
 from train.step import jit_eval_step, jit_train_step
 
 log = logging.getLogger("train")
-
-
-# ------------------------------------------------------------------------------------------ setup
-def setup_runtime(cfg: TrainConfig) -> None:
-    from train.distributed import maybe_initialize
-
-    maybe_initialize(cfg.distributed)
-    if cfg.compilation_cache_dir:
-        path = os.path.expanduser(cfg.compilation_cache_dir)
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
-def get_processor(cfg: TrainConfig, workdir: Path):
-    """The model's processor; a random-init model gets a tiny tokenizer saved into the workdir."""
-    from florence_jax.processing import load_processor
-
-    if cfg.model.processor:
-        processor = load_processor(cfg.model.processor)
-    elif cfg.model.name_or_path.startswith("random:"):
-        from florence_jax.tiny_processor import build_tiny_processor
-
-        path = workdir / "processor"
-        saved = (path / "tokenizer.json").exists()
-        _barrier("processor")  # every process has looked before process 0 may write
-        if saved:
-            processor = load_processor(path)
-        else:
-            processor = build_tiny_processor(save_dir=path if jax.process_index() == 0 else None,
-                                             image_size=cfg.data.image_size)
-    else:
-        processor = load_processor(cfg.model.name_or_path, revision=cfg.model.revision)
-    if cfg.model.add_tokens:
-        from florence_jax.vocab import add_tokens
-
-        add_tokens(processor.tokenizer, cfg.model.add_tokens)
-    return processor
-
-
-def code_repo_for(cfg: TrainConfig, model) -> str:
-    """The Hub repo an original-layout export's ``auto_map`` names (``config.export_code_repo``)."""
-    if cfg.export_code_repo:
-        return cfg.export_code_repo
-    name = cfg.model.name_or_path
-    if name.startswith("microsoft/Florence-2-"):
-        return name
-    return "microsoft/Florence-2-large" if model.config.text_config.d_model >= 1024 else "microsoft/Florence-2-base"
-
-
-def export_model(cfg: TrainConfig, model, processor, out: Path, lora_mode: str | None = None,
-                 layout: str | None = None) -> list[Path]:
-    """Write ``out``: a transformers-loadable model with the processor; with LoRA, ``lora_mode`` (default
-    ``cfg.lora.export``) picks the merged model, a peft adapter directory, or both (adapter in
-    ``out/adapter``). An adapter whose base is not the loaded checkpoint as is (added tokens, random init)
-    comes with that base in ``<adapter dir>/base``. ``layout`` (default ``cfg.export_layout``) ``"original"``
-    writes the microsoft/Florence-2-* remote-code layout instead (a full model, adapters merged). Returns the
-    directories written."""
-    from florence_jax.lora import has_lora, merge_lora, save_peft_adapter, strip_lora
-
-    main = jax.process_index() == 0
-    if (layout or cfg.export_layout) == "original":
-        from florence_jax.weights.original import save_original_processor
-
-        full = merge_lora(model) if has_lora(model) else model
-        repo = code_repo_for(cfg, model)
-        full.save_pretrained(out, layout="original", code_repo=repo)
-        if main:
-            save_original_processor(processor, out, repo)
-        return [out]
-    if not has_lora(model):
-        model.save_pretrained(out)
-        if main:
-            processor.save_pretrained(out)
-        return [out]
-    mode = lora_mode or cfg.lora.export
-    written = []
-    if mode in ("merged", "both"):
-        merge_lora(model).save_pretrained(out)
-        if main:
-            processor.save_pretrained(out)
-        written.append(out)
-    if mode in ("adapter", "both"):
-        adapter_dir = out if mode == "adapter" else out / "adapter"
-        base_name, revision = cfg.model.name_or_path, cfg.model.revision
-        if cfg.model.add_tokens or base_name.startswith("random:"):
-            base_dir = adapter_dir / "base"
-            strip_lora(model).save_pretrained(base_dir)
-            if main:
-                processor.save_pretrained(base_dir)
-            base_name, revision = "base", None  # relative to the adapter directory: the folder can move
-        elif Path(base_name).is_dir():
-            # A local checkpoint: named relative to the adapter directory, so both can move together.
-            base_name = os.path.relpath(Path(base_name).absolute(), adapter_dir.absolute())
-        save_peft_adapter(model, adapter_dir, base_model_name_or_path=base_name, revision=revision)
-        if main:
-            processor.save_pretrained(adapter_dir)
-        written.append(adapter_dir)
-    return written
-
-
-def _synthetic_sources(cfg: TrainConfig, workdir: Path, kind: str = "synthetic"):
-    """The generated train/validation set (``synthetic`` documents as parquet, ``synthetic_detection``
-    shapes as COCO JSON), written once by process 0 into ``workdir/data``."""
-    import importlib
-
-    from train.data.sources import open_source
-
-    module = importlib.import_module(f"train.data.{kind}")
-    suffix = ".json" if kind == "synthetic_detection" else ".parquet"
-    out = workdir / "data"
-    s = cfg.data.synthetic
-    ready = (out / f"validation{suffix}").exists()
-    _barrier(f"{kind}_check")  # every process has looked before process 0 may write
-    if not ready:
-        if jax.process_index() == 0:
-            module.generate(out, s.num_train, s.num_val, image_size=s.image_size, seed=s.seed)
-        _barrier(f"{kind}_data")
-    return open_source(str(out / f"train{suffix}")), open_source(str(out / f"validation{suffix}"))
-
-
-@dataclasses.dataclass
-class RunDataset:
-    """One dataset of a run (the only one, or a mixture component): its records and configured template."""
-
-    component: MixtureComponent
-    template: Any  # train.data.templates.ConfiguredTemplate
-    train: Any  # records (a Sequence of dicts)
-    val: Any  # records, or None when the component is not evaluated
-
-    @property
-    def name(self) -> str:
-        return self.component.name
-
-
-def get_datasets(cfg: TrainConfig, workdir: Path) -> list[RunDataset]:
-    """Open every dataset of the run (``data.mixture`` or the single ``data.source``) and check, at start, that
-    each template finds its columns (after ``columns`` renames)."""
-    from train.data.sources import SourceSpec, open_source
-    from train.data.templates import ConfiguredTemplate
-
-    out = []
-    for c in data_components(cfg.data):
-        where = f"config.data.mixture[{c.name}]" if c.name else "config.data"
-        template = ConfiguredTemplate(c.template, c.columns, c.prompt_prefix)
-        if c.source in ("synthetic", "synthetic_detection"):
-            train, val = _synthetic_sources(cfg, workdir, c.source)
-        else:
-            image = template.column("image")  # JSONL: relative image paths resolve in this column
-            train = open_source(SourceSpec(path=c.source, kind=c.format, split=c.train_split, name=c.subset,
-                                           image_column=image, image_root=c.image_root))
-            val = None
-            if c.eval_split is not None:
-                val = open_source(SourceSpec(
-                    path=c.eval_source or c.source, kind=c.format, split=c.eval_split, name=c.subset,
-                    image_column=image, image_root=c.eval_image_root if c.eval_source else c.image_root))
-        template.check_columns(train, where)
-        if val is not None:
-            template.check_columns(val, where)
-        val = None if c.eval_split is None else template.prepare(val)
-        out.append(RunDataset(c, template, template.prepare(train), val))
-    return out
-
-
-def get_sources(cfg: TrainConfig, workdir: Path):
-    """(train, validation) records of a single-dataset run."""
-    (only,) = get_datasets(cfg, workdir)
-    return only.train, only.val
-
-
-def _barrier(name: str) -> None:
-    from train.distributed import wait_for_all
-
-    wait_for_all(name)
-
-
-def _pipeline_config(cfg: TrainConfig):
-    from train.data.pipeline import DataConfig as PipelineConfig
-
-    n = jax.process_count()
-    eval_bs = cfg.eval.batch_size or cfg.batch_size
-    for name, b in (("batch_size", cfg.batch_size), ("eval.batch_size", eval_bs)):
-        if b % n:
-            raise ValueError(f"config.{name}={b} is not divisible by the {n} processes")
-    return PipelineConfig(
-        batch_size=cfg.batch_size // n, max_prompt_tokens=cfg.data.max_prompt_tokens,
-        max_target_tokens=cfg.data.max_target_tokens, image_size=cfg.data.image_size, seed=cfg.seed,
-        num_epochs=None, shuffle=True, worker_count=cfg.data.num_workers, template=cfg.data.template,
-        pixel_dtype=PIXEL_DTYPE,
-    ), eval_bs // n
-
-
-def make_pipelines(cfg: TrainConfig, processor, train_src, val_src, template=None):
-    """Training and validation pipelines of one dataset (``template``: a ConfiguredTemplate, or data.template)."""
-    from train.data.pipeline import DataPipeline
-
-    base, eval_bs = _pipeline_config(cfg)
-    if template is not None:
-        base = dataclasses.replace(base, template=template)
-    train = DataPipeline(train_src, processor, base)
-    if val_src is None:
-        return train, None
-    limit = cfg.data.max_eval_examples
-    if limit:
-        val_src = _Head(val_src, limit)
-    val = DataPipeline(val_src, processor, dataclasses.replace(base, batch_size=eval_bs, shuffle=False))
-    return train, val
-
-
-@dataclasses.dataclass
-class RunPipelines:
-    """The run's pipelines, one pair per dataset; ``train()`` mixes them by weight when there are several."""
-
-    datasets: list[RunDataset]
-    train_pipes: list[Any]
-    val_pipes: list[Any]  # None where a component is not evaluated
-
-    @property
-    def mixture(self) -> bool:
-        return bool(self.datasets[0].name)
-
-    @property
-    def pixel_table(self):
-        """The table the step normalizes uint8 pixel batches with (one processor: the same for every dataset)."""
-        return self.train_pipes[0].encoder.pixel_table
-
-    def train(self):
-        if not self.mixture:
-            return self.train_pipes[0].train()
-        from train.data.pipeline import mixture_train
-
-        return mixture_train(self.train_pipes, [d.component.weight for d in self.datasets],
-                             [d.name for d in self.datasets])
-
-    @property
-    def num_train(self) -> int:
-        return sum(len(p.source) for p in self.train_pipes)
-
-    @property
-    def num_val(self) -> int:
-        return sum(len(p.source) for p in self.val_pipes if p is not None)
-
-    def evaluator(self, make):
-        """``make(val_pipeline, metric)`` -> Evaluator; one per evaluated dataset, combined for a mixture."""
-        if not self.mixture:
-            return make(self.val_pipes[0], self.datasets[0].component.metric)
-        return MixtureEvaluator([(d.name, d.component.weight, make(p, d.component.metric))
-                                 for d, p in zip(self.datasets, self.val_pipes) if p is not None])
-
-
-def build_pipelines(cfg: TrainConfig, processor, datasets: list[RunDataset]) -> RunPipelines:
-    trains, vals = [], []
-    for d in datasets:
-        if d.name and d.component.max_eval_examples:
-            cfg_d = dataclasses.replace(cfg, data=dataclasses.replace(
-                cfg.data, max_eval_examples=d.component.max_eval_examples))
-        else:
-            cfg_d = cfg
-        t, v = make_pipelines(cfg_d, processor, d.train, d.val, template=d.template)
-        trains.append(t)
-        vals.append(v)
-    return RunPipelines(datasets, trains, vals)
-
-
-class _Head:
-    """The first ``n`` records of a source (evaluation on a fixed prefix, never a random subset)."""
-
-    def __init__(self, source, n: int):
-        self.source, self.n = source, min(n, len(source))
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.source[i]
 
 
 class Prefetcher:
@@ -356,15 +92,6 @@ class Prefetcher:
         return self.busy_s, self.waiting_s
 
 
-def data_busy(before: tuple[float, float], after: tuple[float, float]) -> float | None:
-    """Fraction of a window the prefetch thread spent making batches (None before it made any)."""
-    busy, waiting = after[0] - before[0], after[1] - before[1]
-    return busy / (busy + waiting) if busy + waiting > 0 else None
-
-
-DATA_BOUND = 0.9  # a log window whose prefetch thread was busier than this waited for data
-
-
 class _Preemption:
     """SIGTERM sets a flag the loop checks at step boundaries (all processes agree before acting)."""
 
@@ -393,32 +120,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _template_id(template) -> str:
-    if isinstance(template, str):
-        return template
-    return f"{getattr(template, 'name', type(template).__name__)}:{getattr(template, 'renames', '')}"
-
-
-def _use_feature_cache(cfg: TrainConfig, fns, pipes, model, workdir: Path) -> None:
-    """Compute (or reuse) every training dataset's vision features and have its pipeline yield them."""
-    from train.feature_cache import build_or_load
-
-    if not fns.freeze_vision:
-        raise ValueError("config.data.cache_vision_features needs a frozen vision tower: keep "
-                         r"'^model\.vision_tower\.' in config.optim.freeze (or turn the cache off)")
-    for d, pipe in zip(pipes.datasets, pipes.train_pipes):
-        key = {"model": cfg.model.name_or_path, "revision": cfg.model.revision, "seed": cfg.seed,
-               "image_size": cfg.data.image_size, "dtype": cfg.model.dtype, "dataset": d.name,
-               "template": _template_id(pipe.config.template), "source": repr(pipe.source),
-               "records": len(pipe.source)}
-        if cfg.model.name_or_path.startswith("random:"):
-            key["synthetic"] = dataclasses.asdict(cfg.data.synthetic)
-        store = build_or_load(workdir / "vision_features", key, pipe, model, dtype=cfg.model.dtype,
-                              progress=jax.process_index() == 0)
-        pipe.encoder.features = store
-
-
-# ------------------------------------------------------------------------------------------ run
 # Config fields that do not change what a run computes: a resumed run may change them freely.
 UNTRACKED_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "export_at_end", "export_layout",
                     "export_code_repo", "push_to_hub", "compilation_cache_dir", "eval.", "distributed.",
@@ -426,26 +127,30 @@ UNTRACKED_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoin
 
 
 def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """``["optim.learning_rate: 1e-06 -> 1e-05", ...]``: the fields that differ and change the run's trajectory."""
+    """``["optim.learning_rate: 1e-06 -> 1e-05", ...]``: the fields that differ and change the run's trajectory.
+    Both are compared as saved (JSON: tuples as lists); a dataset's fields are ``data.mixture.<i>.<field>``."""
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                v = {str(i): x for i, x in enumerate(v)}
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    a, b = flat(before), flat(after)
+    a, b = flat(json.loads(json.dumps(before))), flat(json.loads(json.dumps(after)))
     changed = []
     for key in sorted(set(a) | set(b)):
-        if key.startswith(UNTRACKED_FIELDS) or a.get(key) == b.get(key):
+        untracked = key.startswith(UNTRACKED_FIELDS) or (key.startswith("data.mixture.")
+                                                         and key.endswith(".max_eval_examples"))
+        if untracked or a.get(key) == b.get(key):
             continue
         old, new = a.get(key), b.get(key)
-        if isinstance(old, list):
-            old = tuple(old)
-        if isinstance(new, list):
-            new = tuple(new)
-        if old != new:
-            changed.append(f"{key}: {old!r} -> {new!r}")
+        changed.append(f"{key}: {_show(old)} -> {_show(new)}")
     return changed
+
+
+def _show(value: Any) -> str:
+    return repr(tuple(value)) if isinstance(value, list) else repr(value)
 
 
 def _has_checkpoint(workdir: Path) -> bool:
@@ -453,6 +158,30 @@ def _has_checkpoint(workdir: Path) -> bool:
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
+# ------------------------------------------------------------------------------------------ when
+def itstime(step: int, every_n_steps: int, total_steps: int) -> bool:
+    """Whether a periodic action is due after ``step`` steps: at each multiple of ``every_n_steps`` (0: never)
+    and at the last step."""
+    return step == total_steps or bool(every_n_steps and step % every_n_steps == 0)
+
+
+def eval_now(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> bool:
+    """Evaluate after ``step``: every ``eval_every_steps`` steps, or (0) at each epoch's end; always after the
+    last step; never with ``eval.enabled`` false."""
+    if not cfg.eval.enabled:
+        return False
+    return itstime(step, cfg.eval_every_steps or steps_per_epoch, total_steps)
+
+
+def checkpoint_now(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: int, *, evaluated: bool,
+                   preempted: bool) -> bool:
+    """Save after ``step``: every ``checkpoint_every_steps`` steps (0: never by count), at each epoch's end, after
+    the last step, after an evaluation (so its score can pick the best checkpoint) and when preempted."""
+    return (evaluated or preempted or step % steps_per_epoch == 0
+            or itstime(step, cfg.checkpoint_every_steps, total_steps))
+
+
+# ------------------------------------------------------------------------------------------ run
 def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = False) -> dict[str, Any]:
     """Train (or resume) in ``workdir``; returns the final summary (also in ``workdir/summary.json``).
 
@@ -461,42 +190,9 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
     next to the new one (``config.previous-<time>.json``)."""
     workdir = Path(workdir).absolute()
     setup_runtime(cfg)
-    try:
-        rep = Reporter(workdir)
-        if rep.enabled:
-            (workdir / ".write_check").touch()
-            (workdir / ".write_check").unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to the workdir {workdir} ({type(e).__name__}: {e}); pass a writable "
-                          "--workdir") from None
-    saved_config = workdir / "config.json"
-    if saved_config.exists() and _has_checkpoint(workdir):
-        import json
-
-        changes = config_changes(json.loads(saved_config.read_text()), cfg.to_dict())
-        if changes and not allow_config_change:
-            raise ConfigError(f"{workdir} holds a run with another config; resuming would change {len(changes)} "
-                              "setting(s) that shape the run:\n  " + "\n  ".join(changes) + "\nRerun with the run's "
-                              "own settings, pass --allow_config_change to resume with these (both configs are kept), "
-                              "or use a new --workdir")
-        if changes and rep.enabled:
-            kept = workdir / f"config.previous-{time.strftime('%Y%m%d-%H%M%S')}.json"
-            saved_config.rename(kept)
-            rep.print(f"Resuming with {len(changes)} changed setting(s) (--allow_config_change); the previous config "
-                      f"is kept in {kept.name}:\n  " + "\n  ".join(changes))
-    if rep.enabled:
-        saved_config.write_text(cfg.to_json())
+    rep = _open_workdir(cfg, workdir, allow_config_change)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    n_dev = mesh.devices.size
-    micro = cfg.batch_size // cfg.grad_accum_steps
-    if cfg.batch_size % cfg.grad_accum_steps or micro % n_dev:
-        raise ConfigError(f"batch_size {cfg.batch_size} / grad_accum_steps {cfg.grad_accum_steps} must be a "
-                          f"multiple of the {n_dev} devices: set --config.batch_size to a multiple of "
-                          f"{n_dev * cfg.grad_accum_steps}")
-    eval_bs = cfg.eval.batch_size or cfg.batch_size
-    if eval_bs % n_dev:
-        raise ConfigError(f"eval batch size {eval_bs} must be a multiple of the {n_dev} devices: set "
-                          f"--config.eval.batch_size to a multiple of {n_dev}")
+    check_batch_sizes(cfg, mesh)
     processor = get_processor(cfg, workdir)
     pipes = build_pipelines(cfg, processor, get_datasets(cfg, workdir))
     # A mixture's "epoch" is as many examples as all its datasets hold together (not each seen once).
@@ -515,7 +211,7 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
                                             min_shard_size=cfg.mesh.fsdp_min_size, pixel_table=pipes.pixel_table)
     bsh = batch_sharding(mesh)
     if cfg.data.cache_vision_features:
-        _use_feature_cache(cfg, fns, pipes, model, workdir)
+        use_feature_cache(cfg, fns, pipes, model, workdir)
 
     def to_global(host_batch):
         if jax.process_count() == 1:
@@ -524,7 +220,7 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
 
     train_step = jit_train_step(fns, state, bsh)
     eval_step = jit_eval_step(fns, state, bsh)
-    evaluator = pipes.evaluator(lambda pipe, metric: Evaluator(
+    evaluator = evaluator_for(pipes, lambda pipe, metric: Evaluator(
         pipe, model, processor.tokenizer, batch_sharding=bsh, eval_step=eval_step, num_beams=cfg.eval.num_beams,
         max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold,
         num_samples=cfg.eval.num_print, to_global=to_global, metric=metric))
@@ -538,25 +234,11 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
         start, state, data_state, meta = restored
         iterator.set_state(data_state)
         best = meta.get("best", best)
-        if "score" not in best:  # a checkpoint written before scores: its best was by ANLS
-            best = {"score": best.get("anls"), "step": best.get("step")}
         rep.print(f"Resuming from step {start} ({workdir / 'checkpoints'})")
         rep.forget_after(start)  # what the interrupted launch logged past the checkpoint is redone now
     step = int(state.step)
 
-    counts = count_params(state.params, fns.labels)
-    rep.print(_summary(cfg, mesh, counts, steps_per_epoch, total_steps, pipes.num_train, pipes.num_val))
-    for note in schedule_notes(cfg, steps_per_epoch, total_steps):
-        rep.print(f"  note         {note}")
-    if cfg.eval.enabled:
-        from florence_jax.generation_config import describe_settings
-
-        rep.print(f"  evaluation   {describe_settings(model, cfg.eval.num_beams, cfg.eval.max_new_tokens)}")
-    if cfg.data.source == "synthetic" and not cfg.data.mixture:
-        from train.data.synthetic import question_only_bound
-
-        bound = question_only_bound(threshold=cfg.eval.anls_threshold)
-        rep.print(f"Question-only ANLS bound on this data: {bound.overall:.3f} (a model must read the image to beat it)")
+    _print_start(rep, cfg, mesh, model, count_params(state.params, fns.labels), steps_per_epoch, total_steps, pipes)
 
     def do_eval(tag: str):
         t0 = time.time()
@@ -578,16 +260,10 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
 
     prefetch = Prefetcher(iterator, to_global)
     rng = jax.random.key(cfg.seed)
-    progress = None
-    if rep.enabled:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
-    t_last, step_last = time.time(), step
-    busy_last = busy_start = prefetch.busy()
-    warned_data_bound = False
+    busy_start = prefetch.busy()
+    rep.start_training(step, total_steps, batch_size=cfg.batch_size, steps_per_epoch=steps_per_epoch,
+                       log_every_steps=cfg.log_every_steps, num_workers=cfg.data.num_workers, busy=busy_start)
     first_step = step  # of this launch
-    last_metrics: dict[str, float] = {}
     data_state = iterator.get_state()
     preempted = False
     step_compiles = CompileWatch("train step")
@@ -601,84 +277,106 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
             with step_compiles:
                 state, metrics = train_step(state, batch, rng)
             step += 1
-            if step % cfg.log_every_steps == 0 or step == total_steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.time()
-                m["lr"] = float(schedule(step - 1))
-                m["examples_per_s"] = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
-                m["epoch"] = step / steps_per_epoch
-                busy_now = prefetch.busy()
-                frac = data_busy(busy_last, busy_now)
-                if frac is not None:
-                    m["data_busy"] = frac
-                    if frac > DATA_BOUND and not warned_data_bound and step - first_step > cfg.log_every_steps:
-                        warned_data_bound = True
-                        rep.print(f"The input pipeline is the bottleneck: it was busy {100 * frac:.0f}% of the last "
-                                  f"{step - step_last} steps, so the step waited for data. Raise "
-                                  f"data.num_workers (now {cfg.data.num_workers}) or prepare the dataset once "
-                                  "(python -m scripts.prepare_data; docs/scale-out.md).")
-                t_last, step_last, busy_last = now, step, busy_now
-                last_metrics = m
-                rep.train_metrics(step, m)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
-                                         ex_s=f"{m['examples_per_s']:.1f}")
-            if progress is not None:
-                progress.update(1)
-            epoch_end = step % steps_per_epoch == 0
-            eval_now = cfg.eval.enabled and (step == total_steps or (
-                cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or (
-                not cfg.eval_every_steps and epoch_end))
+            if itstime(step, cfg.log_every_steps, total_steps):
+                rep.log_train_step(step, metrics, lr=float(schedule(step - 1)), busy=prefetch.busy())
+            rep.step_done()
+            evaluated = eval_now(step, cfg, steps_per_epoch, total_steps)
             ckpt_metrics = None
-            if eval_now:
+            if evaluated:
                 res = do_eval(f"epoch {step / steps_per_epoch:.2f}")
                 ckpt_metrics = {"score": res.score, "val_loss": res.val_loss}
                 if best["score"] is None or res.score > best["score"]:
                     best = {"score": res.score, "step": step}
             preempted = preemption.should_stop(step)
-            if (eval_now or epoch_end or preempted or step == total_steps
-                    or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)):
+            if checkpoint_now(step, cfg, steps_per_epoch, total_steps, evaluated=evaluated, preempted=preempted):
                 ckpt.save(step, state, data_state, _meta(cfg, step, steps_per_epoch, best),
                           metrics=ckpt_metrics, force=True)
             if preempted:
                 rep.print(f"SIGTERM received: checkpoint saved at step {step}; rerun the same command to resume")
                 break
-    if progress is not None:
-        progress.close()
+    rep.end_training()
     ckpt.wait()
-    summary = {"step": step, "total_steps": total_steps, "best": best, "last_train": last_metrics,
+    summary = {"step": step, "total_steps": total_steps, "best": best, "last_train": rep.last_train,
                "preempted": preempted, "data_counters": dict(getattr(iterator, "counters", {})),
                "train_step_compiles": step_compiles.compiles, "train_step_recompiles": step_compiles.recompiles,
                "data_busy": data_busy(busy_start, prefetch.busy())}
     if not preempted and step >= total_steps:
-        if cfg.export_at_end:
-            nnx_update(model, state)
-            out = workdir / "export"
-            written = export_model(cfg, model, processor, out)
-            if rep.enabled:
-                rep.print(f"Exported to {', '.join(str(p) for p in written)}")
-            if cfg.push_to_hub and rep.enabled:
-                from florence_jax.lora import has_lora, merge_lora
-
-                (merge_lora(model) if has_lora(model) else model).push_to_hub(cfg.push_to_hub, processor=processor)
-        plot = rep.plot()
-        if plot:
-            rep.print(f"Training curves: {plot}")
-        from train.metrics import get_metric
-
-        line = (rep.before_after("score") if cfg.data.mixture
-                else rep.before_after(cfg.data.metric, get_metric(cfg.data.metric).higher_is_better))
-        if line:
-            rep.print(line[0].upper() + line[1:])
+        _finish(cfg, rep, model, state, processor, workdir)
     ckpt.close()
     rep.close()
     if rep.enabled:
-        import json
-
-        from train.reporting import strict_json
-
         (workdir / "summary.json").write_text(strict_json(summary, indent=2, default=str))
     return summary
+
+
+def _open_workdir(cfg: TrainConfig, workdir: Path, allow_config_change: bool) -> Reporter:
+    """The run's reporter, once the workdir is known writable and, when it holds a run, that run's config is
+    this one (or the change is allowed: the previous config is kept); the config is saved there."""
+    try:
+        rep = Reporter(workdir)
+        if rep.enabled:
+            (workdir / ".write_check").touch()
+            (workdir / ".write_check").unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to the workdir {workdir} ({type(e).__name__}: {e}); pass a writable "
+                          "--workdir") from None
+    saved_config = workdir / "config.json"
+    if saved_config.exists() and _has_checkpoint(workdir):
+        changes = config_changes(json.loads(saved_config.read_text()), cfg.to_dict())
+        if changes and not allow_config_change:
+            raise ConfigError(f"{workdir} holds a run with another config; resuming would change {len(changes)} "
+                              "setting(s) that shape the run:\n  " + "\n  ".join(changes) + "\nRerun with the run's "
+                              "own settings, pass --allow_config_change to resume with these (both configs are kept), "
+                              "or use a new --workdir")
+        if changes and rep.enabled:
+            kept = workdir / f"config.previous-{time.strftime('%Y%m%d-%H%M%S')}.json"
+            saved_config.rename(kept)
+            rep.print(f"Resuming with {len(changes)} changed setting(s) (--allow_config_change); the previous config "
+                      f"is kept in {kept.name}:\n  " + "\n  ".join(changes))
+    if rep.enabled:
+        saved_config.write_text(cfg.to_json())
+    return rep
+
+
+def _print_start(rep: Reporter, cfg: TrainConfig, mesh, model, counts, steps_per_epoch: int, total_steps: int,
+                 pipes) -> None:
+    """What the run is about to do: devices, model, data, schedule, notes, generation settings."""
+    rep.print(_summary(cfg, mesh, counts, steps_per_epoch, total_steps, pipes.num_train, pipes.num_val))
+    for note in schedule_notes(cfg, steps_per_epoch, total_steps):
+        rep.print(f"  note         {note}")
+    if cfg.eval.enabled:
+        from florence_jax.generation_config import describe_settings
+
+        rep.print(f"  evaluation   {describe_settings(model, cfg.eval.num_beams, cfg.eval.max_new_tokens)}")
+    if not cfg.data.mixed and cfg.data.mixture[0].source == "synthetic":
+        from train.data.synthetic import question_only_bound
+
+        bound = question_only_bound(threshold=cfg.eval.anls_threshold)
+        rep.print(f"Question-only ANLS bound on this data: {bound.overall:.3f} (a model must read the image to beat it)")
+
+
+def _finish(cfg: TrainConfig, rep: Reporter, model, state, processor, workdir: Path) -> None:
+    """After the last step: the export (and push), the training curves and the before/after line."""
+    if cfg.export_at_end:
+        nnx_update(model, state)
+        out = workdir / "export"
+        written = export_model(cfg, model, processor, out)
+        if rep.enabled:
+            rep.print(f"Exported to {', '.join(str(p) for p in written)}")
+        if cfg.push_to_hub and rep.enabled:
+            from florence_jax.lora import has_lora, merge_lora
+
+            (merge_lora(model) if has_lora(model) else model).push_to_hub(cfg.push_to_hub, processor=processor)
+    plot = rep.plot()
+    if plot:
+        rep.print(f"Training curves: {plot}")
+    from train.metrics import get_metric
+
+    metric = cfg.data.mixture[0].metric
+    line = (rep.before_after("score") if cfg.data.mixed
+            else rep.before_after(metric, get_metric(metric).higher_is_better))
+    if line:
+        rep.print(line[0].upper() + line[1:])
 
 
 def data_notes(counters: dict[str, int], evaluated: int, num_val: int) -> list[str]:
@@ -738,30 +436,6 @@ def check_host_memory(compiled, devices: int, available: int | None = None) -> i
     return need
 
 
-def check_lengths(cfg: TrainConfig, model, pipes: RunPipelines) -> None:
-    """The static text lengths fit the model's learned positions (past them a position lookup has no row and
-    the loss turns to NaN without a word)."""
-    positions = model.config.text_config.max_position_embeddings
-    encoder = pipes.train_pipes[0].encoder
-    if encoder.prompt_length > positions:
-        raise ConfigError(f"the encoder input is {encoder.image_seq_length} image tokens + data.max_prompt_tokens="
-                         f"{cfg.data.max_prompt_tokens} = {encoder.prompt_length} positions, more than the model's "
-                         f"{positions}: lower data.max_prompt_tokens to at most {positions - encoder.image_seq_length}")
-    if cfg.data.max_target_tokens > positions:
-        raise ConfigError(f"data.max_target_tokens={cfg.data.max_target_tokens} is more than the model's {positions} "
-                         "decoder positions")
-
-
-def check_export(cfg: TrainConfig, model) -> None:
-    """Refuse before training an end-of-run export that could not be written: a native export of a model whose
-    original-layout ``final_logits_bias`` is non-zero (the native class has no place for it)."""
-    bias = getattr(model, "final_logits_bias", None)
-    if cfg.export_at_end and cfg.export_layout == "native" and bias is not None:
-        if bool(jax.numpy.any(bias.get_value() != 0)):
-            raise ConfigError(f"{cfg.model.name_or_path} adds a non-zero final_logits_bias to its logits (original "
-                             "layout), which a native export cannot keep: set --config.export_layout=original")
-
-
 def nnx_update(model, state) -> None:
     from flax import nnx
 
@@ -790,43 +464,8 @@ def _summary(cfg, mesh, counts, steps_per_epoch, total_steps, n_train, n_val) ->
 
 
 def _data_summary(cfg: TrainConfig) -> str:
-    if not cfg.data.mixture:
-        return cfg.data.source + (f" ({cfg.data.subset})" if cfg.data.subset else "")
+    if not cfg.data.mixed:
+        (only,) = cfg.data.mixture
+        return only.source + (f" ({only.subset})" if only.subset else "")
     total = sum(c.weight for c in cfg.data.mixture)
     return "mixture " + ", ".join(f"{c.name} {c.weight / total:.0%} ({c.metric})" for c in cfg.data.mixture)
-
-
-def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | None = None) -> dict[str, Any]:
-    """Score a run's latest checkpoint or a model directory/Hub id on the config's validation split."""
-    workdir_path = Path(workdir).absolute() if workdir else Path(os.getcwd()) / "eval_workdir"
-    setup_runtime(cfg)
-    if model:
-        cfg.model.name_or_path = model
-    processor = get_processor(cfg, workdir_path)
-    pipes = build_pipelines(cfg, processor, get_datasets(cfg, workdir_path))
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    # An exported model already holds its added tokens' (trained) rows and merged adapters.
-    model_cfg = dataclasses.replace(cfg.model, add_tokens=()) if model else cfg.model
-    net = create_model(model_cfg, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
-                       min_shard_size=cfg.mesh.fsdp_min_size, lora=None if model else cfg.lora)
-    check_lengths(cfg, net, pipes)
-    fns, state, _ = init_train_state(net, cfg.optim, 1, mesh, min_shard_size=cfg.mesh.fsdp_min_size,
-                                     pixel_table=pipes.pixel_table)
-    step = 0
-    if workdir and not model:
-        ckpt = Checkpointer(workdir_path / "checkpoints", keep=cfg.keep_checkpoints)
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir_path / 'checkpoints'}")
-        state, _, _ = ckpt.restore(step, abstract_like(state))
-        ckpt.close()
-    bsh = batch_sharding(mesh)
-    eval_step = jit_eval_step(fns, state, bsh)
-    evaluator = pipes.evaluator(lambda pipe, metric: Evaluator(
-        pipe, net, processor.tokenizer, batch_sharding=bsh, eval_step=eval_step, num_beams=cfg.eval.num_beams,
-        max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold, metric=metric))
-    from florence_jax.generation_config import describe_settings
-
-    log.warning("evaluation generates with %s", describe_settings(net, cfg.eval.num_beams, cfg.eval.max_new_tokens))
-    res = evaluator(state.params, state.rest, progress=True)
-    return {**res.record(step, None), "samples": res.samples}

@@ -17,11 +17,23 @@ import jax
 log = logging.getLogger("train")
 
 
+DATA_BOUND = 0.9  # a log window whose prefetch thread was busier than this waited for data
+
+
+def data_busy(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """Fraction of a window the prefetch thread spent making batches (None before it made any), from two
+    ``(busy_s, waiting_s)`` readings."""
+    busy, waiting = after[0] - before[0], after[1] - before[1]
+    return busy / (busy + waiting) if busy + waiting > 0 else None
+
+
 class Reporter:
     def __init__(self, workdir: Path, enabled: bool | None = None):
         self.workdir = Path(workdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = None
+        self._progress = None
+        self.last_train: dict[str, float] = {}  # the last logged training metrics
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
             try:
@@ -60,6 +72,53 @@ class Reporter:
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"train/{k}", v, step)
+
+    def start_training(self, step: int, total_steps: int, *, batch_size: int, steps_per_epoch: int,
+                       log_every_steps: int, num_workers: int, busy: tuple[float, float]) -> None:
+        """Begin the training steps of this launch at ``step``: a progress bar, and the first window of the
+        throughput and data-wait figures (``busy``: the prefetcher's reading now)."""
+        self._batch_size, self._steps_per_epoch = batch_size, steps_per_epoch
+        self._log_every, self._num_workers = log_every_steps, num_workers
+        self._first_step = self._step_last = step
+        self._t_last, self._busy_last = time.time(), busy
+        self._warned_data_bound = False
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self._progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+
+    def log_train_step(self, step: int, metrics: dict[str, Any], *, lr: float, busy: tuple[float, float]) -> None:
+        """The step's metrics (device values) with the learning rate, examples/s, epoch and the fraction of the
+        window the input pipeline was busy since the last log; written to metrics.jsonl and TensorBoard, shown
+        on the progress bar, and the pipeline named once as the bottleneck when the step waited for it."""
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        m["lr"] = lr
+        m["examples_per_s"] = (step - self._step_last) * self._batch_size / max(now - self._t_last, 1e-9)
+        m["epoch"] = step / self._steps_per_epoch
+        frac = data_busy(self._busy_last, busy)
+        if frac is not None:
+            m["data_busy"] = frac
+            if frac > DATA_BOUND and not self._warned_data_bound and step - self._first_step > self._log_every:
+                self._warned_data_bound = True
+                self.print(f"The input pipeline is the bottleneck: it was busy {100 * frac:.0f}% of the last "
+                           f"{step - self._step_last} steps, so the step waited for data. Raise "
+                           f"data.num_workers (now {self._num_workers}) or prepare the dataset once "
+                           "(python -m scripts.prepare_data; docs/scale-out.md).")
+        self._t_last, self._step_last, self._busy_last = now, step, busy
+        self.last_train = m
+        self.train_metrics(step, m)
+        if self._progress is not None:
+            self._progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", ex_s=f"{m['examples_per_s']:.1f}")
+
+    def step_done(self) -> None:
+        if self._progress is not None:
+            self._progress.update(1)
+
+    def end_training(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
 
     def eval_metrics(self, record: dict[str, Any]) -> None:
         if not self.enabled:

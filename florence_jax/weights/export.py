@@ -10,13 +10,10 @@ import numpy as np
 
 from florence_jax.devices import to_host
 from florence_jax.weights import mapping
+from florence_jax.weights.common import ExportError as ExportError  # raised here; callers catch it from here
 from florence_jax.weights.load import LOGITS_BIAS, iter_flax_params
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-
-
-class ExportError(ValueError):
-    """A model that the requested layout cannot represent (the message says what to do instead)."""
 
 
 def export_state_dict(model, dtype=None) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ __all__ = ["original_config", "original_state_dict", "save_original_processor"]
 
 def _original_vocab(model) -> int:
     """Rows of the original vocabulary: every id before ``<image>``; refused when real tokens follow it."""
-    from florence_jax.weights.export import ExportError
+    from florence_jax.weights.common import ExportError
 
     cfg = model.config
     real = cfg.image_token_id
@@ -137,7 +137,7 @@ def save_original_processor(processor, out: str | Path, code_repo: str) -> Path:
     image_token = getattr(processor, "image_token", "<image>")
     image_id = tokenizer.convert_tokens_to_ids(image_token)
     if image_id != len(tokenizer) - 1:
-        from florence_jax.weights.export import ExportError
+        from florence_jax.weights.common import ExportError
 
         raise ExportError(f"{image_token} (id {image_id}) is not the tokenizer's last token ({len(tokenizer) - 1}): "
                           "tokens were added after it, which the original layout cannot keep; export natively")

@@ -40,9 +40,10 @@ import numpy as np
 from PIL import Image
 
 from florence_jax.processing import ImageTransform
+from train.data import MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS
 from train.data.templates import BadRecordError, Example, get_template
 
-__all__ = ["DataConfig", "DataPipeline", "ExampleEncoder", "load_image", "mixture_train"]
+__all__ = ["PipelineConfig", "DataPipeline", "ExampleEncoder", "load_image", "mixture_train"]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ _PIXEL_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Input pipeline settings.
+class PipelineConfig:
+    """Input pipeline settings (a training run's come from its ``train.config.DataConfig``).
 
     ``batch_size`` is per process. ``max_prompt_tokens`` counts the text tokens after the image placeholders
     (``<s>`` and ``</s>`` included), so the encoder input length is ``image_seq_length + max_prompt_tokens``;
@@ -74,8 +75,8 @@ class DataConfig:
     """
 
     batch_size: int = 8
-    max_prompt_tokens: int = 64
-    max_target_tokens: int = 32
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
+    max_target_tokens: int = MAX_TARGET_TOKENS
     image_size: int | None = None
     seed: int = 0
     num_epochs: int | None = None
@@ -143,7 +144,7 @@ class ExampleEncoder:
         self,
         source: Sequence[dict[str, Any]],
         processor: Any,
-        config: DataConfig,
+        config: PipelineConfig,
         image_transform: Callable[[Image.Image], np.ndarray] | None = None,
     ):
         if config.max_prompt_tokens < 2 or config.max_target_tokens < 2:
@@ -156,10 +157,10 @@ class ExampleEncoder:
         size = getattr(self.image_transform, "size", None)
         if size is None:
             if config.image_size is None:
-                raise ValueError("an image_transform without a .size needs DataConfig.image_size")
+                raise ValueError("an image_transform without a .size needs PipelineConfig.image_size")
             size = (config.image_size, config.image_size)
         elif config.image_size is not None and tuple(size) != (config.image_size,) * 2:
-            from train.config import ConfigError
+            from train.errors import ConfigError
 
             raise ConfigError(
                 f"data.image_size={config.image_size} but the processor resizes to {tuple(size)}: set "
@@ -456,7 +457,7 @@ class DataPipeline:
         self,
         source: Sequence[dict[str, Any]],
         processor: Any,
-        config: DataConfig,
+        config: PipelineConfig,
         image_transform: Callable[[Image.Image], np.ndarray] | None = None,
     ):
         self.source = source
@@ -545,7 +546,7 @@ class DataPipeline:
 
 def _batched(
     elements: grain.MapDataset,
-    cfg: DataConfig,
+    cfg: PipelineConfig,
     padding: dict[str, Any],
     eval_mode: bool,
     num_batches: int | None,

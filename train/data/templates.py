@@ -81,7 +81,7 @@ _REGISTRY: dict[str, Template] = {}
 def register_template(
     name: str, fields: tuple[str, ...] = (), optional: tuple[str, ...] = (), expand: str | None = None
 ) -> Callable[[Template], Template]:
-    """Decorator: make a template available by name (``DataConfig.template``).
+    """Decorator: make a template available by name (a dataset's ``template``: ``train.config.MixtureComponent``).
 
     ``fields``: the record keys it reads (checked against the source's columns at start, after the config's
     ``columns`` renames); ``optional``: keys it reads when present. ``expand``: a list column whose every
