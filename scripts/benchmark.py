@@ -110,7 +110,7 @@ def build_reference(s: Settings, directory: str):
     """A random transformers Florence-2 of the chosen size, saved as safetensors for our loader."""
     import torch
 
-    from florence_jax.testing.models import BASE_TEXT, BASE_VISION, LARGE_TEXT, LARGE_VISION, hf_config
+    from florence_jax.reference import BASE_TEXT, BASE_VISION, LARGE_TEXT, LARGE_VISION, hf_config
 
     vision, text = (BASE_VISION, BASE_TEXT) if s.size == "base" else (LARGE_VISION, LARGE_TEXT)
     cfg = hf_config(vision, text)

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     import jax
     import torch
 
-    from florence_jax.testing.models import (
+    from florence_jax.reference import (
         BASE_IMAGE_TOKEN,
         BASE_TEXT,
         BASE_VISION,

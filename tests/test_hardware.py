@@ -98,6 +98,14 @@ def _tower_and_grads(model, x):
     return np.asarray(out), {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(grads, nnx.Param))}
 
 
+@pytest.fixture(scope="module")
+def cpu_tower(tiny_hf_dir):
+    """The tiny model with the CPU's formulations, an input, and its tower's features and gradients."""
+    model = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
+    x = jnp.asarray(tiny_batch(seed=4)["pixel_values"]).transpose(0, 2, 3, 1)
+    return model, x, _tower_and_grads(model, x)
+
+
 # Each formulation against its alternative on the CPU's defaults, with how close they must be:
 #  - the stored residual stream and the carried small scan parameters change where values live, not the
 #    arithmetic: the features are bit-identical; XLA orders the backward's sums differently around them.
@@ -109,12 +117,11 @@ def _tower_and_grads(model, x):
     ("depthwise_conv=grouped", False),
     ("attention_layout=sequence_major", False),
 ])
-def test_every_vision_formulation_computes_the_same_tower(tiny_hf_dir, change, exact_features):
-    model = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
+def test_every_vision_formulation_computes_the_same_tower(cpu_tower, change, exact_features):
+    model, x, a = cpu_tower
     other = model.for_hardware(f"cpu:{change}")
     assert other.formulations != model.formulations
-    x = jnp.asarray(tiny_batch(seed=4)["pixel_values"]).transpose(0, 2, 3, 1)
-    a, b = _tower_and_grads(model, x), _tower_and_grads(other, x)
+    b = _tower_and_grads(other, x)
     if exact_features:
         np.testing.assert_array_equal(a[0], b[0])
     else:

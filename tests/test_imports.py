@@ -70,3 +70,13 @@ def test_the_project_has_no_import_cycle():
 def test_the_cycle_finder_finds_a_function_level_cycle(tmp_path):
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_library_train_or_script_module_imports_the_test_fixtures():
+    """florence_jax.testing holds test fixtures: code users run (the library, training, the scripts) does not
+    depend on it."""
+    graph = import_graph()
+    users = {name: sorted(d for d in deps if d.startswith("florence_jax.testing"))
+             for name, deps in graph.items() if not name.startswith("florence_jax.testing")}
+    assert {name: deps for name, deps in users.items() if deps} == {}
+    assert any(d.startswith("florence_jax.reference") for d in graph["scripts.benchmark"])
