@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of the train step for a TPU topology on this CPU machine (needs libtpu)."""
+"""Ahead-of-time compilation of the train step on this CPU machine: for a TPU topology (needs libtpu) and for a
+config's GPU."""
 
 import importlib.util
 import os
@@ -21,3 +22,24 @@ def test_tiny_model_compiles_for_a_small_tpu_topology():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "mesh {'data': 2, 'fsdp': 2}" in out.stdout and "fits in 16 GiB" in out.stdout
     assert "traced for tpu" in out.stdout  # not the CPU program of the machine compiling it
+
+
+def test_a_config_for_a_gpu_compiles_the_gpus_program_here_and_checks_that_gpus_memory(capsys):
+    """On this machine's CPU devices, a config whose model.hardware names a GPU gets the GPU's program (its
+    formulations, not this machine's) and the memory check of that GPU. (With no hardware named, the
+    program is the CPU's and there is no device memory to check against: the slow test below.)"""
+    from scripts import aot_compile
+
+    base = ["--config", "cpu_demo.py", "--config.batch_size=8", "--config.data.image_size=64"]
+    assert aot_compile.main(base + ["--config.model.hardware=h100"]) == 0
+    gpu = capsys.readouterr().out
+    assert "traced for gpu (hardware h100)" in gpu and "fits in 80 GiB" in gpu
+
+
+@pytest.mark.slow  # another compile of the step, about a minute
+def test_a_config_with_no_hardware_compiles_this_machines_program(capsys):
+    from scripts import aot_compile
+
+    assert aot_compile.main(["--config", "cpu_demo.py", "--config.batch_size=8", "--config.data.image_size=64"]) == 0
+    cpu = capsys.readouterr().out
+    assert "traced for cpu (hardware cpu)" in cpu and "fits in" not in cpu
