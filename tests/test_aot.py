@@ -24,22 +24,26 @@ def test_tiny_model_compiles_for_a_small_tpu_topology():
     assert "traced for tpu" in out.stdout  # not the CPU program of the machine compiling it
 
 
-def test_a_config_for_a_gpu_compiles_the_gpus_program_here_and_checks_that_gpus_memory(capsys):
-    """On this machine's CPU devices, a config whose model.hardware names a GPU gets the GPU's program (its
+def _aot(*extra: str) -> str:
+    """``python -m scripts.aot_compile`` on the tiny demo config at 64 px, in its own process (it sets the
+    device count and platform before JAX starts): what it prints."""
+    cmd = [sys.executable, "-m", "scripts.aot_compile", "--config", "cpu_demo.py", "--cpu_devices", "2",
+           "--config.batch_size=4", "--config.data.image_size=64", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_a_config_for_a_gpu_compiles_the_gpus_program_here_and_checks_that_gpus_memory():
+    """On simulated CPU devices, a config whose model.hardware names a GPU gets the GPU's program (its
     formulations, not this machine's) and the memory check of that GPU. (With no hardware named, the
     program is the CPU's and there is no device memory to check against: the slow test below.)"""
-    from scripts import aot_compile
-
-    base = ["--config", "cpu_demo.py", "--config.batch_size=8", "--config.data.image_size=64"]
-    assert aot_compile.main(base + ["--config.model.hardware=h100"]) == 0
-    gpu = capsys.readouterr().out
-    assert "traced for gpu (hardware h100)" in gpu and "fits in 80 GiB" in gpu
+    out = _aot("--config.model.hardware=h100")
+    assert "traced for gpu (hardware h100)" in out and "fits in 80 GiB" in out
 
 
 @pytest.mark.slow  # another compile of the step, about a minute
-def test_a_config_with_no_hardware_compiles_this_machines_program(capsys):
-    from scripts import aot_compile
-
-    assert aot_compile.main(["--config", "cpu_demo.py", "--config.batch_size=8", "--config.data.image_size=64"]) == 0
-    cpu = capsys.readouterr().out
-    assert "traced for cpu (hardware cpu)" in cpu and "fits in" not in cpu
+def test_a_config_with_no_hardware_compiles_this_machines_program():
+    out = _aot()
+    assert "traced for cpu (hardware cpu)" in out and "fits in" not in out
