@@ -57,8 +57,9 @@ class Formulations:
     # saving the CPU most of a step's cache traffic), or one gather of the whole cache as transformers does
     # ("gather": on an accelerator a loop of small copies costs a launch per row).
     beam_cache_copy: str
-    # uint8 pixels to the model's input: a gather from the processor's table ("gather"), or a one-hot
-    # product with it ("one_hot": TPUs gather element by element).
+    # uint8 pixels to the model's input: a gather from the processor's table ("gather"), a one-hot product
+    # with it ("one_hot": the gather's bits without a gather, which TPUs run element by element), or the
+    # table's affine map computed ("affine": one elementwise pass, within float32 rounding of the table).
     pixel_normalize: str
     # The accelerator, when the spec named one ("a100", "v5e"): its memory and peak (DEVICE_SPECS) for
     # the ahead-of-time memory check and MFU. No formulation depends on it yet.
@@ -88,7 +89,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "attention_layout": ("heads_major", "sequence_major"),
     "beam_cross_attention": ("per_beam", "batched"),
     "beam_cache_copy": ("row_by_row", "gather"),
-    "pixel_normalize": ("gather", "one_hot"),
+    "pixel_normalize": ("gather", "one_hot", "affine"),
 }
 _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spec may change
 
@@ -104,7 +105,7 @@ DEFAULTS: dict[str, Formulations] = {
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="gather"),
     "tpu": Formulations("tpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
-                        beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="one_hot"),
+                        beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="affine"),
 }
 
 def _format(v: Any) -> str:
@@ -199,26 +200,28 @@ def resolve(spec: str | Formulations | None = None, *, platform: str | None = No
 # --------------------------------------------------------------------------- device facts
 @dataclass(frozen=True)
 class DeviceSpec:
-    """Public figures of an accelerator: its platform, memory per device and dense bf16 peak (for MFU)."""
+    """Public figures of an accelerator: its platform, memory per device, dense bf16 peak (for MFU) and memory
+    bandwidth (for roofline estimates)."""
 
     platform: str
     hbm_gib: float
     peak_tflops: float
+    hbm_gbps: float = 0.0
 
 
 # Keys are matched as substrings of a device's lower-cased kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite")
 # or of a topology's chip name ("v5e"); the longest matching key wins.
 DEVICE_SPECS: dict[str, DeviceSpec] = {
-    "a100": DeviceSpec("gpu", 40, 312.0),
-    "h100": DeviceSpec("gpu", 80, 989.0),
-    "h200": DeviceSpec("gpu", 141, 989.0),
-    "v4": DeviceSpec("tpu", 32, 275.0),
-    "v5 lite": DeviceSpec("tpu", 16, 197.0),
-    "v5litepod": DeviceSpec("tpu", 16, 197.0),
-    "v5e": DeviceSpec("tpu", 16, 197.0),
-    "v5p": DeviceSpec("tpu", 95, 459.0),
-    "v6e": DeviceSpec("tpu", 32, 918.0),
-    "v6 lite": DeviceSpec("tpu", 32, 918.0),
+    "a100": DeviceSpec("gpu", 40, 312.0, 1555.0),
+    "h100": DeviceSpec("gpu", 80, 989.0, 3350.0),
+    "h200": DeviceSpec("gpu", 141, 989.0, 4800.0),
+    "v4": DeviceSpec("tpu", 32, 275.0, 1228.0),
+    "v5 lite": DeviceSpec("tpu", 16, 197.0, 819.0),
+    "v5litepod": DeviceSpec("tpu", 16, 197.0, 819.0),
+    "v5e": DeviceSpec("tpu", 16, 197.0, 819.0),
+    "v5p": DeviceSpec("tpu", 95, 459.0, 2765.0),
+    "v6e": DeviceSpec("tpu", 32, 918.0, 1640.0),
+    "v6 lite": DeviceSpec("tpu", 32, 918.0, 1640.0),
 }
 
 

@@ -230,13 +230,19 @@ def normalize_pixels(pixels, table, formulation: str | None = None):
     computes on the host: batches can travel as uint8 (a quarter of float32's bytes through data workers,
     batching and host-to-device copies) and become the model's input inside the jitted step.
 
-    On CPUs and GPUs this is a gather from the table. TPUs gather element by element, which XLA's TPU
-    cost model puts at four orders of magnitude slower than the formulation used there
-    (docs/benchmarks.md; ``Formulations.pixel_normalize``, by
-    default the backend's; ``formulation`` names it: ``"gather"`` or ``"one_hot"``): a one-hot
-    product with the table, ``sum_v [pixel == v] * table[v, c]``, at full float32 precision. Each output is
-    one table entry times 1.0 plus zeros, which is exact (the float32 product splits the entry into three
-    bfloat16 parts whose sum is the entry), so both give the same bits.
+    On CPUs and GPUs this is a gather from the table (``Formulations.pixel_normalize``, by default the
+    backend's; ``formulation`` names it). TPUs gather element by element, which XLA's TPU cost model puts at
+    four orders of magnitude slower. Two other formulations exist:
+
+    - ``"one_hot"``: a product with the table, ``sum_v [pixel == v] * table[v, c]``, at full float32
+      precision. Each output is one table entry times 1.0 plus zeros, which is exact (the float32 product
+      splits the entry into three bfloat16 parts whose sum is the entry), so it gives the gather's bits; but
+      it expands every pixel into 256 values, which the TPU compiler estimates at 48 ms of a v5e's step
+      for 16 images of 768 px (docs/scale-out.md).
+    - ``"affine"`` (the TPU's): ``pixel * scale + offset`` with the table's own ends, one elementwise pass.
+      The table is affine in the value, so this is the table up to float32 rounding (within 1e-6,
+      checked for every value), less than a TPU's default float32 matmul precision (bfloat16 passes)
+      changes in the first convolution.
     """
     import jax
     import jax.numpy as jnp
@@ -253,5 +259,10 @@ def normalize_pixels(pixels, table, formulation: str | None = None):
         onehot = (pixels[..., None] == jnp.arange(256, dtype=jnp.uint8)).astype(jnp.bfloat16)
         return jnp.einsum("...cv,vc->...c", onehot, table, precision=jax.lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)
+    if formulation == "affine":
+        # The table is affine in the value (a rescale, then (x - mean) / std): its two ends define it.
+        # Within 1e-6 of the table (a few float32 roundings of |values| < 3), not bit for bit.
+        scale = (table[255] - table[0]) / 255.0
+        return pixels.astype(jnp.float32) * scale + table[0]
     index = pixels.astype(jnp.int32) * 3 + jnp.arange(3, dtype=jnp.int32)
     return jnp.take(table.reshape(-1), index, mode="clip")

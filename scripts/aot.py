@@ -104,4 +104,17 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     mem = compiled_memory(compiled) or CompiledMemory(0, 0, 0, 0)
     return {"mesh": dict(mesh.shape), "compile_seconds": seconds, "dtype": str(resolve_dtype(cfg.model.dtype)),
             "platform": formulations.platform, "hardware": formulations.spec(), **dataclasses.asdict(mem),
-            "total": mem.total}
+            "total": mem.total, "compiled": compiled}
+
+
+def compiler_cost(compiled) -> dict[str, float]:
+    """The compiler's own cost figures for one step of ``compiled`` (per device): ``flops``, ``bytes accessed``,
+    ``transcendentals`` and, where the backend gives one (TPU), ``optimal_seconds``, its estimated time."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without a cost model
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    keep = ("flops", "bytes accessed", "transcendentals", "optimal_seconds")
+    return {k: float(cost[k]) for k in keep if k in (cost or {})}

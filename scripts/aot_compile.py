@@ -30,6 +30,11 @@ def _parse(argv):
     p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
                    help="platform whose program is traced (default: tpu with --topology, else the config's "
                         "model.hardware, else the devices')")
+    p.add_argument("--cost", action="store_true",
+                   help="also print the compiler's cost figures per step and a roofline estimate per model scope "
+                        "(scripts/hlo_cost.py; estimates, not measurements)")
+    p.add_argument("--dump", metavar="DIR", help="write the compiled program (hlo.txt) and the cost report "
+                                                 "(cost.json) into DIR")
     return p.parse_known_args(argv)
 
 
@@ -80,6 +85,8 @@ def main(argv=None) -> int:
     gib = 1024**3
     for k in ("argument", "output", "temp", "alias", "total"):
         print(f"  {k:<9} {report[k] / gib:8.2f} GiB per device")
+    if args.cost or args.dump:
+        _cost(report["compiled"], spec, args)
     if hbm:
         ok = report["total"] <= hbm * gib
         print(f"  {'fits' if ok else 'DOES NOT FIT'} in {hbm:g} GiB per device "
@@ -87,6 +94,27 @@ def main(argv=None) -> int:
         del jax
         return 0 if ok else 1
     return 0
+
+
+def _cost(compiled, spec, args) -> None:
+    from scripts import aot, hlo_cost
+
+    compiler = aot.compiler_cost(compiled)
+    text = compiled.as_text()
+    if args.dump:  # the program first: the analysis below reads it again from there if it fails
+        os.makedirs(args.dump, exist_ok=True)
+        with open(os.path.join(args.dump, "hlo.txt"), "w") as f:
+            f.write(text)
+    peak = spec.peak_tflops if spec else 1.0
+    bandwidth = spec.hbm_gbps if spec and spec.hbm_gbps else 1.0
+    summary = hlo_cost.summary(text, peak, bandwidth, compiler)
+    if args.cost:
+        if not spec:
+            print("  (no device named: the roofline below uses 1 TFLOP/s and 1 GB/s, read its shares only)")
+        print(hlo_cost.format_summary(summary))
+    if args.dump:
+        hlo_cost.dump(os.path.join(args.dump, "cost.json"), summary)
+        print(f"wrote        {args.dump}/hlo.txt, {args.dump}/cost.json")
 
 
 def _mesh_size(cfg) -> int:

@@ -1,0 +1,330 @@
+"""A roofline estimate of a compiled program, op by op and per model scope, from its optimized HLO text.
+
+The compiler's ``cost_analysis()`` gives one figure per program (FLOPs, bytes accessed and, on TPU, its own
+estimated time). To see where a step's time would go, this walks the program the compiler produced (after
+fusion and SPMD partitioning, so per device): every top-level op of the entry computation and of the loop
+bodies it runs (times the loop's known trip count), with
+
+- ``flops``: 2 x output elements x contracted size of each ``dot`` and ``convolution`` inside the op (the
+  matrix work; elementwise work is not counted, as in MFU);
+- ``bytes``: the op's operands plus its result, what it moves through HBM (a fusion's intermediates stay on
+  chip, which is what fusion is for);
+- ``seconds``: ``max(flops / peak, bytes / bandwidth)``, the op's roofline time on the device;
+- ``scope``: the model part from the op's metadata (the named scopes of the model and the step:
+  ``vision_tower/stage2``, ``encoder``, ``optimizer``, ...), ``forward`` or ``backward``.
+
+These are estimates from the program's shapes and the chip's public peak figures, not measurements: an op
+that is latency-bound, or that the compiler overlaps with another, takes a different time on the chip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections import defaultdict
+
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+          "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2|c64|c128)\[([\d,]*)\](\{[^}]*\})?")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s+=\s+")
+# Ops that move no data of their own (views, bookkeeping) or whose cost is counted elsewhere (a loop's body).
+_FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "after-all", "partition-id",
+         "replica-id", "iota", "copy-done", "all-reduce-done", "all-gather-done", "collective-permute-done",
+         "send-done", "recv-done", "opt-barrier", "add-dependency", "conditional", "call"}
+_COLLECTIVE = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_SCOPES = ("vision_tower", "projector", "embed", "encoder", "decoder", "lm_head", "loss", "optimizer")
+_SUBSCOPES = re.compile(r"^(stage\d+|spatial|channel|ffn|self_attn|cross_attn|encoder_attn|fc\d|downsample)$")
+
+
+@dataclasses.dataclass
+class Op:
+    name: str
+    opcode: str
+    scope: str
+    direction: str  # forward | backward | "" (optimizer, other)
+    flops: float
+    bytes: float
+    count: int  # times the op runs per step (a loop body's trip count)
+    cycles: float = 0.0  # the compiler's own estimate for the op (TPU fusions carry one), times count
+    seconds: float = 0.0
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+    """``rest`` starts with the result shape (an array or a parenthesised tuple); return (shape, remainder)."""
+    if rest.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                return rest[: i + 1], rest[i + 1:].lstrip()
+    shape, _, tail = rest.partition(" ")
+    return shape, tail
+
+
+def _arrays(shape: str, hbm_only: bool = False) -> list[tuple[str, list[int]]]:
+    """(dtype, dims) of each array in a shape; with ``hbm_only``, not those a TPU layout places in on-chip
+    memory (memory space ``S(1)``: a prefetched copy in VMEM)."""
+    return [(d, [int(x) for x in dims.split(",") if x]) for d, dims, layout in _ARRAY.findall(shape)
+            if not (hbm_only and "S(1)" in layout)]
+
+
+def shape_bytes(shape: str, hbm_only: bool = True) -> float:
+    """Bytes of the arrays in ``shape`` (by default those in HBM only)."""
+    total = 0.0
+    for dtype, dims in _arrays(shape, hbm_only):
+        n = 1
+        for x in dims:
+            n *= x
+        total += n * _BYTES.get(dtype, 4)
+    return total
+
+
+def _operands(args: str) -> list[str]:
+    depth, end = 1, len(args)
+    for i, ch in enumerate(args):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            end = i
+            break
+    return re.findall(r"%([\w.\-]+)", args[:end])
+
+
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    line: str
+
+
+def parse(text: str) -> tuple[dict[str, list[_Instr]], str]:
+    """Computations of an HLO module's text: name -> instructions, and the entry computation's name."""
+    comps: dict[str, list[_Instr]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m:
+                current = m.group(2)
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        shape, tail = _split_shape(line[m.end():])
+        opcode, _, args = tail.partition("(")
+        comps[current].append(_Instr(m.group(1), shape, opcode.strip(), _operands(args), line))
+    return comps, entry
+
+
+def _attr(line: str, key: str) -> str | None:
+    m = re.search(rf"\b{key}=%?([\w.\-]+)", line)
+    return m.group(1) if m else None
+
+
+def _dims(line: str, key: str) -> list[int]:
+    m = re.search(rf"\b{key}=\{{([\d,]*)\}}", line)
+    return [int(x) for x in m.group(1).split(",") if x] if m else []
+
+
+def _trip_count(line: str) -> int:
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    return int(m.group(1)) if m else 1
+
+
+def _matrix_flops(instr: _Instr, shapes: dict[str, str]) -> float:
+    out = _arrays(instr.shape)
+    if not out:
+        return 0.0
+    n_out = 1
+    for x in out[0][1]:
+        n_out *= x
+    if instr.opcode == "dot":
+        lhs = _arrays(shapes.get(instr.operands[0], ""))
+        if not lhs:
+            return 0.0
+        k = 1
+        for d in _dims(instr.line, "lhs_contracting_dims"):
+            k *= lhs[0][1][d]
+        return 2.0 * n_out * k
+    if instr.opcode == "convolution":
+        # 2 x output elements x the taps each output reads x input features per group. A TPU program
+        # writes batched matmuls as convolutions whose "window" spans a batch dimension with lhs_dilate
+        # equal to its size: such a window reads one real element, so taps = ceil(size / lhs_dilate).
+        kernel = _arrays(shapes.get(instr.operands[1], "")) if len(instr.operands) > 1 else []
+        labels = re.search(r"dim_labels=\w+_(\w+)->", instr.line)
+        if not kernel or not labels:
+            return 0.0
+        kdims = kernel[0][1]
+        features = kdims[labels.group(1).find("i")]
+        window = re.search(r"window=\{([^}]*)\}", instr.line)
+        taps = 1
+        if window:
+            sizes = re.search(r"size=([\dx]+)", window.group(1))
+            dilate = re.search(r"lhs_dilate=([\dx]+)", window.group(1))
+            sz = [int(x) for x in sizes.group(1).split("x")] if sizes else []
+            dl = [int(x) for x in dilate.group(1).split("x")] if dilate else [1] * len(sz)
+            for a, b in zip(sz, dl):
+                taps *= -(-a // b)
+        return 2.0 * n_out * taps * features
+    return 0.0
+
+
+def scope_of(line: str) -> tuple[str, str]:
+    """(scope, direction) of an op from its metadata ``op_name``: the model part it was traced in."""
+    m = re.search(r'op_name="([^"]*)"', line)
+    if not m:
+        return "other", ""
+    path = m.group(1)
+    path = path.split("/", 1)[1] if path.startswith("jit(") and "/" in path else path
+    words = re.findall(r"[A-Za-z_]\w*", path)
+    direction = "backward" if "transpose" in words[:3] else "forward"
+    for i, w in enumerate(words):
+        if w in _SCOPES:
+            sub = next((x for x in words[i + 1: i + 4] if _SUBSCOPES.match(x)), None)
+            scope = f"{w}/{sub}" if w == "vision_tower" and sub and sub.startswith("stage") else w
+            return scope, ("" if w == "optimizer" else direction)
+    return "other", direction
+
+
+def ops(text: str) -> list[Op]:
+    """Every op the program runs per step, with its FLOPs, bytes and scope (see the module's docstring)."""
+    comps, entry = parse(text)
+    # names are unique within a computation, not across them (fused computations reuse param_0 ...)
+    local = {c: {i.name: i for i in instrs} for c, instrs in comps.items()}
+    flops_of: dict[str, float] = {}
+
+    def comp_flops(name: str) -> float:
+        if name not in flops_of:
+            flops_of[name] = 0.0  # recursion guard
+            total = 0.0
+            shapes = {k: v.shape for k, v in local.get(name, {}).items()}
+            for i in comps.get(name, []):
+                total += _matrix_flops(i, shapes)
+                for key in ("calls", "to_apply"):
+                    sub = _attr(i.line, key)
+                    if sub and i.opcode in ("fusion", "call", "custom-call"):
+                        total += comp_flops(sub)
+            flops_of[name] = total
+        return flops_of[name]
+
+    out: list[Op] = []
+
+    def walk(name: str, count: int, seen: tuple[str, ...] = ()):
+        if name in seen:
+            return
+        by_name = local.get(name, {})
+        shapes = {k: v.shape for k, v in by_name.items()}
+        for i in comps.get(name, []):
+            if i.opcode == "while":
+                body = _attr(i.line, "body")
+                if body:
+                    walk(body, count * _trip_count(i.line), seen + (name,))
+                continue
+            if i.opcode in ("call", "conditional"):
+                for key in ("to_apply", "true_computation", "false_computation"):
+                    sub = _attr(i.line, key)
+                    if sub:
+                        walk(sub, count, seen + (name,))
+                continue
+            if i.opcode in _FREE:
+                continue
+            flops = _matrix_flops(i, shapes)
+            sub = _attr(i.line, "calls")
+            if sub and i.opcode in ("fusion", "custom-call"):
+                flops += comp_flops(sub)
+            moved = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands
+                                                if by_name.get(o) is None or by_name[o].opcode != "constant")
+            if i.opcode.endswith("-start"):  # async: the result tuple repeats the operand (and its status word)
+                moved = sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
+                if i.opcode == "copy-start" and "S(1)" not in i.shape:
+                    moved *= 2  # HBM to HBM
+            scope, direction = scope_of(i.line)
+            if i.opcode.startswith(_COLLECTIVE):
+                scope, direction = "collectives", ""
+            cycles = re.search(r'"estimated_cycles":"(\d+)"', i.line)
+            out.append(Op(i.name, i.opcode, scope, direction, flops * count, moved * count, count,
+                          cycles=float(cycles.group(1)) * count if cycles else 0.0))
+
+    walk(entry, 1)
+    return out
+
+
+def roofline(op_list: list[Op], peak_tflops: float, hbm_gbps: float) -> list[Op]:
+    """Set each op's roofline time on a chip of ``peak_tflops`` (dense bf16) and ``hbm_gbps``."""
+    for op in op_list:
+        op.seconds = max(op.flops / (peak_tflops * 1e12), op.bytes / (hbm_gbps * 1e9))
+    return op_list
+
+
+def by_scope(op_list: list[Op]) -> list[dict]:
+    """Totals per (scope, direction), largest estimated time first."""
+    acc: dict[tuple[str, str], dict] = defaultdict(
+        lambda: {"flops": 0.0, "bytes": 0.0, "seconds": 0.0, "cycles": 0.0, "ops": 0})
+    for op in op_list:
+        row = acc[(op.scope, op.direction)]
+        row["cycles"] += op.cycles
+        row["flops"] += op.flops
+        row["bytes"] += op.bytes
+        row["seconds"] += op.seconds
+        row["ops"] += op.count
+    rows = [{"scope": s, "direction": d, **v} for (s, d), v in acc.items()]
+    return sorted(rows, key=lambda r: -r["seconds"])
+
+
+def summary(text: str, peak_tflops: float, hbm_gbps: float, compiler: dict | None = None, top: int = 12) -> dict:
+    """The roofline estimate of a program: totals, per scope, and its costliest ops (JSON-ready)."""
+    op_list = roofline(ops(text), peak_tflops, hbm_gbps)
+    flops = sum(o.flops for o in op_list)
+    seconds = sum(o.seconds for o in op_list)
+    matrix = sum(o.flops / (peak_tflops * 1e12) for o in op_list)
+    costly = sorted(op_list, key=lambda o: -o.seconds)[:top]
+    return {
+        "peak_tflops": peak_tflops, "hbm_gbps": hbm_gbps,
+        "matrix_flops": flops, "bytes": sum(o.bytes for o in op_list), "roofline_seconds": seconds,
+        # the share of the estimated step the matrix units would be busy: a roofline MFU per chip
+        "roofline_mfu": matrix / seconds if seconds else 0.0,
+        "compiler": compiler or {},
+        "compiler_mfu": (flops / (peak_tflops * 1e12) / compiler["optimal_seconds"]
+                         if compiler and compiler.get("optimal_seconds") else None),
+        "scopes": by_scope(op_list),
+        "top_ops": [dataclasses.asdict(o) for o in costly],
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = []
+    c = s["compiler"]
+    if c:
+        est = f", estimated step {c['optimal_seconds'] * 1e3:.1f} ms" if "optimal_seconds" in c else ""
+        lines.append(f"compiler     {c.get('flops', 0) / 1e12:.2f} TFLOP, {c.get('bytes accessed', 0) / 1e9:.1f} GB "
+                     f"accessed per device{est} (the compiler's own cost model: an estimate)")
+    mfu = f", MFU {100 * s['compiler_mfu']:.0f}% at the compiler's time" if s.get("compiler_mfu") else ""
+    lines.append(f"roofline     {s['matrix_flops'] / 1e12:.2f} TFLOP of matrix work, {s['bytes'] / 1e9:.1f} GB moved, "
+                 f"{s['roofline_seconds'] * 1e3:.1f} ms at {s['peak_tflops']:g} TFLOP/s and {s['hbm_gbps']:g} GB/s: "
+                 f"MFU {100 * s['roofline_mfu']:.0f}%{mfu} (estimates)")
+    total = s["roofline_seconds"] or 1.0
+    lines.append(f"  {'scope':<24} {'dir':<9} {'ms':>8} {'share':>6} {'TFLOP':>7} {'GB':>7}")
+    for r in s["scopes"][:14]:
+        lines.append(f"  {r['scope']:<24} {r['direction']:<9} {r['seconds'] * 1e3:8.2f} {100 * r['seconds'] / total:5.1f}% "
+                     f"{r['flops'] / 1e12:7.3f} {r['bytes'] / 1e9:7.2f}")
+    lines.append("  costliest ops:")
+    for o in s["top_ops"][:8]:
+        lines.append(f"    {o['seconds'] * 1e3:7.2f} ms  {o['opcode']:<12} {o['scope']}/{o['direction'] or '-'} "
+                     f"x{o['count']}  {o['flops'] / 1e9:.1f} GFLOP {o['bytes'] / 1e9:.2f} GB  {o['name']}")
+    return "\n".join(lines)
+
+
+def dump(path: str, s: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(s, f, indent=1)
