@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="grain worker processes decoding and resizing images (0: threads of this process)")
     p.add_argument("--num_beams", type=int, help="beam width (default: the checkpoint's generation config)")
     p.add_argument("--max_new_tokens", type=int, help="default 1024, capped at the decoder's positions")
+    p.add_argument("--prompt_multiple", type=int, default=16, help="prompts are padded (masked) to a multiple of "
+                   "this many tokens: one compiled program per length bucket (default 16; larger: fewer programs "
+                   "for tasks of different prompt lengths)")
     p.add_argument("--draw", type=int, default=0, metavar="N", help="also draw the first N images (per process) "
                    "with their results into OUT/draw")
     p.add_argument("--process_index", type=int, help="this process's part of the input when several label it "
@@ -89,7 +92,7 @@ def _check(args: argparse.Namespace) -> None:
             build_prompt(task, "x" if has_text and task_takes_text(task) else None)
     if region and has_text:
         raise PredictError(f"{region[0]} takes its text from the COCO boxes; drop --text/--text_column")
-    for name in ("batch_size", "shard_size", "num_beams", "max_new_tokens"):
+    for name in ("batch_size", "shard_size", "num_beams", "max_new_tokens", "prompt_multiple"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise PredictError(f"--{name} must be at least 1, got {value}")
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = LabelSettings(tasks=tuple(tasks), text=args.text, text_column=args.text_column,
                              batch_size=args.batch_size, num_beams=args.num_beams,
                              max_new_tokens=args.max_new_tokens, workers=args.workers, draw=args.draw,
+                             prompt_multiple=args.prompt_multiple,
                              categories=categories)
     shards = layout.owned(index, count)
     stop = _StopFlag()

@@ -150,11 +150,12 @@ def _boxes(answer: dict[str, Any]) -> list[tuple[list[float], str]]:
 
 
 def coco_json(records: Iterable[dict[str, Any]], task: str, categories: Sequence[str] | None = None,
-              ) -> tuple[dict[str, Any], dict[str, int]]:
+              image_root: str | None = None) -> tuple[dict[str, Any], dict[str, int]]:
     """One box task's results as a COCO detection dataset, and counts of what was left out.
 
-    ``images``: every item with a result (``id`` = item index + 1, ``file_name`` its image name, ``width``,
-    ``height``); ``categories``: ``categories`` in order if given (boxes with another label are left out and
+    ``images``: every item with a result (``id`` = item index + 1, ``file_name`` its image name, joined to
+    ``image_root`` when given (a folder input's names are relative to it: the file then opens from anywhere),
+    ``width``, ``height``); ``categories``: ``categories`` in order if given (boxes with another label are left out and
     counted), else every label found, sorted (ids from 1); ``annotations``: ``bbox`` ``[x, y, w, h]`` clipped to
     the image (boxes empty after clipping are left out and counted), ``area``, ``iscrowd`` 0, ``score``
     :data:`SCORE`. An empty label becomes :data:`UNLABELLED`. ``records`` is iterated twice when categories are
@@ -174,7 +175,11 @@ def coco_json(records: Iterable[dict[str, Any]], task: str, categories: Sequence
         width, height = r["size"]
         image_id = r["index"] + 1
         name = r.get("image")
-        images.append({"id": image_id, "file_name": name if name is not None else f"item-{r['index']}",
+        if name is None:
+            name = f"item-{r['index']}"  # an image stored as bytes, without a path
+        elif image_root is not None:
+            name = os.path.join(image_root, name)
+        images.append({"id": image_id, "file_name": name,
                        "width": width, "height": height})
         for box, label in _boxes(r["result"].get(task) or {}):
             label = label.strip() or UNLABELLED
@@ -196,7 +201,8 @@ def coco_json(records: Iterable[dict[str, Any]], task: str, categories: Sequence
             "categories": [{"id": category_id[n], "name": n} for n in categories]}, counts
 
 
-def finalize(layout: Layout, tasks: Sequence[str], categories: Sequence[str] | None = None) -> dict[str, Any] | None:
+def finalize(layout: Layout, tasks: Sequence[str], categories: Sequence[str] | None = None,
+             image_root: str | None = None) -> dict[str, Any] | None:
     """When every shard is done: ``labels.jsonl`` (all shards in order, checked to hold each item exactly once),
     a COCO file per box task, and the manifest's "complete" entry, which is returned. None while shards are
     missing (another process may still be labelling them)."""
@@ -220,7 +226,7 @@ def finalize(layout: Layout, tasks: Sequence[str], categories: Sequence[str] | N
     summary: dict[str, Any] = {"items": len(records), "labelled": len(records) - errors, "errors": errors,
                                "labels": "labels.jsonl", "coco": {}}
     for task in box_tasks(tasks):
-        coco, counts = coco_json(records, task, categories)
+        coco, counts = coco_json(records, task, categories, image_root)
         name = f"coco.{task_slug(task)}.json"
         atomic_write(layout.out / name, [json.dumps(coco) + "\n"])
         summary["coco"][task] = {"file": name, **counts, "categories": len(coco["categories"])}

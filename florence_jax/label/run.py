@@ -132,13 +132,13 @@ class _Tokens:
         return pad_rows(arrays, rows)
 
 
-def _element_stream(inputs: Inputs, reader: ItemReader, indices: list[int], settings: LabelSettings):
+def _element_stream(reader: ItemReader, indices: list[int], settings: LabelSettings, rows_per_batch: int):
     """Items ``indices`` read by ``reader`` in grain (worker processes with ``settings.workers``), in order."""
     import grain
 
     dataset = grain.MapDataset.source(indices).map(reader)
     stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, settings.read_threads),
-                                                       prefetch_buffer_size=max(2, 2 * settings.batch_size)))
+                                                       prefetch_buffer_size=max(settings.read_threads, 2 * rows_per_batch)))
     if settings.workers > 0:
         from absl import flags
 
@@ -163,7 +163,7 @@ def label_shards(model, processor, inputs: Inputs, layout: Layout, settings: Lab
     if todo:
         _label(model, processor, inputs, layout, settings, todo, progress, stop, mesh, on_shard, stats)
     if not stats["stopped"]:
-        stats["complete"] = finalize(layout, settings.tasks, settings.categories)
+        stats["complete"] = finalize(layout, settings.tasks, settings.categories, inputs.root)
     return stats
 
 
@@ -176,7 +176,7 @@ def _label(model, processor, inputs, layout, settings, todo, progress, stop, mes
     tokens = _Tokens(processor, settings.prompt_multiple)
     reader = ItemReader(inputs, ImageTransform.from_processor(processor), settings.text_column)
     shard_of = {i: k for k in todo for i in layout.shard_items(k)}
-    elements = _element_stream(inputs, reader, list(shard_of), settings)
+    elements = _element_stream(reader, list(shard_of), settings, rows_per_batch)
     drawn = {"left": settings.draw, "used": set()}
     done_in_shard: dict[int, list[dict[str, Any]]] = {k: [] for k in todo}
 
