@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,8 @@ __all__ = ["LabelSettings", "Progress", "label_shards"]
 class LabelSettings:
     """How to label: tasks (each a task token or a free prompt), the text they take (``text`` for every item, or
     each item's ``text_column``), ``batch_size`` images per device and step, generation settings, grain workers
-    (0: decode on threads of this process), and ``draw`` (drawings of this process's first items)."""
+    (0: decode on threads of this process), ``draw`` (drawings of this process's first items), and further
+    ``generation`` options (:class:`~florence_jax.generation.GenerationOptions` fields)."""
 
     tasks: tuple[str, ...]
     text: str | None = None
@@ -55,6 +56,7 @@ class LabelSettings:
     prompt_multiple: int = 16
     draw: int = 0
     categories: tuple[str, ...] | None = None
+    generation: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Progress:
@@ -169,7 +171,8 @@ def label_shards(model, processor, inputs: Inputs, layout: Layout, settings: Lab
 
 def _label(model, processor, inputs, layout, settings, todo, progress, stop, mesh, on_shard, stats) -> None:
     max_new_tokens = settings.max_new_tokens or default_max_new_tokens(model)
-    engine = ShardedGenerator(Generator(model, max_new_tokens=max_new_tokens, num_beams=settings.num_beams), mesh)
+    generator = Generator(model, max_new_tokens=max_new_tokens, num_beams=settings.num_beams, **settings.generation)
+    engine = ShardedGenerator(generator, mesh)
     rows_per_batch = settings.batch_size * engine.num_devices
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = model.config.text_config.eos_token_id if eos is None else eos
