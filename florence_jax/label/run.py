@@ -164,6 +164,8 @@ def label_shards(model, processor, inputs: Inputs, layout: Layout, settings: Lab
     stats: dict[str, Any] = {"shards_written": 0, "items": 0, "errors": 0, "tokens": 0, "stopped": False}
     if todo:
         _label(model, processor, inputs, layout, settings, todo, progress, stop, mesh, on_shard, stats)
+        # A stop asked for while the last shard was written leaves nothing undone: merge as usual.
+        stats["stopped"] = stats["stopped"] and not all(layout.is_done(k) for k in todo)
     if not stats["stopped"]:
         stats["complete"] = finalize(layout, settings.tasks, settings.categories, inputs.root)
     return stats
