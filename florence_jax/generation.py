@@ -459,13 +459,17 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
     return DecodeOutput(st.sequences[:, 0], length.astype(jnp.int32), st.scores[:, 0])
 
 
-def _decode(model, enc, enc_mask, controls: DecodeControls, static: DecodeStatic) -> DecodeOutput:
+def decode_loop(model, enc, enc_mask, controls: DecodeControls, static: DecodeStatic) -> DecodeOutput:
+    """The decoding loop (greedy or beam search) from encoder outputs, traced inside the caller's program:
+    what every jitted generation program here runs after the encoder. For programs built elsewhere (the
+    labeller runs it per device under ``shard_map``); ``controls`` and ``static`` from :meth:`Generator.resolve`."""
     if static.num_beams == 1:
         return _greedy(model, enc, enc_mask, controls, static)
     return _beam_search(model, enc, enc_mask, controls, static)
 
 
-def _merge_eval(graphdef, state):
+
+def merge_for_inference(graphdef, state):
     """A copy of the model in inference mode: generation never applies dropout (the caller's model
     keeps whatever mode it is in)."""
     model = nnx.merge(graphdef, state)
@@ -473,24 +477,25 @@ def _merge_eval(graphdef, state):
     return model
 
 
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _generate_jit(graphdef, static: DecodeStatic, state, input_ids, pixel_values, attention_mask,
                   controls: DecodeControls) -> DecodeOutput:
-    model = _merge_eval(graphdef, state)
+    model = merge_for_inference(graphdef, state)
     enc = model.encode(input_ids, pixel_values, attention_mask, image_layout=static.image_layout)
-    return _decode(model, enc, attention_mask, controls, static)
+    return decode_loop(model, enc, attention_mask, controls, static)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _decode_jit(graphdef, static: DecodeStatic, state, encoder_hidden_states, attention_mask,
                 controls: DecodeControls) -> DecodeOutput:
-    model = _merge_eval(graphdef, state)
-    return _decode(model, encoder_hidden_states, attention_mask, controls, static)
+    model = merge_for_inference(graphdef, state)
+    return decode_loop(model, encoder_hidden_states, attention_mask, controls, static)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _encode_jit(graphdef, image_layout: str, state, input_ids, pixel_values, attention_mask) -> jax.Array:
-    model = _merge_eval(graphdef, state)
+    model = merge_for_inference(graphdef, state)
     return model.encode(input_ids, pixel_values, attention_mask, image_layout=image_layout)
 
 
@@ -545,6 +550,11 @@ class Generator:
         gc = getattr(model, "generation_config", None)
         self.generation_config = gc if gc is not None else GenerationConfig.from_model_config(model.config)
         self.text_config = model.config.text_config
+
+    @property
+    def graphdef(self) -> nnx.GraphDef:
+        """The graph definition of the split model (static in every program)."""
+        return self._graphdef
 
     @property
     def state(self) -> nnx.State:

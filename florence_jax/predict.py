@@ -34,6 +34,7 @@ Design notes:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -71,7 +72,7 @@ class PredictError(ValueError):
     its message as one line instead of a traceback."""
 
 
-def _one_line(error: BaseException, limit: int = 400) -> str:
+def one_line(error: BaseException, limit: int = 400) -> str:
     """An exception message folded onto one line and shortened (checkpoint and Hub errors span many)."""
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -114,7 +115,7 @@ def _image_name(image: ImageInput) -> str | None:
 
 
 def _open_error(path: str, error: BaseException) -> PredictError:
-    return PredictError(f"cannot read image {path}: {_one_line(error)}")
+    return PredictError(f"cannot read image {path}: {one_line(error)}")
 
 
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -140,27 +141,36 @@ def check_image(image: str | os.PathLike) -> None:
         raise _open_error(path, e) from e
 
 
-def load_image(image: ImageInput) -> Image.Image:
-    """A path -> a fully decoded PIL image, upright per its EXIF orientation (as transformers'
-    ``load_image`` does); PIL images pass through untouched. Raises :class:`PredictError`."""
+def load_image(image: ImageInput | bytes | Mapping[str, Any]) -> Image.Image:
+    """A path, encoded bytes or a ``{"bytes", "path"}`` dict (how ``datasets`` stores an image undecoded) -> a
+    fully decoded PIL image, upright per its EXIF orientation (as transformers' ``load_image`` does); PIL
+    images pass through untouched. Raises :class:`PredictError`."""
     if isinstance(image, Image.Image):
         return image
-    path = _existing_file(image)
+    if isinstance(image, Mapping):
+        data, path = image.get("bytes"), image.get("path")
+        if not data and not path:
+            raise PredictError("no image: the record's image has neither bytes nor a path")
+        return load_image(data if data else path)
+    if isinstance(image, bytes | bytearray | memoryview):
+        name, source = f"<{len(image)} bytes>", io.BytesIO(bytes(image))
+    else:
+        name = source = _existing_file(image)
     try:
-        with Image.open(path) as opened:
+        with Image.open(source) as opened:
             opened.load()
             return ImageOps.exif_transpose(opened)  # a copy, detached from the file
     except _READ_ERRORS as e:
-        raise _open_error(path, e) from e
+        raise _open_error(name, e) from e
 
 
 # ------------------------------------------------------------------------------------------ prediction
-def _default_max_new_tokens(model) -> int:
+def default_max_new_tokens(model) -> int:
     """:data:`DEFAULT_MAX_NEW_TOKENS`, capped at the decoder's learned positions."""
     return min(DEFAULT_MAX_NEW_TOKENS, int(model.config.text_config.max_position_embeddings))
 
 
-def _trim_after_eos(sequences: np.ndarray, eos_token_id: int) -> list[list[int]]:
+def trim_after_eos(sequences: np.ndarray, eos_token_id: int) -> list[list[int]]:
     """Each row up to and including its first EOS after the decoder start token (which is EOS itself
     in Florence-2), dropping the padding ``generate`` writes after it."""
     rows = []
@@ -170,7 +180,7 @@ def _trim_after_eos(sequences: np.ndarray, eos_token_id: int) -> list[list[int]]
     return rows
 
 
-def _pad_rows(arrays: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+def pad_rows(arrays: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     """Pad the batch axis to ``rows`` with copies of the last row: static shapes, one compilation."""
     out = {}
     for key, x in arrays.items():
@@ -179,7 +189,7 @@ def _pad_rows(arrays: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarr
     return out
 
 
-def _pad_prompt(inputs: dict[str, np.ndarray], multiple: int, pad_token_id: int) -> dict[str, np.ndarray]:
+def pad_prompt(inputs: dict[str, np.ndarray], multiple: int, pad_token_id: int) -> dict[str, np.ndarray]:
     """Right-pad the prompt to a multiple of ``multiple`` tokens (masked out), so prompts of nearby
     lengths (DocVQA questions, captions to ground) share one compiled program across calls."""
     length = inputs["input_ids"].shape[1]
@@ -228,7 +238,7 @@ def iter_predict(
     prompt = build_prompt(task, text)
     items = [images] if isinstance(images, str | os.PathLike | Image.Image) else list(images)
     if max_new_tokens is None:
-        max_new_tokens = _default_max_new_tokens(model)
+        max_new_tokens = default_max_new_tokens(model)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = model.config.text_config.eos_token_id if eos is None else eos
     pad_id = getattr(processor.tokenizer, "pad_token_id", None) or 0  # any id works: it is masked out
@@ -258,10 +268,10 @@ def iter_predict(
                 try:
                     inputs = prepare_inputs(processor, good, [prompt] * len(good))
                 except ValueError as e:  # e.g. a prompt transformers' processor rejects
-                    raise PredictError(f"the processor rejected prompt {prompt!r}: {_one_line(e)}") from e
-                inputs = _pad_rows(_pad_prompt(inputs, prompt_multiple, pad_id), batch_size)
+                    raise PredictError(f"the processor rejected prompt {prompt!r}: {one_line(e)}") from e
+                inputs = pad_rows(pad_prompt(inputs, prompt_multiple, pad_id), batch_size)
                 sequences = generator(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
-                rows = _trim_after_eos(np.asarray(sequences)[: len(good)], eos)
+                rows = trim_after_eos(np.asarray(sequences)[: len(good)], eos)
                 texts = processor.batch_decode(rows, skip_special_tokens=False)
             generated_texts = iter(texts)
             for item, image in zip(batch, loaded, strict=True):
@@ -456,18 +466,18 @@ def draw(image: Image.Image, result: Mapping[str, Any] | str, task: str) -> Imag
     return canvas
 
 
-def _task_slug(task: str) -> str:
+def task_slug(task: str) -> str:
     """``<OD>`` -> ``od``, ``<DocVQA>`` -> ``docvqa``; a free prompt -> its first words, file-name safe."""
     slug = re.sub(r"[^a-z0-9]+", "_", task.lower()).strip("_")
     return slug[:40] or "task"
 
 
-def _drawing_path(out_dir: Path, item: ImageInput, index: int, used: set[Path], task: str = "") -> Path:
+def drawing_path(out_dir: Path, item: ImageInput, index: int, used: set[Path], task: str = "") -> Path:
     """``OUT_DIR/<stem>.<task>.png`` (one file per image and task, so runs of several tasks over the same images
     keep each other's drawings), made unique (two inputs with one stem) and never an input file itself."""
     stem = Path(os.fspath(item)).stem if not isinstance(item, Image.Image) else f"image_{index}"
     if task:
-        stem = f"{stem}.{_task_slug(task)}"
+        stem = f"{stem}.{task_slug(task)}"
     source = None if isinstance(item, Image.Image) else Path(os.fspath(item)).resolve()
     candidate, n = out_dir / f"{stem}.png", 1
     while candidate.resolve() in used or candidate.resolve() == source:
@@ -477,7 +487,7 @@ def _drawing_path(out_dir: Path, item: ImageInput, index: int, used: set[Path], 
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _print_line(line: str) -> None:
+def print_line(line: str) -> None:
     """One JSON line to stdout; a reader that went away (``| head``) ends the run quietly."""
     try:
         print(line, flush=True)
@@ -486,7 +496,7 @@ def _print_line(line: str) -> None:
         raise SystemExit(0) from None
 
 
-def _check_model_source(name: str) -> None:
+def check_model_source(name: str) -> None:
     """A missing local directory is reported as such instead of as a failed Hub lookup: anything that
     cannot be a Hub repo id (absolute, relative with ``./``, more than one ``/``) must exist locally."""
     path = Path(name).expanduser()
@@ -502,21 +512,21 @@ def _check_model_source(name: str) -> None:
         raise PredictError(f"model directory not found: {name}") from None
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Processor first (fast, and the usual thing missing from a training export), then the model."""
+def load_model_and_processor(model: str, processor: str | None = None, dtype: str = "float32") -> tuple[Any, Any]:
+    """Processor first (fast, and the usual thing missing from a training export), then the model; a failure
+    is a ``RuntimeError`` whose message is one line."""
     from florence_jax.modeling.florence2 import Florence2ForConditionalGeneration
 
-    processor_source = args.processor or args.model
+    processor_source = processor or model
     try:
-        processor = load_processor(processor_source)
+        loaded_processor = load_processor(processor_source)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one line for the user
-        raise RuntimeError(f"cannot load the processor from {processor_source}: {_one_line(e)}") from e
+        raise RuntimeError(f"cannot load the processor from {processor_source}: {one_line(e)}") from e
     try:
-        model = Florence2ForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype,
-                                                                  param_dtype=args.dtype)
+        loaded = Florence2ForConditionalGeneration.from_pretrained(model, dtype=dtype, param_dtype=dtype)
     except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"cannot load the model from {args.model}: {_one_line(e)}") from e
-    return model, processor
+        raise RuntimeError(f"cannot load the model from {model}: {one_line(e)}") from e
+    return loaded, loaded_processor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -552,16 +562,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise PredictError(f"--{name} must be at least 1, got {value}")
         if args.draw and Path(args.draw).exists() and not Path(args.draw).is_dir():
             raise PredictError(f"--draw {args.draw} is a file; pass a directory")
-        _check_model_source(args.model)
+        check_model_source(args.model)
         if args.processor:
-            _check_model_source(args.processor)
+            check_model_source(args.processor)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     try:
-        model, processor = _load(args)
-        settings = describe_settings(model, args.num_beams, args.max_new_tokens or _default_max_new_tokens(model))
+        model, processor = load_model_and_processor(args.model, args.processor, args.dtype)
+        settings = describe_settings(model, args.num_beams, args.max_new_tokens or default_max_new_tokens(model))
         print(f"generation: {settings}", file=sys.stderr)
         out_dir = Path(args.draw) if args.draw else None
         if out_dir is not None:
@@ -576,11 +586,11 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in record:
                 failed += 1
                 print(f"error: {record['error']}", file=sys.stderr)
-                _print_line(json.dumps({key: record[key] for key in ("image", "task", "error")}))
+                print_line(json.dumps({key: record[key] for key in ("image", "task", "error")}))
                 continue
-            _print_line(json.dumps({key: record[key] for key in ("image", "task", "result")}))
+            print_line(json.dumps({key: record[key] for key in ("image", "task", "result")}))
             if out_dir is not None:
-                target = _drawing_path(out_dir, args.images[index], index, used, record["task"])
+                target = drawing_path(out_dir, args.images[index], index, used, record["task"])
                 draw(image, record["result"], record["task"]).save(target)
         if failed:
             print(f"error: {failed} of {len(args.images)} images could not be read (their lines say why)",
@@ -590,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, OSError, ValueError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -37,6 +37,7 @@ __all__ = [
     "normalize_pixels",
     "prepare_inputs",
     "processor_dir",
+    "prompt_inputs",
     "quantize_coordinates",
     "to_rgb",
 ]
@@ -105,6 +106,21 @@ def prepare_inputs(
         "attention_mask": np.asarray(encoded["attention_mask"]).astype(np.int32),
         "pixel_values": np.asarray(encoded["pixel_values"]).astype(np.float32),
     }
+
+
+def prompt_inputs(processor: ProcessorMixin, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+    """``input_ids``/``attention_mask`` (int32, right-padded to the longest) for ``prompts`` without any image:
+    what :func:`prepare_inputs` gives for them, built as the processor builds it (its task prompts, then
+    ``num_image_tokens`` image placeholders, ``<s>``, the prompt, ``</s>``), so text can be tokenized apart from
+    the pixels (the labeller encodes an image once and runs several prompts against it)."""
+    construct = getattr(processor, "_construct_prompts", None)
+    texts = construct(list(prompts)) if construct is not None else list(prompts)
+    tok = processor.tokenizer
+    placeholders = processor.image_token * int(processor.num_image_tokens)
+    encoded = tok([placeholders + tok.bos_token + text + tok.eos_token for text in texts], add_special_tokens=False,
+                  padding="longest", return_tensors="np")
+    return {"input_ids": np.asarray(encoded["input_ids"]).astype(np.int32),
+            "attention_mask": np.asarray(encoded["attention_mask"]).astype(np.int32)}
 
 
 def _as_height_width(size: Any) -> tuple[int, int]:

@@ -14,7 +14,9 @@ Rows (the ``--json`` keys): ``train_frozen`` / ``train_full`` (examples/s of a f
 tower frozen or trained), ``train_frozen_cached`` (the frozen step on vision features computed once, as
 ``data.cache_vision_features`` trains; its one-time cost per example is reported beside it), ``generate_greedy`` / ``generate_beam3`` (sequences/s end to end: vision tower,
 encoder, a fixed number of new tokens), ``decode_beam3`` (the decoding loop alone, from the same encoder
-outputs), ``data`` (images/s of one worker turning encoded image bytes + text into a model-ready example).
+outputs), ``data`` (images/s of one worker turning encoded image bytes + text into a model-ready example),
+``label`` (images/s of ``<OD>`` labelling from JPEG files to post-processed boxes: ``florence_jax.label`` against
+transformers' processor + ``generate()`` + ``post_process_generation`` in a loop over the same files).
 Each holds ``ours``, ``reference``, ``unit`` and ``ratio`` (ours / reference, higher is better).
 MFU uses the step's FLOP count from the compiled XLA program and the device's peak (``--peak_tflops``;
 known for A100/H100/H200/TPU, not for CPUs).
@@ -41,7 +43,7 @@ import numpy as np
 from florence_jax import hardware
 
 ROWS = ("train_frozen", "train_full", "generate_greedy", "generate_beam3", "decode_beam3", "data",
-        "train_frozen_cached")
+        "train_frozen_cached", "label")
 VISION_FROZEN = r"^model\.vision_tower\."
 
 
@@ -65,6 +67,8 @@ class Settings:
     grad_accum_steps: int = 1  # train rows: the batch as this many micro-batches, one update (both sides)
     profile: str | None = None  # train rows: also profile one step of ours into this directory
     hardware: str = ""  # ours: the formulations' spec (florence_jax.hardware); "" for this backend's defaults
+    label_images: int = 8  # label row: images labelled per timed run
+    label_beams: int = 3  # label row: Florence-2's published setting
 
 
 def defaults_for(platform_name: str) -> Settings:
@@ -72,7 +76,7 @@ def defaults_for(platform_name: str) -> Settings:
         return Settings()
     # One accelerator: bf16 compute (fp32 master weights), batches that keep it busy.
     return Settings(dtype="bfloat16", train_batch=32, gen_batch=32, repeats=5, attention_impl="dot_product",
-                    data_images=64)
+                    data_images=64, label_images=256)
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -555,6 +559,119 @@ def bench_data(s: Settings) -> dict[str, Any]:
             "prepared": measure(ours_prepared, s.repeats), "n": len(records)}
 
 
+# ------------------------------------------------------------------------------------------ labelling
+LABEL_TASK = "<OD>"
+
+
+def _photo_files(directory: str, n: int, seed: int = 0) -> list[str]:
+    """``n`` 640x480 JPEGs of coloured shapes (photo-sized inputs for the labelling row)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        image = Image.new("RGB", (640, 480), tuple(int(v) for v in rng.integers(150, 255, 3)))
+        pen = ImageDraw.Draw(image)
+        for _ in range(8):
+            x, y = int(rng.integers(0, 560)), int(rng.integers(0, 400))
+            pen.rectangle([x, y, x + int(rng.integers(20, 80)), y + int(rng.integers(20, 80))],
+                          fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        paths.append(os.path.join(directory, f"photo{i:04d}.jpg"))
+        image.save(paths[-1], "JPEG", quality=90)
+    return paths
+
+
+def build_label_pair(s: Settings, directory: str):
+    """A processor and a random base/large transformers Florence-2 whose image token is the processor's, saved
+    together in ``directory`` (as a checkpoint ships them)."""
+    import torch
+    from transformers import Florence2ForConditionalGeneration
+
+    from florence_jax.reference import BASE_TEXT, BASE_VISION, LARGE_TEXT, LARGE_VISION, hf_config
+    from florence_jax.tiny_processor import build_tiny_processor
+
+    processor = build_tiny_processor(directory, image_size=s.image_size)
+    vision, text = (BASE_VISION, BASE_TEXT) if s.size == "base" else (LARGE_VISION, LARGE_TEXT)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(hf_config(vision, text, image_token_id=processor.image_token_id)).eval()
+    model.save_pretrained(directory)
+    return processor, model
+
+
+def bench_label(s: Settings, device, no_reference: bool) -> dict[str, Any]:
+    """Ours: the labeller's loop (grain reads the files, the vision tower once per batch, generation, parsing,
+    shard files), the whole folder per timed run. Reference: per batch of ``gen_batch`` files, PIL decode,
+    ``processor(text, images)``, ``generate()``, ``batch_decode`` and ``post_process_generation``."""
+    from florence_jax.label.inputs import open_inputs
+    from florence_jax.label.output import prepare_output
+    from florence_jax.label.run import LabelSettings, label_shards
+    from florence_jax.modeling.florence2 import Florence2ForConditionalGeneration as Ours
+
+    kw = gen_kwargs(s, s.label_beams)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, image_dir = os.path.join(tmp, "model"), os.path.join(tmp, "images")
+        os.makedirs(image_dir)
+        processor, ref = build_label_pair(s, model_dir)
+        paths = _photo_files(image_dir, s.label_images)
+        held = {"model": Ours.from_pretrained(model_dir, dtype=s.dtype, param_dtype=s.dtype,
+                                              hardware=s.hardware or None)}
+        inputs = open_inputs(image_dir)
+        options = {k: v for k, v in kw.items() if k not in ("num_beams", "max_new_tokens")}
+        settings = LabelSettings(tasks=(LABEL_TASK,), batch_size=s.gen_batch, num_beams=s.label_beams,
+                                 max_new_tokens=s.new_tokens, workers=0, generation=options)
+        runs = iter(range(1_000_000))
+
+        def ours():
+            out = os.path.join(tmp, f"out{next(runs)}")
+            layout = prepare_output(out, {}, len(inputs), len(inputs))
+            label_shards(held["model"], processor, inputs, layout, settings, shards=[0])
+            return out
+
+        ours_timing = measure(ours, s.repeats)
+        from florence_jax.label.output import read_jsonl
+
+        ours_results = [r["result"] for r in read_jsonl(os.path.join(tmp, "out0", "labels.jsonl"))]
+        held.clear()  # our parameters' memory goes before the reference runs
+        result: dict[str, Any] = {"ours": ours_timing, "n": len(paths), "reference": None}
+        if no_reference:
+            return result
+        import torch
+        from PIL import Image
+
+        model = ref.to(device).eval()
+        autocast = _autocast(s, device)
+        ref_results: list[Any] = []
+
+        def reference():
+            ref_results.clear()
+            for i in range(0, len(paths), s.gen_batch):
+                images = [Image.open(p).convert("RGB") for p in paths[i : i + s.gen_batch]]
+                inputs = processor(text=[LABEL_TASK] * len(images), images=images, return_tensors="pt")
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                with torch.inference_mode(), autocast:
+                    ids = model.generate(**inputs, **kw)
+                texts = processor.batch_decode(ids.cpu(), skip_special_tokens=False)
+                ref_results.extend(processor.post_process_generation(t, task=LABEL_TASK, image_size=im.size)
+                                   for t, im in zip(texts, images))
+
+        result["reference"] = measure(reference, s.repeats)
+        result["same_results"] = float(np.mean([a == b for a, b in zip(ours_results, ref_results)]))
+        return result
+
+
+def _label_row(d: dict[str, Any], s: Settings) -> dict[str, Any]:
+    o, r, n = d["ours"], d["reference"], d["n"]
+    row: dict[str, Any] = {"ours": n / o.median, "unit": "images/s", "latency_s": {"ours": o.median},
+                           "first_s": {"ours": o.first_s}, "spread": {"ours": o.spread()}, "reference": None,
+                           "ratio": None, "images": n, "task": LABEL_TASK, "num_beams": s.label_beams}
+    if r is not None:
+        row.update(reference=n / r.median, ratio=r.median / o.median, same_results=d["same_results"])
+        row["latency_s"]["reference"] = r.median
+        row["first_s"]["reference"] = r.first_s
+        row["spread"]["reference"] = r.spread()
+    return row
+
+
 # ------------------------------------------------------------------------------------------ report
 def device_name(platform_name: str) -> str:
     import jax
@@ -594,6 +711,8 @@ def main(argv=None) -> int:
     p.add_argument("--gen_batch", type=int)
     p.add_argument("--new_tokens", type=int)
     p.add_argument("--data_images", type=int, help="images in the data-pipeline row")
+    p.add_argument("--label_images", type=int, help="images labelled per timed run in the label row")
+    p.add_argument("--label_beams", type=int, help="beam width of the label row (default 3)")
     p.add_argument("--remat_policy", choices=("none", "full", "dots"))
     p.add_argument("--attention_impl", choices=("xla", "dot_product"))
     p.add_argument("--hardware", help="ours: formulations to use, as florence_jax.hardware reads them (an A/B: "
@@ -646,7 +765,7 @@ def main(argv=None) -> int:
     meta = _meta(s, dev_name, torch.__version__, transformers.__version__)
     results = _Results(args.json, meta)
     with tempfile.TemporaryDirectory() as tmp:
-        need_models = any(r != "data" for r in rows)
+        need_models = any(r not in ("data", "label") for r in rows)
         ref = build_reference(s, tmp) if need_models else None
         tdev = torch_device(platform_name)
         ref_frozen = None
@@ -686,6 +805,9 @@ def main(argv=None) -> int:
                     r = bench_generate_reference(ref, s, beams, decode_only, tdev)
                 results[kind] = _gen_row(o, r, s)
             del model
+        if "label" in rows:
+            progress("label: ours (compiling), then the reference loop")
+            results["label"] = _label_row(bench_label(s, tdev, args.no_reference), s)
         if "data" in rows:
             progress("data: ours and reference")
             d = bench_data(s)
@@ -825,6 +947,10 @@ def _table(results: dict[str, Any], meta: dict[str, Any]) -> str:
                          + (f", reference {mem['reference']:.1f} GiB" if mem.get("reference") else ""))
         if "token_agreement" in row:
             notes.append(f"same tokens {100 * row['token_agreement']:.0f}%")
+        if "images" in row:
+            notes.append(f"{row['images']} images, {row['task']}, {row['num_beams']} beams; times per folder")
+        if row.get("same_results") is not None:
+            notes.append(f"same results {100 * row['same_results']:.0f}%")
         if row.get("prepared_images_per_s") is not None:
             notes.append(f"prepared dataset (resized once): {row['prepared_images_per_s']:.0f} images/s")
         if row.get("feature_s_per_example") is not None:

@@ -78,3 +78,19 @@ def test_grad_accumulation_setting_is_checked_and_shown(capsys):
     s = benchmark.Settings(dtype="bfloat16", train_batch=64, grad_accum_steps=4, remat_policy="full")
     table = benchmark._table({"train_full": _row(300.0, 100.0)}, benchmark._meta(s, "GPU test", "2.x", "5.x"))
     assert "train batch 64 (prompt 16 + target 32 tokens; 4 micro-batches of 16; remat full)" in table
+
+
+def test_label_row_is_images_per_second_over_the_same_folder(capsys):
+    s = benchmark.Settings(label_images=8, label_beams=3)
+    timing = benchmark.Timing(first_s=30.0, times_s=[4.0, 4.0, 5.0])
+    reference = benchmark.Timing(first_s=21.0, times_s=[20.0, 21.0, 22.0])
+    row = benchmark._label_row({"ours": timing, "reference": reference, "n": 8, "same_results": 0.875}, s)
+    assert row["ours"] == 2.0 and row["reference"] == 8 / 21.0 and row["ratio"] == 21.0 / 4.0
+    assert row["unit"] == "images/s" and row["latency_s"] == {"ours": 4.0, "reference": 21.0}
+    table = benchmark._table({"label": row}, benchmark._meta(s, "CPU test", "2.x", "5.x"))
+    line = next(line for line in table.splitlines() if line.startswith("| label |"))
+    assert "| 2 | 0.381 | images/s | **5.25x** |" in line
+    assert "8 images, <OD>, 3 beams" in line and "same results 88%" in line
+    # Ours alone (--no_reference): no ratio.
+    alone = benchmark._label_row({"ours": timing, "reference": None, "n": 8}, s)
+    assert alone["reference"] is None and alone["ratio"] is None and "label" in benchmark.ROWS
