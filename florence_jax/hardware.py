@@ -200,13 +200,15 @@ def resolve(spec: str | Formulations | None = None, *, platform: str | None = No
 # --------------------------------------------------------------------------- device facts
 @dataclass(frozen=True)
 class DeviceSpec:
-    """Public figures of an accelerator: its platform, memory per device, dense bf16 peak (for MFU) and memory
-    bandwidth (for roofline estimates)."""
+    """Public figures of an accelerator: its platform, memory per device, dense bf16 peak (for MFU), memory
+    bandwidth (for roofline estimates) and, for TPUs, the clock the peak implies (4 or 8 128x128 matrix
+    units per chip), which turns the TPU compiler's per-op cycle estimates into time."""
 
     platform: str
     hbm_gib: float
     peak_tflops: float
     hbm_gbps: float = 0.0
+    clock_ghz: float = 0.0
 
 
 # Keys are matched as substrings of a device's lower-cased kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite")
@@ -215,11 +217,11 @@ DEVICE_SPECS: dict[str, DeviceSpec] = {
     "a100": DeviceSpec("gpu", 40, 312.0, 1555.0),
     "h100": DeviceSpec("gpu", 80, 989.0, 3350.0),
     "h200": DeviceSpec("gpu", 141, 989.0, 4800.0),
-    "v4": DeviceSpec("tpu", 32, 275.0, 1228.0),
-    "v5 lite": DeviceSpec("tpu", 16, 197.0, 819.0),
-    "v5litepod": DeviceSpec("tpu", 16, 197.0, 819.0),
-    "v5e": DeviceSpec("tpu", 16, 197.0, 819.0),
-    "v5p": DeviceSpec("tpu", 95, 459.0, 2765.0),
+    "v4": DeviceSpec("tpu", 32, 275.0, 1228.0, 1.05),
+    "v5 lite": DeviceSpec("tpu", 16, 197.0, 819.0, 1.5),
+    "v5litepod": DeviceSpec("tpu", 16, 197.0, 819.0, 1.5),
+    "v5e": DeviceSpec("tpu", 16, 197.0, 819.0, 1.5),
+    "v5p": DeviceSpec("tpu", 95, 459.0, 2765.0, 1.75),
     "v6e": DeviceSpec("tpu", 32, 918.0, 1640.0),
     "v6 lite": DeviceSpec("tpu", 32, 918.0, 1640.0),
 }

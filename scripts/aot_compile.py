@@ -107,7 +107,7 @@ def _cost(compiled, spec, args) -> None:
             f.write(text)
     peak = spec.peak_tflops if spec else 1.0
     bandwidth = spec.hbm_gbps if spec and spec.hbm_gbps else 1.0
-    summary = hlo_cost.summary(text, peak, bandwidth, compiler)
+    summary = hlo_cost.summary(text, peak, bandwidth, compiler, clock_ghz=spec.clock_ghz if spec else 0.0)
     if args.cost:
         if not spec:
             print("  (no device named: the roofline below uses 1 TFLOP/s and 1 GB/s, read its shares only)")

@@ -138,8 +138,19 @@ def _dims(line: str, key: str) -> list[int]:
 
 
 def _trip_count(line: str) -> int:
+    """The loop's trip count where the compiler recorded it (XLA:CPU does), else 0."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-    return int(m.group(1)) if m else 1
+    return int(m.group(1)) if m else 0
+
+
+def _condition_bound(cond: list[_Instr]) -> int:
+    """A scan's trip count from its condition, ``counter < N`` with N a constant (libtpu records no count);
+    1 when the condition has another form."""
+    constants = {i.name: int(m.group(1)) for i in cond for m in [re.search(r"constant\((\d+)\)", i.line)] if m}
+    for i in cond:
+        if i.opcode == "compare" and "direction=LT" in i.line and len(i.operands) == 2 and i.operands[1] in constants:
+            return constants[i.operands[1]]
+    return 1
 
 
 def _matrix_flops(instr: _Instr, shapes: dict[str, str]) -> float:
@@ -229,7 +240,8 @@ def ops(text: str) -> list[Op]:
             if i.opcode == "while":
                 body = _attr(i.line, "body")
                 if body:
-                    walk(body, count * _trip_count(i.line), seen + (name,))
+                    trips = _trip_count(i.line) or _condition_bound(comps.get(_attr(i.line, "condition") or "", []))
+                    walk(body, count * trips, seen + (name,))
                 continue
             if i.opcode in ("call", "conditional"):
                 for key in ("to_apply", "true_computation", "false_computation"):
@@ -237,15 +249,21 @@ def ops(text: str) -> list[Op]:
                     if sub:
                         walk(sub, count, seen + (name,))
                 continue
-            if i.opcode in _FREE:
+            if i.opcode in _FREE or i.opcode.endswith("-done"):  # an async op's cost is at its start
                 continue
+            if i.opcode == "custom-call" and re.search(r'custom_call_target="(ConcatBitcast|AllocateBuffer|Assume)',
+                                                       i.line):
+                continue  # views and compiler bookkeeping on TPU, no data moved
             flops = _matrix_flops(i, shapes)
             sub = _attr(i.line, "calls")
             if sub and i.opcode in ("fusion", "custom-call"):
                 flops += comp_flops(sub)
             moved = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands
                                                 if by_name.get(o) is None or by_name[o].opcode != "constant")
-            if i.opcode.endswith("-start"):  # async: the result tuple repeats the operand (and its status word)
+            if i.opcode == "slice-start":  # ((operand), slice, status): reads and writes the slice only
+                arrays = _ARRAY.findall(i.shape)
+                moved = 2 * shape_bytes("".join(f"{d}[{dims}]" for d, dims, _ in arrays[1:2]), False)
+            elif i.opcode.endswith("-start"):  # async: the result tuple repeats the operand (and its status word)
                 moved = sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
                 if i.opcode == "copy-start" and "S(1)" not in i.shape:
                     moved *= 2  # HBM to HBM
@@ -282,21 +300,25 @@ def by_scope(op_list: list[Op]) -> list[dict]:
     return sorted(rows, key=lambda r: -r["seconds"])
 
 
-def summary(text: str, peak_tflops: float, hbm_gbps: float, compiler: dict | None = None, top: int = 12) -> dict:
-    """The roofline estimate of a program: totals, per scope, and its costliest ops (JSON-ready)."""
+def summary(text: str, peak_tflops: float, hbm_gbps: float, compiler: dict | None = None, top: int = 12,
+            clock_ghz: float = 0.0) -> dict:
+    """The roofline estimate of a program: totals, per scope, and its costliest ops (JSON-ready). With the
+    chip's ``clock_ghz``, the compiler's own per-op cycle estimates (TPU) are summed into a step time too."""
     op_list = roofline(ops(text), peak_tflops, hbm_gbps)
     flops = sum(o.flops for o in op_list)
     seconds = sum(o.seconds for o in op_list)
-    matrix = sum(o.flops / (peak_tflops * 1e12) for o in op_list)
-    costly = sorted(op_list, key=lambda o: -o.seconds)[:top]
+    matrix = flops / (peak_tflops * 1e12)
+    cycles = sum(o.cycles for o in op_list)
+    cycle_seconds = cycles / (clock_ghz * 1e9) if clock_ghz and cycles else None
+    costly = sorted(op_list, key=lambda o: -(o.cycles or o.seconds))[:top]
     return {
-        "peak_tflops": peak_tflops, "hbm_gbps": hbm_gbps,
+        "peak_tflops": peak_tflops, "hbm_gbps": hbm_gbps, "clock_ghz": clock_ghz,
         "matrix_flops": flops, "bytes": sum(o.bytes for o in op_list), "roofline_seconds": seconds,
-        # the share of the estimated step the matrix units would be busy: a roofline MFU per chip
+        # the share of the estimated step the matrix units would be busy: an MFU estimate per chip
         "roofline_mfu": matrix / seconds if seconds else 0.0,
         "compiler": compiler or {},
-        "compiler_mfu": (flops / (peak_tflops * 1e12) / compiler["optimal_seconds"]
-                         if compiler and compiler.get("optimal_seconds") else None),
+        "compiler_cycles": cycles, "compiler_seconds": cycle_seconds,
+        "compiler_mfu": matrix / cycle_seconds if cycle_seconds else None,
         "scopes": by_scope(op_list),
         "top_ops": [dataclasses.asdict(o) for o in costly],
     }
@@ -306,21 +328,26 @@ def format_summary(s: dict) -> str:
     lines = []
     c = s["compiler"]
     if c:
-        est = f", estimated step {c['optimal_seconds'] * 1e3:.1f} ms" if "optimal_seconds" in c else ""
         lines.append(f"compiler     {c.get('flops', 0) / 1e12:.2f} TFLOP, {c.get('bytes accessed', 0) / 1e9:.1f} GB "
-                     f"accessed per device{est} (the compiler's own cost model: an estimate)")
-    mfu = f", MFU {100 * s['compiler_mfu']:.0f}% at the compiler's time" if s.get("compiler_mfu") else ""
+                     "accessed per device (its cost analysis: a loop body counted once)")
+    if s.get("compiler_seconds"):
+        lines.append(f"compiler     per-op estimates sum to {s['compiler_cycles'] / 1e6:.0f}M cycles, "
+                     f"{s['compiler_seconds'] * 1e3:.1f} ms at {s['clock_ghz']:g} GHz: "
+                     f"MFU {100 * s['compiler_mfu']:.0f}% (estimate)")
     lines.append(f"roofline     {s['matrix_flops'] / 1e12:.2f} TFLOP of matrix work, {s['bytes'] / 1e9:.1f} GB moved, "
                  f"{s['roofline_seconds'] * 1e3:.1f} ms at {s['peak_tflops']:g} TFLOP/s and {s['hbm_gbps']:g} GB/s: "
-                 f"MFU {100 * s['roofline_mfu']:.0f}%{mfu} (estimates)")
-    total = s["roofline_seconds"] or 1.0
-    lines.append(f"  {'scope':<24} {'dir':<9} {'ms':>8} {'share':>6} {'TFLOP':>7} {'GB':>7}")
-    for r in s["scopes"][:14]:
-        lines.append(f"  {r['scope']:<24} {r['direction']:<9} {r['seconds'] * 1e3:8.2f} {100 * r['seconds'] / total:5.1f}% "
+                 f"MFU {100 * s['roofline_mfu']:.0f}% (estimate)")
+    clock = s.get("clock_ghz") or 0.0
+    lines.append(f"  {'scope':<24} {'dir':<9} {'compiler ms':>11} {'roofline ms':>11} {'TFLOP':>7} {'GB':>7}")
+    key = (lambda r: -r["cycles"]) if clock else (lambda r: -r["seconds"])
+    for r in sorted(s["scopes"], key=key)[:14]:
+        est = f"{r['cycles'] / (clock * 1e6):11.2f}" if clock else f"{'-':>11}"
+        lines.append(f"  {r['scope']:<24} {r['direction']:<9} {est} {r['seconds'] * 1e3:11.2f} "
                      f"{r['flops'] / 1e12:7.3f} {r['bytes'] / 1e9:7.2f}")
-    lines.append("  costliest ops:")
+    lines.append("  costliest ops (compiler ms, roofline ms):")
     for o in s["top_ops"][:8]:
-        lines.append(f"    {o['seconds'] * 1e3:7.2f} ms  {o['opcode']:<12} {o['scope']}/{o['direction'] or '-'} "
+        est = f"{o['cycles'] / (clock * 1e6):7.2f}" if clock else f"{'-':>7}"
+        lines.append(f"    {est} {o['seconds'] * 1e3:7.2f}  {o['opcode']:<12} {o['scope']}/{o['direction'] or '-'} "
                      f"x{o['count']}  {o['flops'] / 1e9:.1f} GFLOP {o['bytes'] / 1e9:.2f} GB  {o['name']}")
     return "\n".join(lines)
 

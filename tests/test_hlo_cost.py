@@ -66,3 +66,39 @@ def test_backward_and_optimizer_scopes():
         "encoder", "backward")
     assert hlo_cost.scope_of('metadata={op_name="jit(train_step)/optimizer/add"}') == ("optimizer", "")
     assert hlo_cost.scope_of("no metadata") == ("other", "")
+
+
+# libtpu records no trip count on a scan's while loop: it is read from the condition, counter < 9.
+_TPU_LOOP = """HloModule m
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,16]{1,0} get-tuple-element(%p), index=1
+  %w = f32[16,16]{1,0} constant({...})
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %y = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(train_step)/jvp(vision_tower)/stage2/while/body/dot_general"}
+  ROOT %t = (s32[], f32[8,16]) tuple(%next, %y)
+}
+
+%cond (q: (s32[], f32[8,16])) -> pred[] {
+  %bound = s32[] constant(9)
+  %q = (s32[], f32[8,16]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%j, %bound), direction=LT
+}
+
+ENTRY %main (a: f32[8,16]) -> (s32[], f32[8,16]) {
+  %a = f32[8,16]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,16]) tuple(%zero, %a)
+  ROOT %loop = (s32[], f32[8,16]) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_a_loop_without_a_recorded_trip_count_runs_its_condition_bound():
+    (dot,) = [o for o in hlo_cost.ops(_TPU_LOOP) if o.flops]
+    assert dot.count == 9 and dot.flops == 9 * 2 * 8 * 16 * 16
+    assert dot.scope == "vision_tower/stage2"
