@@ -119,6 +119,13 @@ class ModelConfig:
     drop_path_rate: float | None = None  # override the vision tower's stochastic depth
     # New tokens (e.g. "<MY_TASK>") added to the tokenizer; the embedding grows, new rows start at the mean.
     add_tokens: tuple[str, ...] = ()
+    # Learned positions of the BART encoder (image tokens + prompt) and decoder (target), both: config.json has
+    # one max_position_embeddings for the two. 0 keeps the checkpoint's (1,024 for base); more grows both tables
+    # at load, the checkpoint's rows kept bit for bit and the new ones made by position_init ("tile",
+    # "interpolate", "copy", "random"; florence_jax/positions.py); fewer than the checkpoint's changes nothing.
+    # A random:<preset> model is built with this many. The export's config.json carries the new count.
+    max_positions: int = 0
+    position_init: str = "tile"  # florence_jax.positions.DEFAULT_POSITION_INIT (this module stays free of jax)
 
 
 @dataclass
@@ -414,6 +421,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"config.model.name_or_path={name!r} initialises the {name.split(':', 1)[1]!r} preset, but "
                          f"config.model.preset={cfg.model.preset!r}: set --config.model.preset="
                          f"{name.split(':', 1)[1]}")
+    if cfg.model.max_positions < 0:
+        raise ValueError(f"config.model.max_positions must be >= 0 (0: the checkpoint's), got {cfg.model.max_positions}")
+    from florence_jax.positions import POSITION_INITS
+
+    if cfg.model.position_init not in POSITION_INITS:
+        raise ValueError(f"config.model.position_init={cfg.model.position_init!r}; expected one of {POSITION_INITS}")
     if cfg.export_layout not in ("native", "original"):
         raise ValueError(f"config.export_layout={cfg.export_layout!r}; expected one of ('native', 'original')")
     if cfg.export_layout == "original" and cfg.lora.enabled and cfg.lora.export != "merged":

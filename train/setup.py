@@ -320,10 +320,12 @@ def check_lengths(cfg: TrainConfig, model, pipes: RunPipelines) -> None:
     if encoder.prompt_length > positions:
         raise ConfigError(f"the encoder input is {encoder.image_seq_length} image tokens + data.max_prompt_tokens="
                          f"{cfg.data.max_prompt_tokens} = {encoder.prompt_length} positions, more than the model's "
-                         f"{positions}: lower data.max_prompt_tokens to at most {positions - encoder.image_seq_length}")
+                         f"{positions}: lower data.max_prompt_tokens to at most {positions - encoder.image_seq_length}, "
+                         f"or grow the positions with --config.model.max_positions={encoder.prompt_length}")
     if cfg.data.max_target_tokens > positions:
         raise ConfigError(f"data.max_target_tokens={cfg.data.max_target_tokens} is more than the model's {positions} "
-                         "decoder positions")
+                         "decoder positions: grow them with --config.model.max_positions="
+                         f"{cfg.data.max_target_tokens} (florence_jax/positions.py) or lower data.max_target_tokens")
 
 
 def check_export(cfg: TrainConfig, model) -> None:
