@@ -175,6 +175,10 @@ class EvalConfig:
     enabled: bool = True  # false: no validation during training (checkpoints: the last K only)
     num_beams: int = 3
     max_new_tokens: int = 64
+    # Bans any n-gram from occurring twice in a generation. None: the checkpoint's generation config (3 in the
+    # published Florence-2, which breaks JSON, tables and other structured answers whose n-grams legitimately
+    # repeat; a run evaluating a structured template with it on is warned at start). 0 turns it off.
+    no_repeat_ngram_size: int | None = None
     batch_size: int = 0  # 0: same as training batch_size
     num_print: int = 4  # validation answers printed before and after training
     anls_threshold: float = 0.5
@@ -438,6 +442,9 @@ def validate(cfg: TrainConfig) -> None:
     for name, v in positive.items():
         if v <= 0:
             raise ValueError(f"config.{name} must be positive, got {v}")
+    if cfg.eval.no_repeat_ngram_size is not None and cfg.eval.no_repeat_ngram_size < 0:
+        raise ValueError(f"config.eval.no_repeat_ngram_size must be >= 0 (0: off; None: the checkpoint's), got "
+                         f"{cfg.eval.no_repeat_ngram_size}")
     for name in ("max_steps", "checkpoint_every_steps", "eval_every_steps", "num_epochs"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"config.{name} must be >= 0, got {getattr(cfg, name)}")

@@ -328,6 +328,27 @@ def check_lengths(cfg: TrainConfig, model, pipes: RunPipelines) -> None:
                          f"{cfg.data.max_target_tokens} (florence_jax/positions.py) or lower data.max_target_tokens")
 
 
+def structured_output_warnings(cfg: TrainConfig, model) -> list[str]:
+    """One warning per evaluated dataset whose template gives structured answers (boxes, JSON: the templates of
+    ``train.data.templates.STRUCTURED_TEMPLATES``) while evaluation bans repeated n-grams
+    (``config.eval.no_repeat_ngram_size``, by default the checkpoint's: 3 in the published Florence-2)."""
+    from florence_jax.generation_config import structured_output_warning
+    from train.data.templates import STRUCTURED_TEMPLATES
+
+    if not cfg.eval.enabled:
+        return []
+    out = []
+    for c in cfg.data.mixture:
+        if c.template not in STRUCTURED_TEMPLATES or c.eval_split is None:
+            continue
+        name = f"dataset {c.name!r}" if c.name else "the dataset"
+        what = f"evaluation of {name} (template {c.template!r}, structured answers)"
+        warning = structured_output_warning(model, what, cfg.eval.no_repeat_ngram_size)
+        if warning:
+            out.append(warning.replace("no_repeat_ngram_size=0", "--config.eval.no_repeat_ngram_size=0"))
+    return out
+
+
 def check_export(cfg: TrainConfig, model) -> None:
     """Refuse before training an end-of-run export that could not be written: a native export of a model whose
     original-layout ``final_logits_bias`` is non-zero (the native class has no place for it)."""

@@ -19,6 +19,7 @@ from florence_jax.postprocess import quantize_coordinates
 
 __all__ = [
     "BOX_TEMPLATES",
+    "STRUCTURED_TEMPLATES",
     "BadRecordError",
     "ConfiguredTemplate",
     "Example",
@@ -364,6 +365,10 @@ class ExpandedRecords(Sequence):
 # ------------------------------------------------------------------------------------------ detection
 BOX_TEMPLATES: frozenset[str] = frozenset({"od", "phrase_grounding"})
 """Templates whose examples carry ground-truth boxes (``data.metric = "map"`` needs one of these)."""
+
+STRUCTURED_TEMPLATES: frozenset[str] = BOX_TEMPLATES
+"""Templates whose answers are structured (runs of location tokens, JSON), whose n-grams legitimately repeat: a
+run that evaluates one with a no-repeat n-gram ban is warned (``train.setup.structured_output_warnings``)."""
 
 
 @dataclasses.dataclass(frozen=True)
