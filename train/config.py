@@ -47,7 +47,7 @@ class MixtureComponent:
 
     name: str = ""
     # A Hub dataset id (e.g. "HuggingFaceM4/DocumentVQA"), a local parquet/arrow/JSONL file or glob,
-    # a `datasets.save_to_disk` folder, a COCO detection JSON, "synthetic" or "synthetic_detection".
+    # a `datasets.save_to_disk` folder, a COCO detection JSON, "synthetic", "synthetic_detection" or "synthetic_long".
     source: str = "synthetic"
     subset: str | None = None  # Hub config name (a subset such as "chartqa" of HuggingFaceM4/the_cauldron)
     # Validation data when it is another file/folder (local data); None: `source` at `eval_split`.

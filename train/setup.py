@@ -114,9 +114,12 @@ def export_model(cfg: TrainConfig, model, processor, out: Path, lora_mode: str |
     return written
 
 
+SYNTHETIC_SOURCES = ("synthetic", "synthetic_detection", "synthetic_long")
+
+
 def _synthetic_sources(cfg: TrainConfig, workdir: Path, kind: str = "synthetic"):
-    """The generated train/validation set (``synthetic`` documents as parquet, ``synthetic_detection``
-    shapes as COCO JSON), written once by process 0 into ``workdir/data``."""
+    """The generated train/validation set (``synthetic`` documents and ``synthetic_long`` JSON forms as parquet,
+    ``synthetic_detection`` shapes as COCO JSON), written once by process 0 into ``workdir/data``."""
     import importlib
 
     from train.data.sources import open_source
@@ -158,7 +161,7 @@ def get_datasets(cfg: TrainConfig, workdir: Path) -> list[RunDataset]:
     for c in cfg.data.mixture:
         where = f"config.data.mixture[{c.name}]" if c.name else "config.data"
         template = ConfiguredTemplate(c.template, c.columns, c.prompt_prefix)
-        if c.source in ("synthetic", "synthetic_detection"):
+        if c.source in SYNTHETIC_SOURCES:
             train, val = _synthetic_sources(cfg, workdir, c.source)
         else:
             image = template.column("image")  # JSONL: relative image paths resolve in this column
