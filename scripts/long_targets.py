@@ -1,7 +1,7 @@
 """Targets past a checkpoint's learned positions: which rule to start the new rows with, and what a fine-tune learned.
 
     python -m scripts.long_targets init_rules [--steps 300]     # the measurement behind DEFAULT_POSITION_INIT
-    python -m scripts.long_targets score --model runs/long/export [--rows 40]
+    python -m scripts.long_targets score --model runs/long/export [--rows 26]
 
 ``init_rules``, a scaled-down version of "Florence-2-base, 1,024 positions, fine-tuned on 2,000-token
 targets", small enough for a CPU: a tiny Florence-2 (BART d=128, 2+2 layers, random init) learns the synthetic
@@ -13,7 +13,7 @@ the positions past the old limit, and what it costs the ones below. Text only (n
 depend on it), so the run takes minutes.
 
 ``score``: the same per-range accuracy for a trained model on ``rows``-row forms (the CPU config
-``configs/cpu_long_targets.py`` trains the shipped reader, 512 positions grown to 1,024, on 40-row forms of ~900
+``configs/cpu_long_targets.py`` trains the shipped reader, 512 positions grown to 640, on 26-row forms of 573-600
 tokens): the positions past the checkpoint's 512 are learned when their accuracy matches the ones below.
 """
 
@@ -167,13 +167,14 @@ def score(args) -> int:
     from florence_jax import Florence2ForConditionalGeneration
     from florence_jax.losses import shift_tokens_right
     from florence_jax.processing import load_processor, prepare_inputs
-    from train.data.synthetic_long import make_records
+    from train.data.synthetic_long import ROWS, make_records
 
     processor = load_processor(args.model)
     model = Florence2ForConditionalGeneration.from_pretrained(args.model)
     tokenizer = processor.tokenizer
     t = model.config.text_config
-    records = make_records(args.examples, args.seed + 1_000_003, rows=args.rows, image_size=args.image_size)
+    rows = args.rows or ROWS
+    records = make_records(args.examples, args.seed + 1_000_003, rows=rows, image_size=args.image_size)
     length = max(len(tokenizer(text_target=r["target"])["input_ids"]) for r in records)
     _, _, labels, mask = _text_batch(tokenizer, records, length, prompt_length=32)
     image = Image.new("RGB", (args.image_size, args.image_size), (128, 128, 128))
@@ -181,7 +182,7 @@ def score(args) -> int:
     dec = np.asarray(shift_tokens_right(labels, t.pad_token_id, t.decoder_start_token_id))
     logits = np.asarray(model(**inputs, decoder_input_ids=dec).logits)
     edges = sorted({*range(0, length, args.range), length})
-    print(f"{args.model}: {t.max_position_embeddings} positions; {len(records)} held-out {args.rows}-row forms, "
+    print(f"{args.model}: {t.max_position_embeddings} positions; {len(records)} held-out {rows}-row forms, "
           f"{length} target tokens")
     for r in per_range(logits, labels, mask, edges):
         print(f"  positions [{r['range']})  tokens {r['tokens']:5d}  accuracy {r['accuracy']:.3f}  loss {r['loss']:.3f}")
@@ -201,9 +202,9 @@ def main(argv=None) -> int:
     a.add_argument("--rules", nargs="*")
     s = sub.add_parser("score")
     s.add_argument("--model", required=True)
-    s.add_argument("--rows", type=int, default=40)
+    s.add_argument("--rows", type=int, default=None, help="default: the task's ROWS")
     s.add_argument("--examples", type=int, default=8)
-    s.add_argument("--range", type=int, default=256)
+    s.add_argument("--range", type=int, default=128)
     s.add_argument("--image_size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0, help="the config's data.synthetic.seed")
     args = p.parse_args(argv)
