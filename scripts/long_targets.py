@@ -170,7 +170,7 @@ def score(args) -> int:
     from train.data.synthetic_long import ROWS, make_records
 
     processor = load_processor(args.model)
-    model = Florence2ForConditionalGeneration.from_pretrained(args.model)
+    model = Florence2ForConditionalGeneration.from_pretrained(args.model, max_positions=args.max_positions)
     tokenizer = processor.tokenizer
     t = model.config.text_config
     rows = args.rows or ROWS
@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     s.add_argument("--examples", type=int, default=8)
     s.add_argument("--range", type=int, default=128)
     s.add_argument("--image_size", type=int, default=64)
+    s.add_argument("--max_positions", type=int, help="grow the model's positions at load (the before-training score)")
     s.add_argument("--seed", type=int, default=0, help="the config's data.synthetic.seed")
     args = p.parse_args(argv)
     return init_rules(args) if args.command == "init_rules" else score(args)

@@ -125,7 +125,7 @@ class ModelConfig:
     # "interpolate", "copy", "random"; florence_jax/positions.py); fewer than the checkpoint's changes nothing.
     # A random:<preset> model is built with this many. The export's config.json carries the new count.
     max_positions: int = 0
-    position_init: str = "tile"  # florence_jax.positions.DEFAULT_POSITION_INIT (this module stays free of jax)
+    position_init: str = "random"  # florence_jax.positions.DEFAULT_POSITION_INIT (this module stays free of jax)
 
 
 @dataclass
