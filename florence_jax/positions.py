@@ -42,9 +42,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from florence_jax.modeling.bart import POSITION_OFFSET
-
 log = logging.getLogger(__name__)
+
+POSITION_OFFSET = 2  # BART's learned positions are indexed from 2 (a fairseq legacy): two rows before position 0
 
 POSITION_INITS = ("tile", "interpolate", "copy", "random")
 DEFAULT_POSITION_INIT = "random"

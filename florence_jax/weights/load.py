@@ -236,8 +236,7 @@ def _convert(cls, cfg: Florence2Config, keys: list[str], get: Callable[[str], np
     ``grow_positions_from``: the checkpoint's learned positions, when ``cfg`` asks for more; its position
     tables of that size are grown to the model's (:func:`florence_jax.positions.grow_position_table`).
     """
-    from florence_jax.modeling.bart import POSITION_OFFSET
-    from florence_jax.positions import grow_position_table, is_position_table
+    from florence_jax.positions import POSITION_OFFSET, grow_position_table, is_position_table
 
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
