@@ -89,11 +89,31 @@ class GenerationConfig:
         return {k: v for k, v in d.items() if v is not None}
 
 
-def describe_settings(model, num_beams: int | None = None, max_new_tokens: int | None = None) -> str:
+def describe_settings(model, num_beams: int | None = None, max_new_tokens: int | None = None,
+                      no_repeat_ngram_size: int | None = None) -> str:
     """What generation will use, the checkpoint's defaults under the caller's settings, on one line, naming the
     layout the defaults came from (an original-layout checkpoint's come from its text config, as the original
     code takes them)."""
-    gen = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
-    gen = gen.effective(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    gen = effective_settings(model, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                             no_repeat_ngram_size=no_repeat_ngram_size)
     layout = getattr(model, "checkpoint_layout", "native")
     return f"{gen.describe()} (defaults of the {layout}-layout checkpoint, explicit settings over them)"
+
+
+def effective_settings(model, **explicit) -> GenerationConfig:
+    """The model's generation defaults with the caller's explicit settings (None: the default) over them."""
+    gen = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    return gen.effective(**explicit)
+
+
+def structured_output_warning(model, what: str, no_repeat_ngram_size: int | None = None) -> str | None:
+    """A warning when ``what`` (a structured output: JSON, tables, boxes) would be generated with a no-repeat
+    n-gram ban, which rewrites every legitimately repeated n-gram (``", "qty": 1}`` of the second row of a JSON
+    list, a coordinate trigram of two adjacent boxes); None when the ban is off."""
+    n = effective_settings(model, no_repeat_ngram_size=no_repeat_ngram_size).no_repeat_ngram_size
+    if not n:
+        return None
+    source = "set" if no_repeat_ngram_size else "the checkpoint's default"
+    return (f"{what} is generated with no_repeat_ngram_size={n} ({source}): any {n}-gram that should occur twice "
+            "(a repeated key-value pair, a table row, a coordinate run) is replaced by another token, which "
+            "corrupts structured output; turn it off with no_repeat_ngram_size=0")

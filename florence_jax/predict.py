@@ -239,6 +239,12 @@ def iter_predict(
     items = [images] if isinstance(images, str | os.PathLike | Image.Image) else list(images)
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(model)
+    positions = int(model.config.text_config.max_position_embeddings)
+    if max_new_tokens > positions:
+        # The decoder reads the start token and every new token but the last: max_new_tokens positions.
+        raise PredictError(f"max_new_tokens={max_new_tokens} needs {max_new_tokens} decoder positions; the model has "
+                           f"{positions}: ask for at most {positions}, or use a model whose positions were grown and "
+                           "trained for longer outputs (config.model.max_positions, florence_jax/positions.py)")
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = model.config.text_config.eos_token_id if eos is None else eos
     pad_id = getattr(processor.tokenizer, "pad_token_id", None) or 0  # any id works: it is masked out
@@ -309,7 +315,8 @@ def predict(
         text: the task's input (caption, phrase, question); required exactly for tasks that take one.
         batch_size: images per generate call; the last batch is padded, so all calls share one shape.
         num_beams: default: the checkpoint's generation config (3 in the published Florence-2).
-        max_new_tokens: default :data:`DEFAULT_MAX_NEW_TOKENS`, capped at the decoder's positions.
+        max_new_tokens: default :data:`DEFAULT_MAX_NEW_TOKENS`, capped at the decoder's positions; at most the
+            decoder's positions, which a grown model raises (:mod:`florence_jax.positions`).
         progress: show a tqdm bar on stderr.
         prompt_multiple: prompts are right-padded (masked) to a multiple of this many tokens, so calls
             with different questions of similar length reuse one compiled program; 1 disables it.
@@ -547,7 +554,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_beams", type=int, default=None,
                         help="beam width (default: the checkpoint's generation config)")
     parser.add_argument("--max_new_tokens", type=int, default=None,
-                        help=f"default {DEFAULT_MAX_NEW_TOKENS}, capped at the decoder's positions")
+                        help=f"default {DEFAULT_MAX_NEW_TOKENS}, capped at the decoder's positions; at most the "
+                             "decoder's positions (more after growing them: florence_jax/positions.py)")
+    parser.add_argument("--no_repeat_ngram_size", type=int, default=None,
+                        help="ban repeating any n-gram of this size (default: the checkpoint's generation config, 3 "
+                             "in the published Florence-2); 0 turns it off, which JSON and other structured "
+                             "answers need")
     return parser.parse_args(argv)
 
 
@@ -560,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
                             ("max_new_tokens", args.max_new_tokens)):
             if value is not None and value < 1:
                 raise PredictError(f"--{name} must be at least 1, got {value}")
+        if args.no_repeat_ngram_size is not None and args.no_repeat_ngram_size < 0:
+            raise PredictError(f"--no_repeat_ngram_size must be at least 0 (0: off), got {args.no_repeat_ngram_size}")
         if args.draw and Path(args.draw).exists() and not Path(args.draw).is_dir():
             raise PredictError(f"--draw {args.draw} is a file; pass a directory")
         check_model_source(args.model)
@@ -571,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, processor = load_model_and_processor(args.model, args.processor, args.dtype)
-        settings = describe_settings(model, args.num_beams, args.max_new_tokens or default_max_new_tokens(model))
+        settings = describe_settings(model, args.num_beams, args.max_new_tokens or default_max_new_tokens(model),
+                                     args.no_repeat_ngram_size)
         print(f"generation: {settings}", file=sys.stderr)
         out_dir = Path(args.draw) if args.draw else None
         if out_dir is not None:
@@ -580,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         records = iter_predict(
             model, processor, args.images, args.task, args.text, batch_size=args.batch_size,
             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, progress=True,
+            **({} if args.no_repeat_ngram_size is None else {"no_repeat_ngram_size": args.no_repeat_ngram_size}),
         )
         failed = 0
         for index, (record, image) in enumerate(records):

@@ -52,11 +52,15 @@ def _chips_per_host(topology: str) -> tuple[int, int, int]:
 
 
 def model_config_of(cfg: TrainConfig):
-    """The abstract model of ``cfg.model.preset`` with the config's model options (no weights are read)."""
+    """The abstract model of ``cfg.model.preset`` with the config's model options (no weights are read), its
+    positions grown to ``cfg.model.max_positions`` when that is more."""
     if cfg.model.preset == "tiny":
         fc = tiny_config(vocab_size=1088, image_token_id=1024)  # random:tiny's vocabulary (the tiny processor)
     else:
         fc = PRESETS[cfg.model.preset]()
+    n = cfg.model.max_positions  # a checkpoint's grow at load (florence_jax.positions); a random model is built so
+    if n and (n > fc.text_config.max_position_embeddings or cfg.model.name_or_path.startswith("random:")):
+        fc = fc.replace(text_config=dataclasses.replace(fc.text_config, max_position_embeddings=cfg.model.max_positions))
     return _apply_model_options(fc, cfg.model)
 
 

@@ -20,7 +20,8 @@ LOSSES = ROOT / "tests" / "data" / "first_losses.json"
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
 
 # Fields a config gained after the golden was written; each is checked by its own test below.
-NEW_FIELDS = {"model.preset", "model.hardware"}
+NEW_FIELDS = {"model.preset", "model.hardware", "model.max_positions", "model.position_init",
+              "eval.no_repeat_ngram_size"}
 
 
 def _plain(value):
@@ -102,6 +103,22 @@ def test_the_model_hardware_is_the_accelerator_the_config_is_for(name):
     chip = name.split("_")[1]  # gpu_a100..., gpu_h100x8..., tpu_v4_32..., tpu_v5e_16...
     formulations = hardware.resolve(spec)
     assert formulations.platform == name.split("_")[0] and chip.startswith(formulations.device), (name, spec)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_positions_and_the_ngram_ban_are_the_checkpoints_unless_a_config_says_otherwise(name):
+    """model.max_positions, model.position_init and eval.no_repeat_ngram_size: a config that does not set them
+    keeps the checkpoint's positions and generation defaults, as before these fields existed."""
+    from florence_jax.positions import DEFAULT_POSITION_INIT
+    from train.config import ModelConfig, load_config
+
+    cfg = load_config(name)
+    assert ModelConfig().position_init == DEFAULT_POSITION_INIT
+    source = (ROOT / "configs" / name).read_text()
+    if "max_positions" not in source:
+        assert cfg.model.max_positions == 0 and cfg.model.position_init == DEFAULT_POSITION_INIT
+    if "no_repeat_ngram_size" not in source:
+        assert cfg.eval.no_repeat_ngram_size is None
 
 
 def test_every_golden_config_still_exists():

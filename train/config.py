@@ -47,7 +47,7 @@ class MixtureComponent:
 
     name: str = ""
     # A Hub dataset id (e.g. "HuggingFaceM4/DocumentVQA"), a local parquet/arrow/JSONL file or glob,
-    # a `datasets.save_to_disk` folder, a COCO detection JSON, "synthetic" or "synthetic_detection".
+    # a `datasets.save_to_disk` folder, a COCO detection JSON, "synthetic", "synthetic_detection" or "synthetic_long".
     source: str = "synthetic"
     subset: str | None = None  # Hub config name (a subset such as "chartqa" of HuggingFaceM4/the_cauldron)
     # Validation data when it is another file/folder (local data); None: `source` at `eval_split`.
@@ -119,6 +119,13 @@ class ModelConfig:
     drop_path_rate: float | None = None  # override the vision tower's stochastic depth
     # New tokens (e.g. "<MY_TASK>") added to the tokenizer; the embedding grows, new rows start at the mean.
     add_tokens: tuple[str, ...] = ()
+    # Learned positions of the BART encoder (image tokens + prompt) and decoder (target), both: config.json has
+    # one max_position_embeddings for the two. 0 keeps the checkpoint's (1,024 for base); more grows both tables
+    # at load, the checkpoint's rows kept bit for bit and the new ones made by position_init ("tile",
+    # "interpolate", "copy", "random"; florence_jax/positions.py); fewer than the checkpoint's changes nothing.
+    # A random:<preset> model is built with this many. The export's config.json carries the new count.
+    max_positions: int = 0
+    position_init: str = "random"  # florence_jax.positions.DEFAULT_POSITION_INIT (this module stays free of jax)
 
 
 @dataclass
@@ -168,6 +175,10 @@ class EvalConfig:
     enabled: bool = True  # false: no validation during training (checkpoints: the last K only)
     num_beams: int = 3
     max_new_tokens: int = 64
+    # Bans any n-gram from occurring twice in a generation. None: the checkpoint's generation config (3 in the
+    # published Florence-2, which breaks JSON, tables and other structured answers whose n-grams legitimately
+    # repeat; a run evaluating a structured template with it on is warned at start). 0 turns it off.
+    no_repeat_ngram_size: int | None = None
     batch_size: int = 0  # 0: same as training batch_size
     num_print: int = 4  # validation answers printed before and after training
     anls_threshold: float = 0.5
@@ -414,6 +425,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"config.model.name_or_path={name!r} initialises the {name.split(':', 1)[1]!r} preset, but "
                          f"config.model.preset={cfg.model.preset!r}: set --config.model.preset="
                          f"{name.split(':', 1)[1]}")
+    if cfg.model.max_positions < 0:
+        raise ValueError(f"config.model.max_positions must be >= 0 (0: the checkpoint's), got {cfg.model.max_positions}")
+    from florence_jax.positions import POSITION_INITS
+
+    if cfg.model.position_init not in POSITION_INITS:
+        raise ValueError(f"config.model.position_init={cfg.model.position_init!r}; expected one of {POSITION_INITS}")
     if cfg.export_layout not in ("native", "original"):
         raise ValueError(f"config.export_layout={cfg.export_layout!r}; expected one of ('native', 'original')")
     if cfg.export_layout == "original" and cfg.lora.enabled and cfg.lora.export != "merged":
@@ -425,6 +442,9 @@ def validate(cfg: TrainConfig) -> None:
     for name, v in positive.items():
         if v <= 0:
             raise ValueError(f"config.{name} must be positive, got {v}")
+    if cfg.eval.no_repeat_ngram_size is not None and cfg.eval.no_repeat_ngram_size < 0:
+        raise ValueError(f"config.eval.no_repeat_ngram_size must be >= 0 (0: off; None: the checkpoint's), got "
+                         f"{cfg.eval.no_repeat_ngram_size}")
     for name in ("max_steps", "checkpoint_every_steps", "eval_every_steps", "num_epochs"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"config.{name} must be >= 0, got {getattr(cfg, name)}")

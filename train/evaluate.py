@@ -38,7 +38,14 @@ from train.checkpoint import Checkpointer, abstract_like
 from train.config import TrainConfig
 from train.distributed import compile_then_wait
 from train.metrics import Metric, coco_map, get_metric
-from train.setup import build_pipelines, check_lengths, get_datasets, get_processor, setup_runtime
+from train.setup import (
+    build_pipelines,
+    check_lengths,
+    get_datasets,
+    get_processor,
+    setup_runtime,
+    structured_output_warnings,
+)
 from train.state import create_model, init_train_state
 from train.step import jit_eval_step, model_pixels
 
@@ -162,7 +169,7 @@ class Evaluator:
 
     def __init__(self, pipeline, model, tokenizer, *, batch_sharding, eval_step=None, num_beams: int = 3,
                  max_new_tokens: int = 64, threshold: float = 0.5, num_samples: int = 4, to_global=None,
-                 metric: str | Metric = "anls"):
+                 metric: str | Metric = "anls", no_repeat_ngram_size: int | None = None):
         self.pipeline = pipeline
         self.model = model
         self.tokenizer = tokenizer
@@ -170,6 +177,7 @@ class Evaluator:
         self.eval_step = eval_step
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
+        self.no_repeat_ngram_size = no_repeat_ngram_size  # None: the checkpoint's generation config
         self.threshold = threshold
         self.num_samples = num_samples
         self.to_global = to_global or (lambda b: jax.device_put(b, batch_sharding))
@@ -193,7 +201,7 @@ class Evaluator:
         # The model as it is now, split once for this evaluation. Made per call and dropped after it: a
         # generator kept between evaluations would hold the previous parameters' buffers.
         generator = Generator(self.model, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
-                              image_layout="NHWC")
+                              no_repeat_ngram_size=self.no_repeat_ngram_size, image_layout="NHWC")
         return self._run(batches, params, rest, generator)
 
     def _run(self, batches, params, rest, generator: Generator) -> EvalResult:
@@ -296,10 +304,14 @@ def evaluate_only(cfg: TrainConfig, workdir: str | None = None, model: str | Non
     eval_step = jit_eval_step(fns, state, bsh)
     evaluator = evaluator_for(pipes, lambda pipe, metric: Evaluator(
         pipe, net, processor.tokenizer, batch_sharding=bsh, eval_step=eval_step, num_beams=cfg.eval.num_beams,
-        max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold, metric=metric))
+        max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold, metric=metric,
+        no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size))
     from florence_jax.generation_config import describe_settings
 
-    log.warning("evaluation generates with %s", describe_settings(net, cfg.eval.num_beams, cfg.eval.max_new_tokens))
+    log.warning("evaluation generates with %s", describe_settings(net, cfg.eval.num_beams, cfg.eval.max_new_tokens,
+                                                                  cfg.eval.no_repeat_ngram_size))
+    for warning in structured_output_warnings(cfg, net):
+        log.warning("%s", warning)
     res = evaluator(state.params, state.rest, progress=True)
     return {**res.record(step, None), "samples": res.samples}
 

@@ -40,6 +40,7 @@ from train.setup import (
     get_datasets,
     get_processor,
     setup_runtime,
+    structured_output_warnings,
     use_feature_cache,
 )
 from train.state import create_model, init_train_state
@@ -223,7 +224,8 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
     evaluator = evaluator_for(pipes, lambda pipe, metric: Evaluator(
         pipe, model, processor.tokenizer, batch_sharding=bsh, eval_step=eval_step, num_beams=cfg.eval.num_beams,
         max_new_tokens=cfg.eval.max_new_tokens, threshold=cfg.eval.anls_threshold,
-        num_samples=cfg.eval.num_print, to_global=to_global, metric=metric))
+        num_samples=cfg.eval.num_print, to_global=to_global, metric=metric,
+        no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size))
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     iterator = iter(pipes.train())
@@ -347,7 +349,11 @@ def _print_start(rep: Reporter, cfg: TrainConfig, mesh, model, counts, steps_per
     if cfg.eval.enabled:
         from florence_jax.generation_config import describe_settings
 
-        rep.print(f"  evaluation   {describe_settings(model, cfg.eval.num_beams, cfg.eval.max_new_tokens)}")
+        settings = describe_settings(model, cfg.eval.num_beams, cfg.eval.max_new_tokens, cfg.eval.no_repeat_ngram_size)
+        rep.print(f"  evaluation   {settings}")
+        for warning in structured_output_warnings(cfg, model):
+            log.warning("%s", warning)
+            rep.print(f"  WARNING      {warning}")
     if not cfg.data.mixed and cfg.data.mixture[0].source == "synthetic":
         from train.data.synthetic import question_only_bound
 

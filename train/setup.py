@@ -114,9 +114,12 @@ def export_model(cfg: TrainConfig, model, processor, out: Path, lora_mode: str |
     return written
 
 
+SYNTHETIC_SOURCES = ("synthetic", "synthetic_detection", "synthetic_long")
+
+
 def _synthetic_sources(cfg: TrainConfig, workdir: Path, kind: str = "synthetic"):
-    """The generated train/validation set (``synthetic`` documents as parquet, ``synthetic_detection``
-    shapes as COCO JSON), written once by process 0 into ``workdir/data``."""
+    """The generated train/validation set (``synthetic`` documents and ``synthetic_long`` JSON forms as parquet,
+    ``synthetic_detection`` shapes as COCO JSON), written once by process 0 into ``workdir/data``."""
     import importlib
 
     from train.data.sources import open_source
@@ -158,7 +161,7 @@ def get_datasets(cfg: TrainConfig, workdir: Path) -> list[RunDataset]:
     for c in cfg.data.mixture:
         where = f"config.data.mixture[{c.name}]" if c.name else "config.data"
         template = ConfiguredTemplate(c.template, c.columns, c.prompt_prefix)
-        if c.source in ("synthetic", "synthetic_detection"):
+        if c.source in SYNTHETIC_SOURCES:
             train, val = _synthetic_sources(cfg, workdir, c.source)
         else:
             image = template.column("image")  # JSONL: relative image paths resolve in this column
@@ -320,10 +323,33 @@ def check_lengths(cfg: TrainConfig, model, pipes: RunPipelines) -> None:
     if encoder.prompt_length > positions:
         raise ConfigError(f"the encoder input is {encoder.image_seq_length} image tokens + data.max_prompt_tokens="
                          f"{cfg.data.max_prompt_tokens} = {encoder.prompt_length} positions, more than the model's "
-                         f"{positions}: lower data.max_prompt_tokens to at most {positions - encoder.image_seq_length}")
+                         f"{positions}: lower data.max_prompt_tokens to at most {positions - encoder.image_seq_length}, "
+                         f"or grow the positions with --config.model.max_positions={encoder.prompt_length}")
     if cfg.data.max_target_tokens > positions:
         raise ConfigError(f"data.max_target_tokens={cfg.data.max_target_tokens} is more than the model's {positions} "
-                         "decoder positions")
+                         "decoder positions: grow them with --config.model.max_positions="
+                         f"{cfg.data.max_target_tokens} (florence_jax/positions.py) or lower data.max_target_tokens")
+
+
+def structured_output_warnings(cfg: TrainConfig, model) -> list[str]:
+    """One warning per evaluated dataset whose template gives structured answers (boxes, JSON: the templates of
+    ``train.data.templates.STRUCTURED_TEMPLATES``) while evaluation bans repeated n-grams
+    (``config.eval.no_repeat_ngram_size``, by default the checkpoint's: 3 in the published Florence-2)."""
+    from florence_jax.generation_config import structured_output_warning
+    from train.data.templates import STRUCTURED_TEMPLATES
+
+    if not cfg.eval.enabled:
+        return []
+    out = []
+    for c in cfg.data.mixture:
+        if c.template not in STRUCTURED_TEMPLATES or c.eval_split is None:
+            continue
+        name = f"dataset {c.name!r}" if c.name else "the dataset"
+        what = f"evaluation of {name} (template {c.template!r}, structured answers)"
+        warning = structured_output_warning(model, what, cfg.eval.no_repeat_ngram_size)
+        if warning:
+            out.append(warning.replace("no_repeat_ngram_size=0", "--config.eval.no_repeat_ngram_size=0"))
+    return out
 
 
 def check_export(cfg: TrainConfig, model) -> None:

@@ -60,6 +60,8 @@ def model_config_for(cfg: ModelConfig, tokenizer=None) -> Florence2Config | None
     else:
         raise ValueError(f"unknown random preset {preset!r}; expected tiny, base or large")
     fc = fc.replace(num_real_tokens=len(tokenizer))
+    if cfg.max_positions:
+        fc = fc.replace(text_config=dataclasses.replace(fc.text_config, max_position_embeddings=cfg.max_positions))
     return fc
 
 
@@ -113,6 +115,7 @@ def _create_base_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: in
         model = Florence2ForConditionalGeneration.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             sharding_fn=param_sharding_fn(mesh, min_shard_size), hardware=cfg.hardware or None,
+            max_positions=cfg.max_positions or None, position_init=cfg.position_init,
         )
         model.config = _apply_model_options(model.config, cfg)
         if (model.config.attention_impl != "xla" or model.config.remat_policy != "none" or cfg.dropout is not None

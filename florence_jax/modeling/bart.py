@@ -19,8 +19,7 @@ from florence_jax import hardware
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
 from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat, named
-
-POSITION_OFFSET = 2  # BART's learned positions are indexed from 2 (a fairseq legacy).
+from florence_jax.positions import POSITION_OFFSET as POSITION_OFFSET  # indexed from 2 (a fairseq legacy)
 
 
 class LayerCache(NamedTuple):

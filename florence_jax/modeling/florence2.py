@@ -257,7 +257,9 @@ class Florence2ForConditionalGeneration(nnx.Module):
         """Load a Hub id or local directory (either checkpoint layout); see :mod:`florence_jax.weights`.
 
         ``hardware`` is what the programs are built for (:mod:`florence_jax.hardware`: ``"gpu"``,
-        ``"tpu:pixel_normalize=gather"``, ...); by default the backend JAX runs on.
+        ``"tpu:pixel_normalize=gather"``, ...); by default the backend JAX runs on. ``max_positions=N`` grows the
+        BART encoder's and decoder's learned positions to ``N`` when the checkpoint has fewer (new rows by
+        ``position_init``, :mod:`florence_jax.positions`; the checkpoint's rows are kept bit for bit).
         """
         from florence_jax.weights.load import load_pretrained
 

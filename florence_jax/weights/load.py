@@ -8,6 +8,7 @@ target sharding, so no full float32 copy of the model lands on one device.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -188,11 +189,19 @@ def load_pretrained(
     *,
     sharding_fn: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
     config_overrides: dict[str, Any] | None = None,
+    max_positions: int | None = None,
+    position_init: str | None = None,
 ):
     """Build the model from a checkpoint directory or Hub id; see the module docstring.
 
     ``sharding_fn(path, shape)`` returns where each parameter goes (default: the first device).
+    ``max_positions``: the BART encoder's and decoder's learned positions grow to this many when the checkpoint
+    has fewer, the new rows made by ``position_init`` (:mod:`florence_jax.positions`); a checkpoint with as many
+    or more keeps its own (no-op).
     """
+    from florence_jax.positions import DEFAULT_POSITION_INIT, check_init
+
+    position_init = check_init(position_init or DEFAULT_POSITION_INIT)
     directory = resolve_checkpoint_dir(name_or_path, revision)
     config_file = directory / "config.json"
     if not config_file.exists():
@@ -201,9 +210,17 @@ def load_pretrained(
     original = is_original_layout(raw)
     cfg = Florence2Config.from_dict(raw, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype),
                                     **(config_overrides or {}))
+    grow_from = None
+    have = cfg.text_config.max_position_embeddings
+    if max_positions is not None and int(max_positions) > have:
+        grow_from = have
+        cfg = cfg.replace(text_config=dataclasses.replace(cfg.text_config, max_position_embeddings=int(max_positions)))
+        log.info("growing the learned positions from %d to %d (new rows: %s)", have, max_positions, position_init)
+    elif max_positions is not None and int(max_positions) < have:
+        log.info("%s has %d learned positions, more than the %d asked: kept", name_or_path, have, max_positions)
     reader = TensorReader(directory)
     model = build_from_tensors(cls, cfg, reader.keys(), reader.get, original=original, sharding_fn=sharding_fn,
-                               source=str(directory))
+                               source=str(directory), grow_positions_from=grow_from, position_init=position_init)
     from florence_jax.generation_config import GenerationConfig
 
     model.generation_config = GenerationConfig.from_pretrained_dir(directory, cfg, original=original)
@@ -213,8 +230,14 @@ def load_pretrained(
 
 
 def _convert(cls, cfg: Florence2Config, keys: list[str], get: Callable[[str], np.ndarray], original: bool,
-             source: str):
-    """Plan, transform and validate every tensor against the abstract model; raise once with all problems."""
+             source: str, grow_positions_from: int | None = None, position_init: str | None = None):
+    """Plan, transform and validate every tensor against the abstract model; raise once with all problems.
+
+    ``grow_positions_from``: the checkpoint's learned positions, when ``cfg`` asks for more; its position
+    tables of that size are grown to the model's (:func:`florence_jax.positions.grow_position_table`).
+    """
+    from florence_jax.positions import POSITION_OFFSET, grow_position_table, is_position_table
+
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
@@ -248,6 +271,9 @@ def _convert(cls, cfg: Florence2Config, keys: list[str], get: Callable[[str], np
             x = _pad_vocab(x, vocab)
         if path == LOGITS_BIAS and x.ndim == 2 and x.shape[0] == 1 and x.shape[1] < vocab:
             x = np.pad(x, ((0, 0), (0, vocab - x.shape[1])))  # the added rows are masked out anyway
+        if (grow_positions_from is not None and is_position_table(path)
+                and x.shape[0] == grow_positions_from + POSITION_OFFSET and x.shape[1:] == want[1:]):
+            x = grow_position_table(x, want[0] - POSITION_OFFSET, position_init)
         if tuple(x.shape) != want:
             problems.append(f"shape mismatch for {key!r} -> {path!r}: checkpoint {tuple(x.shape)} "
                             f"(after transform), model expects {want}")
@@ -272,9 +298,11 @@ def check_conversion(cls, cfg: Florence2Config, key_shapes: dict[str, tuple[int,
 
 
 def build_from_tensors(cls, cfg: Florence2Config, keys: list[str], get: Callable[[str], np.ndarray], *,
-                       original: bool = False, sharding_fn=None, source: str = "checkpoint"):
+                       original: bool = False, sharding_fn=None, source: str = "checkpoint",
+                       grow_positions_from: int | None = None, position_init: str | None = None):
     """Fill an abstract model with converted tensors; one error lists every problem found."""
-    graphdef, flat, targets, values = _convert(cls, cfg, keys, get, original, source)
+    graphdef, flat, targets, values = _convert(cls, cfg, keys, get, original, source, grow_positions_from,
+                                               position_init)
     device = jax.devices()[0]
     for path, (p, var) in targets.items():
         x = _to_host_dtype(np.asarray(values[path]), var.get_value().dtype)

@@ -19,6 +19,7 @@ from florence_jax.postprocess import quantize_coordinates
 
 __all__ = [
     "BOX_TEMPLATES",
+    "STRUCTURED_TEMPLATES",
     "BadRecordError",
     "ConfiguredTemplate",
     "Example",
@@ -30,6 +31,7 @@ __all__ = [
     "phrase_grounding",
     "region_to_description",
     "get_template",
+    "json_answer",
     "mapped",
     "parse_columns",
     "prefix_suffix",
@@ -223,6 +225,13 @@ def mapped(record: Mapping[str, Any]) -> Example:
                    image=_require(record, "image"))
 
 
+@register_template("json", fields=("prompt", "target", "image"), optional=("references",))
+def json_answer(record: Mapping[str, Any]) -> Example:
+    """``mapped`` for answers that are JSON (a form, a table, a list of records): the same columns and renames,
+    and a structured template, so evaluating it with a no-repeat n-gram ban is warned (``STRUCTURED_TEMPLATES``)."""
+    return mapped(record)
+
+
 def parse_columns(columns: Sequence[str], template: str) -> dict[str, str]:
     """``("question=query", "answers=label")`` -> ``{"question": "query", "answers": "label"}``, checked against
     the fields the template reads."""
@@ -364,6 +373,10 @@ class ExpandedRecords(Sequence):
 # ------------------------------------------------------------------------------------------ detection
 BOX_TEMPLATES: frozenset[str] = frozenset({"od", "phrase_grounding"})
 """Templates whose examples carry ground-truth boxes (``data.metric = "map"`` needs one of these)."""
+
+STRUCTURED_TEMPLATES: frozenset[str] = BOX_TEMPLATES | {"json"}
+"""Templates whose answers are structured (runs of location tokens, JSON), whose n-grams legitimately repeat: a
+run that evaluates one with a no-repeat n-gram ban is warned (``train.setup.structured_output_warnings``)."""
 
 
 @dataclasses.dataclass(frozen=True)
