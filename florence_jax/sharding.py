@@ -8,6 +8,8 @@ to matter; rules (regex -> PartitionSpec) given by the caller take precedence.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 from collections.abc import Sequence
 
@@ -63,3 +65,37 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+# The mesh of the step being traced, when its weights are to be gathered whole for compute (FSDP).
+_COMPUTE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("compute_mesh", default=None)
+
+
+@contextlib.contextmanager
+def fsdp_compute(mesh: Mesh):
+    """While tracing under this, :func:`gather_for_compute` gathers parameters whole on each device (when
+    ``mesh`` has an ``fsdp`` axis of more than one device; otherwise it changes nothing).
+
+    With parameters stored split over ``fsdp`` and nothing said about how they are used, XLA's partitioner
+    may run a layer on the whole fsdp group's batch with a slice of each weight's output channels,
+    all-gathering the activations (hundreds of MB per layer for DaViT at 768 px) instead of the weight (a
+    few MB): the libtpu compile of ``tpu_v4_32_frozen.py`` did so throughout the vision tower
+    (docs/scale-out.md). Entered inside the jitted step, so each compiled program always sees one mesh.
+    """
+    token = _COMPUTE_MESH.set(mesh if dict(mesh.shape).get("fsdp", 1) > 1 else None)
+    try:
+        yield
+    finally:
+        _COMPUTE_MESH.reset(token)
+
+
+def gather_for_compute(tree):
+    """Every array of ``tree`` (parameters) whole on each device, under :func:`fsdp_compute`; else ``tree``
+    as it is. The forward pass then multiplies batch-split activations by whole weights, and the backward
+    pass returns each weight's gradient split as the weight is stored (a reduce-scatter): ZeRO-3's
+    traffic, with the compiler choosing when each gather runs."""
+    mesh = _COMPUTE_MESH.get()
+    if mesh is None:
+        return tree
+    whole = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole) if hasattr(x, "shape") else x, tree)

@@ -1,5 +1,7 @@
 """The sharded train step: 8 simulated devices equal 1, frozen means frozen, loss/AdamW equal PyTorch."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -37,11 +39,13 @@ def _run(tiny_hf_dir, mesh, optim, steps=2, grad_accum=1, min_shard_size=1):
     fns, state, _ = init_train_state(model, optim, 10, mesh, grad_accum_steps=grad_accum,
                                      min_shard_size=min_shard_size)
     step = jit_train_step(fns, state, batch_sharding(mesh))
-    losses = []
+    losses, compiled = [], None
     for i in range(steps):
         batch = jax.device_put(_batch(seed=i), batch_sharding(mesh))
-        state, metrics = step(state, batch, jax.random.key(0))
+        compiled = compiled or step.lower(state, batch, jax.random.key(0)).compile()
+        state, metrics = compiled(state, batch, jax.random.key(0))
         losses.append(float(metrics["loss"]))
+    _run.program = compiled.as_text()
     return state, losses
 
 
@@ -56,6 +60,13 @@ def test_eight_devices_equal_one(tiny_hf_dir):
     one, l1 = _run(tiny_hf_dir, make_mesh(devices=jax.devices()[:1]), OPT)
     many, l8 = _run(tiny_hf_dir, make_mesh(data=2, fsdp=4), OPT)
     np.testing.assert_allclose(l8, l1, atol=1e-5)
+    # FSDP gathers weights, never activations: every all-gather in the program has a parameter's shape
+    # (unconstrained, XLA ran layers on the fsdp group's whole batch with a slice of each weight's output
+    # channels, gathering the activations: in the vision tower, encoder, decoder and LM head).
+    gathered = {tuple(int(d) for d in dims.split(",") if d)
+                for dims in re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-gather\(", _run.program)}
+    shapes = {tuple(v.shape) for v in jax.tree.leaves((many.params, many.rest))}
+    assert gathered and gathered <= shapes, sorted(gathered - shapes)
     a, b = _flat(one.params), _flat(many.params)
     sharded = [k for k, v in jax.tree_util.tree_leaves_with_path(many.params)
                if len(v.sharding.device_set) == 8 and not v.sharding.is_fully_replicated]

@@ -20,6 +20,7 @@ from flax import nnx
 
 from florence_jax.losses import shift_tokens_right, token_cross_entropy
 from florence_jax.processing import normalize_pixels
+from florence_jax.sharding import fsdp_compute, gather_for_compute
 from train.optim import FROZEN
 
 
@@ -64,6 +65,7 @@ def model_pixels(pixels, table, formulation: str | None = None):
 
 
 def _forward_loss(fns: StepFns, params, rest, batch, rng, total_weight):
+    params, rest = gather_for_compute((params, rest))  # FSDP: whole weights meet batch-split activations
     model = nnx.merge(fns.graphdef, params, rest)
     labels = batch["labels"]
     mask = batch["label_mask"]
@@ -139,8 +141,15 @@ def jit_train_step(fns: StepFns, state: TrainState, batch_sharding, *, donate: b
     """
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     repl = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+
+    def step(state, batch, rng):
+        with fsdp_compute(batch_sharding.mesh):  # FSDP gathers weights for compute, never activations
+            return train_step(fns, state, batch, rng)
+
+    step.__name__ = step.__qualname__ = "train_step"  # the program's name in profiles and HLO metadata
+
     return jax.jit(
-        functools.partial(train_step, fns),
+        step,
         in_shardings=(state_sh, batch_sharding, repl),
         out_shardings=(state_sh, repl),
         donate_argnums=(0,) if donate else (),
