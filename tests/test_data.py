@@ -357,6 +357,7 @@ def test_uint8_pixels_normalize_on_the_device_to_the_float32_ones_in_workers_too
                      image_transform=lambda image: np.zeros((64, 64, 3), np.float32))
 
 
+@pytest.mark.slow  # about 30 s; the uint8 workers test stays in the default suite
 def test_bfloat16_pixels_are_the_float32_ones_rounded_in_workers_too(dirty, processor):
     import ml_dtypes
 

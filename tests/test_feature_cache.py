@@ -45,6 +45,7 @@ def test_cached_features_train_like_pixels(tmp_path):
     assert meta["records"] == 40 and meta["valid"] == 40 and meta["shape"][1:] == [64 // 32, 64 // 32, 128]
 
 
+@pytest.mark.slow  # about a minute; test_cached_features_train_like_pixels covers the store by default
 def test_feature_store_reuse_and_partial_rebuild(tmp_path):
     import jax
 

@@ -111,15 +111,17 @@ def cpu_tower(tiny_hf_dir):
 #    arithmetic: the features are bit-identical; XLA orders the backward's sums differently around them.
 #  - the grouped convolution and the sequence-major attention einsums sum the same products in another
 #    order: float32 rounding of the features too.
+# The accelerators' defaults together (both exact) in the default suite; each formulation alone is slow.
 @pytest.mark.parametrize("change, exact_features", [
-    ("store_vision_residuals=false", True),
-    ("carry_small_scan_params=false", True),
-    ("depthwise_conv=grouped", False),
-    ("attention_layout=sequence_major", False),
+    ("gpu", True),
+    pytest.param("cpu:store_vision_residuals=false", True, marks=pytest.mark.slow),
+    pytest.param("cpu:carry_small_scan_params=false", True, marks=pytest.mark.slow),
+    pytest.param("cpu:depthwise_conv=grouped", False, marks=pytest.mark.slow),
+    pytest.param("cpu:attention_layout=sequence_major", False, marks=pytest.mark.slow),
 ])
 def test_every_vision_formulation_computes_the_same_tower(cpu_tower, change, exact_features):
     model, x, a = cpu_tower
-    other = model.for_hardware(f"cpu:{change}")
+    other = model.for_hardware(change)
     assert other.formulations != model.formulations
     b = _tower_and_grads(other, x)
     if exact_features:

@@ -191,6 +191,7 @@ def test_base_size_parity(tmp_path):
         assert np.array_equal(np.asarray(v)[:n], np.asarray(a[k])[:n]), k
 
 
+@pytest.mark.slow  # about a minute; the scanned stage is what every parity test runs
 def test_scanned_vision_stage_equals_unrolled(tiny_hf_dir):
     """The tiny tower's 2-block stage runs as one lax.scan by default; unrolled it gives the same features
     and the same gradients (train mode, stochastic depth off so both are deterministic)."""

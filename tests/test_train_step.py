@@ -183,6 +183,7 @@ def test_uint8_pixels_normalized_in_the_step_train_exactly_as_float32_ones(tiny_
         model_pixels(jax.numpy.asarray(image), None)  # what the step calls with StepFns.pixel_table None
 
 
+@pytest.mark.slow  # about 40 s; the uint8 pixel test covers the step by default
 def test_bfloat16_pixels_give_a_bfloat16_model_exactly_what_float32_ones_do(tiny_hf_dir):
     """A pipeline can ship bfloat16 pixels (PipelineConfig.pixel_dtype) to a bfloat16 model: the model's first
     op casts pixels to bfloat16, so the vision features, the only thing pixels reach in a step, are bit
