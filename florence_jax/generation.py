@@ -84,6 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from florence_jax import hardware
 from florence_jax.devices import to_host
 from florence_jax.generation_config import GenerationConfig
 from florence_jax.modeling.bart import LayerCache
@@ -478,19 +479,29 @@ def merge_for_inference(graphdef, state):
 
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate_jit(graphdef, static: DecodeStatic, state, input_ids, pixel_values, attention_mask,
-                  controls: DecodeControls) -> DecodeOutput:
+def _generate(graphdef, static: DecodeStatic, state, input_ids, pixel_values, attention_mask,
+              controls: DecodeControls) -> DecodeOutput:
     model = merge_for_inference(graphdef, state)
     enc = model.encode(input_ids, pixel_values, attention_mask, image_layout=static.image_layout)
     return decode_loop(model, enc, attention_mask, controls, static)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _decode_jit(graphdef, static: DecodeStatic, state, encoder_hidden_states, attention_mask,
-                controls: DecodeControls) -> DecodeOutput:
+def _decode(graphdef, static: DecodeStatic, state, encoder_hidden_states, attention_mask,
+            controls: DecodeControls) -> DecodeOutput:
     model = merge_for_inference(graphdef, state)
     return decode_loop(model, encoder_hidden_states, attention_mask, controls, static)
+
+
+@functools.cache
+def jit_with_options(fn: Callable, static_argnums: tuple[int, ...],
+                     options: tuple[tuple[str, str], ...] = ()) -> Callable:
+    """``jax.jit(fn)`` compiled with these compiler options (``hardware.decode_compiler_options``): one jit
+    object per (function, options), so each keeps its own cache of executables."""
+    return jax.jit(fn, static_argnums=static_argnums, compiler_options=dict(options) or None)
+
+
+_generate_jit = jit_with_options(_generate, (0, 1))
+_decode_jit = jit_with_options(_decode, (0, 1))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -547,9 +558,16 @@ class Generator:
         """Take ``model`` as it is now: its graph definition, state, config and generation config."""
         self._graphdef, state = nnx.split(model)
         self._state = _detached(state)
+        self._decode_options = hardware.decode_compiler_options(model.formulations)
         gc = getattr(model, "generation_config", None)
         self.generation_config = gc if gc is not None else GenerationConfig.from_model_config(model.config)
         self.text_config = model.config.text_config
+
+    @property
+    def decode_options(self) -> tuple[tuple[str, str], ...]:
+        """The compiler options of programs that run the decoding loop for this model
+        (:func:`florence_jax.hardware.decode_compiler_options`; empty for the compiler's defaults)."""
+        return self._decode_options
 
     @property
     def graphdef(self) -> nnx.GraphDef:
@@ -594,6 +612,10 @@ class Generator:
         (input shapes, ``DecodeStatic``); see the module docstring.
         """
         static, controls = self.resolve(**options)
+        if self._decode_options:  # the loop compiles differently from the encoder: two programs
+            enc = _encode_jit(self._graphdef, static.image_layout, self._state, _ids(input_ids), pixel_values,
+                              _mask(attention_mask))
+            return self.generate_from_encoder(enc, attention_mask, return_scores=return_scores, **options)
         out = _generate_jit(self._graphdef, static, self._state, _ids(input_ids), pixel_values,
                             _mask(attention_mask), controls)
         return _finish(out, return_scores)
@@ -618,9 +640,10 @@ class Generator:
         """
         static, controls = self.resolve(**options)
         graphdef, state = self._graphdef, self._state
+        program = jit_with_options(_decode, (0, 1), self._decode_options)
 
         def fn(encoder_hidden_states, attention_mask=None) -> DecodeOutput:
-            return _decode_jit(graphdef, static, state, encoder_hidden_states, _mask(attention_mask), controls)
+            return program(graphdef, static, state, encoder_hidden_states, _mask(attention_mask), controls)
 
         return fn
 

@@ -61,6 +61,15 @@ class Formulations:
     # with it ("one_hot": the gather's bits without a gather, which TPUs run element by element), or the
     # table's affine map computed ("affine": one elementwise pass, within float32 rounding of the table).
     pixel_normalize: str
+    # The tied LM head's product: hidden states against the embedding's transpose ("hidden_major", one row
+    # per position) or the embedding against the hidden states' transpose, its (vocab, rows) output turned
+    # back after an optimization barrier ("vocab_major": XLA:CPU runs a product of 12 decoding rows with
+    # 51k vocabulary rows about twice as fast with the vocabulary as the product's rows).
+    lm_head_product: str = "hidden_major"
+    # The decoding loop's dot kernels: whatever the compiler picks ("compiler") or, on XLA:CPU, its Eigen
+    # kernels with YNNPACK's dots turned off for that program ("eigen": YNNPACK ran the loop's few-row
+    # products at half Eigen's speed; the vision tower and the train step keep YNNPACK, which is faster there).
+    decode_dots: str = "compiler"
     # The accelerator, when the spec named one ("a100", "v5e"): its memory and peak (DEVICE_SPECS) for
     # the ahead-of-time memory check and MFU. No formulation depends on it yet.
     device: str = ""
@@ -90,6 +99,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "beam_cross_attention": ("per_beam", "batched"),
     "beam_cache_copy": ("row_by_row", "gather"),
     "pixel_normalize": ("gather", "one_hot", "affine"),
+    "lm_head_product": ("hidden_major", "vocab_major"),
+    "decode_dots": ("compiler", "eigen"),
 }
 _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spec may change
 
@@ -99,7 +110,8 @@ _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spe
 DEFAULTS: dict[str, Formulations] = {
     "cpu": Formulations("cpu", depthwise_conv="shifted_sum", store_vision_residuals=True,
                         carry_small_scan_params=True, attention_layout="heads_major",
-                        beam_cross_attention="per_beam", beam_cache_copy="row_by_row", pixel_normalize="gather"),
+                        beam_cross_attention="per_beam", beam_cache_copy="row_by_row", pixel_normalize="gather",
+                        lm_head_product="vocab_major", decode_dots="eigen"),
     "gpu": Formulations("gpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="gather"),
@@ -107,6 +119,17 @@ DEFAULTS: dict[str, Formulations] = {
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="affine"),
 }
+
+# XLA:CPU compiler options for Formulations.decode_dots="eigen": no library fusion for YNNPACK, so every
+# dot goes to XLA's own (Eigen) kernels.
+_EIGEN_DOTS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
+
+
+def decode_compiler_options(f: Formulations) -> tuple[tuple[str, str], ...]:
+    """The compiler options of a program that runs the decoding loop built for ``f`` (hashable, for a jit
+    cache key): YNNPACK's dots off on the CPU under ``decode_dots="eigen"``, else none."""
+    return _EIGEN_DOTS if f.platform == "cpu" and f.decode_dots == "eigen" else ()
+
 
 def _format(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)

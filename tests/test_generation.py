@@ -295,16 +295,53 @@ def test_cache_slots_follow_parents_and_copy_only_extra_children():
 
 def test_cpu_and_accelerator_beam_paths_agree(gen_pair, prompts):
     """The CPU's beam-search step (each beam's cross-attention query alone; cache rows copied only for
-    extra children) and the accelerators' (a row's beams as one product; the whole cache gathered by
-    parent), both run here from models built for each (florence_jax.hardware), give the same beams and
+    extra children; the LM head's product vocabulary-major; the loop compiled with Eigen's dots) and the
+    accelerators' (a row's beams as one product; the whole cache gathered by parent; the LM head as
+    transformers writes it; the compiler's dots), both run here from models built for each (florence_jax.hardware), give the same beams and
     scores (float32 rounding: 1e-5). The parity tests above run the CPU's path against transformers."""
     _, ours = gen_pair
     ids, pixels, mask = prompts
     generator = Generator(ours)
     enc = generator.encode(ids, pixels, mask)
     kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True, **EARLY_EOS)
-    accelerator = Generator(ours.for_hardware("cpu:beam_cross_attention=batched,beam_cache_copy=gather"))
+    accelerator = Generator(ours.for_hardware("cpu:beam_cross_attention=batched,beam_cache_copy=gather,"
+                                              "lm_head_product=hidden_major,decode_dots=compiler"))
     assert ours.formulations.beam_cache_copy == "row_by_row"
     (a, sa), (b, sb) = (g.generate_from_encoder(enc, mask, return_scores=True, **kw) for g in (generator, accelerator))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(sa, sb, atol=1e-5)
+
+
+def test_the_cpu_decoding_program_has_its_lm_head_product_and_dot_kernels(gen_pair, prompts):
+    """What the CPU formulations promise of the compiled decoding loop, read off XLA's optimized program:
+    under ``lm_head_product=vocab_major`` a dot with the vocabulary as its rows survives compilation (XLA
+    would otherwise fold the transpose back into ``hidden @ embedding.T``), and under ``decode_dots=eigen``
+    no dot is handed to YNNPACK (``__ynn_fusion``), while the compiler's default program has such dots.
+    The logits of the two LM-head products agree to float32 summation order (1e-5)."""
+    import jax.numpy as jnp
+
+    from florence_jax.generation import _decode, jit_with_options
+
+    _, ours = gen_pair
+    ids, pixels, mask = prompts
+    vocab, rows = ours.config.text_config.vocab_size, len(PROMPT_LENGTHS) * 3
+
+    def program(model):
+        generator = Generator(model, max_new_tokens=4, num_beams=3)
+        enc = generator.encode(ids, pixels, mask)
+        static, controls = generator.resolve()
+        fn = jit_with_options(_decode, (0, 1), generator.decode_options)
+        return fn.lower(generator.graphdef, static, generator.state, enc, np.asarray(mask, np.int32),
+                        controls).compile().as_text()
+
+    cpu = program(ours.for_hardware("cpu"))
+    default = program(ours.for_hardware("cpu:lm_head_product=hidden_major,decode_dots=compiler"))
+    assert f"f32[{vocab},{rows}]{{1,0}} dot(" in cpu
+    assert f"f32[{vocab},{rows}]" not in default
+    assert "__ynn_fusion" not in cpu and "__ynn_fusion" in default
+
+    hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, ours.config.text_config.d_model)), jnp.float32)
+    by_vocab = ours.for_hardware("cpu:lm_head_product=vocab_major").logits_from_hidden(hidden)
+    by_rows = ours.for_hardware("cpu:lm_head_product=hidden_major").logits_from_hidden(hidden)
+    assert by_vocab.shape == by_rows.shape == (2, 5, vocab)
+    np.testing.assert_allclose(np.asarray(by_vocab), np.asarray(by_rows), rtol=1e-5, atol=1e-5)

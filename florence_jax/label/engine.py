@@ -28,7 +28,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from florence_jax.devices import to_host
-from florence_jax.generation import DecodeControls, DecodeStatic, Generator, decode_loop, merge_for_inference
+from florence_jax.generation import (
+    DecodeControls,
+    DecodeStatic,
+    Generator,
+    decode_loop,
+    jit_with_options,
+    merge_for_inference,
+)
 
 __all__ = ["Pending", "ShardedGenerator", "local_mesh"]
 
@@ -51,9 +58,8 @@ def _features_jit(graphdef, mesh: Mesh, state, pixels):
                          check_vma=False)(state, pixels)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _generate_jit(graphdef, static: DecodeStatic, mesh: Mesh, state, input_ids, features, attention_mask,
-                  controls: DecodeControls):
+def _generate(graphdef, static: DecodeStatic, mesh: Mesh, state, input_ids, features, attention_mask,
+              controls: DecodeControls):
     def local(state, input_ids, features, attention_mask, controls):
         model = merge_for_inference(graphdef, state)
         enc = model.encode(input_ids, attention_mask=attention_mask, image_features=features)
@@ -112,6 +118,7 @@ class ShardedGenerator:
         static, controls = self.generator.resolve(**options)
         ids = self._put(np.asarray(input_ids, np.int32))
         mask = self._put(np.asarray(attention_mask, np.int32))
-        sequences, lengths = _generate_jit(self.generator.graphdef, static, self.mesh, self._state, ids, features,
-                                           mask, controls)
+        program = jit_with_options(_generate, (0, 1, 2), self.generator.decode_options)
+        sequences, lengths = program(self.generator.graphdef, static, self.mesh, self._state, ids, features, mask,
+                                     controls)
         return Pending(sequences, lengths)

@@ -107,6 +107,18 @@ def merge_image_features(inputs_embeds: jax.Array, input_ids: jax.Array, image_f
     return jnp.where(is_image[..., None], gathered.astype(inputs_embeds.dtype), inputs_embeds)
 
 
+def _vocab_major_logits(hidden: jax.Array, shared: nnx.Embed) -> jax.Array:
+    """``shared.attend(hidden)`` computed as ``embedding @ hidden.T`` (Formulations.lm_head_product).
+
+    The product's output is (vocab, rows); the barrier keeps XLA from folding the transpose back into the
+    product (which would give ``hidden @ embedding.T`` again). Same values up to float32 summation order.
+    """
+    query, embedding = shared.promote_dtype((hidden, shared.embedding[...]), dtype=shared.dtype)
+    rows = query.reshape(-1, query.shape[-1])
+    by_vocab = jax.lax.optimization_barrier(embedding @ rows.T)
+    return by_vocab.T.reshape(*query.shape[:-1], embedding.shape[0])
+
+
 class Florence2ForConditionalGeneration(nnx.Module):
     """The whole model. ``model(input_ids=..., pixel_values=..., ...)`` returns ``.logits``.
 
@@ -189,7 +201,11 @@ class Florence2ForConditionalGeneration(nnx.Module):
     def logits_from_hidden(self, hidden: jax.Array, rngs=None) -> jax.Array:
         """The tied LM head: hidden states against the shared embedding (plus its LoRA adapter, if any); for
         an original-layout checkpoint plus its ``final_logits_bias``, with the padded rows masked out."""
-        logits = self.model.language_model.shared.attend(hidden)
+        shared = self.model.language_model.shared
+        if self.formulations.lm_head_product == "vocab_major":
+            logits = _vocab_major_logits(hidden, shared)
+        else:
+            logits = shared.attend(hidden)
         head = getattr(self, "lm_head", None)  # florence_jax.lora.LoRAHead
         if head is not None:
             logits = logits + head(hidden, rngs).astype(logits.dtype)
