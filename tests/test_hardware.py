@@ -80,6 +80,23 @@ def test_the_formulations_are_part_of_the_model_so_jit_caches_by_them(tiny_hf_di
     np.testing.assert_array_equal(np.asarray(fn(cpu.model.vision_tower, x)), np.asarray(fn(gpu.model.vision_tower, x)))
 
 
+def test_every_store_of_the_stream_stays_a_division_in_the_compiled_tower(tiny_hf_dir):
+    """Each block half stores its residual stream four times, each through a division by a 1.0 of its own.
+    With one divisor shared by the four, XLA turned three of them into products with its reciprocal, which
+    it fuses into every consumer again (the recomputation the stores exist to stop): the compiled tower must
+    keep four divisions per block half (one loop body per scanned stage)."""
+    import collections
+    import re
+
+    model = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
+    x = jnp.asarray(tiny_batch(seed=1)["pixel_values"]).transpose(0, 2, 3, 1)
+    text = jax.jit(lambda t, x: t(x)).lower(model.model.vision_tower, x).compile().as_text()
+    found = collections.Counter(
+        m.groups() for m in re.finditer(r' divide\(.*op_name="[^"]*(stage\d)[^"]*/(spatial|channel)/div"', text))
+    stages = len(model.config.vision_config.depths)
+    assert found == {(f"stage{i}", half): 4 for i in range(stages) for half in ("spatial", "channel")}
+
+
 def test_the_stored_stream_is_exact_whatever_the_runtime_scalar_holds():
     """The division that stores the residual stream divides by exactly 1.0 for any runtime scalar, NaN and
     infinities included (the scalar is a LayerNorm scale, which a diverged run can fill with them)."""

@@ -223,20 +223,22 @@ class _DaViTBlockHalf(nnx.Module):
 
     def _forward(self, x: jax.Array, rngs, drop_rate) -> jax.Array:
         if self.store_residuals:
-            scalar = self.norm1.scale[...][0]
-            store = lambda t: _residual_store(t, scalar)  # noqa: E731
+            # A divisor of its own for each store: XLA rewrites divisions by one shared value into products
+            # with its reciprocal (a product is cheap, so it was fused into every consumer again).
+            scalars = self.norm1.scale[...][:4]
+            store = lambda t, k: _residual_store(t, scalars[k % scalars.shape[0]])  # noqa: E731
         else:
-            store = lambda t: t  # noqa: E731
+            store = lambda t, k: t  # noqa: E731
         b, h, w, c = x.shape
-        x = store(self.conv1(x) + x)
+        x = store(self.conv1(x) + x, 0)
         tokens = x.reshape(b, h * w, c)
         attn = self._attend(self.norm1(tokens), (h, w), rngs)
-        tokens = store(tokens + _apply_drop_path(self.drop_path1, attn, rngs, drop_rate))
+        tokens = store(tokens + _apply_drop_path(self.drop_path1, attn, rngs, drop_rate), 1)
         x = tokens.reshape(b, h, w, c)
-        x = store(self.conv2(x) + x)
+        x = store(self.conv2(x) + x, 2)
         tokens = x.reshape(b, h * w, c)
         tokens = tokens + _apply_drop_path(self.drop_path2, self.ffn(self.norm2(tokens), rngs), rngs, drop_rate)
-        return store(tokens).reshape(b, h, w, c)
+        return store(tokens, 3).reshape(b, h, w, c)
 
 
 class SpatialBlock(_DaViTBlockHalf):
