@@ -97,5 +97,5 @@ def gather_for_compute(tree):
     mesh = _COMPUTE_MESH.get()
     if mesh is None:
         return tree
-    whole = NamedSharding(mesh, PartitionSpec())
+    whole = replicated(mesh)
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole) if hasattr(x, "shape") else x, tree)
