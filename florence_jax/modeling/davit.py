@@ -76,7 +76,7 @@ def _grouped_conv3x3(x: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
     return out + b
 
 
-def _residual_store(x: jax.Array, runtime: jax.Array) -> jax.Array:
+def _residual_store(x: jax.Array) -> jax.Array:
     """``x`` itself, computed once and stored rather than recomputed by each consumer
     (``Formulations.store_vision_residuals``).
 
@@ -86,11 +86,14 @@ def _residual_store(x: jax.Array, runtime: jax.Array) -> jax.Array:
     cost). XLA's documented fusion fence, ``lax.optimization_barrier``, does not help: XLA:CPU removes it
     before fusion, and the compiled program is the plain stream's (tests/test_hardware.py). A division is
     expensive to XLA, so it computes one once and stores the result; dividing by a 1.0 it cannot fold keeps
-    every bit. The 1.0 is ``1 + 0 * float(isnan(runtime))`` for a runtime scalar: XLA simplifies neither a float
-    comparison of a value with itself nor a float product by 0, and it is exactly 1 whatever the scalar
-    holds (NaN and infinities included), where ``1 + 0 * runtime`` would be NaN for an infinite one.
+    every bit. The 1.0 is ``1 + 0 * float(isnan(x))``, element by element: XLA simplifies neither a float
+    comparison of a value with itself nor a float product by 0, and it is exactly 1 whatever ``x`` holds
+    (NaN and infinities included). The divisor has ``x``'s shape on purpose: a division by a broadcast
+    scalar (a runtime scale entry, as before) is rewritten by XLA into a product with the scalar's
+    reciprocal, which is cheap, so XLA fused it into every consumer again (in the train step under
+    stochastic depth: the tower's forward took 7.9-8.2 s instead of 6.3-6.7 s for two 768 px images).
     """
-    one = 1 + 0 * jnp.isnan(jax.lax.stop_gradient(runtime)).astype(x.dtype)  # a float product: not folded
+    one = 1 + 0 * jnp.isnan(jax.lax.stop_gradient(x)).astype(x.dtype)  # a float product: not folded
     return x / one
 
 
@@ -222,23 +225,17 @@ class _DaViTBlockHalf(nnx.Module):
             return self._forward(x, rngs, drop_rate)
 
     def _forward(self, x: jax.Array, rngs, drop_rate) -> jax.Array:
-        if self.store_residuals:
-            # A divisor of its own for each store: XLA rewrites divisions by one shared value into products
-            # with its reciprocal (a product is cheap, so it was fused into every consumer again).
-            scalars = self.norm1.scale[...][:4]
-            store = lambda t, k: _residual_store(t, scalars[k % scalars.shape[0]])  # noqa: E731
-        else:
-            store = lambda t, k: t  # noqa: E731
+        store = _residual_store if self.store_residuals else (lambda t: t)
         b, h, w, c = x.shape
-        x = store(self.conv1(x) + x, 0)
+        x = store(self.conv1(x) + x)
         tokens = x.reshape(b, h * w, c)
         attn = self._attend(self.norm1(tokens), (h, w), rngs)
-        tokens = store(tokens + _apply_drop_path(self.drop_path1, attn, rngs, drop_rate), 1)
+        tokens = store(tokens + _apply_drop_path(self.drop_path1, attn, rngs, drop_rate))
         x = tokens.reshape(b, h, w, c)
-        x = store(self.conv2(x) + x, 2)
+        x = store(self.conv2(x) + x)
         tokens = x.reshape(b, h * w, c)
         tokens = tokens + _apply_drop_path(self.drop_path2, self.ffn(self.norm2(tokens), rngs), rngs, drop_rate)
-        return store(tokens, 3).reshape(b, h, w, c)
+        return store(tokens).reshape(b, h, w, c)
 
 
 class SpatialBlock(_DaViTBlockHalf):
