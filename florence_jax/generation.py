@@ -501,7 +501,6 @@ def jit_with_options(fn: Callable, static_argnums: tuple[int, ...],
 
 
 _generate_jit = jit_with_options(_generate, (0, 1))
-_decode_jit = jit_with_options(_decode, (0, 1))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -612,12 +611,13 @@ class Generator:
         (input shapes, ``DecodeStatic``); see the module docstring.
         """
         static, controls = self.resolve(**options)
+        ids, mask = _ids(input_ids), _mask(attention_mask)
         if self._decode_options:  # the loop compiles differently from the encoder: two programs
-            enc = _encode_jit(self._graphdef, static.image_layout, self._state, _ids(input_ids), pixel_values,
-                              _mask(attention_mask))
-            return self.generate_from_encoder(enc, attention_mask, return_scores=return_scores, **options)
-        out = _generate_jit(self._graphdef, static, self._state, _ids(input_ids), pixel_values,
-                            _mask(attention_mask), controls)
+            enc = _encode_jit(self._graphdef, static.image_layout, self._state, ids, pixel_values, mask)
+            out = jit_with_options(_decode, (0, 1), self._decode_options)(self._graphdef, static, self._state, enc,
+                                                                          mask, controls)
+        else:
+            out = _generate_jit(self._graphdef, static, self._state, ids, pixel_values, mask, controls)
         return _finish(out, return_scores)
 
     def encode(self, input_ids, pixel_values=None, attention_mask=None, *,
