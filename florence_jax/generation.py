@@ -300,8 +300,9 @@ def _greedy(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeControls
     decoder = model.model.language_model.decoder
     cross_kv = decoder.cross_kv(enc)
     seq = jnp.full((batch, total), c.pad, jnp.int32).at[:, 0].set(c.start)
+    sizes = _cache_sizes(total - 1, model.formulations)
     carry = (jnp.int32(1), seq, jnp.ones((batch,), bool),
-             decoder.init_cache(batch, total - 1, model.config.dtype))
+             decoder.init_cache(batch, sizes[0], model.config.dtype))
 
     def cond(carry):
         cur_len, _, unfinished, _ = carry
@@ -317,8 +318,29 @@ def _greedy(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeControls
         unfinished = unfinished & (nxt != c.eos) & (cur_len + 1 < total)
         return cur_len + 1, seq, unfinished, cache
 
-    cur_len, seq, _, _ = jax.lax.while_loop(cond, body, carry)
+    for i, size in enumerate(sizes):
+        if i:
+            carry = (*carry[:3], _grow_cache(carry[3], size))
+        # the step at cur_len writes cache slot cur_len - 1
+        carry = jax.lax.while_loop(lambda cr, _size=size: cond(cr) & (cr[0] <= _size), body, carry)
+    cur_len, seq, _, _ = carry
     return DecodeOutput(seq, cur_len, None)
+
+
+def _cache_sizes(slots: int, f) -> tuple[int, ...]:
+    """The self-attention cache's size in each of the decoding loop's segments (Formulations.decode_cache):
+    ``slots`` whole, or grown ``hardware.CACHE_SEGMENT`` slots at a time up to ``slots``."""
+    if f.decode_cache != "segments" or slots <= hardware.CACHE_SEGMENT:
+        return (slots,)
+    return (*range(hardware.CACHE_SEGMENT, slots, hardware.CACHE_SEGMENT), slots)
+
+
+def _grow_cache(cache: list[LayerCache], size: int) -> list[LayerCache]:
+    """The cache with unwritten (zero) slots appended up to ``size``; the step's mask hides them."""
+    def grow(x):
+        return jnp.pad(x, ((0, 0), (0, 0), (0, size - x.shape[2]), (0, 0)))
+
+    return [LayerCache(grow(lc.key), grow(lc.value)) for lc in cache]
 
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -382,13 +404,14 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
     row_offset = jnp.arange(batch, dtype=jnp.int32)[:, None] * nb
 
     buf = jnp.full((batch, nb, total), c.fill, jnp.int32).at[:, :, 0].set(c.start)
+    sizes = _cache_sizes(total - 1, model.formulations)
     state = _BeamState(
         cur_len=jnp.int32(1), running=buf,
         running_scores=jnp.zeros((batch, nb), jnp.float32).at[:, 1:].set(_NEG),  # only beam 0 is live
         sequences=buf, scores=jnp.full((batch, nb), _NEG, jnp.float32),
         finished=jnp.zeros((batch, nb), bool), lengths=jnp.zeros((batch, nb), jnp.int32),
         unsatisfied=jnp.ones((batch, 1), bool),
-        cache=decoder.init_cache(batch * nb, total - 1, model.config.dtype),
+        cache=decoder.init_cache(batch * nb, sizes[0], model.config.dtype),
         slot_of=jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (batch, nb)), done=jnp.bool_(False),
     )
     # Copying only the cache rows of extra children saves the CPU most of a step's cache traffic; on an
@@ -455,7 +478,12 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
         return _BeamState(cur_len, running, running_scores, sequences, scores, finished, lengths, unsatisfied,
                           cache, slot_of, done)
 
-    st = jax.lax.while_loop(lambda st: ~st.done, body, state)
+    st = state
+    for i, size in enumerate(sizes):
+        if i:
+            st = st._replace(cache=_grow_cache(st.cache, size))
+        # the step at cur_len writes cache slot cur_len - 1
+        st = jax.lax.while_loop(lambda st, _size=size: ~st.done & (st.cur_len <= _size), body, st)
     length = 1 + jnp.max(st.lengths[:, 0])
     return DecodeOutput(st.sequences[:, 0], length.astype(jnp.int32), st.scores[:, 0])
 

@@ -70,6 +70,12 @@ class Formulations:
     # kernels with YNNPACK's dots turned off for that program ("eigen": YNNPACK ran the loop's few-row
     # products at half Eigen's speed; the vision tower and the train step keep YNNPACK, which is faster there).
     decode_dots: str = "compiler"
+    # The decoding loop's self-attention cache: one buffer of every slot the generation may write, attended
+    # whole at each step behind a mask ("preallocated"), or grown in segments of ``CACHE_SEGMENT`` slots, one
+    # loop per size, so a step attends over the written segments only ("segments": XLA:CPU's batched
+    # matrix-vector products read the cache on one core, and at 256 new tokens the whole buffer cost a
+    # beam-3 step about as much as its cross-attention).
+    decode_cache: str = "preallocated"
     # The accelerator, when the spec named one ("a100", "v5e"): its memory and peak (DEVICE_SPECS) for
     # the ahead-of-time memory check and MFU. No formulation depends on it yet.
     device: str = ""
@@ -101,7 +107,10 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "pixel_normalize": ("gather", "one_hot", "affine"),
     "lm_head_product": ("hidden_major", "vocab_major"),
     "decode_dots": ("compiler", "eigen"),
+    "decode_cache": ("preallocated", "segments"),
 }
+# Formulations.decode_cache="segments": the cache grows by this many slots at a time.
+CACHE_SEGMENT = 64
 _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spec may change
 
 # Each backend's defaults. docs/benchmarks.md ("Formulations per backend") gives the measurement behind
@@ -111,7 +120,8 @@ DEFAULTS: dict[str, Formulations] = {
     "cpu": Formulations("cpu", depthwise_conv="shifted_sum", store_vision_residuals=True,
                         carry_small_scan_params=True, attention_layout="heads_major",
                         beam_cross_attention="per_beam", beam_cache_copy="row_by_row", pixel_normalize="gather",
-                        lm_head_product="vocab_major", decode_dots="eigen"),
+                        lm_head_product="vocab_major", decode_dots="eigen",
+                        decode_cache="segments"),
     "gpu": Formulations("gpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="gather"),

@@ -56,13 +56,15 @@ if [ "${MODE:-}" = ab ]; then
   }
   train=(--only train_frozen --train_batch 32 --repeats 5)
   ab defaults 80 gpu "${train[@]}"
-  ab grouped_conv 70 gpu:depthwise_conv=grouped "${train[@]}"
-  ab sequence_major 70 gpu:attention_layout=sequence_major "${train[@]}"
-  ab stored_residuals 70 gpu:store_vision_residuals=true "${train[@]}"
-  ab carried_params 70 gpu:carry_small_scan_params=true "${train[@]}"
+  ab grouped_conv 55 gpu:depthwise_conv=grouped "${train[@]}"
+  ab sequence_major 55 gpu:attention_layout=sequence_major "${train[@]}"
+  ab stored_residuals 55 gpu:store_vision_residuals=true "${train[@]}"
+  ab carried_params 55 gpu:carry_small_scan_params=true "${train[@]}"
   decode=(--only decode_beam3 --gen_batch 32 --new_tokens 256 --repeats 2)
   ab decode_defaults 45 gpu "${decode[@]}"
   ab decode_cpu_beams 45 gpu:beam_cross_attention=per_beam,beam_cache_copy=row_by_row "${decode[@]}"
+  ab decode_vocab_major 40 gpu:lm_head_product=vocab_major "${decode[@]}"
+  ab decode_cache_segments 40 gpu:decode_cache=segments "${decode[@]}"
   for f in "$OUT"/ab_*.json; do echo "== $(basename "$f" .json)"; "$PY" -m scripts.benchmark --table "$f" | tail -n +6; done
   exit 0
 fi

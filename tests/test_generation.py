@@ -345,3 +345,32 @@ def test_the_cpu_decoding_program_has_its_lm_head_product_and_dot_kernels(gen_pa
     by_rows = ours.for_hardware("cpu:lm_head_product=hidden_major").logits_from_hidden(hidden)
     assert by_vocab.shape == by_rows.shape == (2, 5, vocab)
     np.testing.assert_allclose(np.asarray(by_vocab), np.asarray(by_rows), rtol=1e-5, atol=1e-5)
+
+
+def test_a_long_generation_grows_its_cache_and_matches_transformers(gen_pair, prompts):
+    """Past ``hardware.CACHE_SEGMENT`` new tokens the CPU's loop grows its self-attention cache a segment at
+    a time (``decode_cache=segments``), so a step attends over the written segments only. Greedy and beam
+    search over two segments give transformers' tokens (and beam scores within float32 rounding, 1e-5), and
+    the same tokens and scores as one preallocated cache: a grown cache only drops masked slots, whose
+    softmax weight is exactly zero (1e-6 allows the compiler to order the sums over them differently)."""
+    from florence_jax import hardware
+    from florence_jax.generation import _cache_sizes
+
+    hf, ours = gen_pair
+    new = 120  # the tiny model's 128 decoder positions, less the offset of 2 and the start token
+    assert ours.formulations.decode_cache == "segments"
+    assert _cache_sizes(new, ours.formulations) == (hardware.CACHE_SEGMENT, new)
+    assert _cache_sizes(new, ours.for_hardware("cpu:decode_cache=preallocated").formulations) == (new,)
+    whole = ours.for_hardware("cpu:decode_cache=preallocated")
+    for case in (dict(num_beams=1), dict(num_beams=3, no_repeat_ngram_size=3, early_stopping=False)):
+        kw = dict(case, max_new_tokens=new, min_new_tokens=new)
+        ref, ref_scores = _reference(hf, prompts, **kw)
+        assert ref.shape[1] == 1 + new
+        _assert_diverse(ref)
+        got, scores = generate(ours, *prompts, return_scores=True, **kw)
+        np.testing.assert_array_equal(got, ref)
+        got_whole, scores_whole = generate(whole, *prompts, return_scores=True, **kw)
+        np.testing.assert_array_equal(got_whole, got)
+        if case["num_beams"] > 1:
+            np.testing.assert_allclose(scores, ref_scores, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(scores, scores_whole, atol=1e-6, rtol=0)
