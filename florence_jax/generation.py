@@ -318,16 +318,26 @@ def _greedy(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeControls
         unfinished = unfinished & (nxt != c.eos) & (cur_len + 1 < total)
         return cur_len + 1, seq, unfinished, cache
 
-    for i, size in enumerate(sizes):
-        if i:
-            carry = (*carry[:3], _grow_cache(carry[3], size))
-        # the step at cur_len writes cache slot cur_len - 1
-        carry = jax.lax.while_loop(lambda cr, _size=size: cond(cr) & (cr[0] <= _size), body, carry)
+    carry = _segmented_while(
+        sizes, cond, body, carry, cur_len=lambda cr: cr[0],
+        grow=lambda cr, size: (*cr[:3], _grow_cache(cr[3], size)))
     cur_len, seq, _, _ = carry
     return DecodeOutput(seq, cur_len, None)
 
 
-def _cache_sizes(slots: int, f) -> tuple[int, ...]:
+def _segmented_while(sizes: tuple[int, ...], cond, body, state, *, cur_len, grow):
+    """``lax.while_loop(cond, body, state)`` run as one loop per cache size in ``sizes``
+    (:func:`_cache_sizes`): the loop for ``size`` stops once the next step would write past it
+    (the step at ``cur_len(state)`` writes cache slot ``cur_len - 1``), and ``grow(state, size)``
+    pads the state's cache to the next size between loops, never inside a step."""
+    for i, size in enumerate(sizes):
+        if i:
+            state = grow(state, size)
+        state = jax.lax.while_loop(lambda st, _size=size: cond(st) & (cur_len(st) <= _size), body, state)
+    return state
+
+
+def _cache_sizes(slots: int, f: hardware.Formulations) -> tuple[int, ...]:
     """The self-attention cache's size in each of the decoding loop's segments (Formulations.decode_cache):
     ``slots`` whole, or grown ``hardware.CACHE_SEGMENT`` slots at a time up to ``slots``."""
     if f.decode_cache != "segments" or slots <= hardware.CACHE_SEGMENT:
@@ -478,12 +488,9 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
         return _BeamState(cur_len, running, running_scores, sequences, scores, finished, lengths, unsatisfied,
                           cache, slot_of, done)
 
-    st = state
-    for i, size in enumerate(sizes):
-        if i:
-            st = st._replace(cache=_grow_cache(st.cache, size))
-        # the step at cur_len writes cache slot cur_len - 1
-        st = jax.lax.while_loop(lambda st, _size=size: ~st.done & (st.cur_len <= _size), body, st)
+    st = _segmented_while(
+        sizes, lambda st: ~st.done, body, state, cur_len=lambda st: st.cur_len,
+        grow=lambda st, size: st._replace(cache=_grow_cache(st.cache, size)))
     length = 1 + jnp.max(st.lengths[:, 0])
     return DecodeOutput(st.sequences[:, 0], length.astype(jnp.int32), st.scores[:, 0])
 
