@@ -15,6 +15,11 @@ bodies it runs (times the loop's known trip count), with
 
 These are estimates from the program's shapes and the chip's public peak figures, not measurements: an op
 that is latency-bound, or that the compiler overlaps with another, takes a different time on the chip.
+
+A Pallas kernel (a ``tpu_custom_call``) is opaque to both: its FLOPs are the ones the kernel declares
+(``pl.CostEstimate``), and the compiler attaches no cycle estimate to it. Such ops are marked ``kernel``;
+the summary gives their roofline time apart, and adds it to the compiler's step as a floor (their vector
+work, which no estimate here counts, comes on top).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class Op:
     count: int  # times the op runs per step (a loop body's trip count)
     cycles: float = 0.0  # the compiler's own estimate for the op (TPU fusions carry one), times count
     seconds: float = 0.0
+    kernel: bool = False  # a Pallas kernel: FLOPs as it declares them, no compiler estimate
 
 
 def _split_shape(rest: str) -> tuple[str, str]:
@@ -169,26 +175,45 @@ def _matrix_flops(instr: _Instr, shapes: dict[str, str]) -> float:
             k *= lhs[0][1][d]
         return 2.0 * n_out * k
     if instr.opcode == "convolution":
-        # 2 x output elements x the taps each output reads x input features per group. A TPU program
-        # writes batched matmuls as convolutions whose "window" spans a batch dimension with lhs_dilate
-        # equal to its size: such a window reads one real element, so taps = ceil(size / lhs_dilate).
+        # 2 x output elements x the real input elements each output's window reads x input features per
+        # group. A TPU program writes batched matmuls as convolutions whose "window" spans a batch dimension
+        # of a dilated input (lhs_dilate), so a window of 256 positions may hold one real element: the
+        # count is taken per window dimension, averaged over the output positions (_real_taps).
         kernel = _arrays(shapes.get(instr.operands[1], "")) if len(instr.operands) > 1 else []
-        labels = re.search(r"dim_labels=\w+_(\w+)->", instr.line)
+        lhs = _arrays(shapes.get(instr.operands[0], ""))
+        labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.line)
         if not kernel or not labels:
             return 0.0
         kdims = kernel[0][1]
-        features = kdims[labels.group(1).find("i")]
+        features = kdims[labels.group(2).find("i")]
         window = re.search(r"window=\{([^}]*)\}", instr.line)
-        taps = 1
+        taps = 1.0
         if window:
-            sizes = re.search(r"size=([\dx]+)", window.group(1))
-            dilate = re.search(r"lhs_dilate=([\dx]+)", window.group(1))
-            sz = [int(x) for x in sizes.group(1).split("x")] if sizes else []
-            dl = [int(x) for x in dilate.group(1).split("x")] if dilate else [1] * len(sz)
-            for a, b in zip(sz, dl):
-                taps *= -(-a // b)
+            def field(key, default):
+                m = re.search(key + r"=([\d_x]+)", window.group(1))
+                return m.group(1).split("x") if m else [default] * len(sizes)
+            sizes = [int(x) for x in field("size", "1")]
+            stride, dilate = [int(x) for x in field("stride", "1")], [int(x) for x in field("lhs_dilate", "1")]
+            pads = [int(x.split("_")[0]) for x in field("pad", "0_0")]
+            for d, size in enumerate(sizes):
+                n_in = lhs[0][1][labels.group(1).find(str(d))] if lhs else None
+                n_o = out[0][1][labels.group(3).find(str(d))]
+                taps *= (_real_taps(n_in, size, stride[d], dilate[d], pads[d], n_o) if n_in
+                         else -(-size // dilate[d]))
         return 2.0 * n_out * taps * features
     return 0.0
+
+
+def _real_taps(n_in: int, size: int, stride: int, dilate: int, pad: int, n_out: int) -> float:
+    """Real input elements (not dilation holes or padding) in a convolution window along one dimension,
+    averaged over the ``n_out`` output positions: input ``i`` sits at ``i * dilate + pad``."""
+    total = 0
+    for k in range(n_out):
+        lo, hi = k * stride - pad, k * stride - pad + size - 1  # the window, in dilated-input positions
+        first = max(0, -(-lo // dilate))
+        last = min(n_in - 1, hi // dilate)
+        total += max(0, last - first + 1)
+    return total / n_out
 
 
 def scope_of(line: str) -> tuple[str, str]:
@@ -255,6 +280,10 @@ def ops(text: str) -> list[Op]:
                                                        i.line):
                 continue  # views and compiler bookkeeping on TPU, no data moved
             flops = _matrix_flops(i, shapes)
+            kernel = i.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in i.line
+            declared = re.search(r'"cost_estimate":\{"flops":"(\d+)"', i.line) if kernel else None
+            if declared:
+                flops += float(declared.group(1))
             sub = _attr(i.line, "calls")
             if sub and i.opcode in ("fusion", "custom-call"):
                 flops += comp_flops(sub)
@@ -272,7 +301,7 @@ def ops(text: str) -> list[Op]:
                 scope, direction = "collectives", ""
             cycles = re.search(r'"estimated_cycles":"(\d+)"', i.line)
             out.append(Op(i.name, i.opcode, scope, direction, flops * count, moved * count, count,
-                          cycles=float(cycles.group(1)) * count if cycles else 0.0))
+                          cycles=float(cycles.group(1)) * count if cycles else 0.0, kernel=kernel))
 
     walk(entry, 1)
     return out
@@ -310,6 +339,8 @@ def summary(text: str, peak_tflops: float, hbm_gbps: float, compiler: dict | Non
     matrix = flops / (peak_tflops * 1e12)
     cycles = sum(o.cycles for o in op_list)
     cycle_seconds = cycles / (clock_ghz * 1e9) if clock_ghz and cycles else None
+    kernels = [o for o in op_list if o.kernel]
+    kernel_seconds = sum(o.seconds for o in kernels)
     costly = sorted(op_list, key=lambda o: -(o.cycles or o.seconds))[:top]
     return {
         "peak_tflops": peak_tflops, "hbm_gbps": hbm_gbps, "clock_ghz": clock_ghz,
@@ -319,6 +350,11 @@ def summary(text: str, peak_tflops: float, hbm_gbps: float, compiler: dict | Non
         "compiler": compiler or {},
         "compiler_cycles": cycles, "compiler_seconds": cycle_seconds,
         "compiler_mfu": matrix / cycle_seconds if cycle_seconds else None,
+        # Pallas kernels, which the compiler does not estimate: how many run per step, their roofline time,
+        # and the compiler's step with them at that time (a floor for the step)
+        "kernel_calls": sum(o.count for o in kernels), "kernel_seconds": kernel_seconds,
+        "kernel_bytes": sum(o.bytes for o in kernels), "kernel_flops": sum(o.flops for o in kernels),
+        "compiler_with_kernels_seconds": cycle_seconds + kernel_seconds if cycle_seconds and kernels else None,
         "scopes": by_scope(op_list),
         "top_ops": [dataclasses.asdict(o) for o in costly],
     }
@@ -334,6 +370,15 @@ def format_summary(s: dict) -> str:
         lines.append(f"compiler     per-op estimates sum to {s['compiler_cycles'] / 1e6:.0f}M cycles, "
                      f"{s['compiler_seconds'] * 1e3:.1f} ms at {s['clock_ghz']:g} GHz: "
                      f"MFU {100 * s['compiler_mfu']:.0f}% (estimate)")
+    if s.get("kernel_calls"):
+        lines.append(f"kernels      {s['kernel_calls']} Pallas kernel calls per step, which the compiler does not "
+                     f"estimate: {s['kernel_flops'] / 1e12:.2f} TFLOP (declared), {s['kernel_bytes'] / 1e9:.1f} GB, "
+                     f"roofline {s['kernel_seconds'] * 1e3:.1f} ms")
+        if s.get("compiler_with_kernels_seconds"):
+            with_k = s["compiler_with_kernels_seconds"]
+            lines.append(f"compiler     + kernels at their roofline: {with_k * 1e3:.1f} ms: MFU "
+                         f"{100 * s['matrix_flops'] / (s['peak_tflops'] * 1e12) / with_k:.0f}% (a floor on the "
+                         "step, the kernels' vector work not counted)")
     lines.append(f"roofline     {s['matrix_flops'] / 1e12:.2f} TFLOP of matrix work, {s['bytes'] / 1e9:.1f} GB moved, "
                  f"{s['roofline_seconds'] * 1e3:.1f} ms at {s['peak_tflops']:g} TFLOP/s and {s['hbm_gbps']:g} GB/s: "
                  f"MFU {100 * s['roofline_mfu']:.0f}% (estimate)")

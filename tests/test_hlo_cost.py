@@ -102,3 +102,55 @@ def test_a_loop_without_a_recorded_trip_count_runs_its_condition_bound():
     (dot,) = [o for o in hlo_cost.ops(_TPU_LOOP) if o.flops]
     assert dot.count == 9 and dot.flops == 9 * 2 * 8 * 16 * 16
     assert dot.scope == "vision_tower/stage2"
+
+
+# A Pallas kernel (DaViT's fused window attention) as libtpu compiles it, shortened: a tpu_custom_call with
+# the FLOPs the kernel declares and no cycle estimate, next to a fusion that has one.
+_TPU_KERNEL = """HloModule m
+
+%fused (param_0: bf16[64,144,384]) -> bf16[64,144,384] {
+  %param_0 = bf16[64,144,384]{2,1,0:T(8,128)(2,1)} parameter(0)
+  ROOT %n = bf16[64,144,384]{2,1,0:T(8,128)(2,1)} negate(%param_0)
+}
+
+ENTRY %main (p0: bf16[64,144,384]) -> bf16[64,144,128] {
+  %p0 = bf16[64,144,384]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %fusion.1 = bf16[64,144,384]{2,1,0:T(8,128)(2,1)} fusion(%p0), kind=kLoop, calls=%fused, metadata={op_name="jit(fwd)/vision_tower/stage0/spatial/window_attn/neg"}, backend_config={"window_config":{"estimated_cycles":"3000000"}}
+  ROOT %window_attention_fwd.9 = bf16[64,144,128]{2,1,0:T(8,128)(2,1)} custom-call(%fusion.1), custom_call_target="tpu_custom_call", operand_layout_constraints={bf16[64,144,384]{2,1,0}}, metadata={op_name="jit(fwd)/vision_tower/stage0/spatial/window_attn/window_attention_fwd/pallas_call"}, backend_config={"flag_configs":[],"custom_call_config":{"body":"TUxJUgA=","cost_estimate":{"flops":"169869312","transcendentals":"5308416","bytes_accessed":"7077888","remote_bytes_transferred":"0"}}}
+}
+"""
+
+
+def test_a_pallas_kernel_counts_its_declared_flops_and_its_roofline_apart():
+    """The compiler gives a kernel no cycle estimate: its time is its roofline, reported apart and added to
+    the compiler's step as a floor, never silently counted as zero."""
+    ops = {o.name: o for o in hlo_cost.ops(_TPU_KERNEL)}
+    kernel = ops["window_attention_fwd.9"]
+    assert kernel.kernel and not ops["fusion.1"].kernel
+    assert kernel.flops == 169869312 and kernel.cycles == 0
+    assert kernel.bytes == 64 * 144 * (384 + 128) * 2
+    assert kernel.scope == "vision_tower/stage0"
+    s = hlo_cost.summary(_TPU_KERNEL, 1.0, 1.0, clock_ghz=1.0)
+    assert s["kernel_calls"] == 1
+    floor = max(169869312 / 1e12, kernel.bytes / 1e9)
+    assert abs(s["kernel_seconds"] - floor) < 1e-12
+    assert abs(s["compiler_with_kernels_seconds"] - (3e6 / 1e9 + floor)) < 1e-12
+    assert "Pallas kernel calls per step" in hlo_cost.format_summary(s)
+
+
+# libtpu also writes a batched matmul's batch dimensions as a window over a dilated input whose dilation is
+# one less than the window (size 256, lhs_dilate 255, padding 255 on each side, in the base tower's stage 2):
+# each window still holds one real element. Shortened to 4 windows x 2 heads.
+_TPU_DILATED = """HloModule m
+
+ENTRY %main (p: f32[4,2,16,16], v: bf16[4,2,8,16]) -> bf16[4,2,8,16] {
+  %p = f32[4,2,16,16]{2,3,1,0:T(8,128)} parameter(0)
+  %v = bf16[4,2,8,16]{2,3,1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %convolution-base-dilated.49 = bf16[4,2,8,16]{2,3,1,0:T(8,128)(2,1)} convolution(%p, %v), window={size=4x2 stride=4x2 pad=3_3x1_1 lhs_dilate=3x1 rhs_reversal=1x1}, dim_labels=01fb_01oi->01fb, metadata={op_name="jit(fwd)/vision_tower/stage2/spatial/window_attn/bhqk,bhkd->bhqd/dot_general"}
+}
+"""
+
+
+def test_a_batch_written_as_a_window_over_a_dilated_input_counts_one_element_per_window():
+    (op,) = hlo_cost.ops(_TPU_DILATED)
+    assert op.flops == 2 * (4 * 2 * 16 * 8) * 16  # windows x heads x queries x head size x keys, x 2
