@@ -76,6 +76,11 @@ class Formulations:
     # matrix-vector products read the cache on one core, and at 256 new tokens the whole buffer cost a
     # beam-3 step about as much as its cross-attention).
     decode_cache: str = "preallocated"
+    # DaViT's window attention: einsums around a float32 softmax, which XLA:TPU passes through HBM three
+    # times per window ("einsum"), or one Pallas kernel per block of windows taking the qkv projection's
+    # output as it lies and keeping each head's scores on chip ("fused": a TPU kernel; on the CPU it runs
+    # in Pallas' interpreter, for tests; florence_jax.modeling.window_kernel).
+    window_attention: str = "einsum"
     # The accelerator, when the spec named one ("a100", "v5e"): its memory and peak (DEVICE_SPECS) for
     # the ahead-of-time memory check and MFU. No formulation depends on it yet.
     device: str = ""
@@ -87,6 +92,9 @@ class Formulations:
             if allowed is not None and value not in allowed:
                 raise ValueError(f"hardware formulation {f.name}={value!r}: expected one of "
                                  + ", ".join(map(repr, allowed)))
+        if self.window_attention == "fused" and self.platform == "gpu":
+            raise ValueError("hardware formulation window_attention='fused' is a TPU kernel; on a GPU, "
+                             "model.attention_impl='dot_product' fuses window attention through cuDNN")
 
     def spec(self) -> str:
         """The shortest spec that resolves to this set: the platform plus what differs from its defaults."""
@@ -108,6 +116,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "lm_head_product": ("hidden_major", "vocab_major"),
     "decode_dots": ("compiler", "eigen"),
     "decode_cache": ("preallocated", "segments"),
+    "window_attention": ("einsum", "fused"),
 }
 # Formulations.decode_cache="segments": the cache grows by this many slots at a time.
 CACHE_SEGMENT = 64
@@ -127,7 +136,8 @@ DEFAULTS: dict[str, Formulations] = {
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="gather"),
     "tpu": Formulations("tpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
-                        beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="affine"),
+                        beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="affine",
+                        window_attention="fused"),
 }
 
 # XLA:CPU compiler options for Formulations.decode_dots="eigen": no library fusion for YNNPACK, so every

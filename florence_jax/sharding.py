@@ -67,14 +67,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-# The mesh of the step being traced, when its weights are to be gathered whole for compute (FSDP).
+# The mesh of the step being traced (fsdp_compute), for the code inside the model that must know it.
 _COMPUTE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("compute_mesh", default=None)
 
 
 @contextlib.contextmanager
 def fsdp_compute(mesh: Mesh):
     """While tracing under this, :func:`gather_for_compute` gathers parameters whole on each device (when
-    ``mesh`` has an ``fsdp`` axis of more than one device; otherwise it changes nothing).
+    ``mesh`` has an ``fsdp`` axis of more than one device; otherwise it changes nothing), and
+    :func:`step_mesh` is ``mesh``: a Pallas kernel (DaViT's fused window attention) runs per device under
+    ``shard_map`` over it, since XLA's partitioner cannot split a kernel.
 
     With parameters stored split over ``fsdp`` and nothing said about how they are used, XLA's partitioner
     may run a layer on the whole fsdp group's batch with a slice of each weight's output channels,
@@ -82,7 +84,7 @@ def fsdp_compute(mesh: Mesh):
     few MB): the libtpu compile of ``tpu_v4_32_frozen.py`` did so throughout the vision tower
     (docs/scale-out.md). Entered inside the jitted step, so each compiled program always sees one mesh.
     """
-    token = _COMPUTE_MESH.set(mesh if dict(mesh.shape).get("fsdp", 1) > 1 else None)
+    token = _COMPUTE_MESH.set(mesh)
     try:
         yield
     finally:
@@ -95,7 +97,12 @@ def gather_for_compute(tree):
     pass returns each weight's gradient split as the weight is stored (a reduce-scatter): ZeRO-3's
     traffic, with the compiler choosing when each gather runs."""
     mesh = _COMPUTE_MESH.get()
-    if mesh is None:
+    if mesh is None or dict(mesh.shape).get("fsdp", 1) == 1:
         return tree
     whole = replicated(mesh)
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole) if hasattr(x, "shape") else x, tree)
+
+
+def step_mesh() -> Mesh | None:
+    """The mesh of the step being traced under :func:`fsdp_compute`, or None outside one."""
+    return _COMPUTE_MESH.get()

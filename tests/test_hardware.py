@@ -25,6 +25,8 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
     h100 = hardware.resolve("h100")
     assert (h100.platform, h100.device) == ("gpu", "h100") and h100.spec() == "h100"
     assert hardware.resolve("v5e").pixel_normalize == "affine"
+    assert hardware.resolve("v5e").window_attention == "fused"  # the Pallas kernel is the TPU's
+    assert hardware.resolve("cpu").window_attention == hardware.resolve("gpu").window_attention == "einsum"
     ab = hardware.resolve("gpu:depthwise_conv=grouped, store_vision_residuals=true")
     assert ab.depthwise_conv == "grouped" and ab.store_vision_residuals is True
     assert ab.beam_cache_copy == "gather"  # the rest stay the GPU's
@@ -44,6 +46,7 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
     ("gpu:depthwise_conv=fft", "depthwise_conv='fft'"),
     ("gpu:store_vision_residuals=yes", "takes true or false"),
     ("gpu:depthwise_conv", "is not name=value"),
+    ("gpu:window_attention=fused", "is a TPU kernel"),
 ])
 def test_bad_specs_say_what_is_wrong(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -142,7 +145,8 @@ def cpu_tower(tiny_hf_dir):
 #  - the stored residual stream and the carried small scan parameters change where values live, not the
 #    arithmetic: the features are bit-identical; XLA orders the backward's sums differently around them.
 #  - the grouped convolution and the sequence-major attention einsums sum the same products in another
-#    order: float32 rounding of the features too.
+#    order: float32 rounding of the features too. So does the fused window attention kernel (run by Pallas'
+#    interpreter here), which also normalizes the softmax by a reciprocal.
 # The accelerators' defaults together (both exact) in the default suite; each formulation alone is slow.
 @pytest.mark.parametrize("change, exact_features", [
     ("gpu", True),
@@ -150,6 +154,7 @@ def cpu_tower(tiny_hf_dir):
     pytest.param("cpu:carry_small_scan_params=false", True, marks=pytest.mark.slow),
     pytest.param("cpu:depthwise_conv=grouped", False, marks=pytest.mark.slow),
     pytest.param("cpu:attention_layout=sequence_major", False, marks=pytest.mark.slow),
+    ("cpu:window_attention=fused", False),
 ])
 def test_every_vision_formulation_computes_the_same_tower(cpu_tower, change, exact_features):
     model, x, a = cpu_tower

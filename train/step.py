@@ -133,6 +133,11 @@ def eval_step(fns: StepFns, params, rest, batch: dict):
     return {"loss_sum": loss_sum, "tokens": n_tok}
 
 
+def _eval_step_on(mesh, fns: StepFns, params, rest, batch: dict):
+    with fsdp_compute(mesh):  # the step's mesh, as the train step's
+        return eval_step(fns, params, rest, batch)
+
+
 def jit_train_step(fns: StepFns, state: TrainState, batch_sharding, *, donate: bool = True):
     """``step(state, batch, rng) -> (state, metrics)`` jitted with explicit shardings.
 
@@ -160,5 +165,6 @@ def jit_eval_step(fns: StepFns, state: TrainState, batch_sharding):
     repl = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     params_sh = jax.tree.map(lambda x: x.sharding, state.params)
     rest_sh = jax.tree.map(lambda x: x.sharding, state.rest)
-    return jax.jit(functools.partial(eval_step, fns), in_shardings=(params_sh, rest_sh, batch_sharding),
+    return jax.jit(functools.partial(_eval_step_on, batch_sharding.mesh, fns),
+                   in_shardings=(params_sh, rest_sh, batch_sharding),
                    out_shardings=repl)

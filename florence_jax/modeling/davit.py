@@ -25,6 +25,7 @@ from florence_jax.modeling.layers import (
     recompute_in_backward,
     remat_function,
 )
+from florence_jax.modeling.window_kernel import fused_window_attention
 
 
 def _conv(cfg: Florence2Config, din: int, dout: int, k: int, stride: int, pad: int, groups: int, rngs):
@@ -159,7 +160,11 @@ class WindowAttention(nnx.Module):
         self.num_heads = v.num_heads[stage]
         self.window_size = v.window_size
         self.impl = cfg.attention_impl
-        self.layout = hardware.resolve(cfg.hardware).attention_layout
+        f = hardware.resolve(cfg.hardware)
+        self.layout = f.attention_layout
+        # the kernel compiles for the TPU and runs in Pallas' interpreter elsewhere (tests)
+        self.fused = f.window_attention == "fused"
+        self.interpret = f.platform != "tpu"
         self.qkv = linear(cfg, self.dim, 3 * self.dim, use_bias=v.qkv_bias, rngs=rngs)
         self.proj = linear(cfg, self.dim, self.dim, rngs=rngs)
 
@@ -173,9 +178,13 @@ class WindowAttention(nnx.Module):
         # (B, Hp, Wp, C) -> (B * nH * nW, ws*ws, C)
         x = x.reshape(b, hp // ws, ws, wp // ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
         heads, hd = self.num_heads, c // self.num_heads
-        qkv = dense(self.qkv, x, rngs).reshape(x.shape[0], ws * ws, 3, heads, hd)
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=hd**-0.5, impl=self.impl,
-                        layout=self.layout)
+        qkv = dense(self.qkv, x, rngs)
+        if self.fused:
+            out = fused_window_attention(qkv, heads, hd**-0.5, interpret=self.interpret)
+        else:
+            qkv = qkv.reshape(x.shape[0], ws * ws, 3, heads, hd)
+            out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=hd**-0.5, impl=self.impl,
+                            layout=self.layout)
         out = dense(self.proj, out.reshape(x.shape[0], ws * ws, c), rngs)
         out = out.reshape(b, hp // ws, wp // ws, ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
         return out[:, :h, :w, :].reshape(b, h * w, c)
