@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     print(header)
     print(f"target       {target}  mesh {report['mesh']}")
     print(f"program      traced for {report['platform']} (hardware {report['hardware']})")
+    if report["note"]:
+        print(f"  note       {report['note']}")
     print(f"compiled in  {report['compile_seconds']:.1f}s")
     gib = 1024**3
     for k in ("argument", "output", "temp", "alias", "total"):

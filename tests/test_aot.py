@@ -35,6 +35,14 @@ def _aot(*extra: str) -> str:
     return out.stdout
 
 
+def test_a_config_for_a_tpu_compiles_here_without_the_tpu_kernel():
+    """On simulated CPU devices a TPU config's program is the TPU's, but for its window attention: the
+    Pallas kernel compiles for a TPU target only, so the einsums stand in for it, and the output says so."""
+    out = _aot("--config.model.hardware=v5e")
+    assert "traced for tpu (hardware v5e:window_attention=einsum)" in out
+    assert "compiles only for a TPU target" in out and "fits in 16 GiB" in out
+
+
 def test_a_config_for_a_gpu_compiles_the_gpus_program_here_and_checks_that_gpus_memory():
     """On simulated CPU devices, a config whose model.hardware names a GPU gets the GPU's program (its
     formulations, not this machine's) and the memory check of that GPU. (With no hardware named, the
