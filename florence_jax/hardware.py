@@ -94,7 +94,8 @@ class Formulations:
                                  + ", ".join(map(repr, allowed)))
         if self.window_attention == "fused" and self.platform == "gpu":
             raise ValueError("hardware formulation window_attention='fused' is a TPU kernel; on a GPU, "
-                             "model.attention_impl='dot_product' fuses window attention through cuDNN")
+                             "model.attention_impl='dot_product' hands window attention to "
+                             "jax.nn.dot_product_attention (cuDNN's fused attention where it applies)")
 
     def spec(self) -> str:
         """The shortest spec that resolves to this set: the platform plus what differs from its defaults."""
@@ -123,8 +124,10 @@ CACHE_SEGMENT = 64
 _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spec may change
 
 # Each backend's defaults. docs/benchmarks.md ("Formulations per backend") gives the measurement behind
-# each and lists the ones no run on that hardware has chosen yet: the GPU's and TPU's keep the CPU's
-# depthwise convolution and attention layout until scripts/device_bench.sh (MODE=ab) compares them there.
+# each and lists the ones no run on that hardware has chosen yet: the GPU keeps the CPU's depthwise
+# convolution and attention layout until scripts/device_bench.sh (MODE=ab) compares them there; the TPU's
+# depthwise convolution, window attention and pixel normalization follow the TPU compiler's estimates
+# (docs/scale-out.md), no chip having run them.
 DEFAULTS: dict[str, Formulations] = {
     "cpu": Formulations("cpu", depthwise_conv="shifted_sum", store_vision_residuals=True,
                         carry_small_scan_params=True, attention_layout="heads_major",
@@ -134,7 +137,7 @@ DEFAULTS: dict[str, Formulations] = {
     "gpu": Formulations("gpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="gather"),
-    "tpu": Formulations("tpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
+    "tpu": Formulations("tpu", depthwise_conv="grouped", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="affine",
                         window_attention="fused"),
