@@ -216,6 +216,21 @@ def _real_taps(n_in: int, size: int, stride: int, dilate: int, pad: int, n_out: 
     return total / n_out
 
 
+def _updates_in_place(fused: list[_Instr]) -> bool:
+    """A fused computation whose result is a dynamic-update-slice of one of its parameters (through
+    bitcasts): XLA writes the update into the operand's buffer."""
+    by_name = {i.name: i for i in fused}
+    root = next((i for i in fused if re.match(r"\s*ROOT\s", i.line)), None)
+    while root is not None and root.opcode == "bitcast" and root.operands:
+        root = by_name.get(root.operands[0])
+    if root is None or root.opcode != "dynamic-update-slice" or not root.operands:
+        return False
+    buffer = by_name.get(root.operands[0])
+    while buffer is not None and buffer.opcode == "bitcast" and buffer.operands:
+        buffer = by_name.get(buffer.operands[0])
+    return buffer is not None and buffer.opcode == "parameter"
+
+
 def scope_of(line: str) -> tuple[str, str]:
     """(scope, direction) of an op from its metadata ``op_name``: the model part it was traced in."""
     m = re.search(r'op_name="([^"]*)"', line)
@@ -289,7 +304,17 @@ def ops(text: str) -> list[Op]:
                 flops += comp_flops(sub)
             moved = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands
                                                 if by_name.get(o) is None or by_name[o].opcode != "constant")
-            if i.opcode == "slice-start":  # ((operand), slice, status): reads and writes the slice only
+            if i.opcode == "dynamic-update-slice" or (i.opcode == "fusion" and _updates_in_place(comps.get(sub, []))):
+                # written in place: the buffer operand (the result's shape) is not read, only the update is
+                # read and written into it (a scan stacking each iteration's residuals does this)
+                result = _arrays(i.shape)
+                update = sum(shape_bytes(shapes.get(o, "")) for o in i.operands
+                             if _arrays(shapes.get(o, "")) != result
+                             and (by_name.get(o) is None or by_name[o].opcode != "constant"))
+                moved = 2 * update
+            elif i.opcode == "dynamic-slice":  # reads the slice only
+                moved = 2 * shape_bytes(i.shape)
+            elif i.opcode == "slice-start":  # ((operand), slice, status): reads and writes the slice only
                 arrays = _ARRAY.findall(i.shape)
                 moved = 2 * shape_bytes("".join(f"{d}[{dims}]" for d, dims, _ in arrays[1:2]), False)
             elif i.opcode.endswith("-start"):  # async: the result tuple repeats the operand (and its status word)
