@@ -188,11 +188,13 @@ def _matrix_flops(instr: _Instr, shapes: dict[str, str]) -> float:
         features = kdims[labels.group(2).find("i")]
         window = re.search(r"window=\{([^}]*)\}", instr.line)
         taps = 1.0
-        if window:
+        size_field = re.search(r"size=([\dx]+)", window.group(1)) if window else None
+        if size_field:
+            sizes = [int(x) for x in size_field.group(1).split("x")]
+
             def field(key, default):
                 m = re.search(key + r"=([\d_x]+)", window.group(1))
                 return m.group(1).split("x") if m else [default] * len(sizes)
-            sizes = [int(x) for x in field("size", "1")]
             stride, dilate = [int(x) for x in field("stride", "1")], [int(x) for x in field("lhs_dilate", "1")]
             pads = [int(x.split("_")[0]) for x in field("pad", "0_0")]
             for d, size in enumerate(sizes):
@@ -220,14 +222,16 @@ def _updates_in_place(fused: list[_Instr]) -> bool:
     """A fused computation whose result is a dynamic-update-slice of one of its parameters (through
     bitcasts): XLA writes the update into the operand's buffer."""
     by_name = {i.name: i for i in fused}
-    root = next((i for i in fused if re.match(r"\s*ROOT\s", i.line)), None)
-    while root is not None and root.opcode == "bitcast" and root.operands:
-        root = by_name.get(root.operands[0])
+
+    def through_bitcasts(instr: _Instr | None) -> _Instr | None:
+        while instr is not None and instr.opcode == "bitcast" and instr.operands:
+            instr = by_name.get(instr.operands[0])
+        return instr
+
+    root = through_bitcasts(next((i for i in fused if re.match(r"\s*ROOT\s", i.line)), None))
     if root is None or root.opcode != "dynamic-update-slice" or not root.operands:
         return False
-    buffer = by_name.get(root.operands[0])
-    while buffer is not None and buffer.opcode == "bitcast" and buffer.operands:
-        buffer = by_name.get(buffer.operands[0])
+    buffer = through_bitcasts(by_name.get(root.operands[0]))
     return buffer is not None and buffer.opcode == "parameter"
 
 

@@ -88,10 +88,11 @@ def _attention_bwd(heads, scale, interpret, qkv, d_out):
 _attention_vjp.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _head(ref, part: int, h: int, channels: int, head_dim: int):
-    """Head ``h`` of q (part 0), k (1) or v (2) from a ``(windows, tokens, 3 * channels)`` block."""
+def _lanes(part: int, h: int, channels: int, head_dim: int) -> slice:
+    """Head ``h``'s channels of q (part 0), k (1), v (2) in a ``(..., 3 * channels)`` block, or of a
+    ``(..., channels)`` one with part 0."""
     start = part * channels + h * head_dim
-    return ref[:, :, start:start + head_dim]
+    return slice(start, start + head_dim)
 
 
 def _probabilities(q, k, scale):
@@ -105,18 +106,18 @@ def _forward_kernel(qkv_ref, o_ref, *, heads, scale):
     channels = o_ref.shape[-1]
     hd = channels // heads
     for h in range(heads):
-        v = _head(qkv_ref, 2, h, channels, hd)
-        p = _probabilities(_head(qkv_ref, 0, h, channels, hd), _head(qkv_ref, 1, h, channels, hd), scale)
+        q, k, v = (qkv_ref[:, :, _lanes(part, h, channels, hd)] for part in range(3))
+        p = _probabilities(q, k, scale)
         o = jnp.einsum("gqk,gkd->gqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        o_ref[:, :, h * hd:(h + 1) * hd] = o.astype(o_ref.dtype)
+        o_ref[:, :, _lanes(0, h, channels, hd)] = o.astype(o_ref.dtype)
 
 
 def _backward_kernel(qkv_ref, do_ref, dqkv_ref, *, heads, scale):
     channels = do_ref.shape[-1]
     hd = channels // heads
     for h in range(heads):
-        q, k, v = (_head(qkv_ref, part, h, channels, hd) for part in range(3))
-        do = do_ref[:, :, h * hd:(h + 1) * hd]
+        q, k, v = (qkv_ref[:, :, _lanes(part, h, channels, hd)] for part in range(3))
+        do = do_ref[:, :, _lanes(0, h, channels, hd)]
         p = _probabilities(q, k, scale)
         # out = p' v with p' = p in the input dtype: dv = p'^T do, dp = do v^T
         dv = jnp.einsum("gqk,gqd->gkd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
@@ -126,8 +127,7 @@ def _backward_kernel(qkv_ref, do_ref, dqkv_ref, *, heads, scale):
         dq = jnp.einsum("gqk,gkd->gqd", ds, k, preferred_element_type=jnp.float32)
         dk = jnp.einsum("gqk,gqd->gkd", ds, q, preferred_element_type=jnp.float32)
         for part, grad in enumerate((dq, dk, dv)):
-            start = part * channels + h * hd
-            dqkv_ref[:, :, start:start + hd] = grad.astype(dqkv_ref.dtype)
+            dqkv_ref[:, :, _lanes(part, h, channels, hd)] = grad.astype(dqkv_ref.dtype)
 
 
 def _forward(qkv, heads, scale, interpret):
