@@ -66,9 +66,11 @@ class Formulations:
     # back after an optimization barrier ("vocab_major": XLA:CPU runs a product of 12 decoding rows with
     # 51k vocabulary rows about twice as fast with the vocabulary as the product's rows).
     lm_head_product: str = "hidden_major"
-    # The decoding loop's dot kernels: whatever the compiler picks ("compiler") or, on XLA:CPU, its Eigen
-    # kernels with YNNPACK's dots turned off for that program ("eigen": YNNPACK ran the loop's few-row
-    # products at half Eigen's speed; the vision tower and the train step keep YNNPACK, which is faster there).
+    # The decoding loop's dot kernels: whatever the compiler picks ("compiler": on XLA:CPU, YNNPACK's) or, on
+    # XLA:CPU, its Eigen kernels with YNNPACK's fusions turned off for that program ("eigen"). Which is faster
+    # depends on the CPU host: on one 2-core host "eigen" decoded 8-10% faster, on another (with twice the
+    # L3 cache and memory bandwidth) "compiler" 12-17% faster; docs/benchmarks.md. The vision tower and the
+    # train step keep the compiler's choice either way.
     decode_dots: str = "compiler"
     # The decoding loop's self-attention cache: one buffer of every slot the generation may write, attended
     # whole at each step behind a mask ("preallocated"), or grown in segments of ``CACHE_SEGMENT`` slots, one
@@ -132,7 +134,7 @@ DEFAULTS: dict[str, Formulations] = {
     "cpu": Formulations("cpu", depthwise_conv="shifted_sum", store_vision_residuals=True,
                         carry_small_scan_params=True, attention_layout="heads_major",
                         beam_cross_attention="per_beam", beam_cache_copy="row_by_row", pixel_normalize="gather",
-                        lm_head_product="vocab_major", decode_dots="eigen",
+                        lm_head_product="vocab_major", decode_dots="compiler",
                         decode_cache="segments"),
     "gpu": Formulations("gpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",

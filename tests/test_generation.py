@@ -295,13 +295,15 @@ def test_cache_slots_follow_parents_and_copy_only_extra_children():
 
 def test_cpu_and_accelerator_beam_paths_agree(gen_pair, prompts):
     """The CPU's beam-search step (each beam's cross-attention query alone; cache rows copied only for
-    extra children; the LM head's product vocabulary-major; the loop compiled with Eigen's dots) and the
-    accelerators' (a row's beams as one product; the whole cache gathered by parent; the LM head as
-    transformers writes it; the compiler's dots), both run here from models built for each (florence_jax.hardware), give the same beams and
-    scores (float32 rounding: 1e-5). The parity tests above run the CPU's path against transformers."""
+    extra children; the LM head's product vocabulary-major), here with the loop compiled with Eigen's dots,
+    and the accelerators' (a row's beams as one product; the whole cache gathered by parent; the LM head as
+    transformers writes it; the compiler's dots), both run here from models built for each
+    (florence_jax.hardware), give the same beams and scores (float32 rounding: 1e-5). The parity tests
+    above run the CPU's default path (the compiler's dots) against transformers."""
     _, ours = gen_pair
     ids, pixels, mask = prompts
-    generator = Generator(ours)
+    generator = Generator(ours.for_hardware("cpu:decode_dots=eigen"))
+    assert generator.decode_options
     enc = generator.encode(ids, pixels, mask)
     kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True, **EARLY_EOS)
     accelerator = Generator(ours.for_hardware("cpu:beam_cross_attention=batched,beam_cache_copy=gather,"
@@ -316,7 +318,8 @@ def test_the_cpu_decoding_program_has_its_lm_head_product_and_dot_kernels(gen_pa
     """What the CPU formulations promise of the compiled decoding loop, read off XLA's optimized program:
     under ``lm_head_product=vocab_major`` a dot with the vocabulary as its rows survives compilation (XLA
     would otherwise fold the transpose back into ``hidden @ embedding.T``), and under ``decode_dots=eigen``
-    no dot is handed to YNNPACK (``__ynn_fusion``), while the compiler's default program has such dots.
+    no dot is handed to YNNPACK (``__ynn_fusion``), while the compiler's program (the CPU's default) has
+    such dots.
     The logits of the two LM-head products agree to float32 summation order (1e-5)."""
     import jax.numpy as jnp
 
@@ -334,11 +337,12 @@ def test_the_cpu_decoding_program_has_its_lm_head_product_and_dot_kernels(gen_pa
         return fn.lower(generator.graphdef, static, generator.state, enc, np.asarray(mask, np.int32),
                         controls).compile().as_text()
 
-    cpu = program(ours.for_hardware("cpu"))
-    default = program(ours.for_hardware("cpu:lm_head_product=hidden_major,decode_dots=compiler"))
-    assert f"f32[{vocab},{rows}]{{1,0}} dot(" in cpu
+    eigen = program(ours.for_hardware("cpu:decode_dots=eigen"))
+    default = program(ours.for_hardware("cpu:lm_head_product=hidden_major"))
+    assert ours.formulations.decode_dots == "compiler"
+    assert f"f32[{vocab},{rows}]{{1,0}} dot(" in eigen
     assert f"f32[{vocab},{rows}]" not in default
-    assert "__ynn_fusion" not in cpu and "__ynn_fusion" in default
+    assert "__ynn_fusion" not in eigen and "__ynn_fusion" in default
 
     hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, ours.config.text_config.d_model)), jnp.float32)
     by_vocab = ours.for_hardware("cpu:lm_head_product=vocab_major").logits_from_hidden(hidden)
