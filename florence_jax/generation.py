@@ -84,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from florence_jax import hardware
+from florence_jax import cpu_kernels, hardware
 from florence_jax.devices import to_host
 from florence_jax.generation_config import GenerationConfig
 from florence_jax.modeling.bart import LayerCache
@@ -495,13 +495,35 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
     return DecodeOutput(st.sequences[:, 0], length.astype(jnp.int32), st.scores[:, 0])
 
 
+def _kernel_weights(model) -> dict[Any, jax.Array]:
+    """Under ``Formulations.decode_dots="kernel"`` on the CPU: every weight matrix a decoding step multiplies
+    a few rows by (the decoder's projections and MLPs, the tied LM head), by the module that owns it, for
+    :func:`florence_jax.cpu_kernels.decode_products`. Empty otherwise, and for modules that compute in
+    another dtype or carry an adapter (LoRA layers run their own product)."""
+    f = model.formulations
+    if f.platform != "cpu" or f.decode_dots != "kernel" or not cpu_kernels.available():
+        return {}
+    lm = model.model.language_model
+    weights = {}
+    for layer in lm.decoder.layers:
+        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                  layer.self_attn.out_proj, layer.encoder_attn.q_proj, layer.encoder_attn.out_proj,
+                  layer.fc1, layer.fc2):
+            if type(m) is nnx.Linear and m.dtype in (None, jnp.float32):
+                weights[m] = m.kernel[...]
+    if lm.shared.dtype in (None, jnp.float32):
+        weights[lm.shared] = lm.shared.embedding[...].T
+    return weights
+
+
 def decode_loop(model, enc, enc_mask, controls: DecodeControls, static: DecodeStatic) -> DecodeOutput:
     """The decoding loop (greedy or beam search) from encoder outputs, traced inside the caller's program:
     what every jitted generation program here runs after the encoder. For programs built elsewhere (the
     labeller runs it per device under ``shard_map``); ``controls`` and ``static`` from :meth:`Generator.resolve`."""
-    if static.num_beams == 1:
-        return _greedy(model, enc, enc_mask, controls, static)
-    return _beam_search(model, enc, enc_mask, controls, static)
+    with cpu_kernels.decode_products(_kernel_weights(model)):
+        if static.num_beams == 1:
+            return _greedy(model, enc, enc_mask, controls, static)
+        return _beam_search(model, enc, enc_mask, controls, static)
 
 
 

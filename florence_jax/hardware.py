@@ -66,11 +66,13 @@ class Formulations:
     # back after an optimization barrier ("vocab_major": XLA:CPU runs a product of 12 decoding rows with
     # 51k vocabulary rows about twice as fast with the vocabulary as the product's rows).
     lm_head_product: str = "hidden_major"
-    # The decoding loop's dot kernels: whatever the compiler picks ("compiler": on XLA:CPU, YNNPACK's) or, on
-    # XLA:CPU, its Eigen kernels with YNNPACK's fusions turned off for that program ("eigen"). Which is faster
-    # depends on the CPU host: on one 2-core host "eigen" decoded 8-10% faster, on another (with twice the
-    # L3 cache and memory bandwidth) "compiler" 12-17% faster; docs/benchmarks.md. The vision tower and the
-    # train step keep the compiler's choice either way.
+    # The decoding loop's weight products: florence_jax's CPU kernel for a few rows times a large matrix,
+    # on weights packed panel-major once per generation ("kernel": about twice XLA:CPU's speed at 12 rows,
+    # built at first use with the host's C++ compiler; without one the loop keeps XLA's dots, with a
+    # warning; florence_jax.cpu_kernels); whatever the compiler picks ("compiler": on XLA:CPU, YNNPACK's); or,
+    # on XLA:CPU, its Eigen kernels with YNNPACK's fusions turned off for that program ("eigen"). Between
+    # the last two the faster depends on the host (docs/benchmarks.md). Off the CPU the choice changes
+    # nothing. The vision tower and the train step keep the compiler's choice either way.
     decode_dots: str = "compiler"
     # The decoding loop's self-attention cache: one buffer of every slot the generation may write, attended
     # whole at each step behind a mask ("preallocated"), or grown in segments of ``CACHE_SEGMENT`` slots, one
@@ -117,7 +119,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "beam_cache_copy": ("row_by_row", "gather"),
     "pixel_normalize": ("gather", "one_hot", "affine"),
     "lm_head_product": ("hidden_major", "vocab_major"),
-    "decode_dots": ("compiler", "eigen"),
+    "decode_dots": ("compiler", "eigen", "kernel"),
     "decode_cache": ("preallocated", "segments"),
     "window_attention": ("einsum", "fused"),
 }
@@ -134,7 +136,7 @@ DEFAULTS: dict[str, Formulations] = {
     "cpu": Formulations("cpu", depthwise_conv="shifted_sum", store_vision_residuals=True,
                         carry_small_scan_params=True, attention_layout="heads_major",
                         beam_cross_attention="per_beam", beam_cache_copy="row_by_row", pixel_normalize="gather",
-                        lm_head_product="vocab_major", decode_dots="compiler",
+                        lm_head_product="vocab_major", decode_dots="kernel",
                         decode_cache="segments"),
     "gpu": Formulations("gpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",

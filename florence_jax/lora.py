@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from florence_jax import cpu_kernels
 from florence_jax.devices import to_host
 
 LM_HEAD = "lm_head"
@@ -74,8 +75,14 @@ class LoRAHead(nnx.Module):
 
 
 def dense(layer, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Call a linear layer; a LoRA layer also receives the dropout RNG."""
-    return layer(x, rngs=rngs) if isinstance(layer, LoRALinear) else layer(x)
+    """Call a linear layer; a LoRA layer also receives the dropout RNG. Inside a decoding loop whose weights
+    were packed for the CPU kernel (florence_jax.cpu_kernels.decode_products) the product runs there."""
+    if isinstance(layer, LoRALinear):
+        return layer(x, rngs=rngs)
+    y = cpu_kernels.packed_product(layer, x)
+    if y is None:
+        return layer(x)
+    return y if layer.bias is None else y + layer.bias[...]
 
 
 def dense_of_activation(layer, act, h: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:

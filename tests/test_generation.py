@@ -299,7 +299,8 @@ def test_cpu_and_accelerator_beam_paths_agree(gen_pair, prompts):
     and the accelerators' (a row's beams as one product; the whole cache gathered by parent; the LM head as
     transformers writes it; the compiler's dots), both run here from models built for each
     (florence_jax.hardware), give the same beams and scores (float32 rounding: 1e-5). The parity tests
-    above run the CPU's default path (the compiler's dots) against transformers."""
+    above run the CPU's default path (florence_jax's CPU kernel for the weight products) against
+    transformers."""
     _, ours = gen_pair
     ids, pixels, mask = prompts
     generator = Generator(ours.for_hardware("cpu:decode_dots=eigen"))
@@ -317,9 +318,10 @@ def test_cpu_and_accelerator_beam_paths_agree(gen_pair, prompts):
 def test_the_cpu_decoding_program_has_its_lm_head_product_and_dot_kernels(gen_pair, prompts):
     """What the CPU formulations promise of the compiled decoding loop, read off XLA's optimized program:
     under ``lm_head_product=vocab_major`` a dot with the vocabulary as its rows survives compilation (XLA
-    would otherwise fold the transpose back into ``hidden @ embedding.T``), and under ``decode_dots=eigen``
-    no dot is handed to YNNPACK (``__ynn_fusion``), while the compiler's program (the CPU's default) has
-    such dots.
+    would otherwise fold the transpose back into ``hidden @ embedding.T``); under ``decode_dots=eigen``
+    no dot is handed to YNNPACK (``__ynn_fusion``), while the compiler's program has such dots; and under
+    the CPU's default, ``decode_dots=kernel``, every weight product of a step (8 per decoder layer and the
+    LM head) is a call of florence_jax's CPU kernel and no dot reads the vocabulary.
     The logits of the two LM-head products agree to float32 summation order (1e-5)."""
     import jax.numpy as jnp
 
@@ -328,6 +330,7 @@ def test_the_cpu_decoding_program_has_its_lm_head_product_and_dot_kernels(gen_pa
     _, ours = gen_pair
     ids, pixels, mask = prompts
     vocab, rows = ours.config.text_config.vocab_size, len(PROMPT_LENGTHS) * 3
+    layers = ours.config.text_config.decoder_layers
 
     def program(model):
         generator = Generator(model, max_new_tokens=4, num_beams=3)
@@ -338,11 +341,16 @@ def test_the_cpu_decoding_program_has_its_lm_head_product_and_dot_kernels(gen_pa
                         controls).compile().as_text()
 
     eigen = program(ours.for_hardware("cpu:decode_dots=eigen"))
-    default = program(ours.for_hardware("cpu:lm_head_product=hidden_major"))
-    assert ours.formulations.decode_dots == "compiler"
+    compiler = program(ours.for_hardware("cpu:lm_head_product=hidden_major,decode_dots=compiler"))
+    default = program(ours)
+    assert ours.formulations.decode_dots == "kernel"
     assert f"f32[{vocab},{rows}]{{1,0}} dot(" in eigen
-    assert f"f32[{vocab},{rows}]" not in default
-    assert "__ynn_fusion" not in eigen and "__ynn_fusion" in default
+    assert f"f32[{vocab},{rows}]" not in compiler
+    assert "__ynn_fusion" not in eigen and "__ynn_fusion" in compiler
+    assert "florence_rows_product" not in eigen + compiler
+    # 4 new tokens fit one cache segment: one decoding loop, whose body holds every call.
+    assert default.count('custom_call_target="florence_rows_product"') == 8 * layers + 1
+    assert f"f32[{vocab},{rows}]" not in default and f"f32[{rows},{vocab}]{{1,0}} dot(" not in default
 
     hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, ours.config.text_config.d_model)), jnp.float32)
     by_vocab = ours.for_hardware("cpu:lm_head_product=vocab_major").logits_from_hidden(hidden)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from florence_jax import hardware
+from florence_jax import cpu_kernels, hardware
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
 from florence_jax.modeling.bart import BartModel
@@ -202,10 +202,10 @@ class Florence2ForConditionalGeneration(nnx.Module):
         """The tied LM head: hidden states against the shared embedding (plus its LoRA adapter, if any); for
         an original-layout checkpoint plus its ``final_logits_bias``, with the padded rows masked out."""
         shared = self.model.language_model.shared
-        if self.formulations.lm_head_product == "vocab_major":
-            logits = _vocab_major_logits(hidden, shared)
-        else:
-            logits = shared.attend(hidden)
+        logits = cpu_kernels.packed_product(shared, hidden)  # inside a CPU decoding loop, else None
+        if logits is None:
+            vocab_major = self.formulations.lm_head_product == "vocab_major"
+            logits = _vocab_major_logits(hidden, shared) if vocab_major else shared.attend(hidden)
         head = getattr(self, "lm_head", None)  # florence_jax.lora.LoRAHead
         if head is not None:
             logits = logits + head(hidden, rngs).astype(logits.dtype)
