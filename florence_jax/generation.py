@@ -409,11 +409,6 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
     # (transformers repeats the encoder output num_beams times); cross-attention groups each row's beam
     # queries against them, which reads num_beams times less memory per step.
     cross_kv = decoder.cross_kv(enc)
-    if (cpu_kernels.active() and model.formulations.beam_cross_attention == "per_beam"
-            and decoder.layers[0].encoder_attn.impl == "xla" and enc.dtype == jnp.float32):
-        # On the CPU kernel the keys and values are packed once, here, and each step reads them once for
-        # all of a row's beams (BartAttention.attend_packed).
-        cross_kv = [cpu_kernels.pack_kv(key, value) for key, value in cross_kv]
     cross_mask = enc_mask
     top_mask = jnp.arange(k) < nb
     row_offset = jnp.arange(batch, dtype=jnp.int32)[:, None] * nb

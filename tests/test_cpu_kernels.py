@@ -76,48 +76,6 @@ def test_rows_product_inside_a_compiled_loop():
     np.testing.assert_allclose(np.asarray(run(x0, w)), want, rtol=0, atol=1e-4)
 
 
-def test_a_batch_of_matrices_one_product_each():
-    """Leading dimensions on the packed matrices (cross-attention's per-head keys): one product per batch
-    entry, each against its own matrix (a swapped entry would be off by a whole term)."""
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 5, 3, 64), np.float32)
-    w = rng.standard_normal((2, 5, 64, 70), np.float32)
-    out = np.asarray(cpu_kernels.rows_product(jnp.asarray(x), cpu_kernels.pack(jnp.asarray(w)), 70))
-    assert out.shape == (2, 5, 3, 70)
-    for i in range(2):
-        for j in range(5):
-            _close(out[i, j], x[i, j], w[i, j])
-    with pytest.raises(ValueError, match="batch dimensions"):
-        cpu_kernels.rows_product(jnp.asarray(x[:1]), cpu_kernels.pack(jnp.asarray(w)), 70)
-
-
-def test_packed_cross_attention_equals_the_per_beam_path():
-    """``BartAttention.attend_packed`` (a row's beams against its packed keys and values) against the
-    layer's own per-beam attention, with a padded encoder row masked: float32 summation order only (1e-5)."""
-    from flax import nnx
-
-    from florence_jax.config import Florence2Config
-    from florence_jax.modeling.bart import BartAttention
-    from florence_jax.testing.models import tiny_hf_config
-
-    # head_dim 40: one full panel of values and a padded one.
-    cfg = Florence2Config.from_dict(tiny_hf_config(d_model=80).to_dict())
-    layer = BartAttention(cfg, cfg.text_config.decoder_attention_heads, rngs=nnx.Rngs(0))
-    layer.eval()  # generation: no dropout
-    rng = np.random.default_rng(4)
-    batch, beams, length, d = 2, 3, 23, cfg.text_config.d_model
-    enc = jnp.asarray(rng.standard_normal((batch, length, d)), jnp.float32)
-    x = jnp.asarray(rng.standard_normal((batch * beams, 1, d)), jnp.float32)
-    mask = jnp.asarray(np.arange(length)[None] < np.array([[length], [length - 7]]))[:, None, None, :]
-    key, value = layer.project_kv(enc)
-    want = layer(x, key, value, mask)
-    got = layer.attend_packed(x, cpu_kernels.pack_kv(key, value), mask)
-    assert got.shape == want.shape == (batch * beams, 1, d)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
-    unmasked = layer.attend_packed(x, cpu_kernels.pack_kv(key, value), None)
-    assert float(jnp.abs(unmasked - want)[beams:].max()) > 1e-3  # the mask is what made them agree
-
-
 def test_a_mismatched_packing_is_a_clear_error():
     x = jnp.ones((3, 64), jnp.float32)
     packed = cpu_kernels.pack(jnp.ones((64, 100), jnp.float32))

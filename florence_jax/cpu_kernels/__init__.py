@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -131,26 +130,18 @@ def panel_width() -> int:
 
 
 def pack(w: jax.Array) -> jax.Array:
-    """``w`` (..., K, N) as the kernel stores it: (..., ceil(N / panel), K, panel), zero padded past
-    column N; leading dimensions are a batch of matrices."""
-    *lead, k, n = w.shape
+    """``w`` (K, N) as the kernel stores it: (ceil(N / panel), K, panel), zero padded past column N."""
+    k, n = w.shape
     pw = panel_width()
     panels = -(-n // pw)
-    w = jnp.pad(w, [(0, 0)] * (len(lead) + 1) + [(0, panels * pw - n)]).reshape(*lead, k, panels, pw)
-    return jnp.swapaxes(w, -3, -2)
+    return jnp.pad(w, ((0, 0), (0, panels * pw - n))).reshape(k, panels, pw).transpose(1, 0, 2)
 
 
 def rows_product(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
-    """``x @ w`` for ``x`` (..., K) float32 and ``packed = pack(w)`` of a (K, ``n``) float32 ``w``; for a
-    batch of matrices (``packed`` with leading dimensions B...), ``x`` is (B..., rows, K), one product per
-    batch entry."""
-    if packed.ndim == 3:
-        rows = x.reshape(-1, x.shape[-1])
-        out = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, packed)
-        return out.reshape(*x.shape[:-1], n)
-    if x.shape[:-2] != packed.shape[:-3]:
-        raise ValueError(f"rows_product: x {x.shape} and packed {packed.shape} differ in batch dimensions")
-    return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32))(x, packed)
+    """``x @ w`` for ``x`` (..., K) float32 and ``packed = pack(w)`` of a (K, ``n``) float32 ``w``."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(rows, packed)
+    return out.reshape(*x.shape[:-1], n)
 
 
 # ------------------------------------------------------------------------------------ the decoding loop
@@ -172,11 +163,6 @@ def decode_products(weights):
         _PACKED.reset(token)
 
 
-def active() -> bool:
-    """Whether an enclosing :func:`decode_products` packed anything (the kernel is in use)."""
-    return bool(_PACKED.get())
-
-
 def packed_product(owner, x: jax.Array) -> jax.Array | None:
     """``x @ w`` by the kernel when ``owner``'s matrix was packed by the enclosing :func:`decode_products`
     and ``x`` is a float32 few-row input; None otherwise (the caller runs its own product)."""
@@ -187,21 +173,3 @@ def packed_product(owner, x: jax.Array) -> jax.Array | None:
         return None
     w, n = packed[id(owner)]
     return rows_product(x, w, n)
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["keys", "values"],
-                   meta_fields=["length", "head_dim"])
-@dataclasses.dataclass(frozen=True)
-class PackedKV:
-    """One decoder layer's cross-attention keys and values, packed for the kernel once per generation:
-    beam search then reads them once per step for all of a row's beams (``BartAttention.attend_packed``)."""
-
-    keys: jax.Array  # (batch, heads, ceil(length / panel), head_dim, panel): each head's keys transposed
-    values: jax.Array  # (batch, heads, ceil(head_dim / panel), length, panel)
-    length: int
-    head_dim: int
-
-
-def pack_kv(key: jax.Array, value: jax.Array) -> PackedKV:
-    """Heads-major ``(batch, heads, length, head_dim)`` float32 keys and values, packed."""
-    return PackedKV(pack(jnp.swapaxes(key, -1, -2)), pack(value), key.shape[-2], key.shape[-1])

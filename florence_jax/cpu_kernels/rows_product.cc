@@ -2,8 +2,6 @@
 // decoding step's batch x beams), with w stored panel-major, shape (panels, K, kPanel): column block p of
 // w (columns p*kPanel .. p*kPanel+kPanel-1, zero padded past N) is one contiguous (K, kPanel) panel.
 //
-// With leading batch dimensions on x, w and y, one such product per batch entry.
-//
 // Why: XLA:CPU's dot libraries pack the weight matrix for a general GEMM, which at 12 rows runs at about
 // half the core's FMA peak (docs/benchmarks.md). Here each panel is streamed once per block of up to 12
 // rows with every accumulator in a register, so the product runs near the FMA peak and reads each weight
@@ -83,49 +81,30 @@ static void run(const float* x, const float* w, float* y, int64_t rows, int64_t 
   }
 }
 
-// x (..., rows, K), w (..., panels, K, kPanel), y (..., rows, N) with the same leading (batch) dimensions:
-// one product per batch entry (cross-attention's per-head keys and values; none for a weight matrix).
 static ffi::Future RowsProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                                ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   ffi::Promise done;
   ffi::Future future(done);
-  const size_t lead = xd.size() >= 2 ? xd.size() - 2 : 0;
-  bool ok = xd.size() >= 2 && wd.size() == lead + 3 && yd.size() == xd.size();
-  int64_t batch = 1;
-  for (size_t i = 0; ok && i < lead; ++i) {
-    ok = wd[i] == xd[i] && yd[i] == xd[i];
-    batch *= xd[i];
-  }
-  if (!ok || wd[lead + 1] != xd[lead + 1] || wd[lead + 2] != kPanel || yd[lead] != xd[lead] ||
-      wd[lead] != (yd[lead + 1] + kPanel - 1) / kPanel) {
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] || wd[2] != kPanel ||
+      yd[0] != xd[0] || wd[0] != (yd[1] + kPanel - 1) / kPanel) {
     done.SetError(ffi::Error::InvalidArgument(
-        "florence_rows_product: expected x (..., rows, K), w (..., ceil(N / panel), K, panel), "
-        "y (..., rows, N)"));
+        "florence_rows_product: expected x (rows, K), w (ceil(N / panel), K, panel), y (rows, N)"));
     return future;
   }
-  const int64_t rows = xd[lead], K = xd[lead + 1], N = yd[lead + 1], P = wd[lead];
+  const int64_t rows = xd[0], K = xd[1], N = yd[1], P = wd[0];
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  // The (batch entry, panel) pairs in order, split among the threads; at least a quarter of a megabyte of
-  // weights per task: less is not worth a thread hop.
-  const int64_t items = batch * P;
-  const int64_t bytes = items * K * kPanel * static_cast<int64_t>(sizeof(float));
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), bytes >> 18));
-  auto chunk = [=](int64_t t) {
-    const int64_t i0 = items * t / tasks, i1 = items * (t + 1) / tasks;
-    for (int64_t b = i0 / P; b * P < i1; ++b) {
-      const int64_t p0 = std::max<int64_t>(i0 - b * P, 0), p1 = std::min<int64_t>(i1 - b * P, P);
-      run(xp + b * rows * K, wp + b * P * K * kPanel, yp + b * rows * N, rows, K, N, p0, p1);
-    }
-  };
+  // At least 8 panels (a quarter of a megabyte at K = 768) per task: fewer is not worth a thread hop.
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), P / 8));
   if (tasks == 1) {
-    chunk(0);
+    run(xp, wp, yp, rows, K, N, 0, P);
     done.SetAvailable();
     return future;
   }
   ffi::CountDownPromise left(done, tasks);
+  auto chunk = [=](int64_t t) { run(xp, wp, yp, rows, K, N, P * t / tasks, P * (t + 1) / tasks); };
   for (int64_t t = 1; t < tasks; ++t)
     pool.Schedule([=]() mutable {
       chunk(t);

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from florence_jax import cpu_kernels, hardware
+from florence_jax import hardware
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
 from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat, named
@@ -52,20 +52,6 @@ class BartAttention(nnx.Module):
 
     def project_kv(self, x: jax.Array, rngs=None) -> tuple[jax.Array, jax.Array]:
         return self._heads(dense(self.k_proj, x, rngs)), self._heads(dense(self.v_proj, x, rngs))
-
-    def attend_packed(self, x, kv: cpu_kernels.PackedKV, mask):
-        """Beam search's cross-attention by the CPU kernel: ``x`` (rows, 1, d_model), a row's beams as
-        consecutive rows, against the row's packed keys and values, read once per step for all its beams.
-        The arithmetic of :func:`attention` (float32 scores scaled after the product, the same mask fill)."""
-        rows, batch = x.shape[0], kv.keys.shape[0]
-        q = self._heads(dense(self.q_proj, x))  # (rows, heads, 1, head_dim)
-        q = q.reshape(batch, rows // batch, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        scores = cpu_kernels.rows_product(q, kv.keys, kv.length) * self.head_dim**-0.5
-        if mask is not None:
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = cpu_kernels.rows_product(probs, kv.values, self.head_dim)  # (batch, heads, beams, head_dim)
-        return dense(self.out_proj, out.transpose(0, 2, 1, 3).reshape(rows, 1, -1))
 
     def __call__(self, x, key, value, mask, rngs=None):
         """``x`` (rows, q_len, d_model) attends to heads-major ``key``/``value``."""
@@ -147,10 +133,7 @@ class DecoderLayer(_FFN):
             a = self.dropout(self.self_attn(h, k, v, self_mask, rngs), rngs=rngs)
             h = self.self_attn_layer_norm(h + a)
         with jax.named_scope("cross_attn"):
-            if isinstance(cross_kv, cpu_kernels.PackedKV):  # beam search on the CPU kernel (inference)
-                a = self.encoder_attn.attend_packed(h, cross_kv, cross_mask)
-            else:
-                a = self.dropout(self.encoder_attn(h, cross_kv[0], cross_kv[1], cross_mask, rngs), rngs=rngs)
+            a = self.dropout(self.encoder_attn(h, cross_kv[0], cross_kv[1], cross_mask, rngs), rngs=rngs)
             h = self.encoder_attn_layer_norm(h + a)
         return self._ffn(h, rngs), cache
 
