@@ -504,13 +504,8 @@ def _kernel_weights(model) -> dict[Any, jax.Array]:
     if f.platform != "cpu" or f.decode_dots != "kernel" or not cpu_kernels.available():
         return {}
     lm = model.model.language_model
-    weights = {}
-    for layer in lm.decoder.layers:
-        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                  layer.self_attn.out_proj, layer.encoder_attn.q_proj, layer.encoder_attn.out_proj,
-                  layer.fc1, layer.fc2):
-            if type(m) is nnx.Linear and m.dtype in (None, jnp.float32):
-                weights[m] = m.kernel[...]
+    weights = {m: m.kernel[...] for m in lm.decoder.step_linears()
+               if type(m) is nnx.Linear and m.dtype in (None, jnp.float32)}
     if lm.shared.dtype in (None, jnp.float32):
         weights[lm.shared] = lm.shared.embedding[...].T
     return weights

@@ -227,6 +227,15 @@ class BartDecoder(_Stack):
             new_cache.append(layer_cache)
         return h, (None if cache is None else new_cache)
 
+    def step_linears(self) -> list[nnx.Module]:
+        """The linear layers an incremental step multiplies its few rows by: each layer's self-attention
+        projections, cross-attention query and output projections and MLP (cross-attention's keys and
+        values are projected once per generation, from the encoder's states)."""
+        return [m for layer in self.layers
+                for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                          layer.self_attn.out_proj, layer.encoder_attn.q_proj, layer.encoder_attn.out_proj,
+                          layer.fc1, layer.fc2)]
+
     def init_cache(self, batch: int, max_length: int, dtype) -> list[LayerCache]:
         layer = self.layers[0].self_attn
         shape = (batch, layer.num_heads, max_length, layer.head_dim)
