@@ -18,6 +18,7 @@ from flax import nnx
 from florence_jax import hardware
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
+from florence_jax.modeling.dropout import AttentionDropout
 from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat, named
 from florence_jax.positions import POSITION_OFFSET as POSITION_OFFSET  # indexed from 2 (a fairseq legacy)
 
@@ -44,7 +45,7 @@ class BartAttention(nnx.Module):
         self.v_proj = linear(cfg, d, d, rngs=rngs)
         self.q_proj = linear(cfg, d, d, rngs=rngs)
         self.out_proj = linear(cfg, d, d, rngs=rngs)
-        self.dropout = nnx.Dropout(cfg.text_config.attention_dropout)
+        self.dropout = AttentionDropout(cfg.text_config.attention_dropout)
 
     def _heads(self, x):
         """``(batch, length, d_model)`` -> heads-major ``(batch, heads, length, head_dim)``."""

@@ -1,0 +1,117 @@
+"""Attention dropout with four 16-bit draws per Threefry hash, one mask for every formulation.
+
+``nnx.Dropout`` draws a float32 uniform per element through ``jax.random.bernoulli``: one Threefry-2x32 hash
+(20 rounds of 32-bit adds, rotations and xors, 64 bits out) per element, of which it keeps 23 bits. BART's
+attention dropout needs a draw per attention probability, ``batch x heads x queries x keys`` of them: on a
+TPU step of Florence-2-base (16 examples of 641 text positions per chip) the draws and their masks cost,
+by the compiler's estimate, 40 of the text encoder's 99 ms (``docs/scale-out.md``). A keep-or-drop decision
+needs far fewer bits: here each hash's 64 bits give the draws of four heads at one (query, key) position.
+
+The mask of probabilities ``(batch, heads, queries, keys)`` (heads a multiple of 4) is defined as:
+hash ``threefry2x32(key, (row, key_position))`` with ``row = (b * heads/4 + g) * queries + query``; its two
+32-bit words ``hi, lo`` give heads ``4g .. 4g+3`` the draws ``hi & 0xffff, hi >> 16, lo & 0xffff,
+lo >> 16``. A draw ``d`` keeps its probability when ``d >= round(rate * 65536)``: kept with probability
+``1 - round(rate * 65536) / 65536`` (within 2**-17 of ``1 - rate``), and kept values are scaled by the inverse
+of that probability, so the expectation is the input's exactly.
+
+The einsum attention (:func:`florence_jax.modeling.layers.attention`) applies this mask, and the TPU's
+fused text attention kernel (:mod:`florence_jax.modeling.text_attention_kernel`) computes the same draws on
+chip from the same counters, so both formulations drop the same probabilities for a key (tested). The
+counters come from iotas over the mask's shape, as ``jax_threefry_partitionable`` does: a mask split across
+devices is computed where it lies, the same whatever the sharding. Keys of another implementation
+(``rbg``) and head counts that 4 does not divide fall back to ``jax.random.bernoulli``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.extend.random import threefry2x32_p
+
+_DRAWS = 65536  # 16-bit draws
+_LOW16 = 0xFFFF
+HEADS_PER_HASH = 4
+
+
+def keep_threshold(rate: float) -> tuple[int, float]:
+    """(threshold, keep probability): a 16-bit draw ``d`` keeps its element when ``d >= threshold``."""
+    threshold = min(_DRAWS, max(0, round(rate * _DRAWS)))
+    return threshold, 1.0 - threshold / _DRAWS
+
+
+def threefry_words(key: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+    """The two uint32 words of a threefry key (typed or raw), or None for a key of another implementation."""
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a raw uint32 key (jax.random.PRNGKey)
+    if str(jax.random.key_impl(key)) != "threefry2x32":
+        return None
+    data = jax.random.key_data(key)
+    return data[0], data[1]
+
+
+def hash_draws(k1, k2, rows, cols):
+    """The four 16-bit draws (uint32) of each hash of counters ``(rows, cols)``: heads 4g .. 4g+3."""
+    hi, lo = threefry2x32_p.bind(k1, k2, rows, cols)
+    low = jnp.uint32(_LOW16)
+    return hi & low, hi >> 16, lo & low, lo >> 16
+
+
+def attention_draws(key: jax.Array, shape: tuple[int, int, int, int]) -> jax.Array:
+    """The 16-bit draws (uint32) of attention probabilities of ``shape`` = (batch, heads, queries, keys),
+    as the module's docstring defines them; ``key`` a threefry key, heads a multiple of 4."""
+    b, h, q, k = shape
+    g = h // HEADS_PER_HASH
+    if h % HEADS_PER_HASH or b * g * q >= 2**32:
+        raise ValueError(f"attention draws need heads divisible by 4 and fewer than 2**32 rows, got {shape}")
+    k1, k2 = threefry_words(key)
+    grid = (b, g, q, k)
+    iota = [jax.lax.broadcasted_iota(jnp.uint32, grid, i) for i in range(4)]
+    rows = (iota[0] * jnp.uint32(g) + iota[1]) * jnp.uint32(q) + iota[2]
+    parts = hash_draws(k1, k2, rows, iota[3])
+    return jnp.stack(parts, axis=2).reshape(shape)  # (b, g, 4, q, k): head 4g + part
+
+
+def attention_dropout(probs: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """``probs`` (batch, heads, queries, keys) with each entry dropped with probability ``rate`` (to 2**-17)
+    and the rest scaled to keep the expectation."""
+    if rate <= 0.0:
+        return probs
+    if rate >= 1.0:
+        return jnp.zeros_like(probs)
+    threshold, keep_prob = keep_threshold(rate)
+    if probs.ndim != 4 or probs.shape[1] % HEADS_PER_HASH or threefry_words(key) is None:
+        keep = jax.random.bernoulli(key, keep_prob, probs.shape)
+    else:
+        keep = attention_draws(key, probs.shape) >= jnp.uint32(threshold)
+    return jax.lax.select(keep, probs / jnp.asarray(keep_prob, probs.dtype), jnp.zeros_like(probs))
+
+
+class AttentionDropout(nnx.Dropout):
+    """``nnx.Dropout`` (same attributes; ``train()``/``eval()`` switch it the same way) for attention
+    probabilities ``(batch, heads, queries, keys)``, drawing its mask as :func:`attention_dropout` does."""
+
+    def active(self, deterministic: bool | None = None) -> bool:
+        deterministic = self.deterministic if deterministic is None else deterministic
+        return self.rate > 0.0 and not deterministic
+
+    def key(self, rngs=None) -> jax.Array:
+        """This call's key, drawn from ``rngs`` (or the module's own) as ``nnx.Dropout`` draws it."""
+        rngs = self.rngs if rngs is None else rngs
+        if isinstance(rngs, nnx.Rngs):
+            return rngs[self.rng_collection]()
+        if isinstance(rngs, nnx.RngStream):
+            return rngs()
+        if isinstance(rngs, jax.Array):
+            return rngs
+        raise TypeError(f"attention dropout needs rngs (Rngs, RngStream or a key) when it is active, got "
+                        f"{type(rngs).__name__}")
+
+    def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None):
+        if not self.active(deterministic) or self.rate >= 1.0:
+            return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
+        return attention_dropout(inputs, self.rate, self.key(rngs))
+
+
+__all__ = ["AttentionDropout", "attention_draws", "attention_dropout", "hash_draws", "keep_threshold",
+           "threefry_words"]
