@@ -85,6 +85,12 @@ class Formulations:
     # output as it lies and keeping each head's scores on chip ("fused": a TPU kernel; on the CPU it runs
     # in Pallas' interpreter, for tests; florence_jax.modeling.window_kernel).
     window_attention: str = "einsum"
+    # BART's encoder self-attention over the image tokens and the prompt: einsums around a float32 masked
+    # softmax and its dropout, whose (batch, heads, length, length) scores and dropout draws XLA:TPU passes
+    # through HBM several times ("einsum"), or one Pallas kernel per example and four heads that reads the
+    # projections' outputs as they lie and keeps scores and dropout draws on chip ("fused": a TPU kernel; on
+    # the CPU it runs in Pallas' interpreter, for tests; florence_jax.modeling.text_attention_kernel).
+    text_attention: str = "einsum"
     # The accelerator, when the spec named one ("a100", "v5e"): its memory and peak (DEVICE_SPECS) for
     # the ahead-of-time memory check and MFU. No formulation depends on it yet.
     device: str = ""
@@ -96,10 +102,11 @@ class Formulations:
             if allowed is not None and value not in allowed:
                 raise ValueError(f"hardware formulation {f.name}={value!r}: expected one of "
                                  + ", ".join(map(repr, allowed)))
-        if self.window_attention == "fused" and self.platform == "gpu":
-            raise ValueError("hardware formulation window_attention='fused' is a TPU kernel; on a GPU, "
-                             "model.attention_impl='dot_product' hands window attention to "
-                             "jax.nn.dot_product_attention (cuDNN's fused attention where it applies)")
+        for name in ("window_attention", "text_attention"):
+            if getattr(self, name) == "fused" and self.platform == "gpu":
+                raise ValueError(f"hardware formulation {name}='fused' is a TPU kernel; on a GPU, "
+                                 "model.attention_impl='dot_product' hands attention to "
+                                 "jax.nn.dot_product_attention (cuDNN's fused attention where it applies)")
 
     def spec(self) -> str:
         """The shortest spec that resolves to this set: the platform plus what differs from its defaults."""
@@ -122,6 +129,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "decode_dots": ("compiler", "eigen", "kernel"),
     "decode_cache": ("preallocated", "segments"),
     "window_attention": ("einsum", "fused"),
+    "text_attention": ("einsum", "fused"),
 }
 # Formulations.decode_cache="segments": the cache grows by this many slots at a time.
 CACHE_SEGMENT = 64
@@ -144,7 +152,7 @@ DEFAULTS: dict[str, Formulations] = {
     "tpu": Formulations("tpu", depthwise_conv="grouped", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="affine",
-                        window_attention="fused"),
+                        window_attention="fused", text_attention="fused"),
 }
 
 # XLA:CPU compiler options for Formulations.decode_dots="eigen": no library fusion for YNNPACK, so every

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import re
 from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -106,3 +107,22 @@ def gather_for_compute(tree):
 def step_mesh() -> Mesh | None:
     """The mesh of the step being traced under :func:`fsdp_compute`, or None outside one."""
     return _COMPUTE_MESH.get()
+
+
+def kernel_batch_split(x: jax.Array):
+    """(mesh, axes) over which a kernel on ``x`` runs per device under ``shard_map``: the batch axes of the
+    mesh ``x`` is split over, when ``x``'s leading dimension divides among them; (mesh, ()) when it runs whole.
+
+    A Mosaic kernel cannot be split by XLA's partitioner (it refuses to compile one on a sharded input), so
+    the TPU kernels run under ``shard_map`` over the batch axes, each device on its own examples. The mesh
+    is the input's (its type carries it when the program was called with sharded arrays, as generation is)
+    or else the step's (:func:`step_mesh`: the train and evaluation steps, whose shardings are given to
+    ``jit``)."""
+    mesh = jax.typeof(x).sharding.mesh
+    if not mesh.axis_names:  # a program given its shardings rather than sharded arrays: the step's mesh
+        mesh = step_mesh() or mesh
+    axes = tuple(a for a, kind in zip(mesh.axis_names, mesh.axis_types)
+                 if a in BATCH_AXES and kind != AxisType.Manual and mesh.shape[a] > 1)
+    if axes and x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        axes = ()
+    return mesh, axes

@@ -91,12 +91,13 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     """
     formulations = hardware.resolve(cfg.model.hardware, platform=platform, auto=devices[0].platform)
     note = ""
-    if devices[0].platform != "tpu" and formulations.platform == "tpu" and formulations.window_attention == "fused":
+    kernels = [n for n in ("window_attention", "text_attention") if getattr(formulations, n) == "fused"]
+    if devices[0].platform != "tpu" and formulations.platform == "tpu" and kernels:
         # a Pallas TPU kernel compiles for a TPU target only: on simulated devices the TPU's program takes
-        # the einsum window attention, which holds its scores in memory (so the figure is an upper bound)
-        formulations = dataclasses.replace(formulations, window_attention="einsum")
-        note = ("window attention as einsums: the TPU's Pallas kernel compiles only for a TPU target "
-                "(--topology, with libtpu)")
+        # the einsum attention, which holds its scores in memory (so the figure is an upper bound)
+        formulations = dataclasses.replace(formulations, **{n: "einsum" for n in kernels})
+        note = (f"{' and '.join(n.replace('_', ' ') for n in kernels)} as einsums: the TPU's Pallas kernels "
+                "compile only for a TPU target (--topology, with libtpu)")
     fc = model_config_of(cfg).replace(hardware=formulations)
     data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp
     mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])

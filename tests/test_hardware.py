@@ -27,6 +27,8 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
     assert hardware.resolve("v5e").pixel_normalize == "affine"
     assert hardware.resolve("v5e").window_attention == "fused"  # the Pallas kernel is the TPU's
     assert hardware.resolve("cpu").window_attention == hardware.resolve("gpu").window_attention == "einsum"
+    assert hardware.resolve("v4").text_attention == "fused"  # so is the text encoder's
+    assert hardware.resolve("cpu").text_attention == hardware.resolve("gpu").text_attention == "einsum"
     ab = hardware.resolve("gpu:depthwise_conv=grouped, store_vision_residuals=true")
     assert ab.depthwise_conv == "grouped" and ab.store_vision_residuals is True
     assert ab.beam_cache_copy == "gather"  # the rest stay the GPU's
@@ -47,6 +49,7 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
     ("gpu:store_vision_residuals=yes", "takes true or false"),
     ("gpu:depthwise_conv", "is not name=value"),
     ("gpu:window_attention=fused", "is a TPU kernel"),
+    ("gpu:text_attention=fused", "text_attention='fused' is a TPU kernel"),
 ])
 def test_bad_specs_say_what_is_wrong(spec, message):
     with pytest.raises(ValueError, match=message):

@@ -18,6 +18,7 @@ from flax import nnx
 from florence_jax import hardware
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
+from florence_jax.modeling import text_attention_kernel
 from florence_jax.modeling.dropout import AttentionDropout
 from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat, named
 from florence_jax.positions import POSITION_OFFSET as POSITION_OFFSET  # indexed from 2 (a fairseq legacy)
@@ -31,16 +32,22 @@ class LayerCache(NamedTuple):
 
 
 class BartAttention(nnx.Module):
-    def __init__(self, cfg: Florence2Config, num_heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Florence2Config, num_heads: int, *, self_attention_kernel: bool = False,
+                 rngs: nnx.Rngs):
         d = cfg.text_config.d_model
         self.num_heads = num_heads
         self.head_dim = d // num_heads
         self.impl = cfg.attention_impl
+        f = hardware.resolve(cfg.hardware)
+        # The encoder's self-attention as one TPU kernel (Formulations.text_attention; it runs in Pallas'
+        # interpreter off the TPU, for tests); the einsums where the kernel does not take the heads.
+        self.fused = (self_attention_kernel and f.text_attention == "fused"
+                      and text_attention_kernel.supported(num_heads, d))
+        self.interpret = f.platform != "tpu"
         # Beam search's cross-attention: a matrix-vector product per beam (XLA:CPU runs those faster than one
         # product with a row's beams as query rows, though each reads the keys) or one product per row
         # (Formulations.beam_cross_attention; figures in docs/benchmarks.md).
-        self.beam_queries_one_by_one = (self.impl == "xla"
-                                        and hardware.resolve(cfg.hardware).beam_cross_attention == "per_beam")
+        self.beam_queries_one_by_one = self.impl == "xla" and f.beam_cross_attention == "per_beam"
         self.k_proj = linear(cfg, d, d, rngs=rngs)
         self.v_proj = linear(cfg, d, d, rngs=rngs)
         self.q_proj = linear(cfg, d, d, rngs=rngs)
@@ -53,6 +60,17 @@ class BartAttention(nnx.Module):
 
     def project_kv(self, x: jax.Array, rngs=None) -> tuple[jax.Array, jax.Array]:
         return self._heads(dense(self.k_proj, x, rngs)), self._heads(dense(self.v_proj, x, rngs))
+
+    def fused_self_attention(self, x, mask, rngs=None):
+        """``x`` (batch, length, d_model) attends to itself through the TPU kernel; ``mask`` (batch, 1, 1,
+        length) allows keys, as for ``__call__``."""
+        q, k, v = (dense(p, x, rngs) for p in (self.q_proj, self.k_proj, self.v_proj))
+        active = self.dropout.active()
+        out = text_attention_kernel.fused_text_attention(
+            q, k, v, None if mask is None else mask.reshape(x.shape[0], -1), self.num_heads, self.head_dim**-0.5,
+            rate=self.dropout.rate if active else 0.0, key=self.dropout.key(rngs) if active else None,
+            interpret=self.interpret)
+        return dense(self.out_proj, out, rngs)
 
     def __call__(self, x, key, value, mask, rngs=None):
         """``x`` (rows, q_len, d_model) attends to heads-major ``key``/``value``."""
@@ -100,14 +118,18 @@ class _FFN(nnx.Module):
 class EncoderLayer(_FFN):
     def __init__(self, cfg: Florence2Config, *, rngs: nnx.Rngs):
         t = cfg.text_config
-        self.self_attn = BartAttention(cfg, t.encoder_attention_heads, rngs=rngs)
+        self.self_attn = BartAttention(cfg, t.encoder_attention_heads, self_attention_kernel=True, rngs=rngs)
         self.self_attn_layer_norm = layer_norm(cfg, t.d_model, eps=t.layer_norm_eps, rngs=rngs)
         self._init_ffn(cfg, t.encoder_ffn_dim, rngs)
 
     def __call__(self, h, mask, rngs=None):
         with jax.named_scope("self_attn"):
-            k, v = self.self_attn.project_kv(h, rngs)
-            a = self.dropout(self.self_attn(h, k, v, mask, rngs), rngs=rngs)
+            if self.self_attn.fused:
+                a = self.self_attn.fused_self_attention(h, mask, rngs)
+            else:
+                k, v = self.self_attn.project_kv(h, rngs)
+                a = self.self_attn(h, k, v, mask, rngs)
+            a = self.dropout(a, rngs=rngs)
             h = self.self_attn_layer_norm(h + a)
         return self._ffn(h, rngs)
 

@@ -29,12 +29,11 @@ which would leave the choice to the partitioner, is not wired through to the TPU
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from florence_jax import sharding
 
@@ -52,12 +51,8 @@ def fused_window_attention(qkv: jax.Array, heads: int, scale: float, *, interpre
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * heads):
         raise ValueError(f"qkv must be (windows, tokens, 3 * heads * head_dim) with {heads} heads, got {qkv.shape}")
     fn = functools.partial(_attention, heads=heads, scale=scale, interpret=interpret)
-    mesh = jax.typeof(qkv).sharding.mesh
-    if not mesh.axis_names:  # a program given its shardings rather than sharded arrays: the step's mesh
-        mesh = sharding.step_mesh() or mesh
-    axes = tuple(a for a, kind in zip(mesh.axis_names, mesh.axis_types)
-                 if a in sharding.BATCH_AXES and kind != AxisType.Manual and mesh.shape[a] > 1)
-    if axes and qkv.shape[0] % math.prod(mesh.shape[a] for a in axes) == 0:
+    mesh, axes = sharding.kernel_batch_split(qkv)
+    if axes:
         # windows are image-major: split as the batch is, each device's windows are its own images'
         spec = PartitionSpec(axes)
         fn = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
