@@ -11,10 +11,8 @@ those passes were the text encoder's costliest ops: 55 of its 99 ms (``docs/scal
 Here one kernel takes an example's queries, keys and values for four heads straight from the projections'
 outputs, ``(batch, length, heads x head size)`` as they lie in memory, computes each head's scores, masked
 softmax, dropout and product on chip, and writes ``(batch, length, heads x head size)``, the output
-projection's input. A second kernel computes the backward from the saved inputs, recomputing the
-probabilities. With dropout the forward also writes its keep mask, a byte per probability, which the backward
-reads: hashing the draws is most of the kernels' vector work, and reading the mask back costs a fraction of a
-second hashing (at base and 16 examples, 99 MB per layer in HBM).
+projection's input. A second kernel computes the backward from the saved inputs (the probabilities and the
+dropout mask are recomputed; nothing of size length x length is stored).
 
 The dropout mask is :mod:`florence_jax.modeling.dropout`'s, computed on chip from the same counters: the
 kernel and the einsum formulation drop the same probabilities for a key, and their values and gradients
@@ -42,9 +40,8 @@ from florence_jax import sharding
 from florence_jax.modeling.dropout import HEADS_PER_HASH, hash_draws, keep_threshold, threefry_words
 
 # A grid step holds one example's four heads (the heads whose dropout draws share hashes). The backward's
-# blocks (7 of length x 4 x head size and the int8 keep mask, double buffered) and its float32 temporaries
-# (length x length, a few) are about 25 MB at 641 positions and 64-channel heads: above the 16 MiB a TPU
-# kernel may use by default.
+# blocks (7 of length x 4 x head size, double buffered) and its float32 temporaries (length x length, a few)
+# are about 20 MB at 641 positions and 64-channel heads: above the 16 MiB a TPU kernel may use by default.
 _VMEM_LIMIT = 48 * 2**20
 
 
@@ -97,19 +94,16 @@ def _attention(q, k, v, mask, seed, *, heads, scale, rate, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _attention_vjp(q, k, v, mask, seed, heads, scale, rate, interpret):
-    return _forward(q, k, v, mask, seed, heads, scale, rate, interpret, store_keep=False)[0]
+    return _forward(q, k, v, mask, seed, heads, scale, rate, interpret)
 
 
 def _attention_fwd(q, k, v, mask, seed, heads, scale, rate, interpret):
-    # With dropout the forward also writes its keep mask (int8, a byte per probability) for the backward:
-    # reading it costs less than hashing the draws again, the larger part of the kernels' vector work.
-    out, keep = _forward(q, k, v, mask, seed, heads, scale, rate, interpret, store_keep=True)
-    return out, (q, k, v, mask, seed, keep)
+    return _forward(q, k, v, mask, seed, heads, scale, rate, interpret), (q, k, v, mask, seed)
 
 
 def _attention_bwd(heads, scale, rate, interpret, saved, d_out):
-    q, k, v, mask, seed, keep = saved
-    dq, dk, dv = _backward(q, k, v, d_out.astype(q.dtype), mask, seed, keep, heads, scale, rate, interpret)
+    q, k, v, mask, seed = saved
+    dq, dk, dv = _backward(q, k, v, d_out.astype(q.dtype), mask, seed, heads, scale, rate, interpret)
     return dq, dk, dv, None, None
 
 
@@ -145,14 +139,12 @@ def _dropped(p, keep, keep_prob):
     return p if keep is None else jnp.where(keep, p / jnp.asarray(keep_prob, p.dtype), jnp.zeros_like(p))
 
 
-def _forward_kernel(seed_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, *keep_ref, scale, rate, groups):
+def _forward_kernel(seed_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, *, scale, rate, groups):
     lq, lk, hd = q_ref.shape[1], k_ref.shape[1], q_ref.shape[2] // HEADS_PER_HASH
     valid = mask_ref[0] != 0  # (1, keys)
     keeps = _keep_masks(seed_ref, lq, lk, groups, rate)
     _, keep_prob = keep_threshold(rate)
     for h, keep in enumerate(keeps):
-        if keep_ref:
-            keep_ref[0][0, h] = keep.astype(jnp.int8)
         lanes = slice(h * hd, (h + 1) * hd)
         q, k, v = q_ref[0, :, lanes], k_ref[0, :, lanes], v_ref[0, :, lanes]
         p = _dropped(_probabilities(q, k, valid, scale).astype(v.dtype), keep, keep_prob)
@@ -160,12 +152,11 @@ def _forward_kernel(seed_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, *keep_ref, s
         o_ref[0, :, lanes] = o.astype(o_ref.dtype)
 
 
-def _backward_kernel(seed_ref, mask_ref, q_ref, k_ref, v_ref, do_ref, *refs, scale, rate, groups):
-    *keep_ref, dq_ref, dk_ref, dv_ref = refs
+def _backward_kernel(seed_ref, mask_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, scale, rate,
+                     groups):
     lq, lk, hd = q_ref.shape[1], k_ref.shape[1], q_ref.shape[2] // HEADS_PER_HASH
     valid = mask_ref[0] != 0
-    keeps = ([keep_ref[0][0, h] != 0 for h in range(HEADS_PER_HASH)] if keep_ref
-             else _keep_masks(seed_ref, lq, lk, groups, rate))
+    keeps = _keep_masks(seed_ref, lq, lk, groups, rate)
     _, keep_prob = keep_threshold(rate)
     t = (((0,), (0,)), ((), ()))  # contract the query axis: a^T b
     for h, keep in enumerate(keeps):
@@ -190,8 +181,7 @@ def _specs(b, lq, lk, c, block):
     mask = pl.BlockSpec((1, 1, lk), lambda i, g, seed: (i, 0, 0))
     queries = pl.BlockSpec((1, lq, block), lambda i, g, seed: (i, 0, g))
     keys = pl.BlockSpec((1, lk, block), lambda i, g, seed: (i, 0, g))
-    keep = pl.BlockSpec((1, HEADS_PER_HASH, lq, lk), lambda i, g, seed: (i, g, 0, 0))
-    return mask, queries, keys, keep
+    return mask, queries, keys
 
 
 def _call(kernel, name, outs, ins, q, k, heads, cost, interpret):
@@ -199,8 +189,8 @@ def _call(kernel, name, outs, ins, q, k, heads, cost, interpret):
     lk = k.shape[1]
     block = HEADS_PER_HASH * (c // heads)
     groups = heads // HEADS_PER_HASH
-    mask_spec, q_spec, k_spec, keep_spec = _specs(b, lq, lk, c, block)
-    spec_of = {"q": q_spec, "k": k_spec, "keep": keep_spec}
+    mask_spec, q_spec, k_spec = _specs(b, lq, lk, c, block)
+    spec_of = {"q": q_spec, "k": k_spec}
     grid = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(b, c // block),
         in_specs=[mask_spec] + [spec_of[kind] for kind, _ in ins[2:]],
@@ -214,36 +204,26 @@ def _call(kernel, name, outs, ins, q, k, heads, cost, interpret):
     )(*[x for _, x in ins])
 
 
-def _cost(q, k, heads, matmuls, passes, *, keep):
+def _cost(q, k, heads, matmuls, passes):
     b, lq, c = q.shape
     lk = k.shape[1]
     return pl.CostEstimate(flops=2 * matmuls * b * lq * lk * c, transcendentals=b * heads * lq * lk,
-                           bytes_accessed=q.dtype.itemsize * passes * b * max(lq, lk) * c
-                           + (b * heads * lq * lk if keep else 0))
+                           bytes_accessed=q.dtype.itemsize * passes * b * max(lq, lk) * c)
 
 
-def _keep_shape(q, k, heads):
-    return jax.ShapeDtypeStruct((q.shape[0], heads, q.shape[1], k.shape[1]), jnp.int8)
-
-
-def _forward(q, k, v, mask, seed, heads, scale, rate, interpret, *, store_keep):
-    """(output, keep mask or None): the mask (batch, heads, queries, keys), int8, written with dropout when
-    ``store_keep``."""
-    store_keep = store_keep and rate > 0.0
+def _forward(q, k, v, mask, seed, heads, scale, rate, interpret):
     kernel = functools.partial(_forward_kernel, scale=scale, rate=rate)
-    outs = [("q", q)] + ([("keep", _keep_shape(q, k, heads))] if store_keep else [])
-    out, *keep = _call(kernel, "text_attention_fwd", outs,
-                       [("seed", seed), ("mask", mask), ("q", q), ("k", k), ("k", v)],
-                       q, k, heads, _cost(q, k, heads, 2, 4, keep=store_keep), interpret)
-    return out, (keep[0] if keep else None)
+    (out,) = _call(kernel, "text_attention_fwd", [("q", q)],
+                   [("seed", seed), ("mask", mask), ("q", q), ("k", k), ("k", v)],
+                   q, k, heads, _cost(q, k, heads, 2, 4), interpret)
+    return out
 
 
-def _backward(q, k, v, d_out, mask, seed, keep, heads, scale, rate, interpret):
+def _backward(q, k, v, d_out, mask, seed, heads, scale, rate, interpret):
     kernel = functools.partial(_backward_kernel, scale=scale, rate=rate)
-    ins = [("seed", seed), ("mask", mask), ("q", q), ("k", k), ("k", v), ("q", d_out)]
-    ins += [("keep", keep)] if keep is not None else []
-    return tuple(_call(kernel, "text_attention_bwd", [("q", q), ("k", k), ("k", v)], ins,
-                       q, k, heads, _cost(q, k, heads, 5, 7, keep=keep is not None), interpret))
+    return tuple(_call(kernel, "text_attention_bwd", [("q", q), ("k", k), ("k", v)],
+                       [("seed", seed), ("mask", mask), ("q", q), ("k", k), ("k", v), ("q", d_out)],
+                       q, k, heads, _cost(q, k, heads, 5, 7), interpret))
 
 
 __all__ = ["fused_text_attention", "supported"]
