@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from florence_jax.modeling.dropout import AttentionDropout
 from florence_jax.modeling.layers import attention
-from florence_jax.modeling.text_attention_kernel import fused_text_attention, supported
+from florence_jax.modeling.text_attention_kernel import MAX_LENGTH, fused_text_attention, supported
 from florence_jax.sharding import BATCH_AXES, fsdp_compute
 
 
@@ -86,6 +86,10 @@ def test_the_kernel_computes_the_einsum_formulation_and_its_gradients(dtype, tol
 def test_heads_the_kernel_does_not_take_are_refused():
     assert supported(12, 768) and supported(16, 1024) and supported(4, 128)
     assert not supported(6, 768) and not supported(8, 128)  # heads not in fours; 4 heads of 16 lanes
+    assert supported(12, 768, 641) and not supported(12, 768, 705) and not supported(4, 512)  # VMEM bounds
+    with pytest.raises(ValueError, match="at most 704 positions"):
+        x = jnp.zeros((1, 705, 128))
+        _fused(x, x, x, None, 4, 1.0, 0.0, None)
     with pytest.raises(ValueError, match="four at a time"):
         _fused(jnp.zeros((1, 4, 128)), jnp.zeros((1, 4, 128)), jnp.zeros((1, 4, 128)), None, 8, 1.0, 0.0, None)
     with pytest.raises(ValueError, match="threefry key"):
@@ -166,3 +170,9 @@ def test_the_text_encoder_is_the_same_with_either_formulation():
     np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+    # a sequence longer than the kernel holds takes the einsums: the same program as the einsum encoder's
+    long = jnp.asarray(rng.normal(size=(1, MAX_LENGTH + 1, 128)), jnp.float32)
+    for enc in encoders.values():
+        enc.eval()
+    outs = [enc(long) for enc in encoders.values()]
+    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))

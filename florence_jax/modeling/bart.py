@@ -40,7 +40,8 @@ class BartAttention(nnx.Module):
         self.impl = cfg.attention_impl
         f = hardware.resolve(cfg.hardware)
         # The encoder's self-attention as one TPU kernel (Formulations.text_attention; it runs in Pallas'
-        # interpreter off the TPU, for tests); the einsums where the kernel does not take the heads.
+        # interpreter off the TPU, for tests); the einsums where the kernel does not take the heads or, at
+        # call time, the length (text_attention_kernel.MAX_LENGTH).
         self.fused = (self_attention_kernel and f.text_attention == "fused"
                       and text_attention_kernel.supported(num_heads, d))
         self.interpret = f.platform != "tpu"
@@ -124,7 +125,7 @@ class EncoderLayer(_FFN):
 
     def __call__(self, h, mask, rngs=None):
         with jax.named_scope("self_attn"):
-            if self.self_attn.fused:
+            if self.self_attn.fused and h.shape[1] <= text_attention_kernel.MAX_LENGTH:
                 a = self.self_attn.fused_self_attention(h, mask, rngs)
             else:
                 k, v = self.self_attn.project_kv(h, rngs)

@@ -45,13 +45,22 @@ from florence_jax.modeling.dropout import HEADS_PER_HASH, hash_draws, keep_thres
 _VMEM_LIMIT = 48 * 2**20
 
 
-def supported(heads: int, channels: int) -> bool:
-    """Whether the kernel takes ``heads`` heads over ``channels`` channels: heads in fours whose channels
-    fill whole 128-lane tiles (or all of them)."""
+# The longest sequence a grid step holds: a step keeps a few float32 (length x length) score matrices in
+# VMEM, and a v4 core has 16 MiB of it. Compiled for v4 with four 64-channel heads per step, the backward
+# fits at 704 positions and needs 17.4 MB at 768. Longer sequences take the einsums.
+MAX_LENGTH = 704
+_MAX_BLOCK = 256  # lanes per step (four heads of 64 channels): the width MAX_LENGTH was compiled at
+
+
+def supported(heads: int, channels: int, length: int | None = None) -> bool:
+    """Whether the kernel takes ``heads`` heads over ``channels`` channels (and sequences of ``length``): heads
+    in fours whose channels fill whole 128-lane tiles (or all of them), at most 64 channels per head, at most
+    ``MAX_LENGTH`` positions."""
     if channels % heads or heads % HEADS_PER_HASH:
         return False
     block = HEADS_PER_HASH * (channels // heads)
-    return block % 128 == 0 or block == channels
+    fits = length is None or length <= MAX_LENGTH
+    return (block % 128 == 0 or block == channels) and block <= _MAX_BLOCK and fits
 
 
 def fused_text_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, heads: int,
@@ -67,6 +76,9 @@ def fused_text_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax
                          f"{heads} heads taken four at a time in whole 128-lane tiles; got {q.shape}, {k.shape}, "
                          f"{v.shape}")
     lk = k.shape[1]
+    if not supported(heads, c, max(lq, lk)):
+        raise ValueError(f"fused text attention holds at most {MAX_LENGTH} positions in a TPU core's memory; "
+                         f"got {lq} queries and {lk} keys (the einsum formulation takes any length)")
     mask = (jnp.ones((b, 1, lk), jnp.int32) if key_mask is None
             else (key_mask != 0).astype(jnp.int32).reshape(b, 1, lk))
     words = threefry_words(key) if rate > 0.0 and key is not None else None
