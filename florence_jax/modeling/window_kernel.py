@@ -33,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
 from florence_jax import sharding
@@ -42,6 +43,9 @@ from florence_jax import sharding
 # 83 KB per window: within the 16 MiB of VMEM a TPU kernel may use by default, double buffered.
 _FORWARD_BLOCK_CHANNELS = 1024
 _BACKWARD_BLOCK_CHANNELS = 512
+# Blocks of windows are independent: on a chip with two TensorCores (v4, v5p megacore) the grid is split
+# between them.
+_PARALLEL = pltpu.CompilerParams(dimension_semantics=("parallel",))
 
 
 def fused_window_attention(qkv: jax.Array, heads: int, scale: float, *, interpret: bool) -> jax.Array:
@@ -138,7 +142,7 @@ def _forward(qkv, heads, scale, interpret):
         in_specs=[pl.BlockSpec((g, t, c3), lambda i: (i, 0, 0))],
         out_specs=pl.BlockSpec((g, t, c), lambda i: (i, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((n, t, c), qkv.dtype),
-        cost_estimate=cost, interpret=interpret, name="window_attention_fwd",
+        compiler_params=_PARALLEL, cost_estimate=cost, interpret=interpret, name="window_attention_fwd",
     )(qkv)
 
 
@@ -155,7 +159,7 @@ def _backward(qkv, d_out, heads, scale, interpret):
         in_specs=[pl.BlockSpec((g, t, c3), lambda i: (i, 0, 0)), pl.BlockSpec((g, t, c), lambda i: (i, 0, 0))],
         out_specs=pl.BlockSpec((g, t, c3), lambda i: (i, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((n, t, c3), qkv.dtype),
-        cost_estimate=cost, interpret=interpret, name="window_attention_bwd",
+        compiler_params=_PARALLEL, cost_estimate=cost, interpret=interpret, name="window_attention_bwd",
     )(qkv, d_out)
 
 
