@@ -102,7 +102,7 @@ class Formulations:
             if allowed is not None and value not in allowed:
                 raise ValueError(f"hardware formulation {f.name}={value!r}: expected one of "
                                  + ", ".join(map(repr, allowed)))
-        for name in ("window_attention", "text_attention"):
+        for name in TPU_KERNELS:
             if getattr(self, name) == "fused" and self.platform == "gpu":
                 raise ValueError(f"hardware formulation {name}='fused' is a TPU kernel; on a GPU, "
                                  "model.attention_impl='dot_product' hands attention to "
@@ -131,6 +131,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "window_attention": ("einsum", "fused"),
     "text_attention": ("einsum", "fused"),
 }
+# The formulations whose "fused" choice is a Pallas TPU kernel.
+TPU_KERNELS = ("window_attention", "text_attention")
 # Formulations.decode_cache="segments": the cache grows by this many slots at a time.
 CACHE_SEGMENT = 64
 _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spec may change

@@ -91,7 +91,7 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     """
     formulations = hardware.resolve(cfg.model.hardware, platform=platform, auto=devices[0].platform)
     note = ""
-    kernels = [n for n in ("window_attention", "text_attention") if getattr(formulations, n) == "fused"]
+    kernels = [n for n in hardware.TPU_KERNELS if getattr(formulations, n) == "fused"]
     if devices[0].platform != "tpu" and formulations.platform == "tpu" and kernels:
         # a Pallas TPU kernel compiles for a TPU target only: on simulated devices the TPU's program takes
         # the einsum attention, which holds its scores in memory (so the figure is an upper bound)

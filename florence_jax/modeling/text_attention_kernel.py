@@ -188,8 +188,7 @@ def _backward_kernel(seed_ref, mask_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, dk
             ref[0, :, lanes] = grad.astype(ref.dtype)
 
 
-def _specs(b, lq, lk, c, block):
-    del b, c
+def _specs(lq, lk, block):
     mask = pl.BlockSpec((1, 1, lk), lambda i, g, seed: (i, 0, 0))
     queries = pl.BlockSpec((1, lq, block), lambda i, g, seed: (i, 0, g))
     keys = pl.BlockSpec((1, lk, block), lambda i, g, seed: (i, 0, g))
@@ -201,7 +200,7 @@ def _call(kernel, name, outs, ins, q, k, heads, cost, interpret):
     lk = k.shape[1]
     block = HEADS_PER_HASH * (c // heads)
     groups = heads // HEADS_PER_HASH
-    mask_spec, q_spec, k_spec = _specs(b, lq, lk, c, block)
+    mask_spec, q_spec, k_spec = _specs(lq, lk, block)
     spec_of = {"q": q_spec, "k": k_spec}
     grid = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(b, c // block),
