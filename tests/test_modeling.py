@@ -262,3 +262,35 @@ def test_integer_pixels_are_refused_with_the_way_to_normalize_them(tiny_hf_dir):
     image = np.zeros((1, 64, 64, 3), np.uint8)
     with pytest.raises(TypeError, match="normalize_pixels"):
         model.vision_tower_features(image, image_layout="NHWC")
+
+
+def test_exact_gelu_is_pytorchs_and_lowers_to_erf():
+    """``gelu_exact`` computes PyTorch's formula, ``x / 2 * (1 + erf(x / sqrt(2)))``, in float32.
+
+    Tolerance: both sides evaluate the same expression in float32 with different ``erf`` approximations,
+    each within a few float32 ulps of 1 (2**-23); scaled by ``|x| / 2`` that bounds the difference by
+    2**-21 * max(|x|, 1). The same holds for the derivative. The negative tail, where ``1 + erf`` cancels,
+    is within the bound on both sides; ``jax.nn.gelu``'s ``erfc`` form is more precise there and so not
+    PyTorch's function.
+    """
+    from florence_jax.modeling.layers import ACTIVATIONS, gelu_exact
+
+    x = np.linspace(-10, 10, 40001, dtype=np.float32)
+    bound = 2**-21 * np.maximum(np.abs(x), 1)
+    ours = np.asarray(gelu_exact(jnp.asarray(x)))
+    xt = torch.tensor(x, requires_grad=True)
+    ref = torch.nn.functional.gelu(xt)
+    ref.sum().backward()
+    assert np.all(np.abs(ours - ref.detach().numpy()) <= bound)
+    grad = np.asarray(jax.vmap(jax.grad(ACTIVATIONS["gelu"]))(jnp.asarray(x)))
+    assert np.all(np.abs(grad - xt.grad.numpy()) <= bound)
+
+    # bfloat16 in, float32 inside, rounded once (as PyTorch's half-precision GELU)
+    xb = jnp.asarray(x).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(gelu_exact(xb), np.float32),
+                                  np.asarray(gelu_exact(xb.astype(jnp.float32)).astype(jnp.bfloat16), np.float32))
+
+    # erf, not erfc: the TPU expands erfc into two rational approximations per element, which made the
+    # MLP's second matmul vector-bound (docs/scale-out.md)
+    program = jax.jit(ACTIVATIONS["gelu"]).lower(xb).as_text()
+    assert "chlo.erf " in program and "erfc" not in program
