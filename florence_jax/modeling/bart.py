@@ -19,7 +19,7 @@ from florence_jax import hardware
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
 from florence_jax.modeling import text_attention_kernel
-from florence_jax.modeling.dropout import AttentionDropout
+from florence_jax.modeling.dropout import AttentionDropout, ElementDropout
 from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat, named
 from florence_jax.positions import POSITION_OFFSET as POSITION_OFFSET  # indexed from 2 (a fairseq legacy)
 
@@ -105,8 +105,8 @@ class _FFN(nnx.Module):
         self.fc1 = linear(cfg, t.d_model, ffn_dim, rngs=rngs)
         self.fc2 = linear(cfg, ffn_dim, t.d_model, rngs=rngs)
         self.final_layer_norm = layer_norm(cfg, t.d_model, eps=t.layer_norm_eps, rngs=rngs)
-        self.dropout = nnx.Dropout(t.dropout)
-        self.activation_dropout = nnx.Dropout(t.activation_dropout)
+        self.dropout = ElementDropout(t.dropout)
+        self.activation_dropout = ElementDropout(t.activation_dropout)
 
     @named("ffn")
     def _ffn(self, h, rngs):
@@ -167,7 +167,7 @@ class _Stack(nnx.Module):
         t = cfg.text_config
         self.embed_positions = embed(cfg, t.max_position_embeddings + POSITION_OFFSET, t.d_model, rngs=rngs)
         self.layernorm_embedding = layer_norm(cfg, t.d_model, eps=t.layer_norm_eps, rngs=rngs)
-        self.dropout = nnx.Dropout(t.dropout)
+        self.dropout = ElementDropout(t.dropout)
         self.remat_policy = cfg.remat_policy
 
     def _embed(self, inputs_embeds, start, rngs):

@@ -174,7 +174,11 @@ def attention(
     return out.transpose(0, 2, 1, 3) if transpose else out
 
 
-_REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# "dots" saves the matrix products and the text model's dropout masks (florence_jax.modeling.dropout: a
+# byte per element, where recomputing them costs Threefry hashes); "full" saves nothing.
+_REMAT = {"full": None, "dots": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names("dropout_keep"))}
 
 
 def _remat_policy(policy: str):
