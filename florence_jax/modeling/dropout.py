@@ -26,8 +26,8 @@ of the leading dimensions, and a row's hashes cover ``n = lane_blocks(width)`` b
 tiles, ``n`` up to 4 (:func:`element_draws`). The mask is named ``dropout_keep`` so that the ``dots`` remat
 policy keeps it (a byte per element) rather than hashing again in the backward pass. On a v4 chip, the
 compiler's estimate for one text encoder MLP of Florence-2-large (8 examples) with its two dropouts,
-forward and backward under that remat, is 2.48 ms against 4.18 with ``bernoulli`` and 1.75 without
-dropout; on a v5e (Florence-2-base, 16 examples, no remat) 3.00 against 3.31 and 1.94.
+forward and backward, rematerialised with the mask kept, is 2.48 ms against 4.18 with ``bernoulli`` and
+1.75 without dropout; on a v5e (Florence-2-base, 16 examples, no remat) 2.87 against 3.31 and 1.75.
 """
 
 from __future__ import annotations
