@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from florence_jax.modeling.dropout import DROPOUT_KEEP
+
 
 def named(scope: str):
     """Run the decorated method under ``jax.named_scope(scope)``.
@@ -44,6 +46,9 @@ def recompute_in_backward(fn=None, *, static_argnums: tuple[int, ...] = ()):
     return jax.checkpoint(fn, static_argnums=static_argnums)
 
 
+_SQRT_HALF = 0.7071067811865476
+
+
 def gelu_exact(x: jax.Array) -> jax.Array:
     """The exact GELU as PyTorch computes it: ``x / 2 * (1 + erf(x / sqrt(2)))`` in float32, rounded once.
 
@@ -58,9 +63,6 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     """
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))).astype(x.dtype)
-
-
-_SQRT_HALF = 0.7071067811865476
 
 ACTIVATIONS = {
     # transformers' ACT2FN names -> jax functions. "gelu" is the exact erf form, as in PyTorch.
@@ -178,7 +180,7 @@ def attention(
 # byte per element, where recomputing them costs Threefry hashes); "full" saves nothing.
 _REMAT = {"full": None, "dots": jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    jax.checkpoint_policies.save_only_these_names("dropout_keep"))}
+    jax.checkpoint_policies.save_only_these_names(DROPOUT_KEEP))}
 
 
 def _remat_policy(policy: str):
