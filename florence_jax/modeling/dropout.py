@@ -84,16 +84,26 @@ def attention_draws(key: jax.Array, shape: tuple[int, int, int, int]) -> jax.Arr
 def attention_dropout(probs: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     """``probs`` (batch, heads, queries, keys) with each entry dropped with probability ``rate`` (to 2**-17)
     and the rest scaled to keep the expectation."""
+    hashed = probs.ndim == 4 and probs.shape[1] % HEADS_PER_HASH == 0
+    return _dropout(probs, rate, key, attention_draws if hashed else None)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array, draws_of, name: str | None = None) -> jax.Array:
+    """``x`` dropped at ``rate`` by the 16-bit draws ``draws_of(key, shape)`` (``jax.random.bernoulli`` where
+    that is None or the key is not threefry), kept values scaled by the inverse keep probability; the mask
+    named ``name`` for remat policies."""
     if rate <= 0.0:
-        return probs
+        return x
     if rate >= 1.0:
-        return jnp.zeros_like(probs)
+        return jnp.zeros_like(x)
     threshold, keep_prob = keep_threshold(rate)
-    if probs.ndim != 4 or probs.shape[1] % HEADS_PER_HASH or threefry_words(key) is None:
-        keep = jax.random.bernoulli(key, keep_prob, probs.shape)
+    if draws_of is None or threefry_words(key) is None:
+        keep = jax.random.bernoulli(key, keep_prob, x.shape)
     else:
-        keep = attention_draws(key, probs.shape) >= jnp.uint32(threshold)
-    return jax.lax.select(keep, probs / jnp.asarray(keep_prob, probs.dtype), jnp.zeros_like(probs))
+        keep = draws_of(key, x.shape) >= jnp.uint32(threshold)
+    if name is not None:
+        keep = checkpoint_name(keep, name)
+    return jax.lax.select(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
 
 
 DROPOUT_KEEP = "dropout_keep"  # the name of an element dropout's mask, which the "dots" remat policy saves
@@ -132,17 +142,7 @@ def element_draws(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 def element_dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     """``x`` with each element dropped with probability ``rate`` (to 2**-17) and the rest scaled to keep
     the expectation; the mask is :func:`element_draws`'s, named :data:`DROPOUT_KEEP` for remat policies."""
-    if rate <= 0.0:
-        return x
-    if rate >= 1.0:
-        return jnp.zeros_like(x)
-    threshold, keep_prob = keep_threshold(rate)
-    if x.ndim == 0 or threefry_words(key) is None:
-        keep = jax.random.bernoulli(key, keep_prob, x.shape)
-    else:
-        keep = element_draws(key, x.shape) >= jnp.uint32(threshold)
-    keep = checkpoint_name(keep, DROPOUT_KEEP)
-    return jax.lax.select(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+    return _dropout(x, rate, key, element_draws if x.ndim else None, DROPOUT_KEEP)
 
 
 class _KeyedDropout(nnx.Dropout):
