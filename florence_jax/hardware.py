@@ -61,6 +61,13 @@ class Formulations:
     # with it ("one_hot": the gather's bits without a gather, which TPUs run element by element), or the
     # table's affine map computed ("affine": one elementwise pass, within float32 rounding of the table).
     pixel_normalize: str
+    # The layout pixel batches travel in to the vision tower: the image, NHWC ("image"), or rearranged by the
+    # data workers into 4x4 blocks of 48 channels ("space_to_depth", ``processing.space_to_depth``), which
+    # the first convolution (7x7, stride 4, over 3 colors) takes as a 2x2 convolution over 48 channels.
+    # XLA:TPU lays a 3-channel image out for that convolution with the batch in lanes, a copy the compiler
+    # estimates at 4.0 ms of a v5e's step for 16 images, and does the same rearrangement on the device no
+    # faster; the data workers do it in about a millisecond per 768 px image (docs/scale-out.md).
+    pixel_layout: str = "image"
     # The tied LM head's product: hidden states against the embedding's transpose ("hidden_major", one row
     # per position) or the embedding against the hidden states' transpose, its (vocab, rows) output turned
     # back after an optimization barrier ("vocab_major": XLA:CPU runs a product of 12 decoding rows with
@@ -125,6 +132,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "beam_cross_attention": ("per_beam", "batched"),
     "beam_cache_copy": ("row_by_row", "gather"),
     "pixel_normalize": ("gather", "one_hot", "affine"),
+    "pixel_layout": ("image", "space_to_depth"),
     "lm_head_product": ("hidden_major", "vocab_major"),
     "decode_dots": ("compiler", "eigen", "kernel"),
     "decode_cache": ("preallocated", "segments"),
@@ -140,7 +148,8 @@ _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spe
 # Each backend's defaults. docs/benchmarks.md ("Formulations per backend") gives the measurement behind
 # each and lists the ones no run on that hardware has chosen yet: the GPU keeps the CPU's depthwise
 # convolution and attention layout until scripts/device_bench.sh (MODE=ab) compares them there; the TPU's
-# depthwise convolution, window attention and pixel normalization follow the TPU compiler's estimates
+# depthwise convolution, window attention, pixel normalization and pixel layout follow the TPU compiler's
+# estimates
 # (docs/scale-out.md), no chip having run them.
 DEFAULTS: dict[str, Formulations] = {
     "cpu": Formulations("cpu", depthwise_conv="shifted_sum", store_vision_residuals=True,
@@ -154,7 +163,7 @@ DEFAULTS: dict[str, Formulations] = {
     "tpu": Formulations("tpu", depthwise_conv="grouped", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="affine",
-                        window_attention="fused", text_attention="fused"),
+                        pixel_layout="space_to_depth", window_attention="fused", text_attention="fused"),
 }
 
 # XLA:CPU compiler options for Formulations.decode_dots="eigen": no library fusion for YNNPACK, so every

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGENET_MEAN",
+    "S2D_BLOCK",
     "IMAGENET_STD",
     "ImageTransform",
     "coordinates_to_loc_tokens",
@@ -39,8 +40,13 @@ __all__ = [
     "processor_dir",
     "prompt_inputs",
     "quantize_coordinates",
+    "space_to_depth",
     "to_rgb",
 ]
+
+# The block space_to_depth uses for the vision tower's input: the first patch convolution's stride in every
+# Florence-2 (7x7, stride 4).
+S2D_BLOCK = 4
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -239,8 +245,28 @@ class ImageTransform:
         return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)) if channels_first else stacked
 
 
+def space_to_depth(pixels, block: int):
+    """``(..., H, W, C)`` -> ``(..., H / block, W / block, block * block * C)``: each ``block x block`` patch
+    of pixels as one position, its channels ordered (row in the patch, column, channel).
+
+    The vision tower's first convolution (7x7, stride 4, over 3 colors) takes its input in this layout as
+    a 2x2 convolution over 48 channels (``image_layout="S2D"``, ``Formulations.pixel_layout``). numpy in,
+    numpy out (the data workers rearrange each image: a TPU relayouts a 3-channel image slowly); jax arrays
+    work too."""
+    *lead, h, w, c = pixels.shape
+    if h % block or w % block:
+        raise ValueError(f"space_to_depth: {h}x{w} pixels do not divide into {block}x{block} blocks")
+    n = len(lead)
+    x = pixels.reshape(*lead, h // block, block, w // block, block * c)
+    x = x.transpose(*range(n), n, n + 2, n + 1, n + 3)
+    if isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x)
+    return x.reshape(*lead, h // block, w // block, block * block * c)
+
+
 def normalize_pixels(pixels, table, formulation: str | None = None):
     """uint8 ``(..., 3)`` pixels -> float32 model input, on the device: ``table[pixels[..., c], c]``.
+    Space-to-depth pixels ``(..., 3k)`` (:func:`space_to_depth`) take the same table, color ``i % 3``.
 
     ``table`` is an :class:`ImageTransform`'s ``table``, so the result is bit for bit what the transform
     computes on the host: batches can travel as uint8 (a quarter of float32's bytes through data workers,
@@ -271,6 +297,12 @@ def normalize_pixels(pixels, table, formulation: str | None = None):
         raise ValueError(f"a pixel table is (256, 3), got {table.shape}")
     if pixels.dtype != jnp.uint8:
         raise TypeError(f"normalize_pixels takes uint8 pixels, got {pixels.dtype}")
+    if pixels.shape[-1] != 3:
+        # Space-to-depth pixels (space_to_depth): channel i of the last axis is color i % 3.
+        if pixels.shape[-1] % 3:
+            raise ValueError(f"pixels' last axis holds colors in threes, got {pixels.shape}")
+        flat = pixels.reshape(*pixels.shape[:-1], pixels.shape[-1] // 3, 3)
+        return normalize_pixels(flat, table, formulation).reshape(pixels.shape)
     if formulation == "one_hot":
         onehot = (pixels[..., None] == jnp.arange(256, dtype=jnp.uint8)).astype(jnp.bfloat16)
         return jnp.einsum("...cv,vc->...c", onehot, table, precision=jax.lax.Precision.HIGHEST,

@@ -200,6 +200,10 @@ def bench_train_ours(directory: str, s: Settings, frozen: bool, cached: bool = F
         t0 = time.perf_counter()
         host["vision_features"] = np.asarray(jax.block_until_ready(fn(model, host.pop("pixel_values"))))
         feature_s = time.perf_counter() - t0
+    elif model.formulations.pixel_layout == "space_to_depth":  # as that hardware's pipeline ships them
+        from florence_jax.processing import S2D_BLOCK, space_to_depth
+
+        host["pixel_values"] = space_to_depth(image, S2D_BLOCK)
     else:
         host["pixel_values"] = image
     optim = OptimConfig(learning_rate=1e-6, schedule="linear", freeze=(VISION_FROZEN,) if frozen else ())

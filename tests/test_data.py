@@ -357,6 +357,25 @@ def test_uint8_pixels_normalize_on_the_device_to_the_float32_ones_in_workers_too
                      image_transform=lambda image: np.zeros((64, 64, 3), np.float32))
 
 
+def test_pixels_in_blocks_are_the_image_rearranged(files, processor):
+    """image_layout "S2D" ships each image in 4x4 blocks of 48 channels (a TPU's first convolution's input
+    layout), the same pixels and text as "NHWC"; the batch spec and the padding row say so."""
+    from florence_jax.processing import space_to_depth
+
+    cfg = dataclasses.replace(CFG, pixel_dtype="uint8")
+    images = DataPipeline(open_source(files["dirty"]), processor, cfg)
+    blocks = DataPipeline(open_source(files["dirty"]), processor, dataclasses.replace(cfg, image_layout="S2D"))
+    assert blocks.batch_spec()["pixel_values"] == ((4, 16, 16, 48), np.dtype(np.uint8))
+    assert blocks.encoder.padding_example()["pixel_values"].shape == (16, 16, 48)
+    for e, g in zip(_take(iter(images.train(0, 1)), 2), _take(iter(blocks.train(0, 1)), 2)):
+        assert g["pixel_values"].shape == (4, 16, 16, 48)
+        np.testing.assert_array_equal(g["pixel_values"], space_to_depth(e["pixel_values"], 4))
+        for key in ("input_ids", "labels", "label_mask"):
+            np.testing.assert_array_equal(e[key], g[key])
+    with pytest.raises(ValueError, match="image_layout must be"):
+        DataPipeline(open_source(files["dirty"]), processor, dataclasses.replace(cfg, image_layout="NCHW"))
+
+
 @pytest.mark.slow  # about 30 s; the uint8 workers test stays in the default suite
 def test_bfloat16_pixels_are_the_float32_ones_rounded_in_workers_too(dirty, processor):
     import ml_dtypes

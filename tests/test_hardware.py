@@ -197,6 +197,29 @@ def test_pixel_normalizations_against_the_table():
     assert hardware.resolve("tpu").pixel_normalize == "affine"
 
 
+def test_pixels_in_blocks_normalize_color_by_color():
+    """Space-to-depth pixels (4x4 blocks, 48 channels: row, column, color) take the same (256, 3) table as
+    the image, color i % 3, in every formulation; the blocks hold each pixel once, where it belongs."""
+    from florence_jax.processing import ImageTransform, normalize_pixels, space_to_depth
+
+    table = ImageTransform(size=(16, 16)).table
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 16, 3), dtype=np.uint8)
+    blocks = space_to_depth(pixels, 4)
+    assert blocks.shape == (2, 2, 4, 48) and blocks.flags.c_contiguous
+    for i, j, dy, dx, c in ((0, 0, 0, 0, 0), (1, 3, 2, 1, 2), (0, 2, 3, 3, 1)):
+        assert blocks[1, i, j, (dy * 4 + dx) * 3 + c] == pixels[1, 4 * i + dy, 4 * j + dx, c]
+    np.testing.assert_array_equal(np.sort(blocks, axis=None), np.sort(pixels, axis=None))
+    for f in ("gather", "one_hot", "affine"):
+        np.testing.assert_array_equal(np.asarray(normalize_pixels(blocks, table, f)),
+                                      space_to_depth(np.asarray(normalize_pixels(pixels, table, f)), 4))
+    with pytest.raises(ValueError, match="do not divide"):
+        space_to_depth(pixels[:, :6], 4)
+    with pytest.raises(ValueError, match="in threes"):
+        normalize_pixels(blocks[..., :47], table)
+    assert hardware.resolve("tpu").pixel_layout == "space_to_depth"
+    assert hardware.resolve("cpu").pixel_layout == hardware.resolve("gpu").pixel_layout == "image"
+
+
 def _python_files():
     for top in ("florence_jax", "train", "scripts"):
         yield from sorted((ROOT / top).rglob("*.py"))

@@ -294,3 +294,37 @@ def test_exact_gelu_is_pytorchs_and_lowers_to_erf():
     # MLP's second matmul vector-bound (docs/scale-out.md)
     program = jax.jit(ACTIVATIONS["gelu"]).lower(xb).as_text()
     assert "chlo.erf " in program and "erfc" not in program
+
+
+def test_space_to_depth_pixels_give_the_towers_features_and_gradients(tiny_hf_dir):
+    """The first convolution (7x7, stride 4, padding 3) on pixels in 4x4 blocks of 48 channels computes the
+    same sums of the same products as on the image: features and the convolution's gradients agree."""
+    from florence_jax.processing import space_to_depth
+
+    model = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
+    stem = model.model.vision_tower.convs[0].conv
+    assert (stem.kernel.shape[0], stem.strides[0], stem.padding[0]) == (7, 4, (3, 3))  # the real model's stem
+    x = jnp.asarray(tiny_batch(seed=5)["pixel_values"]).transpose(0, 2, 3, 1)  # NHWC
+    blocks = space_to_depth(x, 4)
+    assert blocks.shape == (x.shape[0], x.shape[1] // 4, x.shape[2] // 4, 48)
+    ref = model.vision_tower_features(x, image_layout="NHWC")
+    out = model.vision_tower_features(blocks, image_layout="S2D")
+    assert float(jnp.abs(ref).max()) > 0.5
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4, rtol=0)  # fp32, sums reordered
+
+    def stem_grad(layout, pixels):
+        def loss(m):
+            return jnp.sum(m.vision_tower_features(pixels, image_layout=layout) ** 2)
+        g = nnx.grad(loss)(model)
+        return np.asarray(g.model.vision_tower.convs[0].conv.kernel[...])
+
+    g_ref, g_out = stem_grad("NHWC", x), stem_grad("S2D", blocks)
+    np.testing.assert_allclose(g_out, g_ref, atol=1e-4 * np.abs(g_ref).max(), rtol=0)
+
+
+def test_space_to_depth_input_is_checked(tiny_hf_dir):
+    model = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
+    with pytest.raises(ValueError, match="does not fit"):
+        model.vision_tower_features(np.zeros((1, 16, 16, 3), np.float32), image_layout="S2D")
+    with pytest.raises(ValueError, match="NCHW, NHWC or S2D"):
+        model.vision_tower_features(np.zeros((1, 16, 16, 3), np.float32), image_layout="NWHC")

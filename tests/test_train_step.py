@@ -183,6 +183,35 @@ def test_uint8_pixels_normalized_in_the_step_train_exactly_as_float32_ones(tiny_
         model_pixels(jax.numpy.asarray(image), None)  # what the step calls with StepFns.pixel_table None
 
 
+def test_pixels_in_blocks_train_as_the_image_does(tiny_hf_dir):
+    """A TPU's pipeline ships pixels in 4x4 blocks (Formulations.pixel_layout, train.setup): the step reads
+    the layout from the batch and trains as on the image, up to float32 sums in another order."""
+    from florence_jax.processing import ImageTransform, space_to_depth
+    from train.config import TrainConfig
+    from train.setup import pipeline_image_layout
+
+    table = ImageTransform(size=(64, 64)).table
+    image = np.random.default_rng(4).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    results = []
+    for pixels in (image, space_to_depth(image, 4)):
+        model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype="float32", dropout=0.0,
+                                         drop_path_rate=0.0), mesh)
+        fns, state, _ = init_train_state(model, OptimConfig(learning_rate=1e-3, freeze=()), 10, mesh,
+                                         pixel_table=table)
+        step = jit_train_step(fns, state, batch_sharding(mesh))
+        host = {**_batch(seed=0), "pixel_values": pixels}
+        state, metrics = step(state, jax.device_put(host, batch_sharding(mesh)), jax.random.key(0))
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), _flat(state.params)))
+    (loss_i, norm_i, p_i), (loss_b, norm_b, p_b) = results
+    assert loss_b == pytest.approx(loss_i, rel=1e-6) and norm_b == pytest.approx(norm_i, rel=1e-4)
+    stem = next(k for k in p_i if "convs.0.conv.kernel" in k)
+    np.testing.assert_allclose(p_b[stem], p_i[stem], atol=1e-6, rtol=0)  # Adam at 1e-3: one step moves 1e-3
+    tpu = TrainConfig()
+    tpu.model.hardware = "v5e"
+    assert pipeline_image_layout(tpu) == "S2D" and pipeline_image_layout(TrainConfig()) == "NHWC"
+
+
 @pytest.mark.slow  # about 40 s; the uint8 pixel test covers the step by default
 def test_bfloat16_pixels_give_a_bfloat16_model_exactly_what_float32_ones_do(tiny_hf_dir):
     """A pipeline can ship bfloat16 pixels (PipelineConfig.pixel_dtype) to a bfloat16 model: the model's first

@@ -201,7 +201,8 @@ class Evaluator:
         # The model as it is now, split once for this evaluation. Made per call and dropped after it: a
         # generator kept between evaluations would hold the previous parameters' buffers.
         generator = Generator(self.model, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
-                              no_repeat_ngram_size=self.no_repeat_ngram_size, image_layout="NHWC")
+                              no_repeat_ngram_size=self.no_repeat_ngram_size,
+                              image_layout=getattr(getattr(self.pipeline, "encoder", None), "image_layout", "NHWC"))
         return self._run(batches, params, rest, generator)
 
     def _run(self, batches, params, rest, generator: Generator) -> EvalResult:

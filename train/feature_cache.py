@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from train.step import model_pixels
+from train.step import image_layout_of, model_pixels
 
 log = logging.getLogger("train")
 
@@ -121,10 +121,10 @@ def _build(pipeline, model, tmp: Path, final: Path, key_parts, dtype: str, progr
         m = nnx.merge(graphdef, state)
         m.eval()
         pixels = model_pixels(pixels, table, m.formulations.pixel_normalize)
-        return m.vision_tower_features(pixels, image_layout="NHWC").astype(jnp.float32)
+        return m.vision_tower_features(pixels, image_layout=image_layout_of(pixels)).astype(jnp.float32)
 
     feature_shape = jax.eval_shape(features, state, jax.ShapeDtypeStruct(
-        (1, *pipeline.encoder.image_shape), pipeline.encoder.pixel_dtype)).shape[1:]
+        (1, *pipeline.encoder.pixel_shape), pipeline.encoder.pixel_dtype)).shape[1:]
     np_dtype = _DTYPES[dtype]
     store_dtype = np.uint16 if np_dtype.itemsize == 2 else np.float32
     mm = np.memmap(tmp / "features.bin", dtype=store_dtype, mode="w+", shape=(len(indices), *feature_shape))

@@ -204,8 +204,16 @@ def _pipeline_config(cfg: TrainConfig):
         batch_size=cfg.batch_size // n, max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_target_tokens=cfg.data.max_target_tokens, image_size=cfg.data.image_size, seed=cfg.seed,
         num_epochs=None, shuffle=True, worker_count=cfg.data.num_workers, template=cfg.data.mixture[0].template,
-        pixel_dtype=PIXEL_DTYPE,
+        pixel_dtype=PIXEL_DTYPE, image_layout=pipeline_image_layout(cfg),
     ), eval_bs // n
+
+
+def pipeline_image_layout(cfg: TrainConfig) -> str:
+    """The layout pixel batches travel in: the model's hardware formulation (``Formulations.pixel_layout``),
+    4x4 blocks of 48 channels on a TPU, the image elsewhere."""
+    from florence_jax import hardware
+
+    return "S2D" if hardware.resolve(cfg.model.hardware).pixel_layout == "space_to_depth" else "NHWC"
 
 
 def make_pipelines(cfg: TrainConfig, processor, train_src, val_src, template=None):

@@ -1,6 +1,6 @@
 """Pure train and eval steps over split NNX state, jitted with explicit shardings by the caller.
 
-A batch is a dict of arrays: ``pixel_values`` (B, H, W, 3) NHWC (float, or uint8 normalized in the step
+A batch is a dict of arrays: ``pixel_values`` (B, H, W, 3) NHWC or (B, H/4, W/4, 48) in 4x4 blocks (float, or uint8 normalized in the step
 with ``StepFns.pixel_table``), ``input_ids`` / ``attention_mask``
 (B, Lp), ``labels`` (B, Lt) and ``label_mask`` (B, Lt) (1 on real target tokens, eos included), and for
 evaluation ``example_mask`` (B,) (0 on rows that only pad the last batch).
@@ -54,6 +54,12 @@ def static_table(table) -> tuple | None:
     return None if table is None else tuple(tuple(float(v) for v in row) for row in np.asarray(table, np.float32))
 
 
+def image_layout_of(pixels) -> str:
+    """The layout of a batch's pixels: "NHWC" images (3 colors last), or "S2D", the data pipeline's 4x4
+    blocks of 48 channels (``PipelineConfig.image_layout``); the model checks the shape it gets."""
+    return "NHWC" if pixels is None or pixels.shape[-1] == 3 else "S2D"
+
+
 def model_pixels(pixels, table, formulation: str | None = None):
     """A batch's pixels as the model takes them: uint8 ones normalized on the device with ``table`` (by
     ``formulation``, the model's ``Formulations.pixel_normalize``)."""
@@ -79,7 +85,7 @@ def _forward_loss(fns: StepFns, params, rest, batch, rng, total_weight):
     out = model(
         input_ids=batch["input_ids"], pixel_values=pixels,
         attention_mask=batch["attention_mask"],
-        decoder_input_ids=decoder_input_ids, image_layout="NHWC", rngs=nnx.Rngs(dropout=rng),
+        decoder_input_ids=decoder_input_ids, image_layout=image_layout_of(pixels), rngs=nnx.Rngs(dropout=rng),
         freeze_vision=fns.freeze_vision, vision_features=batch.get("vision_features"),
     )
     with jax.named_scope("loss"):

@@ -129,13 +129,43 @@ class ConvEmbed(nnx.Module):
         self.norm = layer_norm(cfg, din if self.pre_norm else dout, rngs=rngs)
 
     @named("patch_embed")
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, space_to_depth: bool = False) -> jax.Array:
+        """``space_to_depth``: ``x`` is the image in blocks of the convolution's stride
+        (``processing.space_to_depth``), which the convolution takes as a smaller one over more channels."""
         if self.pre_norm:
+            if space_to_depth:
+                raise ValueError("a space-to-depth input needs a patch embedding without a norm before it")
             x = self.norm(x)
-        x = self.conv(x)
+        x = self._blocked_conv(x) if space_to_depth else self.conv(x)
         if not self.pre_norm:
             x = self.norm(x)
         return x
+
+    def _blocked_conv(self, x: jax.Array) -> jax.Array:
+        """The convolution (kernel k, stride s, padding p) on space-to-depth input: output position i reads
+        pixels s*i - p .. s*i - p + k - 1, which lie in blocks i - ceil(p/s) .. i + floor((k-1-p)/s). The
+        kernel, padded with zero taps to whole blocks and rearranged like the pixels, is a stride-1
+        convolution over those blocks: the same sums of the same products (tests/test_modeling.py)."""
+        conv = self.conv
+        k = conv.kernel[...]
+        kh, kw, cin, cout = k.shape
+        s, p = conv.strides[0], conv.padding[0][0]
+        if (kh, s, p) != (kw, conv.strides[1], conv.padding[1][0]) or any(a != b for a, b in conv.padding):
+            raise ValueError("space-to-depth input needs a square, symmetric patch convolution")
+        h, w = x.shape[1] * s, x.shape[2] * s
+        if x.shape[3] != s * s * cin or not -s <= 2 * p - kh < 0:
+            raise ValueError(f"space-to-depth input {x.shape} does not fit a {kh}x{kh} convolution with stride "
+                             f"{s}, padding {p} over {cin} channels ({h}x{w} pixels)")
+        front, back = -(-p // s), (kh - 1 - p) // s
+        blocks = front + back + 1
+        lead = s * front - p
+        k = jnp.pad(k, ((lead, s * blocks - lead - kh), (lead, s * blocks - lead - kh), (0, 0), (0, 0)))
+        k = k.reshape(blocks, s, blocks, s, cin, cout).transpose(0, 2, 1, 3, 4, 5).reshape(
+            blocks, blocks, s * s * cin, cout)
+        dtype = conv.dtype or x.dtype
+        y = jax.lax.conv_general_dilated(x.astype(dtype), k.astype(dtype), (1, 1), ((front, back), (front, back)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=conv.precision)
+        return y + conv.bias[...].astype(dtype)
 
 
 class VisionMLP(nnx.Module):
@@ -312,11 +342,12 @@ class DaViT(nnx.Module):
                                 for o, d in zip(starts.tolist(), v.depths))
 
     @named("vision_tower")
-    def __call__(self, pixels_nhwc: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, pixels_nhwc: jax.Array, rngs: nnx.Rngs | None = None, space_to_depth: bool = False) -> jax.Array:
+        """``space_to_depth``: the pixels in blocks of the first patch stride (``processing.space_to_depth``)."""
         x = pixels_nhwc
         for stage, (conv, stage_blocks) in enumerate(zip(self.convs, self.blocks)):
             with jax.named_scope(f"stage{stage}"):
-                x = conv(x)
+                x = conv(x, space_to_depth=space_to_depth and stage == 0)
                 if self.scan_blocks and len(stage_blocks) > 1:
                     x = self._scan_stage(stage, x, rngs)
                     continue

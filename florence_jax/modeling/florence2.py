@@ -123,7 +123,9 @@ class Florence2ForConditionalGeneration(nnx.Module):
     """The whole model. ``model(input_ids=..., pixel_values=..., ...)`` returns ``.logits``.
 
     ``pixel_values`` are NCHW as transformers' processor returns them (``image_layout="NHWC"`` accepts
-    the data pipeline's layout and skips the transpose).
+    the data pipeline's layout and skips the transpose; ``"S2D"`` takes NHWC pixels in blocks of the first
+    patch stride, ``(batch, H/4, W/4, 48)`` from ``processing.space_to_depth``, as the pipeline ships them
+    where ``Formulations.pixel_layout`` is "space_to_depth").
     """
 
     def __init__(self, config: Florence2Config, *, rngs: nnx.Rngs | None = None):
@@ -176,9 +178,9 @@ class Florence2ForConditionalGeneration(nnx.Module):
                             "input with florence_jax.processing.normalize_pixels(pixels, ImageTransform.table)")
         if image_layout == "NCHW":
             x = x.transpose(0, 2, 3, 1)
-        elif image_layout != "NHWC":
-            raise ValueError(f"image_layout must be NCHW or NHWC, got {image_layout!r}")
-        return self.model.vision_tower(x.astype(self.config.dtype), rngs)
+        elif image_layout not in ("NHWC", "S2D"):
+            raise ValueError(f"image_layout must be NCHW, NHWC or S2D, got {image_layout!r}")
+        return self.model.vision_tower(x.astype(self.config.dtype), rngs, space_to_depth=image_layout == "S2D")
 
     @named("embed")
     def embed_inputs(self, input_ids, image_features=None) -> jax.Array:

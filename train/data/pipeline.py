@@ -39,7 +39,7 @@ import ml_dtypes
 import numpy as np
 from PIL import Image
 
-from florence_jax.processing import ImageTransform
+from florence_jax.processing import S2D_BLOCK, ImageTransform, space_to_depth
 from train.data import MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS
 from train.data.templates import BadRecordError, Example, get_template
 
@@ -71,7 +71,9 @@ class PipelineConfig:
     a model that computes in bfloat16, whose first step casts pixels to it. "uint8" ships the resized image
     (a quarter of the bytes, and no normalization on the host): the consumer normalizes on the device with
     ``encoder.pixel_table`` (``florence_jax.processing.normalize_pixels``), exact for any model; training
-    uses it (``train.config.PIXEL_DTYPE``).
+    uses it (``train.config.PIXEL_DTYPE``). ``image_layout`` "S2D" ships each image rearranged into 4x4
+    blocks of 48 channels (``florence_jax.processing.space_to_depth``), what a TPU's first convolution takes
+    without a relayout; the model reads it with ``image_layout="S2D"``.
     """
 
     batch_size: int = 8
@@ -87,6 +89,9 @@ class PipelineConfig:
     drop_remainder: bool = True
     template: str | Callable[[Any], Example] = "docvqa"  # a registered name or a template (ConfiguredTemplate)
     pixel_dtype: str = "float32"  # or "bfloat16", "uint8"
+    # "S2D": pixels in 4x4 blocks, (H/4, W/4, 48) (florence_jax.processing.space_to_depth), the layout the
+    # vision tower's first convolution takes fastest on a TPU (Formulations.pixel_layout, train/setup.py).
+    image_layout: str = "NHWC"
 
 
 def load_image(value: Any) -> Image.Image:
@@ -167,7 +172,16 @@ class ExampleEncoder:
                 f"--config.data.image_size={size[0]} or use a processor built at the size you train at (it also "
                 "fixes the number of image tokens)"
             )
-        self.image_shape = (*(int(v) for v in size), 3)
+        self.image_shape = (*(int(v) for v in size), 3)  # what the transform gives
+        if config.image_layout not in ("NHWC", "S2D"):
+            raise ValueError(f"image_layout must be 'NHWC' or 'S2D', got {config.image_layout!r}")
+        self.image_layout = config.image_layout
+        b = S2D_BLOCK
+        if self.image_layout == "S2D" and (self.image_shape[0] % b or self.image_shape[1] % b):
+            raise ValueError(f"image_layout 'S2D' needs an image size divisible by {b}, got {self.image_shape[:2]}")
+        # What batches carry.
+        self.pixel_shape = (self.image_shape if self.image_layout == "NHWC" else
+                            (self.image_shape[0] // b, self.image_shape[1] // b, b * b * 3))
         if config.pixel_dtype not in _PIXEL_DTYPES:
             raise ValueError(f"pixel_dtype must be one of {sorted(_PIXEL_DTYPES)}, got {config.pixel_dtype!r}")
         self.pixel_dtype = _PIXEL_DTYPES[config.pixel_dtype]
@@ -277,14 +291,15 @@ class ExampleEncoder:
             raise BadRecordError("bad_image", f"transform failed: {type(e).__name__}: {e}") from e
         if pixels.shape != self.image_shape:
             raise BadRecordError("bad_image", f"transform gave shape {pixels.shape}, want {self.image_shape}")
-        return pixels if pixels.dtype == self.pixel_dtype else pixels.astype(self.pixel_dtype)
+        pixels = pixels if pixels.dtype == self.pixel_dtype else pixels.astype(self.pixel_dtype)
+        return space_to_depth(pixels, S2D_BLOCK) if self.image_layout == "S2D" else pixels
 
     def padding_example(self) -> dict[str, Any]:
         """A filler row for padded eval batches: a valid minimal input (image tokens, ``<s></s>``) so no
         attention row is fully masked, with label_mask 0 and index -1."""
         arrays = self._text_arrays([self.bos_id, self.eos_id], [self.eos_id])
         arrays["label_mask"][:] = 0.0
-        return {"pixel_values": np.zeros(self.image_shape, self.pixel_dtype), **arrays, "index": -1}
+        return {"pixel_values": np.zeros(self.pixel_shape, self.pixel_dtype), **arrays, "index": -1}
 
 
 _BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "label_mask")
@@ -532,7 +547,7 @@ class DataPipeline:
         """Shape and dtype of every batch array (all static), e.g. for ahead-of-time compilation."""
         b, enc = self.config.batch_size, self.encoder
         spec = {
-            "pixel_values": ((b, *enc.image_shape), enc.pixel_dtype),
+            "pixel_values": ((b, *enc.pixel_shape), enc.pixel_dtype),
             "input_ids": ((b, enc.prompt_length), np.dtype(np.int32)),
             "attention_mask": ((b, enc.prompt_length), np.dtype(np.int32)),
             "labels": ((b, enc.target_length), np.dtype(np.int32)),
