@@ -68,6 +68,13 @@ class Formulations:
     # estimates at 4.0 ms of a v5e's step for 16 images, and does the same rearrangement on the device no
     # faster; the data workers do it in about a millisecond per 768 px image (docs/scale-out.md).
     pixel_layout: str = "image"
+    # DaViT's channel attention where a stage has more tokens than channels: the projections q, k, v (n x 3C),
+    # q^T k and the output projection as the reference computes them ("projected"), or the same function
+    # from the tokens' (C, C) Gram matrix with the probabilities folded into one (C, C) matrix per example
+    # ("folded": 4nC^2 + 4C^3 multiply-adds against 8nC^2, and no product over the tokens of q, k and v, which
+    # XLA:TPU transposed first; florence_jax.modeling.davit._folded_channel_attention). Fewer products on
+    # every backend: XLA:CPU ran the base tower's forward about 10% faster (docs/benchmarks.md).
+    channel_attention: str = "folded"
     # The tied LM head's product: hidden states against the embedding's transpose ("hidden_major", one row
     # per position) or the embedding against the hidden states' transpose, its (vocab, rows) output turned
     # back after an optimization barrier ("vocab_major": XLA:CPU runs a product of 12 decoding rows with
@@ -133,6 +140,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "beam_cache_copy": ("row_by_row", "gather"),
     "pixel_normalize": ("gather", "one_hot", "affine"),
     "pixel_layout": ("image", "space_to_depth"),
+    "channel_attention": ("projected", "folded"),
     "lm_head_product": ("hidden_major", "vocab_major"),
     "decode_dots": ("compiler", "eigen", "kernel"),
     "decode_cache": ("preallocated", "segments"),

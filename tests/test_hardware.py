@@ -149,7 +149,8 @@ def cpu_tower(tiny_hf_dir):
 #    arithmetic: the features are bit-identical; XLA orders the backward's sums differently around them.
 #  - the grouped convolution and the sequence-major attention einsums sum the same products in another
 #    order: float32 rounding of the features too. So does the fused window attention kernel (run by Pallas'
-#    interpreter here), which also normalizes the softmax by a reciprocal.
+#    interpreter here), which also normalizes the softmax by a reciprocal. The folded channel attention
+#    regroups the products (a Gram matrix, the probabilities folded into the output projection).
 # The accelerators' defaults together (both exact) in the default suite; each formulation alone is slow.
 @pytest.mark.parametrize("change, exact_features", [
     ("gpu", True),
@@ -158,6 +159,7 @@ def cpu_tower(tiny_hf_dir):
     pytest.param("cpu:depthwise_conv=grouped", False, marks=pytest.mark.slow),
     pytest.param("cpu:attention_layout=sequence_major", False, marks=pytest.mark.slow),
     ("cpu:window_attention=fused", False),
+    ("cpu:channel_attention=projected", False),
 ])
 def test_every_vision_formulation_computes_the_same_tower(cpu_tower, change, exact_features):
     model, x, a = cpu_tower
@@ -172,6 +174,50 @@ def test_every_vision_formulation_computes_the_same_tower(cpu_tower, change, exa
     for k in a[1]:  # float32 rounding of each tensor's largest entry
         scale = float(np.max(np.abs(a[1][k])))
         np.testing.assert_allclose(b[1][k], a[1][k], rtol=0, atol=1e-5 * scale, err_msg=str(k))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 2e-6), ("bfloat16", 2**-7)])
+def test_folded_channel_attention_is_the_projected_one(dtype, tolerance):
+    """The Gram-matrix channel attention, biases included, against the reference's projections: outputs
+    within float32 rounding (bfloat16: one ulp of the largest output, as the products round elsewhere),
+    and in float32 the same gradients for every weight and the input. With no more tokens than channels,
+    or a LoRA adapter on a projection, it computes the projections itself."""
+    from florence_jax.config import PRESETS
+    from florence_jax.lora import apply_lora
+    from florence_jax.modeling.davit import ChannelAttention
+
+    fc = PRESETS["base"]().replace(dtype=jnp.dtype(dtype))
+    mods = {h: ChannelAttention(fc.replace(hardware=h), 1, rngs=nnx.Rngs(0))
+            for h in ("cpu:channel_attention=projected", "cpu")}
+    assert hardware.resolve("cpu").channel_attention == "folded"
+    rng = np.random.default_rng(0)
+    state = nnx.state(mods["cpu"], nnx.Param)
+    state = jax.tree.map(lambda v: jnp.asarray(rng.normal(0, 0.05 if v.ndim == 2 else 0.5, v.shape), v.dtype), state)
+    for m in mods.values():
+        nnx.update(m, state)
+    x = jnp.asarray(rng.normal(0.3, 1.0, (2, 600, 256)), jnp.dtype(dtype))  # 600 tokens > 256 channels
+    ref, out = (np.asarray(nnx.jit(lambda m, x: m(x))(m, x).astype(jnp.float32)) for m in mods.values())
+    assert np.abs(ref).max() > 0.5
+    np.testing.assert_allclose(out, ref, rtol=0, atol=tolerance * np.abs(ref).max())
+    if dtype == "float32":
+        grad = nnx.jit(nnx.grad(lambda m, x: jnp.sum(jnp.sin(m(x))), argnums=(0, 1)))
+        (ga, xa), (gb, xb) = grad(mods["cpu:channel_attention=projected"], x), grad(mods["cpu"], x)
+        flat_a, flat_b = nnx.to_flat_state(nnx.state(ga, nnx.Param)), dict(nnx.to_flat_state(nnx.state(gb, nnx.Param)))
+        for k, v in flat_a:
+            scale = float(np.abs(np.asarray(v[...])).max())
+            np.testing.assert_allclose(np.asarray(flat_b[k][...]), np.asarray(v[...]), rtol=0, atol=1e-5 * scale,
+                                       err_msg=str(k))
+        np.testing.assert_allclose(np.asarray(xb), np.asarray(xa), rtol=0, atol=1e-5 * float(np.abs(xa).max()))
+    folded = mods["cpu"]
+
+    def forms_qkv(n):  # whether the program computes the (2, n, 3 x 256) projection
+        return f"tensor<2x{n}x768x" in nnx.jit(lambda m, x: m(x)).lower(folded, x[:, :n]).as_text()
+
+    assert not forms_qkv(600) and forms_qkv(256)  # 256 tokens, 256 channels: the projections are cheaper
+    apply_lora(folded, rank=2, alpha=4, dropout=0.0, targets=(r"qkv",))
+    assert forms_qkv(600)
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(folded, x).astype(jnp.float32)), ref, rtol=0,
+                               atol=tolerance * np.abs(ref).max())  # LoRA's B starts at zero: the same function
 
 
 def test_pixel_normalizations_against_the_table():

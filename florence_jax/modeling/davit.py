@@ -13,7 +13,7 @@ from flax import nnx
 
 from florence_jax import hardware
 from florence_jax.config import Florence2Config
-from florence_jax.lora import dense, dense_of_activation
+from florence_jax.lora import LoRALinear, dense, dense_of_activation
 from florence_jax.modeling.layers import (
     INIT_STD,
     activation,
@@ -221,7 +221,11 @@ class WindowAttention(nnx.Module):
 
 
 class ChannelAttention(nnx.Module):
-    """Grouped channel attention: channels attend to channels, scaled by tokens**-0.5."""
+    """Grouped channel attention: channels attend to channels, scaled by tokens**-0.5.
+
+    Where a stage has more tokens than channels, ``Formulations.channel_attention="folded"`` computes the
+    same function from the tokens' (C, C) Gram matrix (``_folded_channel_attention``), with fewer products
+    and none that contracts over the tokens of a projection's output."""
 
     def __init__(self, cfg: Florence2Config, stage: int, *, rngs: nnx.Rngs):
         v = cfg.vision_config
@@ -229,10 +233,13 @@ class ChannelAttention(nnx.Module):
         self.groups = v.num_groups[stage]
         self.qkv = linear(cfg, self.dim, 3 * self.dim, use_bias=v.qkv_bias, rngs=rngs)
         self.proj = linear(cfg, self.dim, self.dim, rngs=rngs)
+        self.folded = hardware.resolve(cfg.hardware).channel_attention == "folded"
 
     @named("channel_attn")
     def __call__(self, x: jax.Array, rngs=None) -> jax.Array:
         b, n, c = x.shape
+        if self.folded and n > c and not any(isinstance(m, LoRALinear) for m in (self.qkv, self.proj)):
+            return _folded_channel_attention(x, self.qkv, self.proj, self.groups)
         g, cg = self.groups, c // self.groups
         qkv = dense(self.qkv, x, rngs).reshape(b, n, 3, g, cg)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, G, Cg)
@@ -240,6 +247,47 @@ class ChannelAttention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bgij,bngj->bngi", probs, v).reshape(b, n, c)
         return dense(self.proj, out, rngs)
+
+
+def _folded_channel_attention(x: jax.Array, qkv: nnx.Linear, proj: nnx.Linear, groups: int) -> jax.Array:
+    """Channel attention from the tokens' Gram matrix, the products regrouped.
+
+    With ``q = x Wq + bq`` and ``k = x Wk + bk`` over the n tokens of ``x`` (n, C), the scores of a group
+    are ``q_g^T k_g = Wq_g^T G Wk_g + (Wq_g^T s) bk_g^T + bq_g (s^T Wk_g) + n bq_g bk_g^T`` with
+    ``G = x^T x`` and ``s`` the tokens' sum; and with P the groups' probabilities as one block-diagonal
+    (C, C) matrix, the output ``proj(v P^T)`` is ``x (Wv P^T Wp) + (bv P^T Wp + bp)``. Products per
+    example: 4nC^2 + 4C^3 multiply-adds against the projections' 8nC^2, fewer wherever n > C (every stage
+    but the last at 768 px). The reference's q, k and v (n x 3C) are never formed: on a TPU, contracting them
+    over the tokens made XLA transpose all three first. Float32 statistics and sums; products in the
+    layers' compute dtype, as the projections compute theirs (but for the small probabilities-times-Wp)."""
+    b, n, c = x.shape
+    g, cg = groups, c // groups
+    dt = qkv.dtype or x.dtype
+    f32 = jnp.float32
+    x = x.astype(dt)
+    w = qkv.kernel[...].astype(dt)
+    wq, wk, wv = w[:, :c], w[:, c : 2 * c], w[:, 2 * c :]
+    bias = jnp.zeros((3 * c,), f32) if qkv.bias is None else qkv.bias[...].astype(f32)
+    bq, bk, bv = bias[:c].reshape(g, cg), bias[c : 2 * c].reshape(g, cg), bias[2 * c :]
+    gram = jnp.einsum("bni,bnj->bij", x, x, preferred_element_type=f32)
+    total = jnp.sum(x, axis=1, dtype=f32)
+    gram_wk = jnp.einsum("bij,jd->bid", gram.astype(dt), wk, preferred_element_type=f32)
+    scores = jnp.einsum("igx,bigy->bgxy", wq.reshape(c, g, cg), gram_wk.astype(dt).reshape(b, c, g, cg),
+                        preferred_element_type=f32)
+    sq = jnp.einsum("bi,id->bd", total, wq.astype(f32)).reshape(b, g, cg, 1)
+    sk = jnp.einsum("bi,id->bd", total, wk.astype(f32)).reshape(b, g, 1, cg)
+    scores = scores + sq * bk[None, :, None, :] + bq[None, :, :, None] * sk + n * (bq[:, :, None] * bk[:, None, :])
+    probs = jax.nn.softmax(scores * (n**-0.5), axis=-1)
+    # Float32 operands: a small product (C x C x C/groups per example); XLA:CPU has no bfloat16 kernel for
+    # this contraction (over the probabilities' rows).
+    wp = proj.kernel[...].astype(dt).astype(f32)
+    probs_wp = jnp.einsum("bgij,gic->bgjc", probs, wp.reshape(g, cg, c)).reshape(b, c, c)
+    folded = jnp.einsum("dj,bjc->bdc", wv, probs_wp.astype(dt), preferred_element_type=f32)
+    out_bias = jnp.einsum("j,bjc->bc", bv, probs_wp)
+    if proj.bias is not None:
+        out_bias = out_bias + proj.bias[...].astype(f32)
+    y = jnp.einsum("bnd,bdc->bnc", x, folded.astype(dt), preferred_element_type=f32) + out_bias[:, None, :]
+    return y.astype(dt)
 
 
 class _DaViTBlockHalf(nnx.Module):
