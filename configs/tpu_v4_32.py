@@ -3,7 +3,7 @@
 Multi-host: launch the same command on every worker; each host reads its shard of the data (grain
 per-process sharding) and the global batch is assembled with make_array_from_process_local_data.
 Mesh data=4 x fsdp=4: parameters and Adam moments sharded 4 ways, batch split 16 ways (8 per chip, 32 per
-host). libtpu compiles it at 20.6 GiB per chip of 32 (docs/scale-out.md). Check it fits before renting:
+host). libtpu compiles it at 18.2 GiB per chip of 32 (docs/scale-out.md). Check it fits before renting:
     python -m scripts.aot_compile --config tpu_v4_32.py --topology v4:2x2x4
 """
 

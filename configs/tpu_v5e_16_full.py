@@ -3,7 +3,7 @@
 ``tpu_v5e_16.py`` with every parameter trained. Training the tower keeps its activations for the backward
 pass: at 16 examples per chip without rematerialisation libtpu asks for 54 GiB of temporaries per chip
 (v5e has 16), so this config rematerialises every block and halves the batch (8 per chip, 32 per host):
-libtpu then compiles it at 6.6 GiB per chip (docs/scale-out.md). Check it fits before renting:
+libtpu then compiles it at 5.8 GiB per chip (docs/scale-out.md). Check it fits before renting:
     python -m scripts.aot_compile --config tpu_v5e_16_full.py --topology v5e:4x4
 """
 

@@ -73,7 +73,7 @@ class Formulations:
     # from the tokens' (C, C) Gram matrix with the probabilities folded into one (C, C) matrix per example
     # ("folded": 4nC^2 + 4C^3 multiply-adds against 8nC^2, and no product over the tokens of q, k and v, which
     # XLA:TPU transposed first; florence_jax.modeling.davit._folded_channel_attention). Fewer products on
-    # every backend: XLA:CPU ran the base tower's forward about 10% faster (docs/benchmarks.md).
+    # every backend: XLA:CPU ran the base tower's forward 9% faster (docs/benchmarks.md).
     channel_attention: str = "folded"
     # The tied LM head's product: hidden states against the embedding's transpose ("hidden_major", one row
     # per position) or the embedding against the hidden states' transpose, its (vocab, rows) output turned
