@@ -151,6 +151,20 @@ def test_freeze_regex_matches_nothing_is_visible(bad, tiny_hf_dir):
     assert counts["frozen"] == 0 and counts["trainable"] > 0
 
 
+def _one_step(tiny_hf_dir, dtype: str, pixels, pixel_table):
+    """One optimizer step of the tiny model (no dropout, lr 1e-3) on ``_batch(seed=0)`` with ``pixels``:
+    the loss, the gradient norm and the updated parameters."""
+    mesh = make_mesh(devices=jax.devices()[:1])
+    model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype=dtype, dropout=0.0, drop_path_rate=0.0),
+                         mesh)
+    fns, state, _ = init_train_state(model, OptimConfig(learning_rate=1e-3, freeze=()), 10, mesh,
+                                     pixel_table=pixel_table)
+    step = jit_train_step(fns, state, batch_sharding(mesh))
+    host = {**_batch(seed=0), "pixel_values": pixels}
+    state, metrics = step(state, jax.device_put(host, batch_sharding(mesh)), jax.random.key(0))
+    return float(metrics["loss"]), float(metrics["grad_norm"]), _flat(state.params)
+
+
 def test_uint8_pixels_normalized_in_the_step_train_exactly_as_float32_ones(tiny_hf_dir):
     """Training ships the resized uint8 image (train.config.PIXEL_DTYPE) and the step normalizes it on the
     device with the processor's table: the loss and the update are bit for bit those of the float32 pixels
@@ -165,18 +179,9 @@ def test_uint8_pixels_normalized_in_the_step_train_exactly_as_float32_ones(tiny_
     image = np.random.default_rng(3).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
     host_pixels = table[image, np.arange(3)]  # what ImageTransform.__call__ ships as float32
     assert host_pixels.dtype == np.float32 and len(np.unique(host_pixels)) > 500
-    mesh = make_mesh(devices=jax.devices()[:1])
-    results = []
-    for pixels, pixel_table in ((host_pixels, None), (image, table)):
-        model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype=dtype, dropout=0.0,
-                                         drop_path_rate=0.0), mesh)
-        fns, state, _ = init_train_state(model, OptimConfig(learning_rate=1e-3, freeze=()), 10, mesh,
-                                         pixel_table=pixel_table)
-        step = jit_train_step(fns, state, batch_sharding(mesh))
-        host = {**_batch(seed=0), "pixel_values": pixels}
-        state, metrics = step(state, jax.device_put(host, batch_sharding(mesh)), jax.random.key(0))
-        results.append((float(metrics["loss"]), _flat(state.params)))
-    (loss_f, p_f), (loss_u, p_u) = results
+    results = [_one_step(tiny_hf_dir, dtype, pixels, pixel_table)
+               for pixels, pixel_table in ((host_pixels, None), (image, table))]
+    (loss_f, _, p_f), (loss_u, _, p_u) = results
     assert loss_f == loss_u
     assert p_f.keys() == p_u.keys() and all(np.array_equal(p_f[k], p_u[k]) for k in p_f)
     with pytest.raises(ValueError, match="need the data pipeline's pixel table"):
@@ -192,17 +197,7 @@ def test_pixels_in_blocks_train_as_the_image_does(tiny_hf_dir):
 
     table = ImageTransform(size=(64, 64)).table
     image = np.random.default_rng(4).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
-    mesh = make_mesh(devices=jax.devices()[:1])
-    results = []
-    for pixels in (image, space_to_depth(image, 4)):
-        model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype="float32", dropout=0.0,
-                                         drop_path_rate=0.0), mesh)
-        fns, state, _ = init_train_state(model, OptimConfig(learning_rate=1e-3, freeze=()), 10, mesh,
-                                         pixel_table=table)
-        step = jit_train_step(fns, state, batch_sharding(mesh))
-        host = {**_batch(seed=0), "pixel_values": pixels}
-        state, metrics = step(state, jax.device_put(host, batch_sharding(mesh)), jax.random.key(0))
-        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), _flat(state.params)))
+    results = [_one_step(tiny_hf_dir, "float32", pixels, table) for pixels in (image, space_to_depth(image, 4))]
     (loss_i, norm_i, p_i), (loss_b, norm_b, p_b) = results
     assert loss_b == pytest.approx(loss_i, rel=1e-6) and norm_b == pytest.approx(norm_i, rel=1e-4)
     stem = next(k for k in p_i if "convs.0.conv.kernel" in k)
