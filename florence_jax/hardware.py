@@ -157,8 +157,7 @@ _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spe
 # each and lists the ones no run on that hardware has chosen yet: the GPU keeps the CPU's depthwise
 # convolution and attention layout until scripts/device_bench.sh (MODE=ab) compares them there; the TPU's
 # depthwise convolution, window attention, pixel normalization and pixel layout follow the TPU compiler's
-# estimates
-# (docs/scale-out.md), no chip having run them.
+# estimates (docs/scale-out.md), no chip having run them.
 DEFAULTS: dict[str, Formulations] = {
     "cpu": Formulations("cpu", depthwise_conv="shifted_sum", store_vision_residuals=True,
                         carry_small_scan_params=True, attention_layout="heads_major",

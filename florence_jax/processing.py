@@ -29,13 +29,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGENET_MEAN",
-    "S2D_BLOCK",
     "IMAGENET_STD",
+    "IMAGE_LAYOUTS",
+    "S2D_BLOCK",
     "ImageTransform",
     "coordinates_to_loc_tokens",
     "dequantize",
     "load_processor",
     "normalize_pixels",
+    "pixel_shape",
     "prepare_inputs",
     "processor_dir",
     "prompt_inputs",
@@ -47,6 +49,8 @@ __all__ = [
 # The block space_to_depth uses for the vision tower's input: the first patch convolution's stride in every
 # Florence-2 (7x7, stride 4).
 S2D_BLOCK = 4
+# Formulations.pixel_layout -> the image_layout pixel batches carry (and the model reads) for it.
+IMAGE_LAYOUTS = {"image": "NHWC", "space_to_depth": "S2D"}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -262,6 +266,19 @@ def space_to_depth(pixels, block: int):
     if isinstance(x, np.ndarray):
         x = np.ascontiguousarray(x)
     return x.reshape(*lead, h // block, w // block, block * block * c)
+
+
+def pixel_shape(height: int, width: int, image_layout: str = "NHWC") -> tuple[int, int, int]:
+    """One example's pixels as batches carry them: ``(H, W, 3)`` for "NHWC", ``(H/4, W/4, 48)`` for "S2D"
+    (:func:`space_to_depth` by :data:`S2D_BLOCK`)."""
+    if image_layout not in ("NHWC", "S2D"):
+        raise ValueError(f"image_layout must be 'NHWC' or 'S2D', got {image_layout!r}")
+    if image_layout == "NHWC":
+        return (height, width, 3)
+    b = S2D_BLOCK
+    if height % b or width % b:
+        raise ValueError(f"image_layout 'S2D' needs an image size divisible by {b}, got {height}x{width}")
+    return (height // b, width // b, b * b * 3)
 
 
 def normalize_pixels(pixels, table, formulation: str | None = None):

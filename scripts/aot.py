@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from florence_jax import hardware
 from florence_jax.config import PRESETS, resolve_dtype
 from florence_jax.devices import CompiledMemory, compiled_memory
-from florence_jax.processing import S2D_BLOCK, ImageTransform
+from florence_jax.processing import IMAGE_LAYOUTS, ImageTransform, pixel_shape
 from florence_jax.sharding import batch_sharding, make_mesh
 from train.config import PIXEL_DTYPE, TrainConfig
 from train.state import _apply_model_options, abstract_train_state, tiny_config
@@ -74,10 +74,9 @@ def abstract_batch(cfg: TrainConfig, fc, sharding):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     # The layout the data pipeline ships for this hardware (train.setup.pipeline_image_layout).
-    blocks = hardware.resolve(fc.hardware).pixel_layout == "space_to_depth"
-    pixels = (b, size // S2D_BLOCK, size // S2D_BLOCK, 3 * S2D_BLOCK**2) if blocks else (b, size, size, 3)
+    layout = IMAGE_LAYOUTS[hardware.resolve(fc.hardware).pixel_layout]
     return {
-        "pixel_values": spec(pixels, jnp.dtype(PIXEL_DTYPE)),
+        "pixel_values": spec((b, *pixel_shape(size, size, layout)), jnp.dtype(PIXEL_DTYPE)),
         "input_ids": spec((b, seq), jnp.int32),
         "attention_mask": spec((b, seq), jnp.int32),
         "labels": spec((b, t), jnp.int32),

@@ -212,8 +212,9 @@ def pipeline_image_layout(cfg: TrainConfig) -> str:
     """The layout pixel batches travel in: the model's hardware formulation (``Formulations.pixel_layout``),
     4x4 blocks of 48 channels on a TPU, the image elsewhere."""
     from florence_jax import hardware
+    from florence_jax.processing import IMAGE_LAYOUTS
 
-    return "S2D" if hardware.resolve(cfg.model.hardware).pixel_layout == "space_to_depth" else "NHWC"
+    return IMAGE_LAYOUTS[hardware.resolve(cfg.model.hardware).pixel_layout]
 
 
 def make_pipelines(cfg: TrainConfig, processor, train_src, val_src, template=None):

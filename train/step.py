@@ -1,7 +1,7 @@
 """Pure train and eval steps over split NNX state, jitted with explicit shardings by the caller.
 
-A batch is a dict of arrays: ``pixel_values`` (B, H, W, 3) NHWC or (B, H/4, W/4, 48) in 4x4 blocks (float, or uint8 normalized in the step
-with ``StepFns.pixel_table``), ``input_ids`` / ``attention_mask``
+A batch is a dict of arrays: ``pixel_values`` (B, H, W, 3) NHWC or (B, H/4, W/4, 48) in 4x4 blocks (float,
+or uint8 normalized in the step with ``StepFns.pixel_table``), ``input_ids`` / ``attention_mask``
 (B, Lp), ``labels`` (B, Lt) and ``label_mask`` (B, Lt) (1 on real target tokens, eos included), and for
 evaluation ``example_mask`` (B,) (0 on rows that only pad the last batch).
 """

@@ -39,7 +39,7 @@ import ml_dtypes
 import numpy as np
 from PIL import Image
 
-from florence_jax.processing import S2D_BLOCK, ImageTransform, space_to_depth
+from florence_jax.processing import S2D_BLOCK, ImageTransform, pixel_shape, space_to_depth
 from train.data import MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS
 from train.data.templates import BadRecordError, Example, get_template
 
@@ -173,15 +173,8 @@ class ExampleEncoder:
                 "fixes the number of image tokens)"
             )
         self.image_shape = (*(int(v) for v in size), 3)  # what the transform gives
-        if config.image_layout not in ("NHWC", "S2D"):
-            raise ValueError(f"image_layout must be 'NHWC' or 'S2D', got {config.image_layout!r}")
         self.image_layout = config.image_layout
-        b = S2D_BLOCK
-        if self.image_layout == "S2D" and (self.image_shape[0] % b or self.image_shape[1] % b):
-            raise ValueError(f"image_layout 'S2D' needs an image size divisible by {b}, got {self.image_shape[:2]}")
-        # What batches carry.
-        self.pixel_shape = (self.image_shape if self.image_layout == "NHWC" else
-                            (self.image_shape[0] // b, self.image_shape[1] // b, b * b * 3))
+        self.pixel_shape = pixel_shape(*self.image_shape[:2], self.image_layout)  # what batches carry
         if config.pixel_dtype not in _PIXEL_DTYPES:
             raise ValueError(f"pixel_dtype must be one of {sorted(_PIXEL_DTYPES)}, got {config.pixel_dtype!r}")
         self.pixel_dtype = _PIXEL_DTYPES[config.pixel_dtype]
