@@ -87,7 +87,7 @@ from flax import nnx
 from florence_jax import cpu_kernels, hardware
 from florence_jax.devices import to_host
 from florence_jax.generation_config import GenerationConfig
-from florence_jax.modeling.bart import LayerCache
+from florence_jax.modeling.bart import KernelLayerCache, LayerCache
 
 _NEG = -1.0e9  # transformers' "very large negative" beam score (exact in float32)
 _DEFAULT_NEW_TOKENS = 20  # transformers' model-agnostic default when no length is set anywhere
@@ -298,7 +298,7 @@ def _greedy(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeControls
             s: DecodeStatic) -> DecodeOutput:
     batch, total = enc.shape[0], s.max_length
     decoder = model.model.language_model.decoder
-    cross_kv = decoder.cross_kv(enc)
+    cross_kv = decoder.step_cross_kv(enc, enc_mask)
     seq = jnp.full((batch, total), c.pad, jnp.int32).at[:, 0].set(c.start)
     sizes = _cache_sizes(total - 1, model.formulations)
     carry = (jnp.int32(1), seq, jnp.ones((batch,), bool),
@@ -347,10 +347,7 @@ def _cache_sizes(slots: int, f: hardware.Formulations) -> tuple[int, ...]:
 
 def _grow_cache(cache: list[LayerCache], size: int) -> list[LayerCache]:
     """The cache with unwritten (zero) slots appended up to ``size``; the step's mask hides them."""
-    def grow(x):
-        return jnp.pad(x, ((0, 0), (0, 0), (0, size - x.shape[2]), (0, 0)))
-
-    return [LayerCache(grow(lc.key), grow(lc.value)) for lc in cache]
+    return [lc.grown(size) for lc in cache]
 
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -380,7 +377,7 @@ def _inherit_slots(cache: list[LayerCache], slot_of: jax.Array, parent: jax.Arra
         def move(x):
             return jax.lax.dynamic_update_index_in_dim(x, jax.lax.dynamic_index_in_dim(x, src[i], 0), dst[i], 0)
 
-        return [LayerCache(move(lc.key), move(lc.value)) for lc in cache]
+        return [type(lc)(move(lc.key), move(lc.value)) for lc in cache]
 
     cache = jax.lax.fori_loop(0, jnp.sum(copy), copy_row, cache)
     return cache, new_slot
@@ -408,7 +405,7 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
     # Beams of a row share the encoder output: its cross K/V are projected once and never repeated per beam
     # (transformers repeats the encoder output num_beams times); cross-attention groups each row's beam
     # queries against them, which reads num_beams times less memory per step.
-    cross_kv = decoder.cross_kv(enc)
+    cross_kv = decoder.step_cross_kv(enc, enc_mask)
     cross_mask = enc_mask
     top_mask = jnp.arange(k) < nb
     row_offset = jnp.arange(batch, dtype=jnp.int32)[:, None] * nb
@@ -429,7 +426,12 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
     # loop condition) per row, more than one gather of the whole cache at its memory bandwidth, so there
     # the cache is gathered as transformers does (Formulations.beam_cache_copy). With the gather, slot_of
     # stays the identity and nothing is permuted.
-    row_by_row = model.formulations.beam_cache_copy == "row_by_row"
+    # The CPU kernel's cache (KernelLayerCache) reorders a row by its slot sources alone: nothing to save.
+    row_by_row = (model.formulations.beam_cache_copy == "row_by_row"
+                  and not isinstance(state.cache[0], KernelLayerCache))
+    f = model.formulations
+    top_k_kernel = (f.platform == "cpu" and f.decode_top_k == "kernel" and cpu_kernels.available()
+                    and cpu_kernels.top_k_supported(k))
 
     def body(st: _BeamState) -> _BeamState:
         cur_len = st.cur_len
@@ -442,7 +444,7 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
         acc = (log_probs.reshape(batch, nb, vocab) + st.running_scores[:, :, None]).reshape(batch, nb * vocab)
 
         # Top 2*nb continuations over all beams of a row.
-        topk_lp, topk_idx = jax.lax.top_k(acc, k)
+        topk_lp, topk_idx = cpu_kernels.top_k(acc, k) if top_k_kernel else jax.lax.top_k(acc, k)
         parent = (topk_idx // vocab).astype(jnp.int32)
         token = (topk_idx % vocab).astype(jnp.int32)
         topk_seqs = jax.lax.dynamic_update_index_in_dim(_gather(st.running, parent), token, cur_len, axis=2)
@@ -474,7 +476,7 @@ def _beam_search(model, enc: jax.Array, enc_mask: jax.Array | None, c: DecodeCon
             cache, slot_of = _inherit_slots(cache, st.slot_of, running_parent, row_offset)
         else:  # one gather of every row by its parent; the slots stay in rank order
             rows = (running_parent + row_offset).reshape(-1)
-            cache = [LayerCache(jnp.take(lc.key, rows, axis=0), jnp.take(lc.value, rows, axis=0)) for lc in cache]
+            cache = [lc.reordered(rows) for lc in cache]
             slot_of = st.slot_of
 
         cur_len = cur_len + 1

@@ -52,6 +52,7 @@ class Formulations:
     attention_layout: str
     # Beam search: each beam's cross-attention query on its own ("per_beam": matrix-vector products, which
     # XLA:CPU runs faster than a product with a few query rows) or a row's beams as one product ("batched").
+    # Where decode_attention="kernel" runs a step's attention, this is what it falls back to.
     beam_cross_attention: str
     # Beam search's KV cache after a step: only the rows of extra children copied one by one ("row_by_row",
     # saving the CPU most of a step's cache traffic), or one gather of the whole cache as transformers does
@@ -88,6 +89,17 @@ class Formulations:
     # the last two the faster depends on the host (docs/benchmarks.md). Off the CPU the choice changes
     # nothing. The vision tower and the train step keep the compiler's choice either way.
     decode_dots: str = "compiler"
+    # A decoding step's attention, cross- and self-: XLA's products ("compiler"), or florence_jax's CPU kernel
+    # ("kernel": each prompt's encoder keys and values read once for all its beams, and each row's cache,
+    # the (row, head) pairs split among threads, where XLA:CPU runs one matrix-vector product per beam and
+    # head on one core; keys stored panel-major over positions; florence_jax.cpu_kernels). Off the CPU, or
+    # where the kernel cannot be built, it changes nothing.
+    decode_attention: str = "compiler"
+    # Beam search's choice of each row's best 2 x beams continuations among beams x vocabulary scores: XLA's
+    # TopK ("compiler": on XLA:CPU a partial sort, one row at a time) or florence_jax's CPU kernel
+    # ("kernel": one pass against the running k-th best, rows split among threads; the same indices, ties
+    # to the lower index). Off the CPU it changes nothing.
+    decode_top_k: str = "compiler"
     # The decoding loop's self-attention cache: one buffer of every slot the generation may write, attended
     # whole at each step behind a mask ("preallocated"), or grown in segments of ``CACHE_SEGMENT`` slots, one
     # loop per size, so a step attends over the written segments only ("segments": XLA:CPU's batched
@@ -143,6 +155,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "channel_attention": ("projected", "folded"),
     "lm_head_product": ("hidden_major", "vocab_major"),
     "decode_dots": ("compiler", "eigen", "kernel"),
+    "decode_attention": ("compiler", "kernel"),
+    "decode_top_k": ("compiler", "kernel"),
     "decode_cache": ("preallocated", "segments"),
     "window_attention": ("einsum", "fused"),
     "text_attention": ("einsum", "fused"),
@@ -162,7 +176,8 @@ DEFAULTS: dict[str, Formulations] = {
     "cpu": Formulations("cpu", depthwise_conv="shifted_sum", store_vision_residuals=True,
                         carry_small_scan_params=True, attention_layout="heads_major",
                         beam_cross_attention="per_beam", beam_cache_copy="row_by_row", pixel_normalize="gather",
-                        lm_head_product="vocab_major", decode_dots="kernel",
+                        lm_head_product="vocab_major", decode_dots="kernel", decode_attention="kernel",
+                        decode_top_k="kernel",
                         decode_cache="segments"),
     "gpu": Formulations("gpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",

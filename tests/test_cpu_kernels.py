@@ -1,6 +1,6 @@
-"""The CPU kernel for a few rows times a large float32 matrix (florence_jax/cpu_kernels): its products against
-float64 numpy, inside a compiled loop and across XLA's threads; its build cache; its bad-input errors; and
-the fallback to XLA's dots when it cannot be built."""
+"""The CPU kernels of the decoding loop (florence_jax/cpu_kernels): a few rows times a large float32 matrix
+and a step's cross-attention, against float64 numpy, inside a compiled loop and across XLA's threads; their
+build cache; their bad-input errors; and the fallback to XLA's dots when they cannot be built."""
 
 import warnings
 
@@ -101,7 +101,7 @@ def test_a_failed_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("FLORENCE_JAX_CACHE", str(tmp_path))
     bad = tmp_path / "broken.cc"
     bad.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_kernels, "_SOURCE", bad)
+    monkeypatch.setattr(cpu_kernels, "_SOURCES", (bad,))
     with pytest.raises(RuntimeError, match="failed"):
         cpu_kernels._build(cpu_kernels._compiler())
     assert list((tmp_path / "kernels").iterdir()) == []
@@ -150,3 +150,117 @@ def test_packed_products_only_for_few_float32_rows():
         assert cpu_kernels.packed_product(owner, few.astype(jnp.bfloat16)) is None
         assert cpu_kernels.packed_product(other, few) is None
     assert cpu_kernels.packed_product(owner, few) is None  # outside the context
+
+
+def _attention64(q, k, v, mask):
+    """Softmax attention in float64, q (B, G, H, D), k and v (B, H, S, D), mask (B, S): a masked position's
+    score is float32's minimum, as the einsum path, so a row with every position masked averages them."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = np.einsum("bghd,bhsd->bghs", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(mask[:, None, None, :], s, np.finfo(np.float32).min)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bghs,bhsd->bghd", p, v)
+
+
+# (prompts, beams, heads, positions, head_dim): greedy (one row), beam 3, more beams than the kernel's block
+# of 4, head sizes under a vector (padded), Florence-2's 64 and the largest taken; positions under a panel,
+# not a whole number of panels, Florence-2 base's 577 image tokens plus a prompt; enough (prompt, head)
+# pairs to be split among threads.
+@pytest.mark.parametrize("b,g,h,n,d", [(3, 1, 2, 5, 8), (4, 3, 12, 593, 64), (2, 6, 3, 70, 20),
+                                       (1, 2, 2, 129, 128), (5, 3, 4, 33, 64)])
+def test_cross_attention_matches_float64(b, g, h, n, d):
+    """Within (n + d) float32 roundings of the values' scale per element: the scores' sums, the exponential
+    (a polynomial within 2 ulp), the softmax's sum and the weighted sum of values. A wrong position,
+    beam, head or mask moves an output by a whole probability times a value, far outside it."""
+    rng = np.random.default_rng(b * 1000 + n)
+    q = rng.standard_normal((b * g, 1, h * d), np.float32) * 2
+    k, v = (rng.standard_normal((b, h, n, d), np.float32) for _ in range(2))
+    mask = rng.random((b, n)) > 0.3
+    if b > 1:
+        mask[1] = False  # a prompt with every position masked: uniform weights, as the einsum path
+    kv = cpu_kernels.pack_cross_kv(jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    out = jax.jit(lambda q, kv: cpu_kernels.cross_attention(q, kv, d**-0.5))(q, kv)
+    assert out.shape == q.shape and out.dtype == jnp.float32
+    want = _attention64(q.reshape(b, g, h, d), k, v, mask).reshape(b * g, 1, h * d)
+    bound = (n + d) * np.finfo(np.float32).eps * np.abs(v).max()
+    assert np.abs(np.asarray(out, np.float64) - want).max() <= bound
+    unmasked = cpu_kernels.pack_cross_kv(jnp.asarray(k), jnp.asarray(v), None)
+    want = _attention64(q.reshape(b, g, h, d), k, v, np.ones((b, n), bool)).reshape(b * g, 1, h * d)
+    assert np.abs(np.asarray(cpu_kernels.cross_attention(jnp.asarray(q), unmasked, d**-0.5)) - want).max() <= bound
+
+
+def test_cross_attention_layout_and_limits():
+    """Keys are packed in the rows-product kernel's panels over positions, padding weighs nothing (-inf), and
+    a masked position scores float32's minimum; heads past 8 vectors are left to XLA; a mismatched
+    operand is an error, not a wrong read."""
+    pw = cpu_kernels.panel_width()
+    k = jnp.arange(2 * 3 * 40 * 8, dtype=jnp.float32).reshape(2, 3, 40, 8)
+    kv = cpu_kernels.pack_cross_kv(k, k, jnp.asarray(np.arange(40) % 2 == 0)[None].repeat(2, 0))
+    panels, dp = -(-40 // pw), kv.key.shape[3]
+    assert kv.key.shape == (2, 3, panels, dp, pw) and kv.value.shape == (2, 3, panels * pw, dp)
+    np.testing.assert_array_equal(np.asarray(kv.key)[1, 2, 0, :8, 5], np.asarray(k)[1, 2, 5])
+    fill = np.asarray(kv.fill)
+    assert np.isnan(fill[:, 0]).all() and (fill[:, 1] == np.finfo(np.float32).min).all()
+    assert (fill[:, 40:] == -np.inf).all()
+    assert cpu_kernels.cross_attention_supported(64) and not cpu_kernels.cross_attention_supported(1024)
+    with pytest.raises(Exception, match="florence_cross_attention"):
+        bad = kv._replace(fill=kv.fill[:, :-1])
+        jax.block_until_ready(cpu_kernels.cross_attention(jnp.ones((2, 1, 24), jnp.float32), bad, 0.3))
+
+
+def test_cached_attention_follows_each_rows_sources():
+    """Beam search's self-attention cache without copies: rows write their step's keys and values into their
+    own row, a fork copies only the row of slot sources (``KernelLayerCache.reordered``), and each row's
+    query attends over its own hypothesis' history, here tracked explicitly step by step and checked against
+    float64 attention over it (bound as above). Head size 20 is zero padded to whole vectors."""
+    from florence_jax.modeling.bart import KernelLayerCache
+
+    rng = np.random.default_rng(7)
+    rows, heads, d, steps = 6, 3, 20, 9
+    cache = KernelLayerCache(*cpu_kernels.empty_cache(rows, heads, 4, d))
+    history = [[] for _ in range(rows)]  # each row's hypothesis: its (key, value) per step
+    step = jax.jit(lambda c, k, v, q, i: (lambda c2: (c2, cpu_kernels.cached_attention(q, *c2, i, d**-0.5)))(
+        KernelLayerCache(*cpu_kernels.write_cache(*c, k, v, i))))
+    for i in range(steps):
+        if i == 4:
+            cache = cache.grown(steps)  # more slots part way, as the decoding loop's segments
+        k, v, q = (rng.standard_normal((rows, 1, heads * d), np.float32) for _ in range(3))
+        cache, out = step(cache, k, v, q, jnp.int32(i))
+        for r in range(rows):
+            history[r].append((k[r, 0].reshape(heads, d), v[r, 0].reshape(heads, d)))
+        keys = np.stack([np.stack([kk for kk, _ in h], 1) for h in history])  # (rows, heads, i + 1, d)
+        values = np.stack([np.stack([vv for _, vv in h], 1) for h in history])
+        want = _attention64(q.reshape(rows, 1, heads, d), keys, values, np.ones((rows, i + 1), bool))
+        bound = (i + 1 + d) * np.finfo(np.float32).eps * np.abs(values).max()
+        assert np.abs(np.asarray(out, np.float64).reshape(rows, 1, heads, d) - want).max() <= bound, i
+        parents = rng.integers(0, rows, rows)  # the next step's rows continue these (repeats: forks)
+        cache = cache.reordered(jnp.asarray(parents, jnp.int32))
+        history = [list(history[p]) for p in parents]
+    assert cache.key.shape == (rows, heads, steps, cpu_kernels.empty_cache(1, 1, 1, d)[0].shape[-1])
+
+
+# Ties (lower index first), -inf (banned tokens), +0 against -0 and NaNs of both signs (XLA's total order),
+# k of 1, a beam-3 row's 6, the kernel's most; rows shorter than a block, longer, and k == n.
+@pytest.mark.parametrize("n,k", [(6, 1), (6, 6), (70, 1), (70, 6), (70, 64), (153984, 1), (153984, 6),
+                                 (153984, 64)])
+def test_top_k_is_xlas(n, k):
+    rng = np.random.default_rng(n + k)
+    x = rng.standard_normal((5, n)).astype(np.float32)
+    x[:, ::7] = -np.inf
+    x[1, [2, n // 2, n - 1]] = 9.0
+    x[2] = 0.0
+    x[2, 1::3] = -0.0
+    x[3, n // 3] = np.nan
+    x[3, n // 4] = -np.nan
+    x[4] = np.round(x[4])  # many ties
+    got = jax.jit(lambda x: cpu_kernels.top_k(x, k))(x)
+    want = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]).view(np.int32), np.asarray(want[0]).view(np.int32))
+
+
+def test_top_k_limits():
+    assert cpu_kernels.top_k_supported(64) and not cpu_kernels.top_k_supported(65)
+    with pytest.raises(Exception, match="florence_top_k"):
+        jax.block_until_ready(cpu_kernels.top_k(jnp.ones((2, 5), jnp.float32), 6))

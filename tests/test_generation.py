@@ -294,13 +294,15 @@ def test_cache_slots_follow_parents_and_copy_only_extra_children():
 
 
 def test_cpu_and_accelerator_beam_paths_agree(gen_pair, prompts):
-    """The CPU's beam-search step (each beam's cross-attention query alone; cache rows copied only for
+    """The CPU's beam-search step (cross-attention in florence_jax's CPU kernel; cache rows copied only for
     extra children; the LM head's product vocabulary-major), here with the loop compiled with Eigen's dots,
-    and the accelerators' (a row's beams as one product; the whole cache gathered by parent; the LM head as
-    transformers writes it; the compiler's dots), both run here from models built for each
+    the same with the attention in XLA's products (``decode_attention=compiler``: each beam's cross-attention
+    query alone, the cache rows of extra children copied), and the
+    accelerators' (a row's beams as one product; the whole cache gathered by parent; the LM head as
+    transformers writes it; the compiler's dots and TopK), all run here from models built for each
     (florence_jax.hardware), give the same beams and scores (float32 rounding: 1e-5). The parity tests
-    above run the CPU's default path (florence_jax's CPU kernel for the weight products) against
-    transformers."""
+    above run the CPU's default path (florence_jax's CPU kernels for the weight products and the
+    cross-attention) against transformers."""
     _, ours = gen_pair
     ids, pixels, mask = prompts
     generator = Generator(ours.for_hardware("cpu:decode_dots=eigen"))
@@ -308,11 +310,17 @@ def test_cpu_and_accelerator_beam_paths_agree(gen_pair, prompts):
     enc = generator.encode(ids, pixels, mask)
     kw = dict(max_new_tokens=MAX_NEW, num_beams=3, no_repeat_ngram_size=3, early_stopping=True, **EARLY_EOS)
     accelerator = Generator(ours.for_hardware("cpu:beam_cross_attention=batched,beam_cache_copy=gather,"
-                                              "lm_head_product=hidden_major,decode_dots=compiler"))
+                                              "lm_head_product=hidden_major,decode_dots=compiler,"
+                                              "decode_attention=compiler,decode_top_k=compiler"))
+    per_beam = Generator(ours.for_hardware("cpu:decode_attention=compiler"))
     assert ours.formulations.beam_cache_copy == "row_by_row"
-    (a, sa), (b, sb) = (g.generate_from_encoder(enc, mask, return_scores=True, **kw) for g in (generator, accelerator))
+    assert ours.formulations.decode_attention == "kernel"
+    (a, sa), (b, sb), (c, sc) = (g.generate_from_encoder(enc, mask, return_scores=True, **kw)
+                                 for g in (generator, accelerator, per_beam))
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
     np.testing.assert_allclose(sa, sb, atol=1e-5)
+    np.testing.assert_allclose(sa, sc, atol=1e-5)
 
 
 def test_the_cpu_decoding_program_has_its_lm_head_product_and_dot_kernels(gen_pair, prompts):
@@ -321,7 +329,11 @@ def test_the_cpu_decoding_program_has_its_lm_head_product_and_dot_kernels(gen_pa
     would otherwise fold the transpose back into ``hidden @ embedding.T``); under ``decode_dots=eigen``
     no dot is handed to YNNPACK (``__ynn_fusion``), while the compiler's program has such dots; and under
     the CPU's default, ``decode_dots=kernel``, every weight product of a step (8 per decoder layer and the
-    LM head) is a call of florence_jax's CPU kernel and no dot reads the vocabulary.
+    LM head) is a call of florence_jax's CPU kernel and no dot reads the vocabulary; under
+    ``decode_attention=kernel`` (the CPU's default) each layer's cross-attention is one call of the
+    cross-attention kernel and its self-attention one of the cached-attention kernel, and under
+    ``decode_attention=compiler`` neither is called; under ``decode_top_k=kernel`` (the CPU's default) the
+    step's choice among beams x vocabulary is the top-k kernel's.
     The logits of the two LM-head products agree to float32 summation order (1e-5)."""
     import jax.numpy as jnp
 
@@ -351,6 +363,13 @@ def test_the_cpu_decoding_program_has_its_lm_head_product_and_dot_kernels(gen_pa
     # 4 new tokens fit one cache segment: one decoding loop, whose body holds every call.
     assert default.count('custom_call_target="florence_rows_product"') == 8 * layers + 1
     assert f"f32[{vocab},{rows}]" not in default and f"f32[{rows},{vocab}]{{1,0}} dot(" not in default
+    assert default.count('custom_call_target="florence_cross_attention"') == layers
+    assert default.count('custom_call_target="florence_cached_attention"') == layers
+    assert default.count('custom_call_target="florence_top_k"') == 1  # the row's best 2 x beams
+    per_beam = program(ours.for_hardware("cpu:decode_attention=compiler"))
+    assert "florence_cross_attention" not in per_beam and "florence_cached_attention" not in per_beam
+    assert "florence_rows_product" in per_beam
+    assert "florence_top_k" not in program(ours.for_hardware("cpu:decode_top_k=compiler"))
 
     hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, ours.config.text_config.d_model)), jnp.float32)
     by_vocab = ours.for_hardware("cpu:lm_head_product=vocab_major").logits_from_hidden(hidden)

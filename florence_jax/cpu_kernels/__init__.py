@@ -1,10 +1,22 @@
 """CPU kernels XLA:CPU lacks, built at first use with the host's C++ compiler and called through XLA's FFI.
 
-One kernel for now, ``rows_product.cc``: a few rows times a large float32 matrix stored panel-major, the
-shape of every weight product in a decoding step (a step has batch x beams rows; XLA:CPU's dot libraries run
-those at about half the FMA peak, docs/benchmarks.md). The decoding loop uses it under
-``Formulations.decode_dots="kernel"`` (the CPU default): :func:`decode_products` packs the decoder's weights
-once per generation, before the loop, and :func:`packed_product` is what a linear layer calls inside it.
+Kernels for the decoding loop, built into one library:
+
+- ``rows_product.cc``: a few rows times a large float32 matrix stored panel-major, the shape of every weight
+  product in a decoding step (a step has batch x beams rows; XLA:CPU's dot libraries run those at about
+  half the FMA peak, docs/benchmarks.md). Used under ``Formulations.decode_dots="kernel"`` (the CPU
+  default): :func:`decode_products` packs the decoder's weights once per generation, before the loop, and
+  :func:`packed_product` is what a linear layer calls inside it.
+- ``cross_attention.cc``: a step's attention, a few query rows per (batch row, head) against keys stored
+  panel-major over positions, split among threads (XLA:CPU runs it as one matrix-vector product per beam
+  and head, on one core). Used under ``Formulations.decode_attention="kernel"`` (the CPU default): for the
+  cross-attention :func:`pack_cross_kv` lays each layer's encoder keys out once per generation (a prompt's
+  beams share them: read once for all) and :func:`cross_attention` runs a step's; :func:`cached_attention`
+  runs the self-attention over a cache (:func:`empty_cache`, :func:`write_cache`) whose rows also say which
+  row holds each slot, so beam search forks a hypothesis without copying its keys and values.
+- ``top_k.cc``: beam search's best 2 x beams of each row's beams x vocabulary scores, in XLA's order, one
+  pass per row (XLA:CPU partially sorts each row, one row at a time). Used under
+  ``Formulations.decode_top_k="kernel"`` (the CPU default): :func:`top_k`.
 
 The shared library is compiled with ``-O3 -march=native`` for the host it runs on and cached under
 ``$FLORENCE_JAX_CACHE`` (default ``~/.cache/florence_jax``)/kernels, keyed by the source, the flags, the
@@ -28,14 +40,19 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("rows_product.cc")
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("rows_product.cc", "cross_attention.cc", "top_k.cc"))
 _TARGET = "florence_rows_product"
+_CROSS_TARGET = "florence_cross_attention"
+_CACHED_TARGET = "florence_cached_attention"
+_TOP_K_TARGET = "florence_top_k"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # A product with more rows than this (a prompt's encoder states, a training batch) is a GEMM: XLA's own
 # dot libraries are the right kernel for it.
@@ -67,11 +84,11 @@ def _cpu_features() -> str:
 
 
 def _build(compiler: str) -> Path:
-    source = _SOURCE.read_bytes()
+    sources = [p.read_bytes() for p in _SOURCES]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(_FLAGS).encode(), version.encode(),
                                      _cpu_features().encode(), jax.ffi.include_dir().encode()])).hexdigest()
-    out = cache_dir() / f"rows_product-{key[:16]}.so"
+    out = cache_dir() / f"decoding_kernels-{key[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +97,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), "-o", tmp, str(_SOURCE)]
+        cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), "-o", tmp, *map(str, _SOURCES)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -100,8 +117,10 @@ def _library() -> ctypes.CDLL | str:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.florence_rows_product), platform="cpu")
+        for target in (_CROSS_TARGET, _CACHED_TARGET, _TOP_K_TARGET):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return f"building or loading {_SOURCE.name} failed: {e}"
+        return f"building or loading {' and '.join(p.name for p in _SOURCES)} failed: {e}"
     log.info("CPU decoding kernel: %s", lib._name)
     return lib
 
@@ -122,11 +141,15 @@ def _warn_once(reason: str) -> None:
                   "(set the hardware formulation decode_dots=compiler to silence this)", stacklevel=3)
 
 
-def panel_width() -> int:
+def _loaded() -> ctypes.CDLL:
     lib = _library()
     if isinstance(lib, str):
         raise RuntimeError(f"the CPU decoding kernel is unavailable: {lib}")
-    return int(lib.florence_rows_product_panel())
+    return lib
+
+
+def panel_width() -> int:
+    return int(_loaded().florence_rows_product_panel())
 
 
 def pack(w: jax.Array) -> jax.Array:
@@ -173,3 +196,111 @@ def packed_product(owner, x: jax.Array) -> jax.Array | None:
         return None
     w, n = packed[id(owner)]
     return rows_product(x, w, n)
+
+
+# ------------------------------------------------------------------------------------ cross-attention
+class CrossKV(NamedTuple):
+    """One decoder layer's cross-attention keys and values as :func:`cross_attention` reads them, made once
+    per generation by :func:`pack_cross_kv`: ``key`` (batch, heads, panels, head_dim, panel) panel-major
+    over positions, ``value`` (batch, heads, positions, head_dim), ``fill`` (batch, positions): NaN where a
+    position's score stands, float32's minimum where the mask hides it (as the einsum path), -inf on the
+    padding up to whole panels (weight exactly 0). The head dimension is zero padded to whole vectors."""
+
+    key: jax.Array
+    value: jax.Array
+    fill: jax.Array
+
+
+def _head_dims() -> tuple[int, int]:
+    lib = _loaded()
+    return int(lib.florence_cross_attention_lanes()), int(lib.florence_cross_attention_max_head_dim())
+
+
+def cross_attention_supported(head_dim: int) -> bool:
+    """Whether :func:`cross_attention` takes heads this size (up to 8 vectors: 128 floats with AVX-512)."""
+    lanes, most = _head_dims()
+    return -(-head_dim // lanes) * lanes <= most
+
+
+def pack_cross_kv(key: jax.Array, value: jax.Array, mask: jax.Array | None) -> CrossKV:
+    """Heads-major float32 ``key``, ``value`` (batch, heads, positions, head_dim) and the boolean or 0/1
+    ``mask`` (batch, positions; None: every position) as :class:`CrossKV`."""
+    b, h, n, d = key.shape
+    lanes, _ = _head_dims()
+    pw = panel_width()
+    dp, np_ = -(-d // lanes) * lanes, -(-n // pw) * pw
+    pad = ((0, 0), (0, 0), (0, np_ - n), (0, dp - d))
+    k = jnp.pad(key, pad).reshape(b, h, np_ // pw, pw, dp).transpose(0, 1, 2, 4, 3)
+    v = jnp.pad(value, pad)
+    allowed = jnp.ones((b, n), bool) if mask is None else mask.astype(bool)
+    fill = jnp.where(allowed, jnp.nan, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    fill = jnp.pad(fill, ((0, 0), (0, np_ - n)), constant_values=-jnp.inf)
+    return CrossKV(k, v, fill)
+
+
+def cross_attention(q: jax.Array, kv: CrossKV, scale: float) -> jax.Array:
+    """Softmax attention of ``q`` (rows, 1, heads * head_dim), rows = batch x beams in consecutive groups
+    per prompt, over the prompt's :class:`CrossKV`; returns (rows, 1, heads * head_dim)."""
+    rows, width = q.shape[0], q.shape[-1]
+    b, heads, dp = kv.key.shape[0], kv.key.shape[1], kv.key.shape[3]
+    d = width // heads
+    qh = q.reshape(b, rows // b, heads, d)
+    if dp != d:
+        qh = jnp.pad(qh, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
+    out = jax.ffi.ffi_call(_CROSS_TARGET, jax.ShapeDtypeStruct(qh.shape, jnp.float32))(
+        qh, kv.key, kv.value, kv.fill, scale=np.float32(scale))
+    return out[..., :d].reshape(rows, 1, width)
+
+
+# The self-attention cache as florence_cached_attention reads it: key and value (rows, heads, slots,
+# head_dim'), head_dim' the head size zero padded to whole vectors; source (rows, slots) int32, the row whose
+# slot each row's hypothesis reads (beam search forks a hypothesis by copying its row of sources).
+def empty_cache(rows: int, heads: int, slots: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    lanes, _ = _head_dims()
+    shape = (rows, heads, slots, -(-head_dim // lanes) * lanes)
+    return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros((rows, slots), jnp.int32)
+
+
+def write_cache(key: jax.Array, value: jax.Array, source: jax.Array, k: jax.Array, v: jax.Array,
+                index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A step's ``k``, ``v`` (rows, 1, heads * head_dim) written at slot ``index`` of each row, which each
+    row's hypothesis then reads from its own row."""
+    rows, heads, _, dp = key.shape
+    d = k.shape[-1] // heads
+
+    def heads_of(x):
+        x = x.reshape(rows, heads, 1, d)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, dp - d))) if dp != d else x
+
+    zero = jnp.int32(0)
+    index = jnp.asarray(index, jnp.int32)
+    key = jax.lax.dynamic_update_slice(key, heads_of(k), (zero, zero, index, zero))
+    value = jax.lax.dynamic_update_slice(value, heads_of(v), (zero, zero, index, zero))
+    source = jax.lax.dynamic_update_slice(source, jnp.arange(rows, dtype=jnp.int32)[:, None], (zero, index))
+    return key, value, source
+
+
+def cached_attention(q: jax.Array, key: jax.Array, value: jax.Array, source: jax.Array, index: jax.Array,
+                     scale: float) -> jax.Array:
+    """Each row's query ``q`` (rows, 1, heads * head_dim) over its hypothesis' slots 0 .. ``index``."""
+    rows, heads, _, dp = key.shape
+    d = q.shape[-1] // heads
+    qh = q.reshape(rows, heads, d)
+    if dp != d:
+        qh = jnp.pad(qh, ((0, 0), (0, 0), (0, dp - d)))
+    length = jnp.reshape(jnp.asarray(index, jnp.int32) + 1, (1,))
+    out = jax.ffi.ffi_call(_CACHED_TARGET, jax.ShapeDtypeStruct(qh.shape, jnp.float32))(
+        qh, key, value, source, length, scale=np.float32(scale))
+    return out[..., :d].reshape(rows, 1, heads * d)
+
+
+# ------------------------------------------------------------------------------------------ top k
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k(x, k)`` for a float32 ``x`` (rows, n) with ``k`` up to 64: the same values and indices
+    (floats in the total order of their bits, ties to the lower index)."""
+    return jax.ffi.ffi_call(_TOP_K_TARGET, (jax.ShapeDtypeStruct((x.shape[0], k), jnp.float32),
+                                            jax.ShapeDtypeStruct((x.shape[0], k), jnp.int32)))(x, k=np.int64(k))
+
+
+def top_k_supported(k: int) -> bool:
+    return 1 <= k <= int(_loaded().florence_top_k_max_k())

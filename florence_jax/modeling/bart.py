@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from florence_jax import hardware
+from florence_jax import cpu_kernels, hardware
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
 from florence_jax.modeling import text_attention_kernel
@@ -29,6 +29,39 @@ class LayerCache(NamedTuple):
 
     key: jax.Array
     value: jax.Array
+
+    def grown(self, slots: int) -> LayerCache:
+        """With unwritten (zero) slots appended up to ``slots``; a step's mask hides them."""
+        def grow(x):
+            return jnp.pad(x, ((0, 0), (0, 0), (0, slots - x.shape[2]), (0, 0)))
+
+        return LayerCache(grow(self.key), grow(self.value))
+
+    def reordered(self, rows: jax.Array) -> LayerCache:
+        """Row i's hypothesis continues row ``rows[i]``'s: its keys and values gathered."""
+        return LayerCache(jnp.take(self.key, rows, axis=0), jnp.take(self.value, rows, axis=0))
+
+
+class KernelLayerCache(NamedTuple):
+    """The same for the CPU kernel (``Formulations.decode_attention="kernel"``,
+    florence_jax.cpu_kernels.empty_cache): ``key``, ``value`` (batch, heads, max_length, head_dim'), head_dim'
+    the head size zero padded to whole vectors, slot j of row r written by row r's step j; ``source``
+    (batch, max_length) int32: the row whose slot j row r's hypothesis reads. Beam search reorders a
+    cache by reordering ``source`` alone."""
+
+    key: jax.Array
+    value: jax.Array
+    source: jax.Array
+
+    def grown(self, slots: int) -> KernelLayerCache:
+        grow = slots - self.key.shape[2]
+        return KernelLayerCache(jnp.pad(self.key, ((0, 0), (0, 0), (0, grow), (0, 0))),
+                                jnp.pad(self.value, ((0, 0), (0, 0), (0, grow), (0, 0))),
+                                jnp.pad(self.source, ((0, 0), (0, grow))))
+
+    def reordered(self, rows: jax.Array) -> KernelLayerCache:
+        """Row i's hypothesis continues row ``rows[i]``'s."""
+        return self._replace(source=jnp.take(self.source, rows, axis=0))
 
 
 class BartAttention(nnx.Module):
@@ -49,6 +82,9 @@ class BartAttention(nnx.Module):
         # product with a row's beams as query rows, though each reads the keys) or one product per row
         # (Formulations.beam_cross_attention; figures in docs/benchmarks.md).
         self.beam_queries_one_by_one = self.impl == "xla" and f.beam_cross_attention == "per_beam"
+        # A decoding step's attention in the CPU kernel (Formulations.decode_attention): the decoding loop
+        # then hands the layers cpu_kernels.CrossKV and PackedCache (BartDecoder.step_kernel).
+        self.step_kernel = self.impl == "xla" and f.platform == "cpu" and f.decode_attention == "kernel"
         self.k_proj = linear(cfg, d, d, rngs=rngs)
         self.v_proj = linear(cfg, d, d, rngs=rngs)
         self.q_proj = linear(cfg, d, d, rngs=rngs)
@@ -72,6 +108,20 @@ class BartAttention(nnx.Module):
             rate=self.dropout.rate if active else 0.0, key=self.dropout.key(rngs) if active else None,
             interpret=self.interpret)
         return dense(self.out_proj, out, rngs)
+
+    def kernel_cross_attention(self, x, kv: cpu_kernels.CrossKV, rngs=None):
+        """One decoding step's ``x`` (rows, 1, d_model) attends to the encoder's keys and values packed by
+        ``cpu_kernels.pack_cross_kv``, through the CPU kernel (inference only: no attention dropout)."""
+        q = dense(self.q_proj, x, rngs)
+        return dense(self.out_proj, cpu_kernels.cross_attention(q, kv, self.head_dim**-0.5), rngs)
+
+    def kernel_self_attention(self, x, cache: KernelLayerCache, index, rngs=None):
+        """One decoding step's ``x`` (rows, 1, d_model) written at slot ``index`` of the cache and attending
+        to its hypothesis' slots 0 .. ``index`` through the CPU kernel; returns (output, new cache)."""
+        q, k, v = (dense(p, x, rngs) for p in (self.q_proj, self.k_proj, self.v_proj))
+        cache = KernelLayerCache(*cpu_kernels.write_cache(*cache, k, v, index))
+        out = cpu_kernels.cached_attention(q, *cache, index, self.head_dim**-0.5)
+        return dense(self.out_proj, out, rngs), cache
 
     def __call__(self, x, key, value, mask, rngs=None):
         """``x`` (rows, q_len, d_model) attends to heads-major ``key``/``value``."""
@@ -147,19 +197,30 @@ class DecoderLayer(_FFN):
     def __call__(self, h, self_mask, cross_kv, cross_mask, cache: LayerCache | None = None, index=None,
                  rngs=None):
         with jax.named_scope("self_attn"):
-            k, v = self.self_attn.project_kv(h, rngs)
-            if cache is not None:
-                # Write this step's keys/values at `index` and attend over the whole preallocated buffer;
-                # the caller's mask hides positions not yet written.
-                k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), index, axis=2)
-                v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), index, axis=2)
-                cache = LayerCache(k, v)
-            a = self.dropout(self.self_attn(h, k, v, self_mask, rngs), rngs=rngs)
-            h = self.self_attn_layer_norm(h + a)
+            if isinstance(cache, KernelLayerCache):  # a CPU decoding step (BartDecoder.step_kernel)
+                a, cache = self.self_attn.kernel_self_attention(h, cache, index, rngs)
+                h = self.self_attn_layer_norm(h + self.dropout(a, rngs=rngs))
+            else:
+                h, cache = self._self_attention(h, self_mask, cache, index, rngs)
         with jax.named_scope("cross_attn"):
-            a = self.dropout(self.encoder_attn(h, cross_kv[0], cross_kv[1], cross_mask, rngs), rngs=rngs)
+            if isinstance(cross_kv, cpu_kernels.CrossKV):  # a CPU decoding step (BartDecoder.step_kernel)
+                a = self.encoder_attn.kernel_cross_attention(h, cross_kv, rngs)
+            else:
+                a = self.encoder_attn(h, cross_kv[0], cross_kv[1], cross_mask, rngs)
+            a = self.dropout(a, rngs=rngs)
             h = self.encoder_attn_layer_norm(h + a)
         return self._ffn(h, rngs), cache
+
+    def _self_attention(self, h, self_mask, cache: LayerCache | None, index, rngs):
+        k, v = self.self_attn.project_kv(h, rngs)
+        if cache is not None:
+            # Write this step's keys/values at `index` and attend over the whole preallocated buffer; the
+            # caller's mask hides positions not yet written.
+            k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), index, axis=2)
+            cache = LayerCache(k, v)
+        a = self.dropout(self.self_attn(h, k, v, self_mask, rngs), rngs=rngs)
+        return self.self_attn_layer_norm(h + a), cache
 
 
 class _Stack(nnx.Module):
@@ -202,6 +263,25 @@ class BartDecoder(_Stack):
         """Cross-attention keys/values of every layer, computed once per generation."""
         return [layer.encoder_attn.project_kv(encoder_hidden_states, rngs) for layer in self.layers]
 
+    def step_kernel(self, dtype) -> bool:
+        """Whether incremental steps computing in ``dtype`` run their attention in the CPU kernel:
+        ``Formulations.decode_attention="kernel"`` on the CPU, float32, the kernel built (the first call
+        builds it) and heads it takes. Then :meth:`step_cross_kv` packs the encoder's keys and
+        :meth:`init_cache` makes :class:`KernelLayerCache`\\ s."""
+        attn = self.layers[0].self_attn
+        return (attn.step_kernel and jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available()
+                and cpu_kernels.cross_attention_supported(attn.head_dim))
+
+    @named("cross_kv")
+    def step_cross_kv(self, encoder_hidden_states, encoder_attention_mask=None) -> list:
+        """What incremental steps attend to, computed once per generation: :meth:`cross_kv`, or, where
+        :meth:`step_kernel`, each layer's keys and values packed for the kernel (``cpu_kernels.CrossKV``, the
+        mask included: a step then needs no ``encoder_attention_mask``)."""
+        kv = self.cross_kv(encoder_hidden_states)
+        if not self.step_kernel(kv[0][0].dtype):
+            return kv
+        return [cpu_kernels.pack_cross_kv(k, v, encoder_attention_mask) for k, v in kv]
+
     @named("decoder")
     def __call__(
         self,
@@ -230,6 +310,8 @@ class BartDecoder(_Stack):
             self_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
             if decoder_attention_mask is not None:
                 self_mask = self_mask & decoder_attention_mask.astype(bool)[:, None, None, :]
+        elif isinstance(cache[0], KernelLayerCache):
+            start, self_mask = index, None  # the kernel masks the unwritten slots itself
         else:
             start = index
             max_len = cache[0].key.shape[2]
@@ -260,8 +342,13 @@ class BartDecoder(_Stack):
                           layer.self_attn.out_proj, layer.encoder_attn.q_proj, layer.encoder_attn.out_proj,
                           layer.fc1, layer.fc2)]
 
-    def init_cache(self, batch: int, max_length: int, dtype) -> list[LayerCache]:
+    def init_cache(self, batch: int, max_length: int, dtype) -> list[LayerCache] | list[KernelLayerCache]:
+        """An empty self-attention cache of ``max_length`` slots per layer (:class:`KernelLayerCache`
+        where :meth:`step_kernel`)."""
         layer = self.layers[0].self_attn
+        if self.step_kernel(dtype):
+            return [KernelLayerCache(*cpu_kernels.empty_cache(batch, layer.num_heads, max_length, layer.head_dim))
+                    for _ in self.layers]
         shape = (batch, layer.num_heads, max_length, layer.head_dim)
         return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers]
 
