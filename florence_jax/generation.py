@@ -57,8 +57,12 @@ the hidden states permuted back before the LM head. After each selection, the fi
 takes over the parent's slot without moving anything; each further child is copied into a slot whose
 beam had no child (so sources and destinations never overlap). Only those rows are copied, in a
 ``while_loop`` as long as the number of copies, which is usually a small part of the cache. That is the
-CPU's way; on accelerators one gather of the whole cache is cheaper than a loop of small copies, and the
-slots simply stay in rank order (``Formulations.beam_cache_copy``).
+CPU's way with XLA's attention; on accelerators one gather of the whole cache is cheaper than a loop of
+small copies, and the slots simply stay in rank order (``Formulations.beam_cache_copy``). With the CPU's
+attention kernel (``Formulations.decode_attention="kernel"``, the CPU default) nothing is copied at all: each
+row of its cache (``KernelLayerCache``) also holds the row each of its slots is read from, a step writes
+every row's new slot in that row, and a fork copies the parent's row of sources (slot j of a row is written
+once, at step j, so no later step overwrites what another hypothesis reads); the slots stay in rank order.
 
 The loop ends when no row can improve, when every row is full under ``early_stopping=True``, or when
 every candidate hit a stopping criterion (max length). Logits processors run in transformers' order
