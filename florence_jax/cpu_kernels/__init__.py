@@ -126,8 +126,8 @@ def _library() -> ctypes.CDLL | str:
 
 
 def available() -> bool:
-    """Whether the kernel is built and registered (builds it on the first call: about 2 seconds). When it
-    is not, warns once with the reason."""
+    """Whether the kernels are built and registered (builds them on the first call: about 5 seconds). When
+    they are not, warns once with the reason."""
     lib = _library()
     if isinstance(lib, str):
         _warn_once(lib)
@@ -137,8 +137,9 @@ def available() -> bool:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    warnings.warn(f"florence_jax's CPU decoding kernel is unavailable ({reason}); decoding uses XLA's dots "
-                  "(set the hardware formulation decode_dots=compiler to silence this)", stacklevel=3)
+    warnings.warn(f"florence_jax's CPU decoding kernels are unavailable ({reason}); decoding uses XLA's ops "
+                  "(set the hardware formulations decode_dots, decode_attention and decode_top_k to compiler to "
+                  "silence this)", stacklevel=3)
 
 
 def _loaded() -> ctypes.CDLL:
