@@ -264,3 +264,20 @@ def test_top_k_limits():
     assert cpu_kernels.top_k_supported(64) and not cpu_kernels.top_k_supported(65)
     with pytest.raises(Exception, match="florence_top_k"):
         jax.block_until_ready(cpu_kernels.top_k(jnp.ones((2, 5), jnp.float32), 6))
+
+
+def test_every_file_the_build_reads_is_keyed_and_installed():
+    """The header the sources include is part of the build's cache key (a changed header is a new build) and,
+    with the sources, part of the package's data (an installed, not editable, package can build)."""
+    import fnmatch
+    import re
+    import tomllib
+    from pathlib import Path
+
+    local = {m for p in cpu_kernels._SOURCES for m in re.findall(r'#include "([^/"]+)"', p.read_text())}
+    assert local and local == {p.name for p in cpu_kernels._HEADERS}
+    root = Path(cpu_kernels.__file__).parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = globs["florence_jax.cpu_kernels"]
+    for p in cpu_kernels._SOURCES + cpu_kernels._HEADERS:
+        assert p.exists() and any(fnmatch.fnmatch(p.name, g) for g in shipped), p.name

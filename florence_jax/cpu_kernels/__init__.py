@@ -49,6 +49,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _SOURCES = tuple(Path(__file__).with_name(f) for f in ("rows_product.cc", "cross_attention.cc", "top_k.cc"))
+_HEADERS = (Path(__file__).with_name("kernels.h"),)  # what the sources share; part of the build's key
 _TARGET = "florence_rows_product"
 _CROSS_TARGET = "florence_cross_attention"
 _CACHED_TARGET = "florence_cached_attention"
@@ -84,7 +85,7 @@ def _cpu_features() -> str:
 
 
 def _build(compiler: str) -> Path:
-    sources = [p.read_bytes() for p in _SOURCES]
+    sources = [p.read_bytes() for p in _SOURCES + _HEADERS]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([*sources, " ".join(_FLAGS).encode(), version.encode(),
                                      _cpu_features().encode(), jax.ffi.include_dir().encode()])).hexdigest()

@@ -37,35 +37,14 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using namespace florence;
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16, kVecs = 2;
-#elif defined(__AVX__)
-constexpr int kLanes = 8, kVecs = 1;
-#elif defined(__aarch64__)
-constexpr int kLanes = 4, kVecs = 2;
-#else
-constexpr int kLanes = 4, kVecs = 1;
-#endif
-constexpr int kPanel = kLanes * kVecs;  // must equal rows_product.cc's: the key packing is shared
-constexpr int kMaxHeadVecs = 8;         // head_dim up to 8 vectors (128 floats with AVX-512)
-constexpr int kBeamBlock = 4;           // query rows handled together (scores_fn, values_fn)
-
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-static inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-
-static inline vec splat(float x) { return vec{} + x; }
+constexpr int kMaxHeadVecs = 8;  // head_dim up to 8 vectors (128 floats with AVX-512)
+constexpr int kBeamBlock = 4;    // query rows handled together (scores_fn, values_fn)
 
 // exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial, 2^n built in
 // the exponent bits. Below -87.3 (where float32's exp leaves the normal range) the result is 0.
@@ -270,28 +249,6 @@ static void run(const Shape& sh, const float* q, const float* key, const float* 
   }
 }
 
-// Runs fn(t0, t1) over [0, pairs) split among the pool's threads; done when every part is.
-template <typename Fn>
-static ffi::Future split(ffi::ThreadPool& pool, int64_t pairs, Fn fn) {
-  ffi::Promise done;
-  ffi::Future future(done);
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), pairs));
-  if (tasks == 1) {
-    fn(0, pairs);
-    done.SetAvailable();
-    return future;
-  }
-  ffi::CountDownPromise left(done, tasks);
-  for (int64_t t = 1; t < tasks; ++t)
-    pool.Schedule([=]() mutable {
-      fn(pairs * t / tasks, pairs * (t + 1) / tasks);
-      left.CountDown();
-    });
-  fn(0, pairs / tasks);
-  left.CountDown();
-  return future;
-}
-
 static ffi::Future CrossAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> key,
                                   ffi::Buffer<ffi::F32> value, ffi::Buffer<ffi::F32> fill, float scale,
                                   ffi::ResultBuffer<ffi::F32> out) {
@@ -301,18 +258,14 @@ static ffi::Future CrossAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                   vd[2] == kd[2] * kPanel && vd[3] == qd[3] && fd[0] == qd[0] && fd[1] == vd[2] &&
                   qd[3] % kLanes == 0 && qd[3] / kLanes >= 1 && qd[3] / kLanes <= kMaxHeadVecs &&
                   out->dimensions().size() == 4 && std::equal(qd.begin(), qd.end(), out->dimensions().begin());
-  if (!ok) {
-    ffi::Promise done;
-    ffi::Future future(done);
-    done.SetError(ffi::Error::InvalidArgument(
+  if (!ok)
+    return invalid(
         "florence_cross_attention: expected q (B, G, H, D), key (B, H, P, D, panel), value (B, H, P*panel, D), "
-        "fill (B, P*panel), D a multiple of the vector width up to 8 vectors"));
-    return future;
-  }
+        "fill (B, P*panel), D a multiple of the vector width up to 8 vectors");
   const Shape sh{qd[0], qd[1], qd[2], qd[3], kd[2]};
   const float *qp = q.typed_data(), *kp = key.typed_data(), *vp = value.typed_data(), *fp = fill.typed_data();
   float* op = out->typed_data();
-  return split(pool, sh.B * sh.H, [=](int64_t t0, int64_t t1) { run(sh, qp, kp, vp, fp, scale, op, t0, t1); });
+  return split(pool, sh.B * sh.H, sh.B * sh.H, [=](int64_t t0, int64_t t1) { run(sh, qp, kp, vp, fp, scale, op, t0, t1); });
 }
 
 static ffi::Future CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> key,
@@ -326,20 +279,16 @@ static ffi::Future CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
                   std::equal(qd.begin(), qd.end(), od.begin()) && qd[2] % kLanes == 0 && qd[2] / kLanes >= 1 &&
                   qd[2] / kLanes <= kMaxHeadVecs;
   const int64_t n = ok ? static_cast<int64_t>(length.typed_data()[0]) : 0;
-  if (!ok || n < 1 || n > kd[2]) {
-    ffi::Promise done;
-    ffi::Future future(done);
-    done.SetError(ffi::Error::InvalidArgument(
+  if (!ok || n < 1 || n > kd[2])
+    return invalid(
         "florence_cached_attention: expected q (R, H, D), key and value (R, H, S, D), source (R, S) int32, "
-        "length in 1 .. S, D a multiple of the vector width up to 8 vectors"));
-    return future;
-  }
+        "length in 1 .. S, D a multiple of the vector width up to 8 vectors");
   const int64_t R = qd[0], H = qd[1], D = qd[2], S = kd[2];
   const float *qp = q.typed_data(), *kp = key.typed_data(), *vp = value.typed_data();
   const int32_t* sp = source.typed_data();
   float* op = out->typed_data();
   const CachedFn fn = cached_fn(static_cast<int>(D / kLanes));
-  return split(pool, R * H, [=](int64_t t0, int64_t t1) {
+  return split(pool, R * H, R * H, [=](int64_t t0, int64_t t1) {
     thread_local std::vector<float> buffer;
     buffer.resize(static_cast<size_t>((n + kLanes - 1) / kLanes * kLanes));
     for (int64_t t = t0; t < t1; ++t) {

@@ -13,29 +13,13 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using namespace florence;
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16, kVecs = 2;  // 32 registers: 12 rows x 2 accumulators
-#elif defined(__AVX__)
-constexpr int kLanes = 8, kVecs = 1;   // 16 registers: 12 rows x 1 accumulator
-#elif defined(__aarch64__)
-constexpr int kLanes = 4, kVecs = 2;   // 32 registers
-#else
-constexpr int kLanes = 4, kVecs = 1;
-#endif
-constexpr int kPanel = kLanes * kVecs;
 constexpr int kMaxRows = 12;
-
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-static inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // Rows [0, R) of x against panels [p0, p1).
 template <int R>
@@ -84,35 +68,15 @@ static void run(const float* x, const float* w, float* y, int64_t rows, int64_t 
 static ffi::Future RowsProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                                ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  ffi::Promise done;
-  ffi::Future future(done);
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] || wd[2] != kPanel ||
-      yd[0] != xd[0] || wd[0] != (yd[1] + kPanel - 1) / kPanel) {
-    done.SetError(ffi::Error::InvalidArgument(
-        "florence_rows_product: expected x (rows, K), w (ceil(N / panel), K, panel), y (rows, N)"));
-    return future;
-  }
+      yd[0] != xd[0] || wd[0] != (yd[1] + kPanel - 1) / kPanel)
+    return invalid("florence_rows_product: expected x (rows, K), w (ceil(N / panel), K, panel), y (rows, N)");
   const int64_t rows = xd[0], K = xd[1], N = yd[1], P = wd[0];
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
   // At least 8 panels (a quarter of a megabyte at K = 768) per task: fewer is not worth a thread hop.
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), P / 8));
-  if (tasks == 1) {
-    run(xp, wp, yp, rows, K, N, 0, P);
-    done.SetAvailable();
-    return future;
-  }
-  ffi::CountDownPromise left(done, tasks);
-  auto chunk = [=](int64_t t) { run(xp, wp, yp, rows, K, N, P * t / tasks, P * (t + 1) / tasks); };
-  for (int64_t t = 1; t < tasks; ++t)
-    pool.Schedule([=]() mutable {
-      chunk(t);
-      left.CountDown();
-    });
-  chunk(0);
-  left.CountDown();
-  return future;
+  return split(pool, P, P / 8, [=](int64_t p0, int64_t p1) { run(xp, wp, yp, rows, K, N, p0, p1); });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(florence_rows_product, RowsProduct,

@@ -13,21 +13,14 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using namespace florence;
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
 constexpr int kBlock = 4 * kLanes;  // elements tested together
 constexpr int kMaxK = 64;
-
-typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 // The total-order key of a float's bits: its order as a signed integer is the floats' total order.
 static inline int32_t key_of(int32_t bits) { return bits < 0 ? bits ^ 0x7fffffff : bits; }
@@ -87,37 +80,17 @@ static void row_top_k(const int32_t* bits, int64_t n, int k, float* values, int3
 
 static ffi::Future TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, int64_t k, ffi::ResultBuffer<ffi::F32> values,
                         ffi::ResultBuffer<ffi::S32> indices) {
-  ffi::Promise done;
-  ffi::Future future(done);
   const auto xd = x.dimensions(), vd = values->dimensions(), id = indices->dimensions();
   if (xd.size() != 2 || vd.size() != 2 || id.size() != 2 || k < 1 || k > kMaxK || k > xd[1] || vd[0] != xd[0] ||
-      id[0] != xd[0] || vd[1] != k || id[1] != k) {
-    done.SetError(ffi::Error::InvalidArgument(
-        "florence_top_k: expected x (R, N), values and indices (R, k), 1 <= k <= min(N, 64)"));
-    return future;
-  }
+      id[0] != xd[0] || vd[1] != k || id[1] != k)
+    return invalid("florence_top_k: expected x (R, N), values and indices (R, k), 1 <= k <= min(N, 64)");
   const int64_t rows = xd[0], n = xd[1];
   const int32_t* xp = reinterpret_cast<const int32_t*>(x.typed_data());
   float* vp = values->typed_data();
   int32_t* ip = indices->typed_data();
-  auto part = [=](int64_t r0, int64_t r1) {
+  return split(pool, rows, rows, [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) row_top_k(xp + r * n, n, static_cast<int>(k), vp + r * k, ip + r * k);
-  };
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), rows));
-  if (tasks == 1) {
-    part(0, rows);
-    done.SetAvailable();
-    return future;
-  }
-  ffi::CountDownPromise left(done, tasks);
-  for (int64_t t = 1; t < tasks; ++t)
-    pool.Schedule([=]() mutable {
-      part(rows * t / tasks, rows * (t + 1) / tasks);
-      left.CountDown();
-    });
-  part(0, rows / tasks);
-  left.CountDown();
-  return future;
+  });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(florence_top_k, TopK,
