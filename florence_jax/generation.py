@@ -381,7 +381,7 @@ def _inherit_slots(cache: list[LayerCache], slot_of: jax.Array, parent: jax.Arra
         def move(x):
             return jax.lax.dynamic_update_index_in_dim(x, jax.lax.dynamic_index_in_dim(x, src[i], 0), dst[i], 0)
 
-        return [type(lc)(move(lc.key), move(lc.value)) for lc in cache]
+        return [LayerCache(move(lc.key), move(lc.value)) for lc in cache]
 
     cache = jax.lax.fori_loop(0, jnp.sum(copy), copy_row, cache)
     return cache, new_slot

@@ -218,19 +218,29 @@ def _head_dims() -> tuple[int, int]:
     return int(lib.florence_cross_attention_lanes()), int(lib.florence_cross_attention_max_head_dim())
 
 
+def _padded(head_dim: int) -> int:
+    """The head size the attention kernels store: ``head_dim`` rounded up to whole vectors."""
+    lanes, _ = _head_dims()
+    return -(-head_dim // lanes) * lanes
+
+
+def _pad_heads(x: jax.Array, padded: int) -> jax.Array:
+    """``x`` (..., head_dim) zero padded to (..., padded)."""
+    extra = padded - x.shape[-1]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]) if extra else x
+
+
 def cross_attention_supported(head_dim: int) -> bool:
     """Whether :func:`cross_attention` takes heads this size (up to 8 vectors: 128 floats with AVX-512)."""
-    lanes, most = _head_dims()
-    return -(-head_dim // lanes) * lanes <= most
+    return _padded(head_dim) <= _head_dims()[1]
 
 
 def pack_cross_kv(key: jax.Array, value: jax.Array, mask: jax.Array | None) -> CrossKV:
     """Heads-major float32 ``key``, ``value`` (batch, heads, positions, head_dim) and the boolean or 0/1
     ``mask`` (batch, positions; None: every position) as :class:`CrossKV`."""
     b, h, n, d = key.shape
-    lanes, _ = _head_dims()
     pw = panel_width()
-    dp, np_ = -(-d // lanes) * lanes, -(-n // pw) * pw
+    dp, np_ = _padded(d), -(-n // pw) * pw
     pad = ((0, 0), (0, 0), (0, np_ - n), (0, dp - d))
     k = jnp.pad(key, pad).reshape(b, h, np_ // pw, pw, dp).transpose(0, 1, 2, 4, 3)
     v = jnp.pad(value, pad)
@@ -246,9 +256,7 @@ def cross_attention(q: jax.Array, kv: CrossKV, scale: float) -> jax.Array:
     rows, width = q.shape[0], q.shape[-1]
     b, heads, dp = kv.key.shape[0], kv.key.shape[1], kv.key.shape[3]
     d = width // heads
-    qh = q.reshape(b, rows // b, heads, d)
-    if dp != d:
-        qh = jnp.pad(qh, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
+    qh = _pad_heads(q.reshape(b, rows // b, heads, d), dp)
     out = jax.ffi.ffi_call(_CROSS_TARGET, jax.ShapeDtypeStruct(qh.shape, jnp.float32))(
         qh, kv.key, kv.value, kv.fill, scale=np.float32(scale))
     return out[..., :d].reshape(rows, 1, width)
@@ -258,8 +266,7 @@ def cross_attention(q: jax.Array, kv: CrossKV, scale: float) -> jax.Array:
 # head_dim'), head_dim' the head size zero padded to whole vectors; source (rows, slots) int32, the row whose
 # slot each row's hypothesis reads (beam search forks a hypothesis by copying its row of sources).
 def empty_cache(rows: int, heads: int, slots: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    lanes, _ = _head_dims()
-    shape = (rows, heads, slots, -(-head_dim // lanes) * lanes)
+    shape = (rows, heads, slots, _padded(head_dim))
     return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros((rows, slots), jnp.int32)
 
 
@@ -271,8 +278,7 @@ def write_cache(key: jax.Array, value: jax.Array, source: jax.Array, k: jax.Arra
     d = k.shape[-1] // heads
 
     def heads_of(x):
-        x = x.reshape(rows, heads, 1, d)
-        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, dp - d))) if dp != d else x
+        return _pad_heads(x.reshape(rows, heads, 1, d), dp)
 
     zero = jnp.int32(0)
     index = jnp.asarray(index, jnp.int32)
@@ -287,9 +293,7 @@ def cached_attention(q: jax.Array, key: jax.Array, value: jax.Array, source: jax
     """Each row's query ``q`` (rows, 1, heads * head_dim) over its hypothesis' slots 0 .. ``index``."""
     rows, heads, _, dp = key.shape
     d = q.shape[-1] // heads
-    qh = q.reshape(rows, heads, d)
-    if dp != d:
-        qh = jnp.pad(qh, ((0, 0), (0, 0), (0, dp - d)))
+    qh = _pad_heads(q.reshape(rows, heads, d), dp)
     length = jnp.reshape(jnp.asarray(index, jnp.int32) + 1, (1,))
     out = jax.ffi.ffi_call(_CACHED_TARGET, jax.ShapeDtypeStruct(qh.shape, jnp.float32))(
         qh, key, value, source, length, scale=np.float32(scale))

@@ -83,7 +83,7 @@ class BartAttention(nnx.Module):
         # (Formulations.beam_cross_attention; figures in docs/benchmarks.md).
         self.beam_queries_one_by_one = self.impl == "xla" and f.beam_cross_attention == "per_beam"
         # A decoding step's attention in the CPU kernel (Formulations.decode_attention): the decoding loop
-        # then hands the layers cpu_kernels.CrossKV and PackedCache (BartDecoder.step_kernel).
+        # then hands the layers cpu_kernels.CrossKV and KernelLayerCache (BartDecoder.step_kernel).
         self.step_kernel = self.impl == "xla" and f.platform == "cpu" and f.decode_attention == "kernel"
         self.k_proj = linear(cfg, d, d, rngs=rngs)
         self.v_proj = linear(cfg, d, d, rngs=rngs)
