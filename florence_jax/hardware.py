@@ -107,9 +107,13 @@ class Formulations:
     # beam-3 step about as much as its cross-attention).
     decode_cache: str = "preallocated"
     # DaViT's window attention: einsums around a float32 softmax, which XLA:TPU passes through HBM three
-    # times per window ("einsum"), or one Pallas kernel per block of windows taking the qkv projection's
-    # output as it lies and keeping each head's scores on chip ("fused": a TPU kernel; on the CPU it runs
-    # in Pallas' interpreter, for tests; florence_jax.modeling.window_kernel).
+    # times per window and XLA:CPU runs as small products on one core ("einsum"); one Pallas kernel per
+    # block of windows taking the qkv projection's output as it lies and keeping each head's scores on chip
+    # ("fused": a TPU kernel; on the CPU it runs in Pallas' interpreter, for tests;
+    # florence_jax.modeling.window_kernel); or florence_jax's CPU kernel, every (window, head) pair from the
+    # qkv projection's output, the pairs split among threads, its gradient through the einsums ("kernel":
+    # about 3x XLA:CPU's speed at 768 px; float32 only, elsewhere and where the kernel cannot be built it
+    # changes nothing; florence_jax.cpu_kernels).
     window_attention: str = "einsum"
     # BART's encoder self-attention over the image tokens and the prompt: einsums around a float32 masked
     # softmax and its dropout, whose (batch, heads, length, length) scores and dropout draws XLA:TPU passes
@@ -158,7 +162,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "decode_attention": ("compiler", "kernel"),
     "decode_top_k": ("compiler", "kernel"),
     "decode_cache": ("preallocated", "segments"),
-    "window_attention": ("einsum", "fused"),
+    "window_attention": ("einsum", "fused", "kernel"),
     "text_attention": ("einsum", "fused"),
 }
 # The formulations whose "fused" choice is a Pallas TPU kernel.
@@ -177,8 +181,7 @@ DEFAULTS: dict[str, Formulations] = {
                         carry_small_scan_params=True, attention_layout="heads_major",
                         beam_cross_attention="per_beam", beam_cache_copy="row_by_row", pixel_normalize="gather",
                         lm_head_product="vocab_major", decode_dots="kernel", decode_attention="kernel",
-                        decode_top_k="kernel",
-                        decode_cache="segments"),
+                        decode_top_k="kernel", decode_cache="segments", window_attention="kernel"),
     "gpu": Formulations("gpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="gather"),

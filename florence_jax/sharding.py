@@ -126,3 +126,14 @@ def kernel_batch_split(x: jax.Array):
     if axes and x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         axes = ()
     return mesh, axes
+
+
+def per_batch_shard(fn, x: jax.Array) -> jax.Array:
+    """``fn(x)`` for a kernel ``fn`` that XLA's partitioner cannot split and whose examples are independent
+    along ``x``'s leading dimension: on a mesh, under ``shard_map`` over :func:`kernel_batch_split`'s axes
+    (each device on its own examples); otherwise ``fn(x)``."""
+    mesh, axes = kernel_batch_split(x)
+    if not axes:
+        return fn(x)
+    spec = PartitionSpec(axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(x)

@@ -281,3 +281,81 @@ def test_every_file_the_build_reads_is_keyed_and_installed():
     shipped = globs["florence_jax.cpu_kernels"]
     for p in cpu_kernels._SOURCES + cpu_kernels._HEADERS:
         assert p.exists() and any(fnmatch.fnmatch(p.name, g) for g in shipped), p.name
+
+
+def _window_attention64(qkv, heads):
+    """Attention inside each window in float64: ``qkv`` (windows, tokens, 3 * C), heads x head size."""
+    w, n, c3 = qkv.shape
+    x = np.asarray(qkv, np.float64).reshape(w, n, 3, heads, c3 // 3 // heads)
+    q, k, v = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    s = np.einsum("wqhd,wkhd->whqk", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("whqk,wkhd->wqhd", p, v).reshape(w, n, c3 // 3)
+
+
+def _lanes() -> int:
+    return cpu_kernels._head_dims()[0]
+
+
+# (windows, tokens, heads, head_dim in vectors): DaViT's 144-token windows with base's heads of 32 channels
+# (two vectors with AVX-512); tokens under one vector and not a whole number of vectors; fewer rows than the
+# kernel's block of 8 and one past it; the largest head taken; enough (window, head) pairs to be split
+# among threads.
+@pytest.mark.parametrize("w,n,h,dv", [(6, 144, 4, 2), (5, 3, 2, 1), (3, 20, 3, 2), (2, 9, 1, 8), (40, 16, 2, 1)])
+def test_window_attention_matches_float64(w, n, h, dv):
+    """Within (n + d) float32 roundings of the values' scale per element, as the cross-attention kernel:
+    scores summed over d, the exponential within 2 ulp, the softmax's sum over n, the weighted sum of
+    values over n. A wrong window, head, token or channel moves an output by a probability times a value."""
+    d = dv * _lanes()
+    rng = np.random.default_rng(w * 100 + n)
+    qkv = rng.standard_normal((w, n, 3 * h * d), np.float32) * 2
+    out = jax.jit(lambda x: cpu_kernels.window_attention(x, h, d**-0.5))(qkv)
+    assert out.shape == (w, n, h * d) and out.dtype == jnp.float32
+    want = _window_attention64(qkv, h)
+    bound = (n + d) * np.finfo(np.float32).eps * np.abs(qkv).max()
+    assert np.abs(np.asarray(out, np.float64) - want).max() <= bound
+    # not trivially close: the attention mixes tokens, its output is not the values
+    assert n == 1 or np.abs(want - qkv[..., 2 * h * d:]).max() > 100 * bound
+
+
+def test_window_attention_limits():
+    lanes = _lanes()
+    assert cpu_kernels.window_attention_supported(lanes) and cpu_kernels.window_attention_supported(8 * lanes)
+    assert not cpu_kernels.window_attention_supported(9 * lanes)
+    assert not cpu_kernels.window_attention_supported(lanes + 1)  # not whole vectors: XLA's einsums
+    with pytest.raises(Exception, match="florence_window_attention"):  # heads of 11 channels: not whole vectors
+        jax.block_until_ready(cpu_kernels.window_attention(jnp.ones((2, 4, 99), jnp.float32), 3, 0.5))
+
+
+def test_the_towers_window_attention_runs_the_kernel_with_the_einsums_gradient():
+    """The CPU's default (``window_attention="kernel"``) against the einsums on the demo's tiny model (heads
+    of 16 channels, windows of 16 tokens): one kernel call per spatial block in the compiled tower and none
+    in the einsums'; the features within float32 rounding (the kernel's exponential and sums in another
+    order, through four stages); every parameter's gradient within float32 rounding of its largest entry
+    (the kernel's backward is the einsums', taken at the same qkv)."""
+    from flax import nnx
+
+    from florence_jax import Florence2ForConditionalGeneration
+    from train.state import tiny_config
+
+    model = Florence2ForConditionalGeneration(tiny_config(128, 127), rngs=nnx.Rngs(0))
+    assert model.formulations.window_attention == "kernel"
+    einsum = model.for_hardware("cpu:window_attention=einsum")
+    x = jnp.asarray(np.random.default_rng(0).uniform(-2, 2, (2, 64, 64, 3)), jnp.float32)
+
+    def run(m):
+        tower = m.model.vision_tower
+        fwd = jax.jit(lambda t, x: t(x))
+        grad = jax.jit(nnx.grad(lambda t, x: jnp.sum(t(x) ** 2)))
+        calls = fwd.lower(tower, x).compile().as_text().count('custom_call_target="florence_window_attention"')
+        grads = nnx.to_flat_state(nnx.state(grad(tower, x), nnx.Param))
+        return calls, np.asarray(fwd(tower, x)), {k: np.asarray(v[...]) for k, v in grads}
+
+    (calls, out, grads), (calls0, out0, grads0) = run(model), run(einsum)
+    assert calls == sum(model.config.vision_config.depths) and calls0 == 0
+    np.testing.assert_allclose(out, out0, rtol=0, atol=1e-5 * np.abs(out0).max())
+    assert grads.keys() == grads0.keys() and any("window_attn" in str(k) for k in grads)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], grads0[k], rtol=0, atol=1e-5 * np.abs(grads0[k]).max() + 1e-30,
+                                   err_msg=str(k))

@@ -26,7 +26,8 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
     assert (h100.platform, h100.device) == ("gpu", "h100") and h100.spec() == "h100"
     assert hardware.resolve("v5e").pixel_normalize == "affine"
     assert hardware.resolve("v5e").window_attention == "fused"  # the Pallas kernel is the TPU's
-    assert hardware.resolve("cpu").window_attention == hardware.resolve("gpu").window_attention == "einsum"
+    assert hardware.resolve("cpu").window_attention == "kernel"  # the CPU's own (florence_jax.cpu_kernels)
+    assert hardware.resolve("gpu").window_attention == "einsum"
     assert hardware.resolve("v4").text_attention == "fused"  # so is the text encoder's
     assert hardware.resolve("cpu").text_attention == hardware.resolve("gpu").text_attention == "einsum"
     ab = hardware.resolve("gpu:depthwise_conv=grouped, store_vision_residuals=true")

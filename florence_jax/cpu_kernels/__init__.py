@@ -1,6 +1,6 @@
 """CPU kernels XLA:CPU lacks, built at first use with the host's C++ compiler and called through XLA's FFI.
 
-Kernels for the decoding loop, built into one library:
+Kernels for the decoding loop and the vision tower, built into one library:
 
 - ``rows_product.cc``: a few rows times a large float32 matrix stored panel-major, the shape of every weight
   product in a decoding step (a step has batch x beams rows; XLA:CPU's dot libraries run those at about
@@ -17,12 +17,17 @@ Kernels for the decoding loop, built into one library:
 - ``top_k.cc``: beam search's best 2 x beams of each row's beams x vocabulary scores, in XLA's order, one
   pass per row (XLA:CPU partially sorts each row, one row at a time). Used under
   ``Formulations.decode_top_k="kernel"`` (the CPU default): :func:`top_k`.
+- ``window_attention.cc``: DaViT's window attention (144 tokens, heads of 32 channels), every (window, head)
+  pair from the qkv projection's output as it lies, the pairs split among threads (XLA:CPU runs the two
+  products of each pair as a batch of small products on one core, after transposing q, k and v). Used
+  under ``Formulations.window_attention="kernel"`` (the CPU default): :func:`window_attention`, its
+  gradient through XLA's einsums (``florence_jax.modeling.davit``).
 
 The shared library is compiled with ``-O3 -march=native`` for the host it runs on and cached under
 ``$FLORENCE_JAX_CACHE`` (default ``~/.cache/florence_jax``)/kernels, keyed by the source, the flags, the
 compiler and the CPU's features, so hosts that share a home directory never load each other's build. If
-no compiler is found or the build fails, :func:`available` says why (once, as a warning) and the loop keeps
-XLA's dots: same values up to float32 summation order.
+no compiler is found or the build fails, :func:`available` says why (once, as a warning) and the model keeps
+XLA's ops: same values up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -48,12 +53,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_SOURCES = tuple(Path(__file__).with_name(f) for f in ("rows_product.cc", "cross_attention.cc", "top_k.cc"))
+_SOURCES = tuple(Path(__file__).with_name(f)
+                 for f in ("rows_product.cc", "cross_attention.cc", "top_k.cc", "window_attention.cc"))
 _HEADERS = (Path(__file__).with_name("kernels.h"),)  # what the sources share; part of the build's key
 _TARGET = "florence_rows_product"
 _CROSS_TARGET = "florence_cross_attention"
 _CACHED_TARGET = "florence_cached_attention"
 _TOP_K_TARGET = "florence_top_k"
+_WINDOW_TARGET = "florence_window_attention"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # A product with more rows than this (a prompt's encoder states, a training batch) is a GEMM: XLA's own
 # dot libraries are the right kernel for it.
@@ -118,11 +125,11 @@ def _library() -> ctypes.CDLL | str:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.florence_rows_product), platform="cpu")
-        for target in (_CROSS_TARGET, _CACHED_TARGET, _TOP_K_TARGET):
+        for target in (_CROSS_TARGET, _CACHED_TARGET, _TOP_K_TARGET, _WINDOW_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return f"building or loading {' and '.join(p.name for p in _SOURCES)} failed: {e}"
-    log.info("CPU decoding kernel: %s", lib._name)
+    log.info("CPU kernels: %s", lib._name)
     return lib
 
 
@@ -138,15 +145,15 @@ def available() -> bool:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    warnings.warn(f"florence_jax's CPU decoding kernels are unavailable ({reason}); decoding uses XLA's ops "
-                  "(set the hardware formulations decode_dots, decode_attention and decode_top_k to compiler to "
-                  "silence this)", stacklevel=3)
+    warnings.warn(f"florence_jax's CPU kernels are unavailable ({reason}); the model uses XLA's ops (set the "
+                  "hardware formulations decode_dots, decode_attention and decode_top_k to compiler and "
+                  "window_attention to einsum to silence this)", stacklevel=3)
 
 
 def _loaded() -> ctypes.CDLL:
     lib = _library()
     if isinstance(lib, str):
-        raise RuntimeError(f"the CPU decoding kernel is unavailable: {lib}")
+        raise RuntimeError(f"the CPU kernels are unavailable: {lib}")
     return lib
 
 
@@ -310,3 +317,19 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 def top_k_supported(k: int) -> bool:
     return 1 <= k <= int(_loaded().florence_top_k_max_k())
+
+
+# ------------------------------------------------------------------------------------ window attention
+def window_attention(qkv: jax.Array, heads: int, scale: float) -> jax.Array:
+    """Softmax attention inside each window: ``qkv`` float32 (windows, tokens, 3 * C) in the qkv projection's
+    order (q, k, v, each ``heads`` x head size), the result (windows, tokens, C) in heads x head size order.
+    Forward only: ``florence_jax.modeling.davit`` gives it its gradient."""
+    w, n, c3 = qkv.shape
+    return jax.ffi.ffi_call(_WINDOW_TARGET, jax.ShapeDtypeStruct((w, n, c3 // 3), jnp.float32))(
+        qkv, heads=np.int64(heads), scale=np.float32(scale))
+
+
+def window_attention_supported(head_dim: int) -> bool:
+    """Whether :func:`window_attention` takes heads this size: whole vectors, up to 8 of them."""
+    lanes, most = _head_dims()
+    return head_dim % lanes == 0 and head_dim <= most

@@ -46,29 +46,6 @@ using namespace florence;
 constexpr int kMaxHeadVecs = 8;  // head_dim up to 8 vectors (128 floats with AVX-512)
 constexpr int kBeamBlock = 4;    // query rows handled together (scores_fn, values_fn)
 
-// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial, 2^n built in
-// the exponent bits. Below -87.3 (where float32's exp leaves the normal range) the result is 0.
-static inline vec exp_nonpositive(vec x) {
-  const vec lo = splat(-87.33654f);
-  const ivec under = x < lo;
-  x = under ? lo : x;
-  const vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const vec n = (x * splat(1.44269504088896341f) + magic) - magic;
-  vec r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vec y = splat(1.9875691500e-4f);
-  y = y * r + splat(1.3981999507e-3f);
-  y = y * r + splat(8.3334519073e-3f);
-  y = y * r + splat(4.1665795894e-2f);
-  y = y * r + splat(1.6666665459e-1f);
-  y = y * r + splat(5.0000001201e-1f);
-  y = y * (r * r) + r + splat(1.0f);
-  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-  vec scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return under ? vec{} : y * scale;
-}
-
 // Scores of G query rows against every position: s[g][j] = (q_g . k_j) * scale, or the fill.
 template <int G>
 static void scores(const float* q, int64_t ldq, const float* key, const float* fill, float* s, int64_t P,
@@ -94,48 +71,6 @@ static void scores(const float* q, int64_t ldq, const float* key, const float* f
       for (int g = 0; g < G; ++g) store(s + g * S + j, keep ? acc[g][v] * scale : f);
     }
   }
-}
-
-// Each row of s (G rows of S) to its softmax, in place.
-static void softmax(float* s, int G, int64_t S) {
-  for (int g = 0; g < G; ++g) {
-    float* row = s + g * S;
-    vec m = splat(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < S; j += kLanes) {
-      const vec x = load(row + j);
-      m = x > m ? x : m;
-    }
-    float mx = m[0];
-    for (int l = 1; l < kLanes; ++l) mx = std::max(mx, m[l]);
-    vec sum = vec{};
-    for (int64_t j = 0; j < S; j += kLanes) {
-      const vec e = exp_nonpositive(load(row + j) - mx);
-      store(row + j, e);
-      sum += e;
-    }
-    float total = 0.0f;
-    for (int l = 0; l < kLanes; ++l) total += sum[l];
-    const vec inv = splat(total);
-    for (int64_t j = 0; j < S; j += kLanes) store(row + j, load(row + j) / inv);
-  }
-}
-
-// out_g = sum_j p[g][j] v_j for G rows, head_dim = DV vectors.
-template <int G, int DV>
-static void weighted_values(const float* p, int64_t S, const float* value, float* out, int64_t ldo) {
-  vec acc[G][DV];
-  for (int g = 0; g < G; ++g)
-    for (int v = 0; v < DV; ++v) acc[g][v] = vec{};
-  for (int64_t j = 0; j < S; ++j, value += DV * kLanes) {
-    vec vv[DV];
-    for (int v = 0; v < DV; ++v) vv[v] = load(value + v * kLanes);
-    for (int g = 0; g < G; ++g) {
-      const float pj = p[g * S + j];
-      for (int v = 0; v < DV; ++v) acc[g][v] += pj * vv[v];
-    }
-  }
-  for (int g = 0; g < G; ++g)
-    for (int v = 0; v < DV; ++v) store(out + g * ldo + v * kLanes, acc[g][v]);
 }
 
 using ScoresFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t, float);

@@ -6,12 +6,14 @@ by rule (``convs[i].conv``, ``blocks[i][j].spatial_block.window_attn.qkv``, ...)
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from florence_jax import hardware
+from florence_jax import cpu_kernels, hardware, sharding
 from florence_jax.config import Florence2Config
 from florence_jax.lora import LoRALinear, dense, dense_of_activation
 from florence_jax.modeling.layers import (
@@ -195,6 +197,8 @@ class WindowAttention(nnx.Module):
         # the kernel compiles for the TPU and runs in Pallas' interpreter elsewhere (tests)
         self.fused = f.window_attention == "fused"
         self.interpret = f.platform != "tpu"
+        # the CPU kernel (florence_jax.cpu_kernels) where it applies, the einsums elsewhere
+        self.cpu_kernel = f.window_attention == "kernel" and f.platform == "cpu" and self.impl == "xla"
         self.qkv = linear(cfg, self.dim, 3 * self.dim, use_bias=v.qkv_bias, rngs=rngs)
         self.proj = linear(cfg, self.dim, self.dim, rngs=rngs)
 
@@ -211,13 +215,48 @@ class WindowAttention(nnx.Module):
         qkv = dense(self.qkv, x, rngs)
         if self.fused:
             out = fused_window_attention(qkv, heads, hd**-0.5, interpret=self.interpret)
+        elif (self.cpu_kernel and qkv.dtype == jnp.float32 and cpu_kernels.available()
+              and cpu_kernels.window_attention_supported(hd)):
+            # windows are image-major: on a mesh each device attends over its own images' windows
+            out = sharding.per_batch_shard(
+                functools.partial(_kernel_window_attention, heads=heads, scale=hd**-0.5, layout=self.layout), qkv)
         else:
-            qkv = qkv.reshape(x.shape[0], ws * ws, 3, heads, hd)
-            out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=hd**-0.5, impl=self.impl,
-                            layout=self.layout)
+            out = _einsum_window_attention(qkv, heads, hd**-0.5, self.impl, self.layout)
         out = dense(self.proj, out.reshape(x.shape[0], ws * ws, c), rngs)
         out = out.reshape(b, hp // ws, wp // ws, ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
         return out[:, :h, :w, :].reshape(b, h * w, c)
+
+
+def _einsum_window_attention(qkv: jax.Array, heads: int, scale: float, impl: str, layout: str) -> jax.Array:
+    """Attention inside each window of ``qkv`` (windows, tokens, 3 * C) by ``layers.attention``'s einsums;
+    (windows, tokens, C)."""
+    w, n, c3 = qkv.shape
+    qkv = qkv.reshape(w, n, 3, heads, c3 // (3 * heads))
+    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale, impl=impl, layout=layout)
+    return out.reshape(w, n, c3 // 3)
+
+
+def _kernel_window_attention(qkv: jax.Array, heads: int, scale: float, layout: str) -> jax.Array:
+    return _window_kernel(qkv, heads, scale, layout)
+
+
+# The CPU kernel computes the forward; the backward is the einsums' (recomputing the probabilities from
+# the saved qkv), so training takes the same gradient either way.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _window_kernel(qkv, heads, scale, layout):
+    return cpu_kernels.window_attention(qkv, heads, scale)
+
+
+def _window_kernel_fwd(qkv, heads, scale, layout):
+    return cpu_kernels.window_attention(qkv, heads, scale), qkv
+
+
+def _window_kernel_bwd(heads, scale, layout, qkv, d_out):
+    _, pullback = jax.vjp(lambda t: _einsum_window_attention(t, heads, scale, "xla", layout), qkv)
+    return pullback(d_out)
+
+
+_window_kernel.defvjp(_window_kernel_fwd, _window_kernel_bwd)
 
 
 class ChannelAttention(nnx.Module):

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
 from florence_jax import sharding
 
@@ -55,12 +54,8 @@ def fused_window_attention(qkv: jax.Array, heads: int, scale: float, *, interpre
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * heads):
         raise ValueError(f"qkv must be (windows, tokens, 3 * heads * head_dim) with {heads} heads, got {qkv.shape}")
     fn = functools.partial(_attention, heads=heads, scale=scale, interpret=interpret)
-    mesh, axes = sharding.kernel_batch_split(qkv)
-    if axes:
-        # windows are image-major: split as the batch is, each device's windows are its own images'
-        spec = PartitionSpec(axes)
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
-    return fn(qkv)
+    # windows are image-major: split as the batch is, each device's windows are its own images'
+    return sharding.per_batch_shard(fn, qkv)
 
 
 def _windows_per_block(channels: int, block_channels: int) -> int:
