@@ -275,8 +275,11 @@ def jaxpr_flops(jaxpr) -> float:
     """FLOPs of the ``dot_general`` and ``conv_general_dilated`` equations of a (closed) jaxpr, 2 per
     multiply-add, recursing into sub-jaxprs: a scan's body counts ``length`` times, a ``cond`` its
     costliest branch, a ``while`` once (its trip count is not static). Elementwise work is left out, as
-    in the usual MFU accounting; recomputation under ``jax.checkpoint`` is counted, since it runs."""
+    in the usual MFU accounting; recomputation under ``jax.checkpoint`` is counted, since it runs. The
+    project's CPU kernels count the products they compute (``cpu_kernels.matmul_flops``)."""
     import math
+
+    from florence_jax import cpu_kernels
 
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
@@ -294,6 +297,9 @@ def jaxpr_flops(jaxpr) -> float:
             in_per_group = rhs[dn.rhs_spec[1]]
             window = math.prod(rhs[i] for i in dn.rhs_spec[2:])
             total += 2.0 * math.prod(out) * in_per_group * window
+        elif name == "ffi_call":
+            total += cpu_kernels.matmul_flops(eqn.params["target_name"], [v.aval.shape for v in eqn.invars],
+                                              [v.aval.shape for v in eqn.outvars])
         else:
             subs = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
             branches = eqn.params.get("branches")

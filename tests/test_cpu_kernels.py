@@ -359,3 +359,20 @@ def test_the_towers_window_attention_runs_the_kernel_with_the_einsums_gradient()
     for k in grads:
         np.testing.assert_allclose(grads[k], grads0[k], rtol=0, atol=1e-5 * np.abs(grads0[k]).max() + 1e-30,
                                    err_msg=str(k))
+
+
+def test_the_kernels_products_count_as_the_einsums_do():
+    """The benchmark's MFU counts a kernel's products (``matmul_flops``) as it counts the einsums it replaces:
+    the same FLOPs for window attention and for a packed product, none for a kernel that is not one."""
+    from florence_jax.modeling.davit import _einsum_window_attention
+    from scripts.benchmark import jaxpr_flops
+
+    d = 2 * _lanes()
+    qkv = jnp.ones((5, 144, 3 * 3 * d), jnp.float32)
+    kernel = jax.make_jaxpr(lambda x: cpu_kernels.window_attention(x, 3, 0.5))(qkv)
+    einsum = jax.make_jaxpr(lambda x: _einsum_window_attention(x, 3, 0.5, "xla", "heads_major"))(qkv)
+    assert jaxpr_flops(kernel) == jaxpr_flops(einsum) == 4 * 5 * 144 * 144 * 3 * d
+    x, w = jnp.ones((12, 64), jnp.float32), jnp.ones((64, 100), jnp.float32)
+    packed = jax.make_jaxpr(lambda x, p: cpu_kernels.rows_product(x, p, 100))(x, cpu_kernels.pack(w))
+    assert jaxpr_flops(packed) == jaxpr_flops(jax.make_jaxpr(jnp.matmul)(x, w)) == 2 * 12 * 64 * 100
+    assert jaxpr_flops(jax.make_jaxpr(lambda x: cpu_kernels.top_k(x, 4))(jnp.ones((3, 50), jnp.float32))) == 0

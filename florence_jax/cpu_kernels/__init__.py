@@ -319,6 +319,19 @@ def top_k_supported(k: int) -> bool:
     return 1 <= k <= int(_loaded().florence_top_k_max_k())
 
 
+# ------------------------------------------------------------------------------------ accounting
+def matmul_flops(target: str, inputs: list[tuple[int, ...]], outputs: list[tuple[int, ...]]) -> float:
+    """The matrix products' FLOPs (2 per multiply-add) of a call to one of these kernels with operands and
+    results of these shapes, as an MFU counts an einsum's; 0 for a target that is not a product kernel."""
+    if target == _TARGET:  # x (rows, K) @ w: y (rows, N)
+        (rows, k), (_, n) = inputs[0], outputs[0]
+        return 2.0 * rows * k * n
+    if target == _WINDOW_TARGET:  # two (N x N) by (N x D) products per window and head: 4 W N^2 C
+        w, n, c = outputs[0]
+        return 4.0 * w * n * n * c
+    return 0.0
+
+
 # ------------------------------------------------------------------------------------ window attention
 def window_attention(qkv: jax.Array, heads: int, scale: float) -> jax.Array:
     """Softmax attention inside each window: ``qkv`` float32 (windows, tokens, 3 * C) in the qkv projection's

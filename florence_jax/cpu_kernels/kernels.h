@@ -1,12 +1,14 @@
-// What florence_jax's CPU kernels share: the vector width they are built for and the split of a call's work
-// among XLA's intra-op threads.
+// What florence_jax's CPU kernels share: the vector width they are built for, the attention kernels'
+// exponential, softmax and weighted sum of values, and the split of a call's work among XLA's intra-op threads.
 #ifndef FLORENCE_JAX_CPU_KERNELS_H_
 #define FLORENCE_JAX_CPU_KERNELS_H_
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -129,6 +131,37 @@ xla::ffi::Future split(xla::ffi::ThreadPool& pool, int64_t n, int64_t tasks, Par
       left.CountDown();
     });
   part(0, n / tasks);
+  left.CountDown();
+  return future;
+}
+
+// Runs part(i0, i1) over [0, n) in chunks of `grain`, taken in turn by the calling thread and up to `tasks` - 1
+// threads of XLA's intra-op pool: a thread that starts late (the pool busy with another op) takes fewer
+// chunks, and the caller never waits for work a fixed split gave a busy thread. The returned future is
+// ready when every chunk is done.
+template <typename Part>
+xla::ffi::Future share(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain, int64_t tasks, Part part) {
+  xla::ffi::Promise done;
+  xla::ffi::Future future(done);
+  grain = std::max<int64_t>(1, grain);
+  const int64_t chunks = (n + grain - 1) / grain;
+  tasks = std::max<int64_t>(1, std::min<int64_t>({tasks, chunks, static_cast<int64_t>(pool.num_threads())}));
+  auto next = std::make_shared<std::atomic<int64_t>>(0);
+  auto work = [=]() {
+    for (int64_t c; (c = next->fetch_add(1)) < chunks;) part(c * grain, std::min(n, (c + 1) * grain));
+  };
+  if (tasks == 1) {
+    work();
+    done.SetAvailable();
+    return future;
+  }
+  xla::ffi::CountDownPromise left(done, tasks);
+  for (int64_t t = 1; t < tasks; ++t)
+    pool.Schedule([=]() mutable {
+      work();
+      left.CountDown();
+    });
+  work();
   left.CountDown();
   return future;
 }
