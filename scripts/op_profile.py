@@ -52,6 +52,7 @@ class OpTime:
     ms: float  # per profiled call
     count: float  # launches per call
     op: HloOp | None
+    wall_ms: float = 0.0  # its share of the wall time per call (wall_shares)
 
 
 @dataclasses.dataclass
@@ -119,6 +120,48 @@ def _fold_repeats(parts: list[str]) -> list[str]:
 def trace_op_times(trace_dir: str, module: str | None) -> tuple[dict[str, list[float]], str]:
     """Summed duration (us) and count per HLO op of ``module`` in the newest perfetto trace under
     ``trace_dir``; accelerator events when there are any, else XLA:CPU's host events."""
+    events, source = trace_op_events(trace_dir, module)
+    times: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for op, _, dur in events:
+        times[op][0] += dur
+        times[op][1] += 1
+    return dict(times), source
+
+
+def wall_shares(events: list[tuple[str, float, float]], skip: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Each op's share (us) of the wall time its events ``(op, start, duration)`` span: every instant is
+    shared equally among the ops running then, and an instant with none running (between the first start
+    and the last end) goes to the op(s) that ended last before it. Op time counts two ops side by side twice
+    (XLA:CPU runs independent ops on its threads at once), and misses work an op hands to other threads and
+    does not wait for (the gap after it); the shares add up to the span. Ops in ``skip`` (control ops that
+    enclose their body's events) take no share."""
+    marks = []  # (time, 0 for a start and 1 for an end: an event starts before it ends, event, op)
+    for i, (op, start, dur) in enumerate(e for e in events if e[0] not in skip):
+        marks += [(start, 0, i, op), (start + dur, 1, i, op)]
+    marks.sort()
+    shares: dict[str, float] = collections.defaultdict(float)
+    running: dict[int, str] = {}
+    ended: list[str] = []  # the ops whose events ended last, at ended_at
+    ended_at, last = None, marks[0][0] if marks else 0.0
+    for t, end, i, op in marks:
+        if t > last:
+            owners = list(running.values()) or ended
+            for who in owners:
+                shares[who] += (t - last) / len(owners)
+        if end:
+            running.pop(i)
+            ended = ended + [op] if ended_at == t else [op]
+            ended_at = t
+        else:
+            running[i] = op
+        last = t
+    return dict(shares)
+
+
+def trace_op_events(trace_dir: str, module: str | None) -> tuple[list[tuple[str, float, float]], str]:
+    """``(HLO op, start us, duration us)`` of each op event of ``module`` in the newest perfetto trace under
+    ``trace_dir``, and whether they are the accelerator's events (when there are any) or XLA:CPU's host
+    events; accelerator kernels without HLO names are named by kernel."""
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
                    key=os.path.getmtime)
     if not files:
@@ -127,31 +170,28 @@ def trace_op_times(trace_dir: str, module: str | None) -> tuple[dict[str, list[f
         events = json.load(f)["traceEvents"]
     device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                    and str(e.get("args", {}).get("name", "")).startswith("/device:")}
-    device_ops: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    host_ops: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    device_kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    device_ops: list[tuple[str, float, float]] = []
+    host_ops: list[tuple[str, float, float]] = []
+    device_kernels: list[tuple[str, float, float]] = []
     for e in events:
         if e.get("ph") != "X":
             continue
         args = e.get("args") or {}
         op = args.get("hlo_op")
         on_device = e.get("pid") in device_pids or e.get("cat") == "kernel"
+        event = (op, float(e.get("ts", 0.0)), float(e.get("dur", 0.0)))
         if op is None:
             if on_device and not e["name"].startswith("$"):
-                acc = device_kernels[e["name"]]
-                acc[0] += e.get("dur", 0.0)
-                acc[1] += 1
+                device_kernels.append((e["name"], *event[1:]))
             continue
         if module is not None and args.get("hlo_module") not in (None, module):
             continue
-        acc = (device_ops if on_device else host_ops)[op]
-        acc[0] += e.get("dur", 0.0)
-        acc[1] += 1
+        (device_ops if on_device else host_ops).append(event)
     if device_ops:
-        return dict(device_ops), "device"
+        return device_ops, "device"
     if device_kernels:  # kernels without HLO names: by kernel name
-        return dict(device_kernels), "device"
-    return dict(host_ops), "host"
+        return device_kernels, "device"
+    return host_ops, "host"
 
 
 def _check_profiler_safe() -> None:
@@ -192,13 +232,18 @@ def summarize(trace_dir: str, hlo_text: str, calls: int, wall_ms: float, ops: di
               ) -> Profile:
     """The :class:`Profile` of a trace already written under ``trace_dir`` (``calls`` calls profiled)."""
     ops = hlo_ops(hlo_text) if ops is None else ops
-    times, source = trace_op_times(trace_dir, module_name(hlo_text))
+    events, source = trace_op_events(trace_dir, module_name(hlo_text))
+    control = frozenset(name for name, op in ops.items() if op.opcode in _CONTROL)
+    times: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for name, _, dur in events:
+        times[name][0] += dur
+        times[name][1] += 1
+    shares = wall_shares(events, control)
     rows = []
     for name, (us, count) in times.items():
-        op = ops.get(name)
-        if op is not None and op.opcode in _CONTROL:
+        if name in control:
             continue
-        rows.append(OpTime(name, us / 1e3 / calls, count / calls, op))
+        rows.append(OpTime(name, us / 1e3 / calls, count / calls, ops.get(name), shares.get(name, 0.0) / 1e3 / calls))
     rows.sort(key=lambda r: -r.ms)
     return Profile(rows, wall_ms, calls, source)
 
@@ -212,27 +257,31 @@ def _key(r: OpTime, depth: int | None) -> str:
     return f"{scope} [bwd]" if backward else scope
 
 
-def by_scope(prof: Profile, depth: int | None = None) -> list[tuple[str, float, int]]:
+def by_scope(prof: Profile, depth: int | None = None, wall: bool = False) -> list[tuple[str, float, int]]:
     """``(scope [bwd], ms per call, ops)`` summed over the ops of each model scope (its first ``depth``
-    parts), slowest first."""
+    parts), slowest first: op time, or with ``wall`` the ops' shares of the wall time (:func:`wall_shares`)."""
     acc: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for r in prof.ops:
         key = _key(r, depth)
-        acc[key][0] += r.ms
+        acc[key][0] += r.wall_ms if wall else r.ms
         acc[key][1] += 1
     return sorted(((k, v[0], int(v[1])) for k, v in acc.items()), key=lambda t: -t[1])
 
 
-def by_part(prof: Profile) -> list[tuple[str, float]]:
+def by_part(prof: Profile, wall: bool = False) -> list[tuple[str, float]]:
     """``(top-level scope [bwd], ms per call)``: the model's parts (``vision_tower``, ``encoder``, ...)."""
-    return [(k, ms) for k, ms, _ in by_scope(prof, depth=1)]
+    return [(k, ms) for k, ms, _ in by_scope(prof, depth=1, wall=wall)]
 
 
 def format_profile(prof: Profile, top: int = 15) -> str:
     total = prof.total_ms or 1.0
     parts = ", ".join(f"{k} {ms:.1f} ms ({100 * ms / total:.0f}%)" for k, ms in by_part(prof))
+    span = sum(r.wall_ms for r in prof.ops) or 1.0
+    walls = ", ".join(f"{k} {ms:.1f} ms ({100 * ms / span:.0f}%)" for k, ms in by_part(prof, wall=True))
     lines = [f"op time {prof.total_ms:.2f} ms per call on the {prof.source} ({len(prof.ops)} ops), "
-             f"wall {prof.wall_ms:.2f} ms per call, {prof.calls} call(s) profiled", "", f"By part: {parts}",
+             f"wall {prof.wall_ms:.2f} ms per call, {prof.calls} call(s) profiled", "", f"By part: {parts}", "",
+             f"By part, wall time ({span:.1f} ms: each instant shared among the ops running then, an idle one "
+             f"given to the op before it): {walls}",
              "", "| scope | ms | % | ops |", "|---|---|---|---|"]
     scopes = by_scope(prof)
     lines += [f"| {k} | {ms:.2f} | {100 * ms / total:.1f} | {n} |" for k, ms, n in scopes[:max(top, 30)]]

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import tiny_batch
 
 from scripts.op_profile import (
@@ -59,8 +60,13 @@ def test_profile_puts_the_big_matmul_first_forward_and_backward(tmp_path):
     assert scopes.get("big", 0) > 0 and scopes.get("big [bwd]", 0) > 0
     assert scopes["big"] + scopes["big [bwd]"] > 0.5 * prof.total_ms
     assert prof.ops[0].op is not None and "big" in prof.ops[0].op.op_name
+    # The wall-time shares add up to the traced span, within the wall time measured around the calls.
+    span = sum(r.wall_ms for r in prof.ops)
+    assert 0 < span <= prof.wall_ms
+    walls = {k: ms for k, ms, _ in by_scope(prof, wall=True)}
+    assert walls["big"] + walls["big [bwd]"] > 0.5 * span
     table = format_profile(prof)
-    assert "| big [bwd] |" in table and "call(s) profiled" in table
+    assert "| big [bwd] |" in table and "call(s) profiled" in table and "By part, wall time" in table
 
 
 def test_train_step_profile_names_model_parts_and_frozen_tower_has_no_backward(tiny_hf_dir, tmp_path):
@@ -130,3 +136,17 @@ def test_accelerator_traces_count_kernels_not_their_host_launches(tmp_path):
     times, source = trace_op_times(str(tmp_path), "jit_step")
     assert source == "device"
     assert times == {"fusion.1": [40.0, 2], "dot.2": [5.0, 1]}
+
+
+def test_wall_shares_split_side_by_side_ops_and_give_idle_time_to_the_op_before():
+    """Two ops side by side share their instants; an idle instant goes to the op that ended last before it
+    (its work handed to other threads); the shares add up to the span, where op time counts the side by
+    side ops twice. Control ops (a loop enclosing its body) take no share."""
+    from scripts.op_profile import wall_shares
+
+    events = [("a", 0.0, 10.0), ("b", 0.0, 10.0), ("c", 6.0, 6.0),  # a, b, c side by side; c ends at 12
+              ("d", 16.0, 4.0), ("e", 20.0, 0.0), ("loop", 0.0, 20.0)]  # idle 12-16: c's; e takes no time
+    shares = wall_shares(events, skip=frozenset({"loop"}))
+    assert shares == pytest.approx({"a": 6 / 2 + 4 / 3, "b": 6 / 2 + 4 / 3, "c": 4 / 3 + 2 + 4, "d": 4.0})
+    assert sum(shares.values()) == pytest.approx(20.0)
+    assert wall_shares([]) == {}
