@@ -11,7 +11,8 @@ the HLO instruction they ran, and the optimized HLO text maps each instruction t
 from. The model's modules open ``jax.named_scope``\\ s (``vision_tower/stage2/spatial/window_attn``,
 ``decoder/cross_attn``, ``lm_head``, ...), and autodiff wraps backward ops in ``transpose(...)``, so the
 time can be read per model part, forward and backward. ``scripts.benchmark --profile DIR`` prints this for
-its train rows.
+its train rows. Op time counts two ops that run side by side twice; each op's share of the wall time
+(:func:`wall_shares`) does not, and the parts are given both ways.
 """
 
 from __future__ import annotations
