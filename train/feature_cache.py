@@ -112,7 +112,11 @@ def _build(pipeline, model, tmp: Path, final: Path, key_parts, dtype: str, progr
     indices = np.arange(len(pipeline.source))[index::count]
     row_of = {int(i): r for r, i in enumerate(indices.tolist())}
     graphdef, state = nnx.split(model)
-    state = jax.device_put(state, jax.local_devices()[0])  # a process-local copy (params may be sharded)
+    # A process-local copy (params may be sharded). Put with a SingleDeviceSharding, not a bare device: an
+    # array moved to a bare device keeps its old mesh in its type, and a kernel run per device under
+    # shard_map (sharding.per_batch_shard) would then be split over devices this program does not run on.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state = jax.device_put(state, local)
 
     table = pipeline.encoder.pixel_table
 
@@ -137,7 +141,7 @@ def _build(pipeline, model, tmp: Path, final: Path, key_parts, dtype: str, progr
 
         bar = tqdm(total=pipeline.num_eval_batches(count), desc="vision features", dynamic_ncols=True)
     for batch in iterator:
-        pixels = jax.device_put(batch["pixel_values"], jax.local_devices()[0])
+        pixels = jax.device_put(batch["pixel_values"], local)
         out = np.asarray(jax.device_get(features(state, pixels))).astype(np_dtype)
         for j, i in enumerate(batch["index"].tolist()):
             if i < 0:
