@@ -122,11 +122,16 @@ def trace_op_times(trace_dir: str, module: str | None) -> tuple[dict[str, list[f
     """Summed duration (us) and count per HLO op of ``module`` in the newest perfetto trace under
     ``trace_dir``; accelerator events when there are any, else XLA:CPU's host events."""
     events, source = trace_op_events(trace_dir, module)
+    return _totals(events), source
+
+
+def _totals(events: list[tuple[str, float, float]]) -> dict[str, list[float]]:
+    """``[summed duration, count]`` per op of ``(op, start, duration)`` events."""
     times: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for op, _, dur in events:
         times[op][0] += dur
         times[op][1] += 1
-    return dict(times), source
+    return dict(times)
 
 
 def wall_shares(events: list[tuple[str, float, float]], skip: frozenset[str] = frozenset()) -> dict[str, float]:
@@ -235,13 +240,9 @@ def summarize(trace_dir: str, hlo_text: str, calls: int, wall_ms: float, ops: di
     ops = hlo_ops(hlo_text) if ops is None else ops
     events, source = trace_op_events(trace_dir, module_name(hlo_text))
     control = frozenset(name for name, op in ops.items() if op.opcode in _CONTROL)
-    times: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for name, _, dur in events:
-        times[name][0] += dur
-        times[name][1] += 1
     shares = wall_shares(events, control)
     rows = []
-    for name, (us, count) in times.items():
+    for name, (us, count) in _totals(events).items():
         if name in control:
             continue
         rows.append(OpTime(name, us / 1e3 / calls, count / calls, ops.get(name), shares.get(name, 0.0) / 1e3 / calls))

@@ -388,7 +388,7 @@ def test_window_attention_runs_per_device_on_a_mesh():
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from florence_jax import sharding
-    from florence_jax.modeling.davit import _einsum_window_attention, _kernel_window_attention
+    from florence_jax.modeling.davit import _einsum_window_attention, _window_kernel
 
     mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), sharding.BATCH_AXES)
     sh = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
@@ -396,7 +396,7 @@ def test_window_attention_runs_per_device_on_a_mesh():
     qkv = jnp.asarray(np.random.default_rng(0).normal(size=(16, 9, 3 * 2 * d)), jnp.float32)
 
     def kernel(x):
-        return sharding.per_batch_shard(lambda t: _kernel_window_attention(t, 2, 0.5, "heads_major"), x)
+        return sharding.per_batch_shard(lambda t: _window_kernel(t, 2, 0.5, "heads_major"), x)
 
     def einsum(x):
         return _einsum_window_attention(x, 2, 0.5, "xla", "heads_major")
@@ -414,5 +414,5 @@ def test_window_attention_runs_per_device_on_a_mesh():
     assert grad.sharding.is_equivalent_to(sh, 3)
     ref = np.asarray(jax.grad(lambda x: jnp.sum(einsum(x) ** 2))(qkv))
     np.testing.assert_allclose(np.asarray(grad), ref, rtol=0, atol=2e-6 * float(np.abs(ref).max()))
-    whole = jax.jit(lambda x: _kernel_window_attention(x, 2, 0.5, "heads_major"), in_shardings=sh)
+    whole = jax.jit(lambda x: _window_kernel(x, 2, 0.5, "heads_major"), in_shardings=sh)
     assert collectives(whole, qkv)

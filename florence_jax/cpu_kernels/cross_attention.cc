@@ -43,7 +43,6 @@
 namespace ffi = xla::ffi;
 using namespace florence;
 
-constexpr int kMaxHeadVecs = 8;  // head_dim up to 8 vectors (128 floats with AVX-512)
 constexpr int kBeamBlock = 4;    // query rows handled together (scores_fn, values_fn)
 
 // Scores of G query rows against every position: s[g][j] = (q_g . k_j) * scale, or the fill.

@@ -25,6 +25,8 @@ constexpr int kLanes = 4, kVecs = 1;
 #endif
 // Columns of a packed panel (rows_product.cc's weights, cross_attention.cc's keys): kVecs vectors.
 constexpr int kPanel = kLanes * kVecs;
+// The attention kernels' largest head: 8 vectors (128 floats with AVX-512).
+constexpr int kMaxHeadVecs = 8;
 
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
@@ -112,29 +114,6 @@ inline xla::ffi::Future invalid(const char* message) {
   return future;
 }
 
-// Runs part(i0, i1) over [0, n) in up to `tasks` parts, one per thread of XLA's intra-op pool (the calling
-// thread runs the first); the returned future is ready when every part is.
-template <typename Part>
-xla::ffi::Future split(xla::ffi::ThreadPool& pool, int64_t n, int64_t tasks, Part part) {
-  xla::ffi::Promise done;
-  xla::ffi::Future future(done);
-  tasks = std::max<int64_t>(1, std::min<int64_t>({tasks, n, static_cast<int64_t>(pool.num_threads())}));
-  if (tasks == 1) {
-    part(0, n);
-    done.SetAvailable();
-    return future;
-  }
-  xla::ffi::CountDownPromise left(done, tasks);
-  for (int64_t t = 1; t < tasks; ++t)
-    pool.Schedule([=]() mutable {
-      part(n * t / tasks, n * (t + 1) / tasks);
-      left.CountDown();
-    });
-  part(0, n / tasks);
-  left.CountDown();
-  return future;
-}
-
 // Runs part(i0, i1) over [0, n) in chunks of `grain`, taken in turn by the calling thread and up to `tasks` - 1
 // threads of XLA's intra-op pool: a thread that starts late (the pool busy with another op) takes fewer
 // chunks, and the caller never waits for work a fixed split gave a busy thread. The returned future is
@@ -164,6 +143,15 @@ xla::ffi::Future share(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain, int
   work();
   left.CountDown();
   return future;
+}
+
+// Runs part(i0, i1) over [0, n) in up to `tasks` equal parts, one per thread of XLA's intra-op pool at most,
+// shared as `share` shares its chunks (a part a busy thread has not started, the caller takes); the returned
+// future is ready when every part is.
+template <typename Part>
+xla::ffi::Future split(xla::ffi::ThreadPool& pool, int64_t n, int64_t tasks, Part part) {
+  tasks = std::max<int64_t>(1, std::min<int64_t>({tasks, n, static_cast<int64_t>(pool.num_threads())}));
+  return share(pool, n, (n + tasks - 1) / tasks, tasks, part);
 }
 
 }  // namespace florence

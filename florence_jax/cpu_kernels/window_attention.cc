@@ -31,7 +31,6 @@
 namespace ffi = xla::ffi;
 using namespace florence;
 
-constexpr int kMaxHeadVecs = 8;   // head_dim up to 8 vectors (128 floats with AVX-512)
 constexpr int kRowBlock = 8;      // query rows whose scores are made together
 constexpr int kColumnVecs = 3;    // score columns per register block: kColumnVecs vectors
 

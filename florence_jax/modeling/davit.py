@@ -218,8 +218,7 @@ class WindowAttention(nnx.Module):
         elif (self.cpu_kernel and qkv.dtype == jnp.float32 and cpu_kernels.available()
               and cpu_kernels.window_attention_supported(hd)):
             # windows are image-major: on a mesh each device attends over its own images' windows
-            out = sharding.per_batch_shard(
-                functools.partial(_kernel_window_attention, heads=heads, scale=hd**-0.5, layout=self.layout), qkv)
+            out = sharding.per_batch_shard(lambda t: _window_kernel(t, heads, hd**-0.5, self.layout), qkv)
         else:
             out = _einsum_window_attention(qkv, heads, hd**-0.5, self.impl, self.layout)
         out = dense(self.proj, out.reshape(x.shape[0], ws * ws, c), rngs)
@@ -234,10 +233,6 @@ def _einsum_window_attention(qkv: jax.Array, heads: int, scale: float, impl: str
     qkv = qkv.reshape(w, n, 3, heads, c3 // (3 * heads))
     out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale, impl=impl, layout=layout)
     return out.reshape(w, n, c3 // 3)
-
-
-def _kernel_window_attention(qkv: jax.Array, heads: int, scale: float, layout: str) -> jax.Array:
-    return _window_kernel(qkv, heads, scale, layout)
 
 
 # The CPU kernel computes the forward; the backward is the einsums' (recomputing the probabilities from
