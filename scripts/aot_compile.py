@@ -33,8 +33,9 @@ def _parse(argv):
     p.add_argument("--cost", action="store_true",
                    help="also print the compiler's cost figures per step and a roofline estimate per model scope "
                         "(scripts/hlo_cost.py; estimates, not measurements)")
-    p.add_argument("--dump", metavar="DIR", help="write the compiled program (hlo.txt) and the cost report "
-                                                 "(cost.json) into DIR")
+    p.add_argument("--dump", metavar="DIR", help="write the compiled program (hlo.txt), the cost report "
+                                                 "(cost.json) and, for a TPU, the Pallas kernels' scheduled "
+                                                 "bundles (kernels/) into DIR")
     return p.parse_known_args(argv)
 
 
@@ -46,9 +47,19 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, overrides)
     import jax  # XLA_FLAGS below still counts: it is read when the backend starts, not on import
 
+    llo_dir = None
     if args.topology:
         # libtpu looks for a TPU VM's worker list at start-up; compiling for a topology needs none.
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        if args.cost or args.dump:
+            # the Pallas kernels' static schedules (their final VLIW bundles), which libtpu writes when asked
+            # at start-up: the compiler's only figure for a kernel (scripts/hlo_cost.py)
+            import tempfile
+
+            llo_dir = tempfile.mkdtemp(prefix="florence-llo-")
+            os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [
+                os.environ.get("LIBTPU_INIT_ARGS", ""), f"--xla_jf_dump_to={llo_dir}",
+                "--xla_jf_dump_llo_text=true", "--xla_jf_dump_llo_pass_label_regex=final_bundles"]))
     else:
         n = args.cpu_devices or _mesh_size(cfg)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
@@ -70,6 +81,10 @@ def main(argv=None) -> int:
     try:
         report = compile_train_step(cfg, devices, platform)
     except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory verdict is an answer, not a crash
+        if llo_dir:
+            import shutil
+
+            shutil.rmtree(llo_dir, ignore_errors=True)
         if "RESOURCE_EXHAUSTED" not in str(e) and "HbmOom" not in str(e):
             raise
         print(header)
@@ -88,7 +103,7 @@ def main(argv=None) -> int:
     for k in ("argument", "output", "temp", "alias", "total"):
         print(f"  {k:<9} {report[k] / gib:8.2f} GiB per device")
     if args.cost or args.dump:
-        _cost(report["compiled"], spec, args)
+        _cost(report["compiled"], spec, args, llo_dir)
     if hbm:
         ok = report["total"] <= hbm * gib
         print(f"  {'fits' if ok else 'DOES NOT FIT'} in {hbm:g} GiB per device "
@@ -98,18 +113,32 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cost(compiled, spec, args) -> None:
+def _cost(compiled, spec, args, llo_dir: str | None = None) -> None:
+    import shutil
+
     from scripts import aot, hlo_cost
 
     compiler = aot.compiler_cost(compiled)
     text = compiled.as_text()
+    schedules = None
+    if llo_dir:
+        schedules = hlo_cost.kernel_schedules(llo_dir)
+        if args.dump:  # the kernels' bundles, to read again (the rest of the dump is large)
+            kernels = {o.name for o in hlo_cost.ops(text) if o.kernel}
+            os.makedirs(os.path.join(args.dump, "kernels"), exist_ok=True)
+            for name in os.listdir(llo_dir):
+                m = hlo_cost.SCHEDULE_FILE.match(name)
+                if m and m.group(1) in kernels:
+                    shutil.copy(os.path.join(llo_dir, name), os.path.join(args.dump, "kernels", name))
+        shutil.rmtree(llo_dir, ignore_errors=True)
     if args.dump:  # the program first: the analysis below reads it again from there if it fails
         os.makedirs(args.dump, exist_ok=True)
         with open(os.path.join(args.dump, "hlo.txt"), "w") as f:
             f.write(text)
     peak = spec.peak_tflops if spec else 1.0
     bandwidth = spec.hbm_gbps if spec and spec.hbm_gbps else 1.0
-    summary = hlo_cost.summary(text, peak, bandwidth, compiler, clock_ghz=spec.clock_ghz if spec else 0.0)
+    summary = hlo_cost.summary(text, peak, bandwidth, compiler, clock_ghz=spec.clock_ghz if spec else 0.0,
+                               schedules=schedules)
     if args.cost:
         if not spec:
             print("  (no device named: the roofline below uses 1 TFLOP/s and 1 GB/s, read its shares only)")

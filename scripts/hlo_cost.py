@@ -16,10 +16,14 @@ bodies it runs (times the loop's known trip count), with
 These are estimates from the program's shapes and the chip's public peak figures, not measurements: an op
 that is latency-bound, or that the compiler overlaps with another, takes a different time on the chip.
 
-A Pallas kernel (a ``tpu_custom_call``) is opaque to both: its FLOPs are the ones the kernel declares
-(``pl.CostEstimate``), and the compiler attaches no cycle estimate to it. Such ops are marked ``kernel``;
-the summary gives their roofline time apart, and adds it to the compiler's step as a floor (their vector
-work, which no estimate here counts, comes on top).
+A Pallas kernel (a ``tpu_custom_call``) is opaque to both: its FLOPs and bytes are the ones the kernel
+declares (``pl.CostEstimate``), and the compiler attaches no cycle estimate to it. Such ops are marked
+``kernel``. What the compiler does produce for a kernel is its static schedule: the VLIW bundles libtpu
+emits, one per cycle, with the grid as a loop whose trip count the exit test names. Given the bundles
+(:func:`kernel_schedules` reads libtpu's LLO dump, which ``scripts.aot_compile --cost`` asks for), a
+kernel's time is its scheduled cycles or its roofline, whichever is longer (the schedule assumes no wait
+for memory); without them, its roofline alone, a floor. The summary gives the kernels apart and adds them
+to the compiler's step.
 """
 
 from __future__ import annotations
@@ -55,6 +59,69 @@ class Op:
     cycles: float = 0.0  # the compiler's own estimate for the op (TPU fusions carry one), times count
     seconds: float = 0.0
     kernel: bool = False  # a Pallas kernel: FLOPs as it declares them, no compiler estimate
+    scheduled: float = 0.0  # a kernel's cycles by its static schedule (kernel_schedules), times count
+    program: str = ""  # a kernel's identity: its Mosaic program and shapes (libtpu compiles each once)
+
+
+# One VLIW bundle of libtpu's LLO dump: its address, an optional region marker (LB: a loop body starts),
+# then one ">" per enclosing loop before the bundle's braces.
+_BUNDLE = re.compile(r"^\s*(?:0x[0-9a-f]+|\d+)\s+(?:([A-Z]{2}):|:)\s*((?:>\s*)*)\{")
+_EXIT_TEST = re.compile(r"scmp\.\w+\.s32\.totalorder %\w+, (\d+) /\* loop exit test \*/")
+SCHEDULE_FILE = re.compile(r"^\d+-(.+)-\d+-final_bundles\.txt$")
+
+
+def scheduled_cycles(bundles_text: str) -> tuple[float, bool]:
+    """Cycles of one program by its final bundles (libtpu's ``final_bundles`` LLO dump): a bundle issues
+    per cycle, and a loop's bundles run as many times as its exit test's bound. Returns the cycles and
+    whether every loop named its trip count (a loop that does not counts once)."""
+    marks = []
+    for line in bundles_text.splitlines():
+        if m := _BUNDLE.match(line):
+            depth = m.group(2).count(">")
+            if marks and line.rstrip().endswith("{}"):  # an empty bundle (a branch's delay slot) is unmarked
+                depth = marks[-1][1]
+            marks.append((m.group(1) == "LB", depth, line))
+    known = True
+
+    def loop(i: int, depth: int) -> tuple[float, int]:
+        nonlocal known
+        own, inner, trips, j = 0, 0.0, None, i
+        while j < len(marks) and marks[j][1] >= depth:
+            if marks[j][1] > depth:
+                cycles, j = loop(j, marks[j][1])
+                inner += cycles
+                continue
+            if j > i and marks[j][0]:  # the next loop at this depth
+                break
+            if trips is None and (t := _EXIT_TEST.search(marks[j][2])):
+                trips = int(t.group(1))
+            own += 1
+            j += 1
+        known = known and trips is not None
+        return (trips or 1) * (own + inner), j
+
+    total, i = 0.0, 0
+    while i < len(marks):
+        if marks[i][1] == 0:
+            total, i = total + 1, i + 1
+        else:
+            cycles, i = loop(i, marks[i][1])
+            total += cycles
+    return total, known
+
+
+def kernel_schedules(dump_dir: str) -> dict[str, float]:
+    """Scheduled cycles per program name from a libtpu LLO dump directory (``--xla_jf_dump_to`` with
+    ``--xla_jf_dump_llo_text`` and the ``final_bundles`` pass): ``{"window_attention_fwd.3": 123456.0}``."""
+    import os
+
+    out = {}
+    for name in sorted(os.listdir(dump_dir)):
+        m = SCHEDULE_FILE.match(name)
+        if m:
+            with open(os.path.join(dump_dir, name)) as f:
+                out[m.group(1)] = scheduled_cycles(f.read())[0]
+    return out
 
 
 def _split_shape(rest: str) -> tuple[str, str]:
@@ -321,6 +388,10 @@ def ops(text: str) -> list[Op]:
             elif i.opcode == "slice-start":  # ((operand), slice, status): reads and writes the slice only
                 arrays = _ARRAY.findall(i.shape)
                 moved = 2 * shape_bytes("".join(f"{d}[{dims}]" for d, dims, _ in arrays[1:2]), False)
+            elif kernel and (stated := re.search(r'"cost_estimate":\{[^}]*"bytes_accessed":"(\d+)"', i.line)):
+                # what the kernel declares it reads and writes: its blocks may cover part of an operand (the
+                # depthwise convolution passes its input a second and third time for the rows around a block)
+                moved = float(stated.group(1))
             elif i.opcode.endswith("-start"):  # async: the result tuple repeats the operand (and its status word)
                 moved = sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
                 if i.opcode == "copy-start" and "S(1)" not in i.shape:
@@ -329,8 +400,11 @@ def ops(text: str) -> list[Op]:
             if i.opcode.startswith(_COLLECTIVE):
                 scope, direction = "collectives", ""
             cycles = re.search(r'"estimated_cycles":"(\d+)"', i.line)
+            body = re.search(r'"body":"([^"]*)"', i.line) if kernel else None
+            program = f"{i.shape}|{','.join(shapes.get(o, '') for o in i.operands)}|{body.group(1)}" if body else ""
             out.append(Op(i.name, i.opcode, scope, direction, flops * count, moved * count, count,
-                          cycles=float(cycles.group(1)) * count if cycles else 0.0, kernel=kernel))
+                          cycles=float(cycles.group(1)) * count if cycles else 0.0, kernel=kernel,
+                          program=program))
 
     walk(entry, 1)
     return out
@@ -359,9 +433,10 @@ def by_scope(op_list: list[Op]) -> list[dict]:
 
 
 def summary(text: str, peak_tflops: float, hbm_gbps: float, compiler: dict | None = None, top: int = 12,
-            clock_ghz: float = 0.0) -> dict:
+            clock_ghz: float = 0.0, schedules: dict[str, float] | None = None) -> dict:
     """The roofline estimate of a program: totals, per scope, and its costliest ops (JSON-ready). With the
-    chip's ``clock_ghz``, the compiler's own per-op cycle estimates (TPU) are summed into a step time too."""
+    chip's ``clock_ghz``, the compiler's own per-op cycle estimates (TPU) are summed into a step time too,
+    and with ``schedules`` (:func:`kernel_schedules`) the Pallas kernels' scheduled cycles."""
     op_list = roofline(ops(text), peak_tflops, hbm_gbps)
     flops = sum(o.flops for o in op_list)
     seconds = sum(o.seconds for o in op_list)
@@ -370,6 +445,19 @@ def summary(text: str, peak_tflops: float, hbm_gbps: float, compiler: dict | Non
     cycle_seconds = cycles / (clock_ghz * 1e9) if clock_ghz and cycles else None
     kernels = [o for o in op_list if o.kernel]
     kernel_seconds = sum(o.seconds for o in kernels)
+    # libtpu compiles identical kernels once and dumps the first one's bundles: the rest share its schedule
+    by_program = {o.program: schedules[o.name] for o in kernels if schedules and o.name in schedules and o.program}
+    per_call = {o.name: schedules[o.name] if schedules and o.name in schedules else by_program.get(o.program)
+                for o in kernels}
+    scheduled = [o for o in kernels if per_call[o.name] is not None]
+    kernel_step = None
+    if clock_ghz and scheduled:
+        for o in scheduled:
+            o.scheduled = per_call[o.name] * o.count
+            # the scope table's "compiler" figure: the kernel at its schedule or its roofline, the longer
+            o.cycles = max(o.scheduled, o.seconds * clock_ghz * 1e9)
+        kernel_step = sum(o.cycles for o in scheduled) / (clock_ghz * 1e9) + sum(
+            o.seconds for o in kernels if o not in scheduled)
     costly = sorted(op_list, key=lambda o: -(o.cycles or o.seconds))[:top]
     return {
         "peak_tflops": peak_tflops, "hbm_gbps": hbm_gbps, "clock_ghz": clock_ghz,
@@ -384,6 +472,12 @@ def summary(text: str, peak_tflops: float, hbm_gbps: float, compiler: dict | Non
         "kernel_calls": sum(o.count for o in kernels), "kernel_seconds": kernel_seconds,
         "kernel_bytes": sum(o.bytes for o in kernels), "kernel_flops": sum(o.flops for o in kernels),
         "compiler_with_kernels_seconds": cycle_seconds + kernel_seconds if cycle_seconds and kernels else None,
+        # the kernels by their static schedule (or roofline, the longer), and the step with them so
+        "kernels_scheduled": len({o.name for o in scheduled}), "kernels": len({o.name for o in kernels}),
+        "kernel_scheduled_seconds": sum(o.scheduled for o in scheduled) / (clock_ghz * 1e9) if kernel_step else None,
+        "kernel_step_seconds": kernel_step,
+        "compiler_with_scheduled_kernels_seconds": cycle_seconds + kernel_step if cycle_seconds and kernel_step
+        else None,
         "scopes": by_scope(op_list),
         "top_ops": [dataclasses.asdict(o) for o in costly],
     }
@@ -408,6 +502,13 @@ def format_summary(s: dict) -> str:
             lines.append(f"compiler     + kernels at their roofline: {with_k * 1e3:.1f} ms: MFU "
                          f"{100 * s['matrix_flops'] / (s['peak_tflops'] * 1e12) / with_k:.0f}% (a floor on the "
                          "step, the kernels' vector work not counted)")
+        if s.get("compiler_with_scheduled_kernels_seconds"):
+            with_k = s["compiler_with_scheduled_kernels_seconds"]
+            lines.append(f"kernels      by their static schedule ({s['kernels_scheduled']} of {s['kernels']} kernels): "
+                         f"{s['kernel_scheduled_seconds'] * 1e3:.1f} ms, {s['kernel_step_seconds'] * 1e3:.1f} ms "
+                         "with each at least its roofline")
+            lines.append(f"compiler     + kernels as scheduled: {with_k * 1e3:.1f} ms: MFU "
+                         f"{100 * s['matrix_flops'] / (s['peak_tflops'] * 1e12) / with_k:.0f}% (estimate)")
     lines.append(f"roofline     {s['matrix_flops'] / 1e12:.2f} TFLOP of matrix work, {s['bytes'] / 1e9:.1f} GB moved, "
                  f"{s['roofline_seconds'] * 1e3:.1f} ms at {s['peak_tflops']:g} TFLOP/s and {s['hbm_gbps']:g} GB/s: "
                  f"MFU {100 * s['roofline_mfu']:.0f}% (estimate)")

@@ -105,7 +105,8 @@ def test_a_loop_without_a_recorded_trip_count_runs_its_condition_bound():
 
 
 # A Pallas kernel (DaViT's fused window attention) as libtpu compiles it, shortened: a tpu_custom_call with
-# the FLOPs the kernel declares and no cycle estimate, next to a fusion that has one.
+# the FLOPs and bytes the kernel declares (its qkv input and its output) and no cycle estimate, next to a
+# fusion that has one.
 _TPU_KERNEL = """HloModule m
 
 %fused (param_0: bf16[64,144,384]) -> bf16[64,144,384] {
@@ -116,7 +117,7 @@ _TPU_KERNEL = """HloModule m
 ENTRY %main (p0: bf16[64,144,384]) -> bf16[64,144,128] {
   %p0 = bf16[64,144,384]{2,1,0:T(8,128)(2,1)} parameter(0)
   %fusion.1 = bf16[64,144,384]{2,1,0:T(8,128)(2,1)} fusion(%p0), kind=kLoop, calls=%fused, metadata={op_name="jit(fwd)/vision_tower/stage0/spatial/window_attn/neg"}, backend_config={"window_config":{"estimated_cycles":"3000000"}}
-  ROOT %window_attention_fwd.9 = bf16[64,144,128]{2,1,0:T(8,128)(2,1)} custom-call(%fusion.1), custom_call_target="tpu_custom_call", operand_layout_constraints={bf16[64,144,384]{2,1,0}}, metadata={op_name="jit(fwd)/vision_tower/stage0/spatial/window_attn/window_attention_fwd/pallas_call"}, backend_config={"flag_configs":[],"custom_call_config":{"body":"TUxJUgA=","cost_estimate":{"flops":"169869312","transcendentals":"5308416","bytes_accessed":"7077888","remote_bytes_transferred":"0"}}}
+  ROOT %window_attention_fwd.9 = bf16[64,144,128]{2,1,0:T(8,128)(2,1)} custom-call(%fusion.1), custom_call_target="tpu_custom_call", operand_layout_constraints={bf16[64,144,384]{2,1,0}}, metadata={op_name="jit(fwd)/vision_tower/stage0/spatial/window_attn/window_attention_fwd/pallas_call"}, backend_config={"flag_configs":[],"custom_call_config":{"body":"TUxJUgA=","cost_estimate":{"flops":"169869312","transcendentals":"5308416","bytes_accessed":"9437184","remote_bytes_transferred":"0"}}}
 }
 """
 
@@ -130,6 +131,12 @@ def test_a_pallas_kernel_counts_its_declared_flops_and_its_roofline_apart():
     assert kernel.flops == 169869312 and kernel.cycles == 0
     assert kernel.bytes == 64 * 144 * (384 + 128) * 2
     assert kernel.scope == "vision_tower/stage0"
+    # the bytes are the declared ones (a kernel may pass one array twice, as the depthwise convolution's
+    # does for its halo rows, and read a part of it), else its operands and result
+    (declared,) = [o for o in hlo_cost.ops(_TPU_KERNEL.replace('"9437184"', '"1000"')) if o.kernel]
+    assert declared.bytes == 1000
+    (counted,) = [o for o in hlo_cost.ops(_TPU_KERNEL.replace('"bytes_accessed":"9437184",', "")) if o.kernel]
+    assert counted.bytes == kernel.bytes
     s = hlo_cost.summary(_TPU_KERNEL, 1.0, 1.0, clock_ghz=1.0)
     assert s["kernel_calls"] == 1
     floor = max(169869312 / 1e12, kernel.bytes / 1e9)
@@ -191,3 +198,54 @@ def test_an_update_in_place_moves_the_update_not_the_buffer():
     # read and written once each; the two in-place forms also count their s32 index (4 bytes) twice
     assert ops["bitcast_dynamic-update-slice_fusion.1"].bytes == ops["dus"].bytes == 2 * update + 8
     assert ops["ds"].bytes == 2 * update
+
+
+# libtpu's final VLIW bundles for a kernel (its LLO dump), shortened: a grid loop of 6 iterations whose body
+# holds an inner loop of 4, a branch's empty delay slot inside the outer body (unmarked, like the dump's),
+# and bundles before and after the loops.
+_BUNDLES = """= control target key start
+LB: loop body
+= control target key end
+
+     0   :  { %s1 = inlined_call_operand.hbm [shape: bf16[16,48,48,512], index: 0] }
+   0x1   :  { %2 = vsyncpa [#allocation5], 0 }
+   0x2 LB: > { %s3 = sadd.s32 1, %s9 }
+   0x3   : > { %v4 = vld [vmem:[%s3]] }
+   0x4 LB: > > { %v5 = vmul.f32 %v4, %v4 }
+   0x5   : > > { %p6 = scmp.ge.s32.totalorder %s7, 4 /* loop exit test */ }
+   0x6   : > > { %8 = sbr.rel (!%p6) target = $region9 }
+   0x7   : > { %p10 = scmp.ge.s32.totalorder %s3, 6 /* loop exit test */ }
+   0x8   :  {}
+   0x9   : > { %11 = sbr.rel (!%p10) target = $region2 }
+   0xa   :  { %12 = vsyncpa [#allocation5], 1 }
+"""
+
+
+def test_a_kernels_static_schedule_counts_each_loops_bundles_times_its_trips(tmp_path):
+    # outside the loops 3 bundles; the outer body 5 of its own (the delay slot included) and the inner
+    # loop's 3 x 4: 3 + 6 x (5 + 12)
+    assert hlo_cost.scheduled_cycles(_BUNDLES) == (3 + 6 * (5 + 3 * 4), True)
+    # a loop whose exit test names no bound counts once, and says so
+    assert hlo_cost.scheduled_cycles(_BUNDLES.replace(", 4 /* loop exit test */", ", %s8")) == (3 + 6 * (5 + 3), False)
+    (tmp_path / "1796-window_attention_fwd.9-01-final_bundles.txt").write_text(_BUNDLES)
+    (tmp_path / "1796-window_attention_fwd.9-00-schedule-analysis_final_bundles.txt").write_text("Schedule analysis:")
+    schedules = hlo_cost.kernel_schedules(str(tmp_path))
+    assert schedules == {"window_attention_fwd.9": 105.0}
+    # the kernel's time is its schedule or its roofline, the longer, added to the compiler's step
+    s = hlo_cost.summary(_TPU_KERNEL, 1.0, 1.0, clock_ghz=1.0, schedules={"window_attention_fwd.9": 3e7})
+    assert s["kernels_scheduled"] == s["kernels"] == 1
+    assert abs(s["kernel_scheduled_seconds"] - 3e7 / 1e9) < 1e-12
+    assert abs(s["compiler_with_scheduled_kernels_seconds"] - (3e6 + 3e7) / 1e9) < 1e-12
+    roofline_bound = hlo_cost.summary(_TPU_KERNEL, 1.0, 1.0, clock_ghz=1.0, schedules={"window_attention_fwd.9": 10})
+    assert abs(roofline_bound["kernel_step_seconds"] - roofline_bound["kernel_seconds"]) < 1e-12
+    assert "as scheduled" in hlo_cost.format_summary(s)
+    # libtpu dumps one schedule for identical kernels (the same program and shapes): the others share it
+    root = next(line for line in _TPU_KERNEL.splitlines() if "ROOT %window_attention_fwd.9" in line)
+    twin = root.replace("ROOT %window_attention_fwd.9", "%window_attention_fwd.12")
+    two = _TPU_KERNEL.replace(root, twin + "\n" + root)
+    s2 = hlo_cost.summary(two, 1.0, 1.0, clock_ghz=1.0, schedules={"window_attention_fwd.9": 3e7})
+    assert s2["kernels_scheduled"] == s2["kernels"] == 2
+    assert abs(s2["kernel_scheduled_seconds"] - 2 * 3e7 / 1e9) < 1e-12
+    other = two.replace('"body":"TUxJUgA="', '"body":"T1RIRVI="', 1)  # a different program: no schedule
+    assert hlo_cost.summary(other, 1.0, 1.0, clock_ghz=1.0, schedules={"window_attention_fwd.9": 3e7})[
+        "kernels_scheduled"] == 1
