@@ -35,9 +35,12 @@ class Formulations:
     """One choice per formulation that has a backend-dependent best. Hashable: a static model field."""
 
     platform: str
-    # DaViT's 3x3 depthwise convolutions: nine shifted multiply-adds ("shifted_sum"), or XLA's grouped
+    # DaViT's 3x3 depthwise convolutions: nine shifted multiply-adds ("shifted_sum"), XLA's grouped
     # convolution ("grouped", ``feature_group_count`` = channels), which XLA:CPU computes as a dense
-    # C x C convolution.
+    # C x C convolution, or one Pallas kernel for the convolution and its residual that reads the
+    # residual stream in the tokens' layout, where XLA:TPU copies it into the grouped convolution's and
+    # back ("fused": a TPU kernel, its backward the grouped convolution's; on the CPU it runs in Pallas'
+    # interpreter, for tests; florence_jax.modeling.dwconv_kernel).
     depthwise_conv: str
     # A vision block's residual stream stored once rather than recomputed by each consumer: XLA:CPU fuses
     # the cheap elementwise stream into every consumer, recomputing long chains of shifted slices.
@@ -132,11 +135,12 @@ class Formulations:
             if allowed is not None and value not in allowed:
                 raise ValueError(f"hardware formulation {f.name}={value!r}: expected one of "
                                  + ", ".join(map(repr, allowed)))
-        for name in TPU_KERNELS:
+        for name, other in TPU_KERNELS.items():
             if getattr(self, name) == "fused" and self.platform == "gpu":
-                raise ValueError(f"hardware formulation {name}='fused' is a TPU kernel; on a GPU, "
-                                 "model.attention_impl='dot_product' hands attention to "
-                                 "jax.nn.dot_product_attention (cuDNN's fused attention where it applies)")
+                hint = ("; model.attention_impl='dot_product' hands attention to jax.nn.dot_product_attention "
+                        "(cuDNN's fused attention where it applies)" if name.endswith("attention") else "")
+                raise ValueError(f"hardware formulation {name}='fused' is a TPU kernel; on a GPU, use "
+                                 f"{name}={other!r}{hint}")
 
     def spec(self) -> str:
         """The shortest spec that resolves to this set: the platform plus what differs from its defaults."""
@@ -148,7 +152,7 @@ class Formulations:
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "platform": PLATFORMS,
-    "depthwise_conv": ("shifted_sum", "grouped"),
+    "depthwise_conv": ("shifted_sum", "grouped", "fused"),
     "store_vision_residuals": (True, False),
     "carry_small_scan_params": (True, False),
     "attention_layout": ("heads_major", "sequence_major"),
@@ -165,8 +169,9 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "window_attention": ("einsum", "fused", "kernel"),
     "text_attention": ("einsum", "fused"),
 }
-# The formulations whose "fused" choice is a Pallas TPU kernel.
-TPU_KERNELS = ("window_attention", "text_attention")
+# The formulations whose "fused" choice is a Pallas TPU kernel, and what a program compiled for the TPU
+# on other devices takes instead (scripts.aot_compile).
+TPU_KERNELS = {"window_attention": "einsum", "text_attention": "einsum", "depthwise_conv": "grouped"}
 # Formulations.decode_cache="segments": the cache grows by this many slots at a time.
 CACHE_SEGMENT = 64
 _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spec may change
@@ -185,7 +190,7 @@ DEFAULTS: dict[str, Formulations] = {
     "gpu": Formulations("gpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="gather"),
-    "tpu": Formulations("tpu", depthwise_conv="grouped", store_vision_residuals=False,
+    "tpu": Formulations("tpu", depthwise_conv="fused", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="affine",
                         pixel_layout="space_to_depth", window_attention="fused", text_attention="fused"),

@@ -96,10 +96,10 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     kernels = [n for n in hardware.TPU_KERNELS if getattr(formulations, n) == "fused"]
     if devices[0].platform != "tpu" and formulations.platform == "tpu" and kernels:
         # a Pallas TPU kernel compiles for a TPU target only: on simulated devices the TPU's program takes
-        # the einsum attention, which holds its scores in memory (so the figure is an upper bound)
-        formulations = dataclasses.replace(formulations, **{n: "einsum" for n in kernels})
-        note = (f"{' and '.join(n.replace('_', ' ') for n in kernels)} as einsums: the TPU's Pallas kernels "
-                "compile only for a TPU target (--topology, with libtpu)")
+        # XLA's formulations (the einsum attention holds its scores in memory: the figure is an upper bound)
+        formulations = dataclasses.replace(formulations, **{n: hardware.TPU_KERNELS[n] for n in kernels})
+        note = (", ".join(f"{n.replace('_', ' ')} as {hardware.TPU_KERNELS[n]}" for n in kernels)
+                + ": the TPU's Pallas kernels compile only for a TPU target (--topology, with libtpu)")
     fc = model_config_of(cfg).replace(hardware=formulations)
     data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp
     mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])

@@ -36,11 +36,12 @@ def _aot(*extra: str) -> str:
 
 
 def test_a_config_for_a_tpu_compiles_here_without_the_tpu_kernel():
-    """On simulated CPU devices a TPU config's program is the TPU's, but for its window and text attention:
-    the Pallas kernels compile for a TPU target only, so the einsums stand in for them, and the output says
-    so."""
+    """On simulated CPU devices a TPU config's program is the TPU's, but for its depthwise convolution and
+    window and text attention: the Pallas kernels compile for a TPU target only, so XLA's grouped
+    convolution and the einsums stand in for them, and the output says so."""
     out = _aot("--config.model.hardware=v5e")
-    assert "traced for tpu (hardware v5e:window_attention=einsum,text_attention=einsum)" in out
+    assert ("traced for tpu (hardware v5e:depthwise_conv=grouped,window_attention=einsum,text_attention=einsum)"
+            in out)
     assert "compile only for a TPU target" in out and "fits in 16 GiB" in out
 
 

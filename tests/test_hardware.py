@@ -29,6 +29,7 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
     assert hardware.resolve("cpu").window_attention == "kernel"  # the CPU's own (florence_jax.cpu_kernels)
     assert hardware.resolve("gpu").window_attention == "einsum"
     assert hardware.resolve("v4").text_attention == "fused"  # so is the text encoder's
+    assert hardware.resolve("v5e").depthwise_conv == "fused"  # and the depthwise convolution's
     assert hardware.resolve("cpu").text_attention == hardware.resolve("gpu").text_attention == "einsum"
     ab = hardware.resolve("gpu:depthwise_conv=grouped, store_vision_residuals=true")
     assert ab.depthwise_conv == "grouped" and ab.store_vision_residuals is True
@@ -51,6 +52,7 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
     ("gpu:depthwise_conv", "is not name=value"),
     ("gpu:window_attention=fused", "is a TPU kernel"),
     ("gpu:text_attention=fused", "text_attention='fused' is a TPU kernel"),
+    ("gpu:depthwise_conv=fused", "is a TPU kernel; on a GPU, use depthwise_conv='grouped'"),
 ])
 def test_bad_specs_say_what_is_wrong(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -150,7 +152,8 @@ def cpu_tower(tiny_hf_dir):
 #    arithmetic: the features are bit-identical; XLA orders the backward's sums differently around them.
 #  - the grouped convolution and the sequence-major attention einsums sum the same products in another
 #    order: float32 rounding of the features too. So does the fused window attention kernel (run by Pallas'
-#    interpreter here), which also normalizes the softmax by a reciprocal. The folded channel attention
+#    interpreter here), which also normalizes the softmax by a reciprocal, and the fused depthwise
+#    convolution kernel, which adds the residual as 1 on the centre tap. The folded channel attention
 #    regroups the products (a Gram matrix, the probabilities folded into the output projection).
 # The accelerators' defaults together (both exact) in the default suite; each formulation alone is slow.
 @pytest.mark.parametrize("change, exact_features", [
@@ -160,6 +163,7 @@ def cpu_tower(tiny_hf_dir):
     pytest.param("cpu:depthwise_conv=grouped", False, marks=pytest.mark.slow),
     pytest.param("cpu:attention_layout=sequence_major", False, marks=pytest.mark.slow),
     ("cpu:window_attention=fused", False),
+    ("cpu:depthwise_conv=fused", False),
     ("cpu:channel_attention=projected", False),
 ])
 def test_every_vision_formulation_computes_the_same_tower(cpu_tower, change, exact_features):

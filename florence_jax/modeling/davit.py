@@ -16,6 +16,7 @@ from flax import nnx
 from florence_jax import cpu_kernels, hardware, sharding
 from florence_jax.config import Florence2Config
 from florence_jax.lora import LoRALinear, dense, dense_of_activation
+from florence_jax.modeling.dwconv_kernel import fused_depthwise_residual, grouped_conv3x3
 from florence_jax.modeling.layers import (
     INIT_STD,
     activation,
@@ -39,7 +40,8 @@ def _conv(cfg: Florence2Config, din: int, dout: int, k: int, stride: int, pad: i
 
 
 class DepthwiseConv(nnx.Module):
-    """3x3 depthwise conv (stride 1, padding 1), as nine shifted multiply-adds or XLA's grouped convolution.
+    """3x3 depthwise conv (stride 1, padding 1), as nine shifted multiply-adds, XLA's grouped convolution
+    or, with the block's residual, a Pallas TPU kernel.
 
     Same parameters as ``nnx.Conv(C, C, (3, 3), feature_group_count=C)`` (kernel (3, 3, 1, C), bias (C,)),
     so checkpoints map identically whichever formulation runs (``Formulations.depthwise_conv``). XLA:CPU
@@ -53,12 +55,23 @@ class DepthwiseConv(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (3, 3, 1, dim), cfg.param_dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype))
         self.dtype = cfg.dtype
-        self.formulation = hardware.resolve(cfg.hardware).depthwise_conv
+        f = hardware.resolve(cfg.hardware)
+        self.formulation = f.depthwise_conv
+        self.interpret = f.platform != "tpu"  # the kernel runs in Pallas' interpreter off the TPU (tests)
 
     @named("dwconv")
     def __call__(self, x: jax.Array) -> jax.Array:
-        fn = _depthwise_conv3x3 if self.formulation == "shifted_sum" else _grouped_conv3x3
+        fn = _depthwise_conv3x3 if self.formulation == "shifted_sum" else grouped_conv3x3
         return fn(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype))
+
+    def residual(self, x: jax.Array) -> jax.Array:
+        """``self(x) + x``, as the blocks use it: one Pallas kernel under ``depthwise_conv="fused"``
+        (florence_jax.modeling.dwconv_kernel; the TPU's), the convolution and an add otherwise."""
+        if self.formulation != "fused":
+            return self(x) + x
+        with jax.named_scope("dwconv"):
+            return fused_depthwise_residual(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                            self.bias[...].astype(self.dtype), interpret=self.interpret)
 
 
 @recompute_in_backward  # keeps x, not the nine shifted copies each product's backward would keep
@@ -70,13 +83,6 @@ def _depthwise_conv3x3(x: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
         for j in range(3):
             out = out + xp[:, i : i + h, j : j + w, :] * k[i, j, 0]
     return out
-
-
-def _grouped_conv3x3(x: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
-    out = jax.lax.conv_general_dilated(x, k, window_strides=(1, 1), padding=((1, 1), (1, 1)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       feature_group_count=x.shape[-1])
-    return out + b
 
 
 def _residual_store(x: jax.Array) -> jax.Array:
@@ -348,12 +354,12 @@ class _DaViTBlockHalf(nnx.Module):
     def _forward(self, x: jax.Array, rngs, drop_rate) -> jax.Array:
         store = _residual_store if self.store_residuals else (lambda t: t)
         b, h, w, c = x.shape
-        x = store(self.conv1(x) + x)
+        x = store(self.conv1.residual(x))
         tokens = x.reshape(b, h * w, c)
         attn = self._attend(self.norm1(tokens), (h, w), rngs)
         tokens = store(tokens + _apply_drop_path(self.drop_path1, attn, rngs, drop_rate))
         x = tokens.reshape(b, h, w, c)
-        x = store(self.conv2(x) + x)
+        x = store(self.conv2.residual(x))
         tokens = x.reshape(b, h * w, c)
         tokens = tokens + _apply_drop_path(self.drop_path2, self.ffn(self.norm2(tokens), rngs), rngs, drop_rate)
         return store(tokens).reshape(b, h, w, c)
