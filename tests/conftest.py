@@ -43,3 +43,23 @@ def tiny_hf_model(tiny_hf_dir):
     from transformers import Florence2ForConditionalGeneration
 
     return Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir).eval()
+
+
+def collectives(fn, *args) -> list[str]:
+    """The collectives in ``fn``'s compiled program for ``args`` (a jitted function): how a kernel run per
+    device under ``shard_map`` is told from one the partitioner gathers."""
+    import re
+
+    text = fn.lower(*args).compile().as_text()
+    return re.findall(r"all-gather|all-to-all|collective-permute|all-reduce", text)
+
+
+def on_step_mesh(fn, mesh):
+    """``fn`` traced as the train and eval steps trace theirs: inside ``fsdp_compute(mesh)``, so a kernel
+    finds the step's mesh when its arguments carry none."""
+    from florence_jax.sharding import fsdp_compute
+
+    def step(*args):
+        with fsdp_compute(mesh):
+            return fn(*args)
+    return step

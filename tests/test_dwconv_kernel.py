@@ -2,18 +2,17 @@
 Pallas' interpreter: the grouped convolution's values and gradients, with the image split into blocks of
 rows and channels, and split over a mesh as the batch is, with no gather."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import collectives, on_step_mesh
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from florence_jax.modeling import dwconv_kernel
 from florence_jax.modeling.davit import _depthwise_conv3x3
 from florence_jax.modeling.dwconv_kernel import fused_depthwise_residual, grouped_conv3x3
-from florence_jax.sharding import BATCH_AXES, fsdp_compute
+from florence_jax.sharding import BATCH_AXES
 
 
 def _grouped(x, k, b):
@@ -78,10 +77,6 @@ def test_bad_shapes_are_refused():
         _fused(x, jnp.zeros((3, 3, 1, 4)), jnp.zeros(8))
 
 
-def _collectives(fn, *args) -> list[str]:
-    text = fn.lower(*args).compile().as_text()
-    return re.findall(r"all-gather|all-to-all|collective-permute|all-reduce", text)
-
 
 def test_split_over_images_as_the_batch_is_split_without_a_gather():
     """On a data x fsdp mesh with the images split as a step splits its batch, each device convolves its
@@ -95,21 +90,15 @@ def test_split_over_images_as_the_batch_is_split_without_a_gather():
     def loss(x_, k_, b_):
         return jnp.sum(_fused(x_, k_, b_) ** 2)
 
-    def on_step_mesh(fn):
-        def step(*args):
-            with fsdp_compute(mesh):
-                return fn(*args)
-        return step
-
     backward = jax.grad(loss, argnums=(0, 1, 2))
     ref = _grouped(x, k, b)
     ref_grads = jax.grad(lambda *a: jnp.sum(_grouped(*a) ** 2), argnums=(0, 1, 2))(x, k, b)
     sharded = jax.device_put(x, sh)
     for fwd, bwd, arg in [(jax.jit(_fused), jax.jit(backward), sharded),
-                          (jax.jit(on_step_mesh(_fused), in_shardings=(sh, None, None), out_shardings=sh),
-                           jax.jit(on_step_mesh(backward), in_shardings=(sh, None, None), out_shardings=(sh, None, None)), x)]:
-        assert _collectives(fwd, arg, k, b) == []
-        assert set(_collectives(bwd, arg, k, b)) <= {"all-reduce"}
+                          (jax.jit(on_step_mesh(_fused, mesh), in_shardings=(sh, None, None), out_shardings=sh),
+                           jax.jit(on_step_mesh(backward, mesh), in_shardings=(sh, None, None), out_shardings=(sh, None, None)), x)]:
+        assert collectives(fwd, arg, k, b) == []
+        assert set(collectives(bwd, arg, k, b)) <= {"all-reduce"}
         np.testing.assert_allclose(np.asarray(fwd(arg, k, b)), np.asarray(ref), rtol=0, atol=2e-6 * 8)
         grads = bwd(arg, k, b)
         assert grads[0].sharding.is_equivalent_to(sh, 4)
@@ -117,4 +106,4 @@ def test_split_over_images_as_the_batch_is_split_without_a_gather():
             want = np.asarray(want)
             np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6 * float(np.max(np.abs(want))))
     # the same program with neither gathers the images whole: the check above can fail
-    assert _collectives(jax.jit(_fused, in_shardings=(sh, None, None), out_shardings=sh), x, k, b)
+    assert collectives(jax.jit(_fused, in_shardings=(sh, None, None), out_shardings=sh), x, k, b)

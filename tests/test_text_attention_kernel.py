@@ -3,19 +3,18 @@ interpreter: the einsum formulation's values and gradients with padding masks an
 same probabilities dropped), split over the batch as a step splits it with no gather and the same mask,
 and the model's text encoder with either formulation."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import collectives, on_step_mesh
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from florence_jax.modeling.dropout import AttentionDropout
 from florence_jax.modeling.layers import attention
 from florence_jax.modeling.text_attention_kernel import MAX_LENGTH, fused_text_attention, supported
-from florence_jax.sharding import BATCH_AXES, fsdp_compute
+from florence_jax.sharding import BATCH_AXES
 
 
 def _einsum(q, k, v, mask, heads, scale, rate, key):
@@ -97,10 +96,6 @@ def test_heads_the_kernel_does_not_take_are_refused():
         _fused(x, x, x, None, 4, 1.0, 0.1, jax.random.key(0, impl="rbg"))
 
 
-def _collectives(fn, *args) -> list[str]:
-    text = fn.lower(*args).compile().as_text()
-    return re.findall(r"all-gather|all-to-all|collective-permute|all-reduce", text)
-
 
 def test_split_over_the_batch_without_a_gather_and_with_the_whole_batchs_dropout():
     """On a data x fsdp mesh with the batch split as a step splits it, each device runs the kernel on its
@@ -117,12 +112,6 @@ def test_split_over_the_batch_without_a_gather_and_with_the_whole_batchs_dropout
     def loss(q, k, v, mask, key):
         return jnp.sum(forward(q, k, v, mask, key) ** 2)
 
-    def on_step_mesh(fn):
-        def step(*args):
-            with fsdp_compute(mesh):
-                return fn(*args)
-        return step
-
     backward = jax.grad(loss, argnums=(0, 1, 2))
     ref_out = np.asarray(_einsum(q, k, v, mask, 4, 0.25, 0.3, key))
     ref_grads = jax.grad(lambda q, k, v: jnp.sum(_einsum(q, k, v, mask, 4, 0.25, 0.3, key) ** 2),
@@ -130,9 +119,9 @@ def test_split_over_the_batch_without_a_gather_and_with_the_whole_batchs_dropout
     sharded = [jax.device_put(x, sh) for x in (q, k, v, mask)]
     shardings = (sh, sh, sh, sh, None)
     for fwd, bwd, args in [(jax.jit(forward), jax.jit(backward), (*sharded, key)),
-                           (jax.jit(on_step_mesh(forward), in_shardings=shardings, out_shardings=sh),
-                            jax.jit(on_step_mesh(backward), in_shardings=shardings), (q, k, v, mask, key))]:
-        assert _collectives(fwd, *args) == [] and _collectives(bwd, *args) == []
+                           (jax.jit(on_step_mesh(forward, mesh), in_shardings=shardings, out_shardings=sh),
+                            jax.jit(on_step_mesh(backward, mesh), in_shardings=shardings), (q, k, v, mask, key))]:
+        assert collectives(fwd, *args) == [] and collectives(bwd, *args) == []
         np.testing.assert_allclose(np.asarray(fwd(*args)), ref_out, rtol=0, atol=2e-6 * np.abs(ref_out).max())
         for g, r in zip(bwd(*args), ref_grads):
             assert g.sharding.is_equivalent_to(sh, 3)

@@ -1,17 +1,16 @@
 """DaViT's fused window attention (florence_jax.modeling.window_kernel), run by Pallas' interpreter: the
 einsum formulation's values and gradients, and split over windows as the batch is split, with no gather."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import collectives, on_step_mesh
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from florence_jax.modeling.layers import attention
 from florence_jax.modeling.window_kernel import fused_window_attention
-from florence_jax.sharding import BATCH_AXES, fsdp_compute
+from florence_jax.sharding import BATCH_AXES
 
 
 def _einsum(qkv, heads, scale):
@@ -57,16 +56,12 @@ def test_bad_qkv_shapes_are_refused():
         _fused(jnp.zeros((2, 9, 20)), 3, 1.0)
 
 
-def _collectives(fn, *args) -> list[str]:
-    text = fn.lower(*args).compile().as_text()
-    return re.findall(r"all-gather|all-to-all|collective-permute|all-reduce", text)
-
 
 def test_split_over_windows_as_the_batch_is_split_without_a_gather():
     """On a data x fsdp mesh with the windows split as a step splits its batch, each device runs the kernel
     on its own windows: the compiled forward and backward move no activations between devices, and give
     one device's values. The mesh comes from sharded arguments or, for a program given its shardings (the
-    train and eval steps), from the step's mesh (fsdp_compute)."""
+    train and eval steps), from the step's mesh (fsdp_compute, as on_step_mesh does)."""
     mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), BATCH_AXES)
     sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     rng = np.random.default_rng(0)
@@ -75,22 +70,16 @@ def test_split_over_windows_as_the_batch_is_split_without_a_gather():
     def loss(x):
         return jnp.sum(_fused(x, 2, 0.5) ** 2)
 
-    def on_step_mesh(fn):
-        def step(x):
-            with fsdp_compute(mesh):
-                return fn(x)
-        return step
-
     forward, backward = (lambda x: _fused(x, 2, 0.5)), jax.grad(loss)
     sharded = jax.device_put(qkv, sh)
     for fwd, bwd, arg in [(jax.jit(forward), jax.jit(backward), sharded),
-                          (jax.jit(on_step_mesh(forward), in_shardings=sh, out_shardings=sh),
-                           jax.jit(on_step_mesh(backward), in_shardings=sh, out_shardings=sh), qkv)]:
-        assert _collectives(fwd, arg) == [] and _collectives(bwd, arg) == []
+                          (jax.jit(on_step_mesh(forward, mesh), in_shardings=sh, out_shardings=sh),
+                           jax.jit(on_step_mesh(backward, mesh), in_shardings=sh, out_shardings=sh), qkv)]:
+        assert collectives(fwd, arg) == [] and collectives(bwd, arg) == []
         np.testing.assert_allclose(np.asarray(fwd(arg)), np.asarray(_einsum(qkv, 2, 0.5)), rtol=0, atol=2e-6)
         grad = bwd(arg)
         assert grad.sharding.is_equivalent_to(sh, 3)
         ref = np.asarray(jax.grad(lambda x: jnp.sum(_einsum(x, 2, 0.5) ** 2))(qkv))
         np.testing.assert_allclose(np.asarray(grad), ref, rtol=0, atol=2e-6 * float(np.max(np.abs(ref))))
     # the same program with neither gathers the windows whole: the check above can fail
-    assert _collectives(jax.jit(forward, in_shardings=sh, out_shardings=sh), qkv)
+    assert collectives(jax.jit(forward, in_shardings=sh, out_shardings=sh), qkv)
