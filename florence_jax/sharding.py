@@ -128,12 +128,14 @@ def kernel_batch_split(x: jax.Array):
     return mesh, axes
 
 
-def per_batch_shard(fn, x: jax.Array) -> jax.Array:
-    """``fn(x)`` for a kernel ``fn`` that XLA's partitioner cannot split and whose examples are independent
-    along ``x``'s leading dimension: on a mesh, under ``shard_map`` over :func:`kernel_batch_split`'s axes
-    (each device on its own examples); otherwise ``fn(x)``."""
+def per_batch_shard(fn, x: jax.Array, *whole: jax.Array) -> jax.Array:
+    """``fn(x, *whole)`` for a kernel ``fn`` that XLA's partitioner cannot split and whose examples are
+    independent along ``x``'s leading dimension: on a mesh, under ``shard_map`` over
+    :func:`kernel_batch_split`'s axes (each device on its own examples, ``whole``, e.g. parameters, on every
+    device whole); otherwise ``fn(x, *whole)``."""
     mesh, axes = kernel_batch_split(x)
     if not axes:
-        return fn(x)
+        return fn(x, *whole)
     spec = PartitionSpec(axes)
-    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(x)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) + (PartitionSpec(),) * len(whole), out_specs=spec,
+                         check_vma=False)(x, *whole)

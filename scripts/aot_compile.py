@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS", "cpu"))
 
     from florence_jax import hardware
-    from scripts.aot import compile_train_step, target_devices
+    from scripts.aot import target_devices
 
     devices, chip = target_devices(args.topology)
     platform = args.platform or (chip if args.topology else None)
@@ -79,12 +79,20 @@ def main(argv=None) -> int:
     header = (f"config       {args.config}  ({cfg.model.name_or_path}, batch {cfg.batch_size}, "
               f"{cfg.data.image_size}px, freeze={list(cfg.optim.freeze)})")
     try:
-        report = compile_train_step(cfg, devices, platform)
-    except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory verdict is an answer, not a crash
-        if llo_dir:
+        return _compile_and_report(cfg, devices, platform, spec, hbm, target, header, args, llo_dir)
+    finally:
+        if llo_dir:  # libtpu's dump: up to 2 GB, read by the cost report
             import shutil
 
             shutil.rmtree(llo_dir, ignore_errors=True)
+
+
+def _compile_and_report(cfg, devices, platform, spec, hbm, target, header, args, llo_dir) -> int:
+    from scripts.aot import compile_train_step
+
+    try:
+        report = compile_train_step(cfg, devices, platform)
+    except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory verdict is an answer, not a crash
         if "RESOURCE_EXHAUSTED" not in str(e) and "HbmOom" not in str(e):
             raise
         print(header)
@@ -108,7 +116,6 @@ def main(argv=None) -> int:
         ok = report["total"] <= hbm * gib
         print(f"  {'fits' if ok else 'DOES NOT FIT'} in {hbm:g} GiB per device "
               f"({100 * report['total'] / (hbm * gib):.0f}% used)")
-        del jax
         return 0 if ok else 1
     return 0
 
@@ -130,7 +137,6 @@ def _cost(compiled, spec, args, llo_dir: str | None = None) -> None:
                 m = hlo_cost.SCHEDULE_FILE.match(name)
                 if m and m.group(1) in kernels:
                     shutil.copy(os.path.join(llo_dir, name), os.path.join(args.dump, "kernels", name))
-        shutil.rmtree(llo_dir, ignore_errors=True)
     if args.dump:  # the program first: the analysis below reads it again from there if it fails
         os.makedirs(args.dump, exist_ok=True)
         with open(os.path.join(args.dump, "hlo.txt"), "w") as f:

@@ -17,7 +17,7 @@ and its residual, the same as the other formulations take (``tests/test_dwconv_k
 values and the three gradients against them).
 
 On a platform other than the TPU the kernel runs in Pallas' interpreter (slow; it is how the tests run
-it). On a mesh it runs under ``shard_map`` over the batch axes (:func:`florence_jax.sharding.kernel_batch_split`):
+it). On a mesh it runs under ``shard_map`` over the batch axes (:func:`florence_jax.sharding.per_batch_shard`):
 each device convolves its own images.
 """
 
@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
 from florence_jax import sharding
 
@@ -91,13 +90,7 @@ def grouped_conv3x3(x: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
 
 def _per_device(x, k, b, interpret):
     """The kernel on ``x``; on a mesh, each device's own images (the parameters whole on every device)."""
-    mesh, axes = sharding.kernel_batch_split(x)
-    fn = functools.partial(_forward, interpret=interpret)
-    if not axes:
-        return fn(x, k, b)
-    spec = PartitionSpec(axes)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, PartitionSpec(), PartitionSpec()), out_specs=spec,
-                         check_vma=False)(x, k, b)
+    return sharding.per_batch_shard(functools.partial(_forward, interpret=interpret), x, k, b)
 
 
 def _rows_per_block(h: int, w: int, cb: int) -> int:
