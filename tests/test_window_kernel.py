@@ -34,8 +34,10 @@ def _value_and_grad(fn, qkv, w, heads, scale):
 # than a division; a few float32 roundings of values of order 1. bfloat16: both round the probabilities
 # and the result to bfloat16, so they may differ by a bfloat16 rounding (2**-8 relative) of each entry.
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2**-7)])
-# 7 windows: not a multiple of the windows a grid step holds, so the last block is partly outside
-@pytest.mark.parametrize("windows, tokens, heads, head_dim", [(7, 9, 2, 4), (3, 16, 4, 8)])
+# 7 windows: not a multiple of the windows a grid step holds, so the last block is partly outside. Heads
+# of 32 channels: two 128-lane tiles of four heads (8 heads), tiles of three (6 heads: 192 channels).
+@pytest.mark.parametrize("windows, tokens, heads, head_dim", [(7, 9, 2, 4), (3, 16, 4, 8), (2, 16, 8, 32),
+                                                              (2, 9, 6, 32)])
 def test_the_kernel_computes_the_einsum_formulation_and_its_gradient(dtype, tol, windows, tokens, heads, head_dim):
     rng = np.random.default_rng(windows)
     qkv = jnp.asarray(rng.normal(size=(windows, tokens, 3 * heads * head_dim)), dtype)
