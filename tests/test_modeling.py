@@ -328,3 +328,90 @@ def test_space_to_depth_input_is_checked(tiny_hf_dir):
         model.vision_tower_features(np.zeros((1, 16, 16, 3), np.float32), image_layout="S2D")
     with pytest.raises(ValueError, match="NCHW, NHWC or S2D"):
         model.vision_tower_features(np.zeros((1, 16, 16, 3), np.float32), image_layout="NWHC")
+
+
+def _live_kernels(jaxpr, live_out=None) -> list[str]:
+    """The names of the Pallas kernels whose results reach ``jaxpr``'s outputs (those marked in ``live_out``),
+    sub-programs followed: a kernel whose result nothing reads is dead code, which the compiler drops (checked
+    for the text attention on a v4 with libtpu: the named output takes the backward from three kernel calls to
+    two). Loops count every output of their body as read; that can only keep more kernels."""
+    live_out = [True] * len(jaxpr.outvars) if live_out is None else live_out
+    live = {id(v) for v, keep in zip(jaxpr.outvars, live_out, strict=True) if keep}
+    names = []
+    for eqn in reversed(jaxpr.eqns):
+        outs = [id(v) in live for v in eqn.outvars]
+        if not any(outs):
+            continue
+        if eqn.primitive.name == "pallas_call":
+            names.append(eqn.params["name"])
+        else:
+            loop = eqn.primitive.name in ("scan", "while")
+            for sub in _subjaxprs(eqn):
+                mask = outs if len(sub.outvars) == len(outs) and not loop else None
+                names += _live_kernels(sub, mask)
+        live.update(id(v) for v in eqn.invars)
+    return names
+
+
+def _subjaxprs(eqn):
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, jax.extend.core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jax.extend.core.Jaxpr):
+                yield item
+
+
+@pytest.mark.parametrize("policy", ["dots", "full"])
+def test_under_dots_the_backward_runs_no_forward_kernel(policy):
+    """A kernel is not a matrix product to the ``dots`` policy: the attention kernels' outputs are named
+    (``kernel_output``) so that the backward reads them instead of running the forward kernels again.
+    ``full`` saves nothing and runs every forward kernel again: the check sees the difference."""
+    from train.state import tiny_config
+
+    spec = "cpu:window_attention=fused,depthwise_conv=fused,text_attention=fused"  # Pallas' interpreter
+    cfg = tiny_config(vocab_size=64, image_token_id=63).replace(remat_policy=policy, hardware=spec)
+    model = Florence2ForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
+    graphdef = nnx.graphdef(model)
+    rng = np.random.default_rng(0)
+    batch = dict(pixel_values=jnp.asarray(rng.normal(size=(2, 3, 64, 64)), jnp.float32),
+                 input_ids=jnp.concatenate([jnp.full((2, 5), 63), jnp.asarray(rng.integers(3, 60, (2, 6)))], 1),
+                 decoder_input_ids=jnp.asarray(rng.integers(3, 60, (2, 4))))
+    params = nnx.state(model, nnx.Param)
+
+    def loss(p):
+        m = nnx.merge(graphdef, p, nnx.state(model, nnx.Not(nnx.Param)))
+        return jnp.sum(m(**batch).logits.astype(jnp.float32) ** 2)
+
+    _, vjp = jax.vjp(loss, params)
+    backward = _live_kernels(jax.make_jaxpr(vjp)(jnp.ones((), jnp.float32)).jaxpr)
+    assert {"window_attention_bwd", "text_attention_bwd"} <= set(backward), backward  # the check sees kernels
+    attention = {"window_attention_fwd", "text_attention_fwd"}
+    assert attention & set(backward) == (set() if policy == "dots" else attention), backward
+    assert "depthwise_residual" in backward  # rerun under either policy: saving it costs as much (layers.py)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_frozen_towers_kernel_outputs_are_not_saved(freeze):
+    """With ``freeze_vision`` the tower's kernel outputs are left unnamed, so the ``dots`` policy saves none
+    of them (each would cost a copy no backward reads); unfrozen they are saved, and the tower's gradient
+    is there. Either way the projector trains."""
+    from train.state import tiny_config
+
+    cfg = tiny_config(vocab_size=64, image_token_id=63).replace(
+        remat_policy="dots", hardware="cpu:window_attention=fused")
+    model = Florence2ForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
+    graphdef = nnx.graphdef(model)
+    pixels = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, 64, 64)), jnp.float32)
+
+    def loss(params):
+        m = nnx.merge(graphdef, params, nnx.state(model, nnx.Not(nnx.Param)))
+        return jnp.sum(m.get_image_features(pixels, freeze_vision=freeze) ** 2)
+
+    program = str(jax.make_jaxpr(jax.grad(loss))(nnx.state(model, nnx.Param)))
+    assert ("name=kernel_out" in program) == (not freeze)
+    assert ("window_attention_bwd" in program) == (not freeze)
+    grads = jax.grad(loss)(nnx.state(model, nnx.Param))
+    tower = [float(jnp.abs(g[...]).max()) for g in jax.tree.leaves(grads.model.vision_tower)]
+    projector = [float(jnp.abs(g[...]).max()) for g in jax.tree.leaves(grads.model.multi_modal_projector)]
+    assert (max(tower) == 0.0) == freeze and max(projector) > 0.0

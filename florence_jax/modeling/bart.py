@@ -20,7 +20,16 @@ from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
 from florence_jax.modeling import text_attention_kernel
 from florence_jax.modeling.dropout import AttentionDropout, ElementDropout
-from florence_jax.modeling.layers import activation, attention, embed, layer_norm, linear, maybe_remat, named
+from florence_jax.modeling.layers import (
+    activation,
+    attention,
+    embed,
+    kernel_output,
+    layer_norm,
+    linear,
+    maybe_remat,
+    named,
+)
 from florence_jax.positions import POSITION_OFFSET as POSITION_OFFSET  # indexed from 2 (a fairseq legacy)
 
 
@@ -107,7 +116,7 @@ class BartAttention(nnx.Module):
             q, k, v, None if mask is None else mask.reshape(x.shape[0], -1), self.num_heads, self.head_dim**-0.5,
             rate=self.dropout.rate if active else 0.0, key=self.dropout.key(rngs) if active else None,
             interpret=self.interpret)
-        return dense(self.out_proj, out, rngs)
+        return dense(self.out_proj, kernel_output(out), rngs)
 
     def kernel_cross_attention(self, x, kv: cpu_kernels.CrossKV, rngs=None):
         """One decoding step's ``x`` (rows, 1, d_model) attends to the encoder's keys and values packed by

@@ -21,6 +21,7 @@ from florence_jax.modeling.layers import (
     INIT_STD,
     activation,
     attention,
+    kernel_output,
     layer_norm,
     linear,
     maybe_remat,
@@ -70,6 +71,8 @@ class DepthwiseConv(nnx.Module):
         if self.formulation != "fused":
             return self(x) + x
         with jax.named_scope("dwconv"):
+            # not named for remat (kernel_output): under "dots" the backward runs it again, which costs
+            # about what saving its output would (JAX copies a saved value once, rounding it to its dtype)
             return fused_depthwise_residual(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
                                             self.bias[...].astype(self.dtype), interpret=self.interpret)
 
@@ -220,11 +223,12 @@ class WindowAttention(nnx.Module):
         heads, hd = self.num_heads, c // self.num_heads
         qkv = dense(self.qkv, x, rngs)
         if self.fused:
-            out = fused_window_attention(qkv, heads, hd**-0.5, interpret=self.interpret)
+            out = kernel_output(fused_window_attention(qkv, heads, hd**-0.5, interpret=self.interpret))
         elif (self.cpu_kernel and qkv.dtype == jnp.float32 and cpu_kernels.available()
               and cpu_kernels.window_attention_supported(hd)):
             # windows are image-major: on a mesh each device attends over its own images' windows
-            out = sharding.per_batch_shard(lambda t: _window_kernel(t, heads, hd**-0.5, self.layout), qkv)
+            out = kernel_output(
+                sharding.per_batch_shard(lambda t: _window_kernel(t, heads, hd**-0.5, self.layout), qkv))
         else:
             out = _einsum_window_attention(qkv, heads, hd**-0.5, self.impl, self.layout)
         out = dense(self.proj, out.reshape(x.shape[0], ws * ws, c), rngs)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from florence_jax.modeling.dropout import DROPOUT_KEEP
 
@@ -176,11 +179,41 @@ def attention(
     return out.transpose(0, 2, 1, 3) if transpose else out
 
 
-# "dots" saves the matrix products and the text model's dropout masks (florence_jax.modeling.dropout: a
-# byte per element, where recomputing them costs Threefry hashes); "full" saves nothing.
+# The name of an attention kernel's output (the Pallas window and text attention, the CPU window kernel),
+# which the "dots" remat policy saves. A kernel is not a matrix product to the policy, so without the name
+# the backward would run the forward kernel again for the output its consumer's gradient needs (the output
+# projection's weight gradient). Saving costs a copy: JAX rounds a saved value to its own dtype after its
+# producer, which XLA cannot fuse into a kernel; for attention that copy is far cheaper than the kernel
+# (docs/scale-out.md). The depthwise convolution's kernel is not named: its rerun costs about the copy.
+KERNEL_OUT = "kernel_out"
+
+
+_SAVE_KERNEL_OUTPUTS = contextvars.ContextVar("save_kernel_outputs", default=True)
+
+
+def kernel_output(x: jax.Array) -> jax.Array:
+    """``x``, a kernel's output, named :data:`KERNEL_OUT` for remat policies (unless traced under
+    :func:`kernel_outputs_unsaved`)."""
+    return checkpoint_name(x, KERNEL_OUT) if _SAVE_KERNEL_OUTPUTS.get() else x
+
+
+@contextlib.contextmanager
+def kernel_outputs_unsaved():
+    """Trace a part whose backward is never computed (a frozen vision tower) with its kernels' outputs
+    unnamed, so that no remat policy saves them."""
+    token = _SAVE_KERNEL_OUTPUTS.set(False)
+    try:
+        yield
+    finally:
+        _SAVE_KERNEL_OUTPUTS.reset(token)
+
+
+# "dots" saves the matrix products, the kernels' outputs and the text model's dropout masks
+# (florence_jax.modeling.dropout: a byte per element, where recomputing them costs Threefry hashes); "full"
+# saves nothing.
 _REMAT = {"full": None, "dots": jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    jax.checkpoint_policies.save_only_these_names(DROPOUT_KEEP))}
+    jax.checkpoint_policies.save_only_these_names(DROPOUT_KEEP, KERNEL_OUT))}
 
 
 def _remat_policy(policy: str):
