@@ -394,8 +394,8 @@ def test_under_dots_the_backward_runs_no_forward_kernel(policy):
 @pytest.mark.parametrize("freeze", [True, False])
 def test_a_frozen_towers_kernel_outputs_are_not_saved(freeze):
     """With ``freeze_vision`` the tower's kernel outputs are left unnamed, so the ``dots`` policy saves none
-    of them (each would cost a copy no backward reads); unfrozen they are saved, and the tower's gradient
-    is there. Either way the projector trains."""
+    of them (each would cost a copy no backward reads), and the tower has no backward; unfrozen both are
+    there."""
     from train.state import tiny_config
 
     cfg = tiny_config(vocab_size=64, image_token_id=63).replace(
@@ -408,10 +408,6 @@ def test_a_frozen_towers_kernel_outputs_are_not_saved(freeze):
         m = nnx.merge(graphdef, params, nnx.state(model, nnx.Not(nnx.Param)))
         return jnp.sum(m.get_image_features(pixels, freeze_vision=freeze) ** 2)
 
-    program = str(jax.make_jaxpr(jax.grad(loss))(nnx.state(model, nnx.Param)))
+    program = str(jax.make_jaxpr(jax.grad(loss))(nnx.state(model, nnx.Param)))  # traced, not run
     assert ("name=kernel_out" in program) == (not freeze)
     assert ("window_attention_bwd" in program) == (not freeze)
-    grads = jax.grad(loss)(nnx.state(model, nnx.Param))
-    tower = [float(jnp.abs(g[...]).max()) for g in jax.tree.leaves(grads.model.vision_tower)]
-    projector = [float(jnp.abs(g[...]).max()) for g in jax.tree.leaves(grads.model.multi_modal_projector)]
-    assert (max(tower) == 0.0) == freeze and max(projector) > 0.0
