@@ -92,24 +92,23 @@ def _attention_bwd(heads, scale, interpret, qkv, d_out):
 _attention_vjp.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _lanes(part: int, h: int, channels: int, head_dim: int) -> slice:
-    """Head ``h``'s channels of q (part 0), k (1), v (2) in a ``(..., 3 * channels)`` block, or of a
+def _tile(part: int, t: int, channels: int, width: int) -> slice:
+    """Tile ``t`` (``width`` lanes) of q (part 0), k (1), v (2) in a ``(..., 3 * channels)`` block, or of a
     ``(..., channels)`` one with part 0."""
-    start = part * channels + h * head_dim
-    return slice(start, start + head_dim)
+    start = part * channels + t * width
+    return slice(start, start + width)
 
 
 _LOG2_E = 1.4426950408889634
 
 
-def _exponentials(q, k, scale):
-    """One head's softmax numerators and the reciprocal of each row's sum, float32: ``(windows, tokens,
-    tokens)`` and ``(windows, tokens, 1)``. The row maximum is taken over the raw scores and the score scale
-    is folded into one product with log2(e) before ``exp2`` (a TPU's exponential is ``exp2`` after a product
-    with log2(e)): one product per score where ``exp(scale s - max)`` took two."""
-    s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32)
-    e = jnp.exp2((s - jnp.max(s, axis=-1, keepdims=True)) * (scale * _LOG2_E))
-    return e, _reciprocal(jnp.sum(e, axis=-1, keepdims=True))
+def _exponentials(s, scale, axis):
+    """Softmax numerators of float32 scores ``s`` over their keys' ``axis`` and the reciprocal of their sums
+    (kept along that axis). The maximum is taken over the raw scores and the score scale is folded into one
+    product with log2(e) before ``exp2`` (a TPU's exponential is ``exp2`` after a product with log2(e)): one
+    product per score where ``exp(scale s - max)`` took two."""
+    e = jnp.exp2((s - jnp.max(s, axis=axis, keepdims=True)) * (scale * _LOG2_E))
+    return e, _reciprocal(jnp.sum(e, axis=axis, keepdims=True))
 
 
 def _reciprocal(x):
@@ -147,15 +146,17 @@ def _forward_kernel(qkv_ref, o_ref, *, heads, scale):
     hd = channels // heads
     width, per_tile = _tiles(channels, hd)
     for t in range(channels // width):
-        q, k, v = (qkv_ref[:, :, part * channels + t * width:part * channels + (t + 1) * width] for part in range(3))
+        q, k, v = (qkv_ref[:, :, _tile(part, t, channels, width)] for part in range(3))
         out = jnp.zeros(o_ref.shape[:2] + (width,), jnp.float32)
         for h in range(per_tile):
             lanes = _head_lanes(width, hd, h)
-            e, r = _exponentials(jnp.where(lanes, q, jnp.zeros_like(q)), k, scale)
+            s = jnp.einsum("gqd,gkd->gqk", jnp.where(lanes, q, jnp.zeros_like(q)), k,
+                           preferred_element_type=jnp.float32)
+            e, r = _exponentials(s, scale, axis=-1)
             # normalized after the product: a product per output entry, not per score
             o = jnp.einsum("gqk,gkd->gqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) * r
             out = jnp.where(lanes, o, out)
-        o_ref[:, :, t * width:(t + 1) * width] = out.astype(o_ref.dtype)
+        o_ref[:, :, _tile(0, t, channels, width)] = out.astype(o_ref.dtype)
 
 
 def _backward_kernel(qkv_ref, do_ref, dqkv_ref, *, heads, scale):
@@ -166,9 +167,9 @@ def _backward_kernel(qkv_ref, do_ref, dqkv_ref, *, heads, scale):
     hd = channels // heads
     width, per_tile = _tiles(channels, hd)
     for t in range(channels // width):
-        tile = [slice(part * channels + t * width, part * channels + (t + 1) * width) for part in range(3)]
+        tile = [_tile(part, t, channels, width) for part in range(3)]
         q, k, v = (qkv_ref[:, :, lanes] for lanes in tile)
-        do = do_ref[:, :, t * width:(t + 1) * width]
+        do = do_ref[:, :, tile[0]]
         k_t = jnp.swapaxes(k, 1, 2)  # (windows, lanes, keys)
         dq_t, dk, dv = (jnp.zeros(shape, jnp.float32) for shape in
                         (k_t.shape[:2] + (q.shape[1],), k.shape[:2] + (width,), k.shape[:2] + (width,)))
@@ -176,8 +177,8 @@ def _backward_kernel(qkv_ref, do_ref, dqkv_ref, *, heads, scale):
             lanes = _head_lanes(width, hd, h)
             s_t = jnp.einsum("gkd,gqd->gkq", k, jnp.where(lanes, q, jnp.zeros_like(q)),
                              preferred_element_type=jnp.float32)
-            e_t = jnp.exp2((s_t - jnp.max(s_t, axis=1, keepdims=True)) * (scale * _LOG2_E))
-            p_t = e_t * _reciprocal(jnp.sum(e_t, axis=1, keepdims=True))
+            e_t, r = _exponentials(s_t, scale, axis=1)
+            p_t = e_t * r
             # out = p' v with p' = p in the input dtype: dv = p'^T do, dp = do v^T
             dv = jnp.where(lanes, jnp.einsum("gkq,gqd->gkd", p_t.astype(do.dtype), do,
                                              preferred_element_type=jnp.float32), dv)
