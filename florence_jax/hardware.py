@@ -124,6 +124,12 @@ class Formulations:
     # projections' outputs as they lie and keeps scores and dropout draws on chip ("fused": a TPU kernel; on
     # the CPU it runs in Pallas' interpreter, for tests; florence_jax.modeling.text_attention_kernel).
     text_attention: str = "einsum"
+    # DaViT blocks' LayerNorm statistics, for bfloat16 inputs of at least 512 channels: float32 reductions
+    # over the channels ("vector"), or float32 sums of exact products with a matrix of ones on the matrix
+    # unit, the square split into two exact bfloat16 parts ("matrix": XLA:TPU reduces over the lanes on the
+    # vector unit and leaves the statistics across the lanes; florence_jax.modeling.layers.matrix_moments).
+    # The statistics differ by the order of float32 sums; the backward pass is the same.
+    layer_norm_stats: str = "vector"
     # The accelerator, when the spec named one ("a100", "v5e"): its memory and peak (DEVICE_SPECS) for
     # the ahead-of-time memory check and MFU. No formulation depends on it yet.
     device: str = ""
@@ -168,6 +174,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "decode_cache": ("preallocated", "segments"),
     "window_attention": ("einsum", "fused", "kernel"),
     "text_attention": ("einsum", "fused"),
+    "layer_norm_stats": ("vector", "matrix"),
 }
 # The formulations whose "fused" choice is a Pallas TPU kernel, and what a program compiled for the TPU
 # on other devices takes instead (scripts.aot_compile).
@@ -179,8 +186,8 @@ _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spe
 # Each backend's defaults. docs/benchmarks.md ("Formulations per backend") gives the measurement behind
 # each and lists the ones no run on that hardware has chosen yet: the GPU keeps the CPU's depthwise
 # convolution and attention layout until scripts/device_bench.sh (MODE=ab) compares them there; the TPU's
-# depthwise convolution, window attention, pixel normalization and pixel layout follow the TPU compiler's
-# estimates (docs/scale-out.md), no chip having run them.
+# depthwise convolution, window attention, pixel normalization, pixel layout and LayerNorm statistics
+# follow the TPU compiler's estimates (docs/scale-out.md), no chip having run them.
 DEFAULTS: dict[str, Formulations] = {
     "cpu": Formulations("cpu", depthwise_conv="shifted_sum", store_vision_residuals=True,
                         carry_small_scan_params=True, attention_layout="heads_major",
@@ -193,7 +200,8 @@ DEFAULTS: dict[str, Formulations] = {
     "tpu": Formulations("tpu", depthwise_conv="fused", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="affine",
-                        pixel_layout="space_to_depth", window_attention="fused", text_attention="fused"),
+                        pixel_layout="space_to_depth", window_attention="fused", text_attention="fused",
+                        layer_norm_stats="matrix"),
 }
 
 # XLA:CPU compiler options for Formulations.decode_dots="eigen": no library fusion for YNNPACK, so every

@@ -44,6 +44,10 @@ _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "whil
          "send-done", "recv-done", "opt-barrier", "add-dependency", "conditional", "call"}
 _COLLECTIVE = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _SCOPES = ("vision_tower", "projector", "embed", "encoder", "decoder", "lm_head", "loss", "optimizer")
+# Named scopes whose products are bookkeeping on the matrix unit, not the model's work: LayerNorm statistics
+# as products with ones (florence_jax.modeling.layers.STATS_SCOPE). They take the matrix unit's time, so the
+# roofline counts them, but an MFU does not.
+_AUX_SCOPES = ("/layer_norm_stats/",)
 _SUBSCOPES = re.compile(r"^(stage\d+|spatial|channel|ffn|self_attn|cross_attn|encoder_attn|fc\d|downsample)$")
 
 
@@ -56,6 +60,7 @@ class Op:
     flops: float
     bytes: float
     count: int  # times the op runs per step (a loop body's trip count)
+    aux_flops: float = 0.0  # of flops, products that are not the model's work (_AUX_SCOPES): no MFU counts them
     cycles: float = 0.0  # the compiler's own estimate for the op (TPU fusions carry one), times count
     seconds: float = 0.0
     kernel: bool = False  # a Pallas kernel: FLOPs as it declares them, no compiler estimate
@@ -324,20 +329,24 @@ def ops(text: str) -> list[Op]:
     comps, entry = parse(text)
     # names are unique within a computation, not across them (fused computations reuse param_0 ...)
     local = {c: {i.name: i for i in instrs} for c, instrs in comps.items()}
-    flops_of: dict[str, float] = {}
+    flops_of: dict[str, tuple[float, float]] = {}
 
-    def comp_flops(name: str) -> float:
+    def comp_flops(name: str) -> tuple[float, float]:
+        """(matrix FLOPs, of which not the model's) of a called computation."""
         if name not in flops_of:
-            flops_of[name] = 0.0  # recursion guard
-            total = 0.0
+            flops_of[name] = (0.0, 0.0)  # recursion guard
+            total = aux = 0.0
             shapes = {k: v.shape for k, v in local.get(name, {}).items()}
             for i in comps.get(name, []):
-                total += _matrix_flops(i, shapes)
+                f = _matrix_flops(i, shapes)
+                total += f
+                aux += f if _is_aux(i.line) else 0.0
                 for key in ("calls", "to_apply"):
                     sub = _attr(i.line, key)
                     if sub and i.opcode in ("fusion", "call", "custom-call"):
-                        total += comp_flops(sub)
-            flops_of[name] = total
+                        t, a = comp_flops(sub)
+                        total, aux = total + t, aux + a
+            flops_of[name] = (total, aux)
         return flops_of[name]
 
     out: list[Op] = []
@@ -366,13 +375,15 @@ def ops(text: str) -> list[Op]:
                                                        i.line):
                 continue  # views and compiler bookkeeping on TPU, no data moved
             flops = _matrix_flops(i, shapes)
+            aux = flops if _is_aux(i.line) else 0.0
             kernel = i.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in i.line
             declared = re.search(r'"cost_estimate":\{"flops":"(\d+)"', i.line) if kernel else None
             if declared:
                 flops += float(declared.group(1))
             sub = _attr(i.line, "calls")
             if sub and i.opcode in ("fusion", "custom-call"):
-                flops += comp_flops(sub)
+                t, a = comp_flops(sub)
+                flops, aux = flops + t, aux + a
             moved = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands
                                                 if by_name.get(o) is None or by_name[o].opcode != "constant")
             if i.opcode == "dynamic-update-slice" or (i.opcode == "fusion" and _updates_in_place(comps.get(sub, []))):
@@ -402,12 +413,17 @@ def ops(text: str) -> list[Op]:
             cycles = re.search(r'"estimated_cycles":"(\d+)"', i.line)
             body = re.search(r'"body":"([^"]*)"', i.line) if kernel else None
             program = f"{i.shape}|{','.join(shapes.get(o, '') for o in i.operands)}|{body.group(1)}" if body else ""
-            out.append(Op(i.name, i.opcode, scope, direction, flops * count, moved * count, count,
+            out.append(Op(i.name, i.opcode, scope, direction, flops * count, moved * count, count, aux * count,
                           cycles=float(cycles.group(1)) * count if cycles else 0.0, kernel=kernel,
                           program=program))
 
     walk(entry, 1)
     return out
+
+
+def _is_aux(line: str) -> bool:
+    name = re.search(r'op_name="([^"]*)"', line)
+    return bool(name) and any(s in name.group(1) for s in _AUX_SCOPES)
 
 
 def roofline(op_list: list[Op], peak_tflops: float, hbm_gbps: float) -> list[Op]:
@@ -432,36 +448,48 @@ def by_scope(op_list: list[Op]) -> list[dict]:
     return sorted(rows, key=lambda r: -r["seconds"])
 
 
+def schedule_kernels(op_list: list[Op], schedules: dict[str, float] | None, clock_ghz: float) -> list[Op]:
+    """Give each Pallas kernel of ``op_list`` (with its roofline set) its scheduled cycles per step
+    (``scheduled``) and, as its ``cycles``, the longer of those and its roofline; return the kernels that
+    have a schedule."""
+    kernels = [o for o in op_list if o.kernel]
+    # libtpu compiles identical kernels once and dumps the first one's bundles: the rest share its schedule
+    by_program = {o.program: schedules[o.name] for o in kernels if schedules and o.name in schedules and o.program}
+    per_call = {o.name: schedules[o.name] if schedules and o.name in schedules else by_program.get(o.program)
+                for o in kernels}
+    scheduled = [o for o in kernels if per_call[o.name] is not None]
+    if not clock_ghz:
+        return []
+    for o in scheduled:
+        o.scheduled = per_call[o.name] * o.count
+        # the scope table's "compiler" figure: the kernel at its schedule or its roofline, the longer
+        o.cycles = max(o.scheduled, o.seconds * clock_ghz * 1e9)
+    return scheduled
+
+
 def summary(text: str, peak_tflops: float, hbm_gbps: float, compiler: dict | None = None, top: int = 12,
             clock_ghz: float = 0.0, schedules: dict[str, float] | None = None) -> dict:
     """The roofline estimate of a program: totals, per scope, and its costliest ops (JSON-ready). With the
     chip's ``clock_ghz``, the compiler's own per-op cycle estimates (TPU) are summed into a step time too,
     and with ``schedules`` (:func:`kernel_schedules`) the Pallas kernels' scheduled cycles."""
     op_list = roofline(ops(text), peak_tflops, hbm_gbps)
-    flops = sum(o.flops for o in op_list)
+    aux = sum(o.aux_flops for o in op_list)
+    flops = sum(o.flops for o in op_list) - aux  # the model's matrix work, which the MFU estimates count
     seconds = sum(o.seconds for o in op_list)
     matrix = flops / (peak_tflops * 1e12)
     cycles = sum(o.cycles for o in op_list)
     cycle_seconds = cycles / (clock_ghz * 1e9) if clock_ghz and cycles else None
     kernels = [o for o in op_list if o.kernel]
     kernel_seconds = sum(o.seconds for o in kernels)
-    # libtpu compiles identical kernels once and dumps the first one's bundles: the rest share its schedule
-    by_program = {o.program: schedules[o.name] for o in kernels if schedules and o.name in schedules and o.program}
-    per_call = {o.name: schedules[o.name] if schedules and o.name in schedules else by_program.get(o.program)
-                for o in kernels}
-    scheduled = [o for o in kernels if per_call[o.name] is not None]
+    scheduled = schedule_kernels(op_list, schedules, clock_ghz)
     kernel_step = None
     if clock_ghz and scheduled:
-        for o in scheduled:
-            o.scheduled = per_call[o.name] * o.count
-            # the scope table's "compiler" figure: the kernel at its schedule or its roofline, the longer
-            o.cycles = max(o.scheduled, o.seconds * clock_ghz * 1e9)
         kernel_step = sum(o.cycles for o in scheduled) / (clock_ghz * 1e9) + sum(
             o.seconds for o in kernels if o not in scheduled)
     costly = sorted(op_list, key=lambda o: -(o.cycles or o.seconds))[:top]
     return {
         "peak_tflops": peak_tflops, "hbm_gbps": hbm_gbps, "clock_ghz": clock_ghz,
-        "matrix_flops": flops, "bytes": sum(o.bytes for o in op_list), "roofline_seconds": seconds,
+        "matrix_flops": flops, "aux_flops": aux, "bytes": sum(o.bytes for o in op_list), "roofline_seconds": seconds,
         # the share of the estimated step the matrix units would be busy: an MFU estimate per chip
         "roofline_mfu": matrix / seconds if seconds else 0.0,
         "compiler": compiler or {},
@@ -509,7 +537,9 @@ def format_summary(s: dict) -> str:
                          "with each at least its roofline")
             lines.append(f"compiler     + kernels as scheduled: {with_k * 1e3:.1f} ms: MFU "
                          f"{100 * s['matrix_flops'] / (s['peak_tflops'] * 1e12) / with_k:.0f}% (estimate)")
-    lines.append(f"roofline     {s['matrix_flops'] / 1e12:.2f} TFLOP of matrix work, {s['bytes'] / 1e9:.1f} GB moved, "
+    aux = (f" (and {s['aux_flops'] / 1e12:.2f} TFLOP of LayerNorm statistics as products, not counted)"
+           if s.get("aux_flops") else "")
+    lines.append(f"roofline     {s['matrix_flops'] / 1e12:.2f} TFLOP of matrix work{aux}, {s['bytes'] / 1e9:.1f} GB moved, "
                  f"{s['roofline_seconds'] * 1e3:.1f} ms at {s['peak_tflops']:g} TFLOP/s and {s['hbm_gbps']:g} GB/s: "
                  f"MFU {100 * s['roofline_mfu']:.0f}% (estimate)")
     clock = s.get("clock_ghz") or 0.0

@@ -24,6 +24,22 @@ def test_tiny_model_compiles_for_a_small_tpu_topology():
     assert "traced for tpu" in out.stdout  # not the CPU program of the machine compiling it
 
 
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install -e '.[tpu]'); TPU chips cannot be described")
+@pytest.mark.parametrize("hardware, matrix", [("v5e", True), ("v5e:layer_norm_stats=vector", False)])
+def test_one_davit_block_compiles_for_a_tpu_chip(hardware, matrix):
+    """scripts.block_cost: one block of the TPU's program (its Pallas kernels scheduled) with the compiler's
+    estimate; the matrix LayerNorm statistics' products appear where the formulation asks for them."""
+    cmd = [sys.executable, "-m", "scripts.block_cost", "--chip", "v5e", "--stage", "3", "--images", "2",
+           "--hardware", hardware, "--top", "40"]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "base stage 3 (24x24x1024), 2 images" in out.stdout and "XLA ops" in out.stdout
+    assert "window_attention_fwd/pallas_call" in out.stdout  # the kernels by their schedules
+    assert ("layer_norm_stats/dot_general" in out.stdout) == matrix
+
+
 def _aot(*extra: str) -> str:
     """``python -m scripts.aot_compile`` on the tiny demo config at 64 px, in its own process (it sets the
     device count and platform before JAX starts): what it prints."""

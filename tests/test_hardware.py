@@ -31,6 +31,8 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
     assert hardware.resolve("v4").text_attention == "fused"  # so is the text encoder's
     assert hardware.resolve("v5e").depthwise_conv == "fused"  # and the depthwise convolution's
     assert hardware.resolve("cpu").text_attention == hardware.resolve("gpu").text_attention == "einsum"
+    assert hardware.resolve("v5e").layer_norm_stats == "matrix"  # LayerNorm's statistics on the matrix unit
+    assert hardware.resolve("cpu").layer_norm_stats == hardware.resolve("gpu").layer_norm_stats == "vector"
     ab = hardware.resolve("gpu:depthwise_conv=grouped, store_vision_residuals=true")
     assert ab.depthwise_conv == "grouped" and ab.store_vision_residuals is True
     assert ab.beam_cache_copy == "gather"  # the rest stay the GPU's
@@ -223,6 +225,93 @@ def test_folded_channel_attention_is_the_projected_one(dtype, tolerance):
     assert forms_qkv(600)
     np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(folded, x).astype(jnp.float32)), ref, rtol=0,
                                atol=tolerance * np.abs(ref).max())  # LoRA's B starts at zero: the same function
+
+
+def test_bfloat16_squares_split_into_two_exact_parts():
+    """The matrix statistics' split of a square (layers.square_parts): for every finite bfloat16 whose
+    square's rest is a normal float32 (squares from 2**-111 up), both parts are bfloat16 and they sum to the square exactly."""
+    from florence_jax.modeling.layers import square_parts
+
+    x = np.arange(2**16, dtype=np.uint16).view(jnp.bfloat16)
+    with np.errstate(invalid="ignore"):  # the NaN patterns
+        mag = np.abs(x.astype(np.float64))
+    x = x[np.isfinite(mag) & (mag >= 2.0**-55) & (mag < 2.0**63)]
+    assert x.size == 2 * 118 * 128  # both signs, 118 binades of 128 values
+    hi, lo = jax.jit(square_parts)(jnp.asarray(x))
+    assert hi.dtype == lo.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(hi, np.float64) + np.asarray(lo, np.float64), x.astype(np.float64) ** 2)
+    assert np.count_nonzero(np.asarray(lo)) > x.size // 2  # the rest is not nothing: one part would not do
+
+
+@pytest.mark.parametrize("channels", [512, 1024])
+def test_matrix_layernorm_statistics_are_the_reductions(channels):
+    """Formulations.layer_norm_stats="matrix" (the TPU's): the mean and mean square as products with ones
+    equal the float32 reductions up to the order of float32 additions (bounded by 2 n 2**-24 times the sum
+    of magnitudes: each order's worst case); the normalised bfloat16 outputs within one bfloat16 ulp of
+    the vector formulation's (near zero, 1e-6 of the largest); and the gradients of the input and both parameters are the same bits (the
+    backward pass is the vector formulation's, given the same cotangent)."""
+    from florence_jax.config import PRESETS
+    from florence_jax.modeling.layers import layer_norm, matrix_moments, vector_moments
+
+    rng = np.random.default_rng(channels)
+    # a residual stream's rows: a mean well off zero, and a few large channels
+    x = rng.normal(2.0, 1.5, (3, 37, channels)) * np.where(rng.random(channels) < 0.02, 20.0, 1.0)
+    x = jnp.asarray(x, jnp.bfloat16)
+    (mv, sv), (mm, sm) = jax.jit(vector_moments)(x), jax.jit(matrix_moments)(x)
+    x32 = np.abs(np.asarray(x, np.float64))
+    bound = 2 * channels * 2.0**-24
+    np.testing.assert_array_less(np.abs(np.asarray(mm) - np.asarray(mv)), bound * x32.mean(-1, keepdims=True))
+    np.testing.assert_array_less(np.abs(np.asarray(sm) - np.asarray(sv)), bound * (x32**2).mean(-1, keepdims=True))
+
+    fc = PRESETS["base"]().replace(dtype=jnp.bfloat16)
+    norms = {h: layer_norm(fc, channels, rngs=nnx.Rngs(0), stats=h) for h in ("vector", "matrix")}
+    params = {"scale": rng.normal(1.0, 0.2, channels), "bias": rng.normal(0.0, 0.2, channels)}
+    for n in norms.values():
+        n.scale.value, n.bias.value = (jnp.asarray(params[k], jnp.float32) for k in ("scale", "bias"))
+    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def run(n):
+        out = nnx.jit(lambda m, x: m(x))(n, x)
+        loss = lambda m, x: jnp.sum(m(x).astype(jnp.float32) * w)  # noqa: E731 (cotangent w, whatever the output)
+        g, gx = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(n, x)
+        return (np.asarray(out, np.float32), np.asarray(g.scale.value), np.asarray(g.bias.value),
+                np.asarray(gx, np.float32))
+
+    (a, *ga), (b, *gb) = run(norms["vector"]), run(norms["matrix"])
+    assert a.dtype == b.dtype and np.abs(a).max() > 3
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(a), 2.0**-20))) - 7)  # a bfloat16 ulp of each output
+    # one bfloat16 ulp of each output, plus 1e-6 of the largest: the statistics' float32 differences carried
+    # into outputs that cancel to near zero, where the rounding step is finer than the difference
+    np.testing.assert_array_less(np.abs(a - b), ulp * 1.0001 + 1e-6 * np.abs(a).max())
+    assert np.mean(a != b) < 0.01  # rounded the same almost everywhere
+    for u, v in zip(ga, gb):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_matrix_layernorm_statistics_apply_to_davit_blocks_wide_bfloat16_inputs():
+    """The products replace the reductions in DaViT blocks' LayerNorms (the patch embeddings' and the text
+    model's keep theirs: no gain by the compiler's estimates), for bfloat16 inputs of at least 512 channels;
+    a narrower input (at 128 and, for Florence-2-large's first stage, 256 channels the compiler's estimate
+    was slower) or a float32 one keeps the reductions."""
+    from florence_jax.config import PRESETS
+    from florence_jax.modeling.layers import LayerNorm, layer_norm
+
+    fc = PRESETS["base"]().replace(dtype=jnp.bfloat16, hardware="tpu")
+    model = nnx.eval_shape(lambda: Florence2ForConditionalGeneration(fc, rngs=nnx.Rngs(0)))
+    stats = {"/".join(map(str, path)): m.stats for path, m in nnx.iter_graph(model) if isinstance(m, LayerNorm)}
+    blocks = {p: v for p, v in stats.items() if "vision_tower/blocks/" in p}
+    assert len(blocks) == 2 * 2 * sum(fc.vision_config.depths) and set(blocks.values()) == {"matrix"}
+    others = {p: v for p, v in stats.items() if p not in blocks}
+    assert set(others.values()) == {"vector"}
+    assert any(p.startswith("model/vision_tower/convs") for p in others)  # the patch embeddings'
+    assert any(p.startswith("model/language_model/encoder") for p in others)
+
+    cases = ((jnp.bfloat16, 512, True), (jnp.bfloat16, 256, False), (jnp.float32, 512, False))
+    for dtype, channels, products in cases:
+        norm = layer_norm(fc.replace(dtype=dtype), channels, rngs=nnx.Rngs(0), stats="matrix")
+        graph, state = nnx.split(norm)
+        jaxpr = str(jax.make_jaxpr(lambda s, x, g=graph: nnx.merge(g, s)(x))(state, jnp.ones((2, 16, channels), dtype)))
+        assert ("dot_general" in jaxpr) == products, (dtype, channels)
 
 
 def test_pixel_normalizations_against_the_table():

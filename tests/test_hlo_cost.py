@@ -33,6 +33,28 @@ def test_matrix_flops_per_scope_count_loop_trips():
     assert rows["encoder"]["seconds"] >= rows["encoder"]["bytes"] / 1e9 > 0
 
 
+def test_layernorm_statistics_products_take_time_but_no_mfu():
+    """The matrix LayerNorm statistics' products (florence_jax.modeling.layers.matrix_moments, in its named
+    scope) count for the roofline time, but not as the model's matrix work an MFU estimate counts."""
+    from florence_jax.modeling.layers import STATS_SCOPE, matrix_moments
+
+    def f(x, w):
+        with jax.named_scope("vision_tower"), jax.named_scope("stage2"):
+            mean, mean_sq = matrix_moments(x)
+            return ((x - mean) * jax.lax.rsqrt(mean_sq - mean * mean + 1e-5)) @ w
+
+    x, w = jnp.ones((64, 512), jnp.bfloat16), jnp.ones((512, 256), jnp.bfloat16)
+    text = jax.jit(f).lower(x, w).compile().as_text()
+    assert f"/{STATS_SCOPE}/" in text and any(s.strip("/") == STATS_SCOPE for s in hlo_cost._AUX_SCOPES)
+    op_list = hlo_cost.ops(text)
+    stats = 3 * 2 * 64 * 512 * 128  # three products with a (512, 128) matrix of ones
+    assert sum(o.flops for o in op_list) == 2 * 64 * 512 * 256 + stats
+    assert sum(o.aux_flops for o in op_list) == stats
+    s = hlo_cost.summary(text, 1.0, 1.0)
+    assert s["matrix_flops"] == 2 * 64 * 512 * 256 and s["aux_flops"] == stats
+    assert "LayerNorm statistics as products, not counted" in hlo_cost.format_summary(s)
+
+
 # A TPU program writes a batched matmul as a convolution whose window spans the batch dimension with
 # lhs_dilate equal to its size (one real element per tap): 128 windows x 2 heads of 16x16 scores over 16
 # features. The line is from a libtpu compile of the tiny model, shortened.

@@ -339,11 +339,14 @@ class _DaViTBlockHalf(nnx.Module):
 
     def _init_common(self, cfg: Florence2Config, stage: int, drop_path_rate: float, rngs: nnx.Rngs):
         dim = cfg.vision_config.embed_dim[stage]
+        # the block's LayerNorms, which feed products, take Formulations.layer_norm_stats (the patch
+        # embeddings', around strided convolutions, and the text model's gain nothing by it)
+        stats = hardware.resolve(cfg.hardware).layer_norm_stats
         self.conv1 = DepthwiseConv(cfg, dim, rngs=rngs)
-        self.norm1 = layer_norm(cfg, dim, rngs=rngs)
+        self.norm1 = layer_norm(cfg, dim, rngs=rngs, stats=stats)
         self.drop_path1 = _drop_path(drop_path_rate)
         self.conv2 = DepthwiseConv(cfg, dim, rngs=rngs)
-        self.norm2 = layer_norm(cfg, dim, rngs=rngs)
+        self.norm2 = layer_norm(cfg, dim, rngs=rngs, stats=stats)
         self.ffn = VisionMLP(cfg, stage, rngs=rngs)
         self.drop_path2 = _drop_path(drop_path_rate)
         self.store_residuals = hardware.resolve(cfg.hardware).store_vision_residuals

@@ -104,28 +104,114 @@ def linear(cfg, din: int, dout: int, *, use_bias: bool = True, rngs: nnx.Rngs) -
 
 class LayerNorm(nnx.LayerNorm):
     """``nnx.LayerNorm`` over the last axis (same parameters, same float32 statistics) whose backward
-    pass keeps only the input and recomputes the normalisation (``recompute_in_backward``)."""
+    pass keeps only the input and recomputes the normalisation (``recompute_in_backward``).
+
+    ``stats="matrix"`` (``Formulations.layer_norm_stats``) takes a bfloat16 input's statistics, where it
+    has at least ``MATRIX_STATS_MIN_CHANNELS`` channels, as products on the matrix unit
+    (:func:`matrix_moments`); the backward pass is the same either way."""
+
+    def __init__(self, *args, stats: str = "vector", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stats = stats
 
     def __call__(self, x, *, mask=None):
         if mask is not None or self.scale is None or self.bias is None or self.reduction_axes != -1:
             return super().__call__(x, mask=mask)
-        return _layer_norm(x, self.scale[...], self.bias[...], self.epsilon, self.dtype or x.dtype)
+        dtype = self.dtype or x.dtype
+        fn = _layer_norm_matrix if self.stats == "matrix" and matrix_moments_apply(dtype, x.shape[-1]) else _layer_norm
+        return fn(x, self.scale[...], self.bias[...], self.epsilon, dtype)
+
+
+def _normalize(x, scale, bias, eps: float, dtype, moments):
+    # flax's LayerNorm arithmetic: input and parameters cast to the compute dtype, statistics in (at
+    # least) float32 with the fast variance, (x - mean) * (rsqrt(var + eps) * scale) + bias, cast back.
+    x, scale, bias = x.astype(dtype), scale.astype(dtype), bias.astype(dtype)
+    mean, mean_sq = moments(x)
+    var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
+    return ((x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias).astype(dtype)
+
+
+def vector_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mean and the mean square of ``x`` over its last axis, ``(..., 1)``, by float32 reductions."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return jnp.mean(x32, axis=-1, keepdims=True), jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+
+
+# Formulations.layer_norm_stats="matrix" applies to bfloat16 inputs of at least this many channels. The TPU
+# compiler's estimates of a DaViT block's forward (scripts/block_cost.py, docs/scale-out.md): better from 512
+# channels on both chips; at 256 better for base's second stage on a v5e (11.6 to 10.8 ms, 16 images) but
+# worse for large's first on a v4 (22.2 to 23.6 ms, 8 images); at 128 (base's first stage) much worse, 24.6
+# to 29.4 ms: the products' (tokens, 128) float32 outputs outweigh what they save.
+MATRIX_STATS_MIN_CHANNELS = 512
+# The named scope of the statistics' products: matrix-unit work, but not the model's (scripts/hlo_cost.py
+# leaves it out of the matrix FLOPs an MFU counts).
+STATS_SCOPE = "layer_norm_stats"
+_STATS_LANES = 128  # the matrix unit's output width; a product with one column XLA turns into a reduction
+
+
+def matrix_moments_apply(dtype, channels: int) -> bool:
+    return jnp.dtype(dtype) == jnp.bfloat16 and channels >= MATRIX_STATS_MIN_CHANNELS
+
+
+def square_parts(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x * x`` for a bfloat16 ``x`` as two bfloat16 arrays whose sum it is exactly: its rounding and the
+    rest. A bfloat16 has 8 significant bits, so the square has at most 16, and what its rounding to 8
+    leaves has at most 8. Wherever that rest is a normal float32 (squares from 2**-111 up); below, devices
+    that flush subnormals to zero drop it, an error under 2**-8 of such a square."""
+    sq = jnp.square(x.astype(jnp.float32))
+    hi = sq.astype(jnp.bfloat16)
+    return hi, (sq - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def matrix_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`vector_moments` of a bfloat16 ``x`` as products with a ``(C, 128)`` matrix of ones on the
+    matrix unit, float32 sums of exact products: ``x`` itself, and ``x * x`` (16 significant bits, exact in
+    float32) as the sum of two bfloat16 parts, its rounding and the rest, each exact in bfloat16. The sums
+    differ from the reductions' by the order of float32 additions only.
+
+    XLA:TPU runs a LayerNorm's reductions over the lanes on the vector unit and leaves the statistics
+    with the tokens along the lanes, so the normalisation turns them back across the lanes; the products
+    are the idle matrix unit's work, and their sums arrive on every lane of their token's row, where the
+    normalisation broadcasts them (docs/scale-out.md gives the compiler's estimates)."""
+    if x.dtype != jnp.bfloat16:
+        raise ValueError(f"matrix moments need a bfloat16 input, got {x.dtype}")
+    n = x.shape[-1]
+    f32 = jnp.float32
+    hi, lo = square_parts(x)
+    with jax.named_scope(STATS_SCOPE):
+        ones = jnp.ones((n, _STATS_LANES), jnp.bfloat16)
+        total = jnp.dot(x, ones, preferred_element_type=f32)[..., :1]
+        total_sq = jnp.dot(hi, ones, preferred_element_type=f32) + jnp.dot(lo, ones, preferred_element_type=f32)
+    return total / n, total_sq[..., :1] / n
 
 
 @recompute_in_backward(static_argnums=(3, 4))
 def _layer_norm(x, scale, bias, eps: float, dtype):
-    # flax's LayerNorm arithmetic: input and parameters cast to the compute dtype, statistics in (at
-    # least) float32 with the fast variance, (x - mean) * (rsqrt(var + eps) * scale) + bias, cast back.
-    x, scale, bias = x.astype(dtype), scale.astype(dtype), bias.astype(dtype)
-    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean))
-    return ((x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias).astype(dtype)
+    return _normalize(x, scale, bias, eps, dtype, vector_moments)
 
 
-def layer_norm(cfg, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs) -> LayerNorm:
-    # PyTorch's nn.LayerNorm default epsilon is 1e-5 (flax's is 1e-6).
-    return LayerNorm(dim, epsilon=eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+# The matrix statistics' backward pass is the vector formulation's, recomputed from the same saved inputs:
+# the same gradients, and no float32 cotangent rounded to bfloat16 on its way through the products.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm_matrix(x, scale, bias, eps: float, dtype):
+    return _normalize(x, scale, bias, eps, dtype, matrix_moments)
+
+
+def _layer_norm_matrix_fwd(x, scale, bias, eps, dtype):
+    return _layer_norm_matrix(x, scale, bias, eps, dtype), (x, scale, bias)
+
+
+def _layer_norm_matrix_bwd(eps, dtype, saved, ct):
+    _, pullback = jax.vjp(lambda *a: _normalize(*a, eps, dtype, vector_moments), *saved)
+    return pullback(ct)
+
+
+_layer_norm_matrix.defvjp(_layer_norm_matrix_fwd, _layer_norm_matrix_bwd)
+
+
+def layer_norm(cfg, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs, stats: str = "vector") -> LayerNorm:
+    """PyTorch's LayerNorm (its default epsilon is 1e-5, flax's 1e-6); ``stats`` as :class:`LayerNorm`'s."""
+    return LayerNorm(dim, epsilon=eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, stats=stats)
 
 
 def attention(
