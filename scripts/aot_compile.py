@@ -54,12 +54,9 @@ def main(argv=None) -> int:
         if args.cost or args.dump:
             # the Pallas kernels' static schedules (their final VLIW bundles), which libtpu writes when asked
             # at start-up: the compiler's only figure for a kernel (scripts/hlo_cost.py)
-            import tempfile
+            from scripts import hlo_cost
 
-            llo_dir = tempfile.mkdtemp(prefix="florence-llo-")
-            os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [
-                os.environ.get("LIBTPU_INIT_ARGS", ""), f"--xla_jf_dump_to={llo_dir}",
-                "--xla_jf_dump_llo_text=true", "--xla_jf_dump_llo_pass_label_regex=final_bundles"]))
+            llo_dir = hlo_cost.request_kernel_schedules()
     else:
         n = args.cpu_devices or _mesh_size(cfg)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")

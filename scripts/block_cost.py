@@ -18,15 +18,19 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections import Counter
 
-_CHIPS = {"v5e": ("v5e:2x2", 197.0, 819.0, 1.5), "v4": ("v4:2x2x1", 275.0, 1228.0, 1.05)}
+from florence_jax import hardware
+from scripts import hlo_cost
+
+# The smallest slice of each chip libtpu describes; the block compiles for its first chip, whose peak,
+# bandwidth and clock are hardware.DEVICE_SPECS'.
+_TOPOLOGIES = {"v5e": "v5e:2x2", "v4": "v4:2x2x1"}
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m scripts.block_cost", description=__doc__.split("\n\n")[0])
-    p.add_argument("--chip", choices=sorted(_CHIPS), default="v5e")
+    p.add_argument("--chip", choices=sorted(_TOPOLOGIES), default="v5e")
     p.add_argument("--preset", choices=("base", "large"), default="base")
     p.add_argument("--stage", type=int, default=2)
     p.add_argument("--images", type=int, default=16, help="images per chip")
@@ -39,31 +43,26 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    topology, peak, hbm, clock = _CHIPS[args.chip]
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    llo_dir = tempfile.mkdtemp(prefix="florence-block-llo-")
-    # the Pallas kernels' schedules, which libtpu writes when asked at start-up (scripts/hlo_cost.py)
-    os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [
-        os.environ.get("LIBTPU_INIT_ARGS", ""), f"--xla_jf_dump_to={llo_dir}", "--xla_jf_dump_llo_text=true",
-        "--xla_jf_dump_llo_pass_label_regex=final_bundles"]))
+    llo_dir = hlo_cost.request_kernel_schedules()  # the Pallas kernels' schedules
     try:
-        return _run(args, topology, peak, hbm, clock, llo_dir)
+        return _run(args, llo_dir)
     finally:
         shutil.rmtree(llo_dir, ignore_errors=True)
 
 
-def _run(args, topology, peak, hbm, clock, llo_dir) -> int:
+def _run(args, llo_dir) -> int:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from florence_jax import hardware
     from florence_jax.config import PRESETS
     from florence_jax.modeling.davit import VisionBlock
-    from scripts import hlo_cost
     from scripts.aot import target_devices
 
-    devices, _ = target_devices(topology)
+    spec = hardware.device_spec(args.chip)
+    peak, hbm, clock = spec.peak_tflops, spec.hbm_gbps, spec.clock_ghz
+    devices, _ = target_devices(_TOPOLOGIES[args.chip])
     one = jax.sharding.SingleDeviceSharding(devices[0])
     formulations = hardware.resolve(args.hardware or args.chip)
     if formulations.platform != "tpu":

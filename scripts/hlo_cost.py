@@ -115,6 +115,20 @@ def scheduled_cycles(bundles_text: str) -> tuple[float, bool]:
     return total, known
 
 
+def request_kernel_schedules(prefix: str = "florence-llo-") -> str:
+    """Ask libtpu to dump its final bundles (what :func:`kernel_schedules` reads) into a new temporary
+    directory, and return it. Only before the TPU backend starts: libtpu reads ``LIBTPU_INIT_ARGS`` then.
+    The dump may reach 2 GB; the caller removes the directory."""
+    import os
+    import tempfile
+
+    dump_dir = tempfile.mkdtemp(prefix=prefix)
+    os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [
+        os.environ.get("LIBTPU_INIT_ARGS", ""), f"--xla_jf_dump_to={dump_dir}", "--xla_jf_dump_llo_text=true",
+        "--xla_jf_dump_llo_pass_label_regex=final_bundles"]))
+    return dump_dir
+
+
 def kernel_schedules(dump_dir: str) -> dict[str, float]:
     """Scheduled cycles per program name from a libtpu LLO dump directory (``--xla_jf_dump_to`` with
     ``--xla_jf_dump_llo_text`` and the ``final_bundles`` pass): ``{"window_attention_fwd.3": 123456.0}``."""

@@ -341,7 +341,8 @@ class _DaViTBlockHalf(nnx.Module):
         dim = cfg.vision_config.embed_dim[stage]
         # the block's LayerNorms, which feed products, take Formulations.layer_norm_stats (the patch
         # embeddings', around strided convolutions, and the text model's gain nothing by it)
-        stats = hardware.resolve(cfg.hardware).layer_norm_stats
+        f = hardware.resolve(cfg.hardware)
+        stats = f.layer_norm_stats
         self.conv1 = DepthwiseConv(cfg, dim, rngs=rngs)
         self.norm1 = layer_norm(cfg, dim, rngs=rngs, stats=stats)
         self.drop_path1 = _drop_path(drop_path_rate)
@@ -349,7 +350,7 @@ class _DaViTBlockHalf(nnx.Module):
         self.norm2 = layer_norm(cfg, dim, rngs=rngs, stats=stats)
         self.ffn = VisionMLP(cfg, stage, rngs=rngs)
         self.drop_path2 = _drop_path(drop_path_rate)
-        self.store_residuals = hardware.resolve(cfg.hardware).store_vision_residuals
+        self.store_residuals = f.store_vision_residuals
 
     def _attend(self, tokens: jax.Array, hw: tuple[int, int], rngs=None) -> jax.Array:
         raise NotImplementedError
