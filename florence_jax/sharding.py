@@ -3,7 +3,9 @@
 The mesh has two axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallelism whose
 parameters and optimizer state are sharded, ZeRO-3 style). Batches are split over both. A parameter is
 sharded over ``fsdp`` along its largest dimension divisible by the axis size, when it is large enough
-to matter; rules (regex -> PartitionSpec) given by the caller take precedence.
+to matter; rules (regex -> PartitionSpec) given by the caller take precedence. Optionally the optimizer
+state and the update are split over ``data`` as well (ZeRO-1, :func:`optimizer_spec`), while the
+parameters stay as they are.
 """
 
 from __future__ import annotations
@@ -48,6 +50,29 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, *, min_size: int =
             spec[d] = "fsdp"
             return PartitionSpec(*spec)
     return PartitionSpec()
+
+
+def optimizer_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, *,
+                   min_size: int = 2**18) -> PartitionSpec:
+    """Where a parameter's optimizer state and update live when they are split over ``data`` too (ZeRO-1):
+    ``spec`` (the parameter's) with one dimension further split over ``data``. A dimension already split
+    over ``fsdp`` becomes split over ``("fsdp", "data")`` when it divides: in that order each device's share
+    lies inside the fsdp shard it holds and is sliced locally (``("data", "fsdp")`` sent the shares between
+    devices). Else the largest unsplit dimension that ``data`` divides. Parameters smaller than
+    ``min_size``, or with no such dimension, keep ``spec``."""
+    n = mesh.shape.get("data", 1)
+    if n == 1 or int(np.prod(shape or (1,))) < min_size:
+        return spec
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    for d, e in enumerate(entries):
+        if e == "fsdp" and shape[d] % (n * mesh.shape["fsdp"]) == 0:
+            entries[d] = ("fsdp", "data")
+            return PartitionSpec(*entries)
+    for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if entries[d] is None and shape[d] % n == 0:
+            entries[d] = "data"
+            return PartitionSpec(*entries)
+    return spec
 
 
 def param_sharding_fn(mesh: Mesh, min_size: int = 2**18, rules=()):

@@ -105,7 +105,8 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])
     table = ImageTransform(size=(cfg.data.image_size, cfg.data.image_size)).table  # Florence-2's processor
     fns, state = abstract_train_state(fc, cfg.optim, 1000, mesh, grad_accum_steps=cfg.grad_accum_steps,
-                                      min_shard_size=cfg.mesh.fsdp_min_size, lora=cfg.lora, pixel_table=table)
+                                      min_shard_size=cfg.mesh.fsdp_min_size, lora=cfg.lora, pixel_table=table,
+                                      shard_optimizer=cfg.mesh.shard_optimizer)
     bsh = batch_sharding(mesh)
     batch = abstract_batch(cfg, fc, bsh)
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -8,9 +8,11 @@ import pytest
 import torch
 from conftest import tiny_batch
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from florence_jax import Florence2ForConditionalGeneration
-from florence_jax.sharding import batch_sharding, make_mesh
+from florence_jax.sharding import batch_sharding, make_mesh, optimizer_spec
+from train.checkpoint import Checkpointer, abstract_like
 from train.config import ModelConfig, OptimConfig
 from train.optim import path_str
 from train.state import create_model, init_train_state
@@ -33,11 +35,12 @@ def _batch(seed=0, batch=8):
     }
 
 
-def _run(tiny_hf_dir, mesh, optim, steps=2, grad_accum=1, min_shard_size=1):
+def _run(tiny_hf_dir, mesh, optim, steps=2, grad_accum=1, min_shard_size=1, shard_optimizer=False):
     model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype="float32", dropout=0.0, drop_path_rate=0.0), mesh,
                          min_shard_size=min_shard_size)
     fns, state, _ = init_train_state(model, optim, 10, mesh, grad_accum_steps=grad_accum,
-                                     min_shard_size=min_shard_size)
+                                     min_shard_size=min_shard_size, shard_optimizer=shard_optimizer)
+    _run.fns = fns
     step = jit_train_step(fns, state, batch_sharding(mesh))
     losses, compiled = [], None
     for i in range(steps):
@@ -73,6 +76,101 @@ def test_eight_devices_equal_one(tiny_hf_dir):
     assert sharded, "no parameter was actually sharded over fsdp"
     for k in a:
         np.testing.assert_allclose(b[k], a[k], atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2)])
+def test_optimizer_split_over_data_equals_the_whole_update(tiny_hf_dir, data, fsdp):
+    """ZeRO-1 (MeshConfig.shard_optimizer): each device keeps and updates its share of the moments, the
+    parameters stay as stored; two steps give the losses and parameters of the unsplit update."""
+    mesh = make_mesh(data=data, fsdp=fsdp)
+    whole, lw = _run(tiny_hf_dir, mesh, OPT, min_shard_size=64)
+    whole_program = _run.program
+    split, ls = _run(tiny_hf_dir, mesh, OPT, min_shard_size=64, shard_optimizer=True)
+    # the same sums, reduced in another order (a reduce-scatter, not an all-reduce): float32 rounding only
+    np.testing.assert_allclose(ls, lw, rtol=1e-6)
+    a, b = _flat(whole.params), _flat(split.params)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], atol=1e-6, err_msg=k)
+    for kp, v in jax.tree_util.tree_leaves_with_path(split.params):  # parameters keep their own sharding
+        assert v.sharding.spec == _flat_sharding(whole.params)[path_str(kp)], path_str(kp)
+    # every trained parameter of at least 64 elements with a dimension that divides has moments split `data`
+    # ways more than the parameter is; frozen ones have none
+    moments = {path_str(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(split.opt_state) if v.ndim}
+    split_ones = 0
+    for k, p in a.items():
+        if k.startswith("model.vision_tower."):
+            assert not any(m.endswith(k) for m in moments)
+            continue
+        mu = [v for m, v in moments.items() if m.endswith("." + k) and ".mu." in f".{m}."]
+        assert len(mu) == 1, k
+        per_device = mu[0].addressable_shards[0].data.size
+        stored = whole.params
+        param_per_device = _flat_arrays(stored)[k].addressable_shards[0].data.size
+        if p.size >= 64 and any(d % data == 0 for d in p.shape):
+            assert per_device * data == param_per_device, (k, mu[0].sharding.spec)
+            split_ones += 1
+        else:
+            assert per_device == param_per_device, k
+    assert split_ones > 10
+    # each device's optimizer works on its share: the elements its ops write fall by about `data` (the
+    # parameters under 64 elements, or with no dimension that divides, are updated whole by every device)
+    work_whole, work_split = _optimizer_elements(whole_program), _optimizer_elements(_run.program)
+    assert work_split * data < 1.5 * work_whole, (work_whole, work_split)
+    # the updated parameters come back whole: gathered from the shares (with fsdp the step gathers the
+    # parameters for compute too)
+    assert "all-gather" in _run.program
+    # a share lies inside the fsdp shard its device holds: sliced in place, never sent between devices
+    assert "collective-permute" not in _run.program
+    if fsdp == 1:
+        assert "all-gather" not in whole_program
+
+
+def test_optimizer_spec_splits_one_more_dimension_over_data():
+    mesh = make_mesh(data=4, fsdp=2)
+    # a dimension already over fsdp takes data inside it, when it divides by both
+    assert optimizer_spec(P(None, "fsdp"), (6, 16), mesh, min_size=1) == P(None, ("fsdp", "data"))
+    # else the largest free dimension that data divides
+    assert optimizer_spec(P(None, "fsdp"), (12, 2), mesh, min_size=1) == P("data", "fsdp")
+    assert optimizer_spec(P(), (4, 12), mesh, min_size=1) == P(None, "data")
+    # too small, or nothing divides: the parameter's own
+    assert optimizer_spec(P(), (4, 12), mesh, min_size=64) == P()
+    assert optimizer_spec(P(), (3, 5), mesh, min_size=1) == P()
+    assert optimizer_spec(P(), (8,), make_mesh(data=1, fsdp=8), min_size=1) == P()
+
+
+def test_a_checkpoint_resumes_across_the_optimizer_split(tiny_hf_dir, tmp_path):
+    """Saved with the whole update, restored into the split one's shardings (and back): same values."""
+    mesh = make_mesh(data=8)
+    whole, _ = _run(tiny_hf_dir, mesh, OPT, steps=1, min_shard_size=64)
+    split, _ = _run(tiny_hf_dir, mesh, OPT, steps=1, min_shard_size=64, shard_optimizer=True)
+    assert any(a.sharding != b.sharding for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(split)))
+    for saved, target in ((whole, split), (split, whole)):
+        ckpt = Checkpointer(tmp_path / f"c{id(saved)}", async_save=False)
+        ckpt.save(1, saved, {}, {})
+        got, _, _ = ckpt.restore(1, abstract_like(target))
+        for a, b, t in zip(jax.tree.leaves(got), jax.tree.leaves(saved), jax.tree.leaves(target)):
+            assert a.sharding == t.sharding
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _optimizer_elements(program: str) -> int:
+    """Elements written by the ops of the step's optimizer scope in a compiled program's text."""
+    total = 0
+    for line in program.splitlines():
+        if 'op_name="jit(train_step)/optimizer' not in line or " = " not in line:
+            continue
+        result = line.split(" = ", 1)[1].split(" ", 1)[0]
+        for dims in re.findall(r"^\w+\[([\d,]*)\]", result):
+            total += int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    return total
+
+
+def _flat_arrays(params):
+    return {path_str(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _flat_sharding(params):
+    return {k: v.sharding.spec for k, v in _flat_arrays(params).items()}
 
 
 def test_grad_accumulation_equals_full_batch(tiny_hf_dir):

@@ -168,6 +168,10 @@ class MeshConfig:
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1
     fsdp_min_size: int = 2**18  # parameters smaller than this stay replicated
+    # ZeRO-1: Adam's moments and the update of each trained parameter (of at least fsdp_min_size) split over
+    # `data` as well, the parameters kept whole; the gradients' all-reduce becomes a reduce-scatter and the
+    # updated parameters are all-gathered. Divides the optimizer's work and moments by `data`.
+    shard_optimizer: bool = False
 
 
 @dataclass

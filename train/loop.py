@@ -209,7 +209,8 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
     check_export(cfg, model)
     fns, state, schedule = init_train_state(model, cfg.optim, total_steps, mesh,
                                             grad_accum_steps=cfg.grad_accum_steps,
-                                            min_shard_size=cfg.mesh.fsdp_min_size, pixel_table=pipes.pixel_table)
+                                            min_shard_size=cfg.mesh.fsdp_min_size, pixel_table=pipes.pixel_table,
+                                            shard_optimizer=cfg.mesh.shard_optimizer)
     bsh = batch_sharding(mesh)
     if cfg.data.cache_vision_features:
         use_feature_cache(cfg, fns, pipes, model, workdir)

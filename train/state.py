@@ -18,7 +18,7 @@ from florence_jax import (
     hardware,
 )
 from florence_jax.config import PRESETS, resolve_dtype
-from florence_jax.sharding import param_sharding_fn, param_spec
+from florence_jax.sharding import optimizer_spec, param_sharding_fn, param_spec
 from train.config import LoRAConfig, ModelConfig, OptimConfig
 from train.optim import FROZEN, make_optimizer, path_str
 from train.step import StepFns, TrainState, static_table
@@ -160,24 +160,28 @@ def _state_shardings(state, mesh: Mesh, min_size: int):
 
 
 def init_train_state(model, optim: OptimConfig, total_steps: int, mesh: Mesh, *, grad_accum_steps: int = 1,
-                     min_shard_size: int = 2**18, pixel_table=None):
+                     min_shard_size: int = 2**18, pixel_table=None, shard_optimizer: bool = False):
     """Split the model, build the optimizer and its sharded state; return ``(fns, state, schedule)``.
 
-    ``pixel_table``: the data pipeline's (``encoder.pixel_table``) when its batches carry uint8 pixels."""
+    ``pixel_table``: the data pipeline's (``encoder.pixel_table``) when its batches carry uint8 pixels.
+    ``shard_optimizer``: the optimizer state and the update split over ``data`` too (ZeRO-1,
+    ``MeshConfig.shard_optimizer``)."""
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx, labels, schedule = make_optimizer(optim, params, total_steps)
     freeze_vision = _vision_frozen(labels)
     t = model.config.text_config
-    fns = StepFns(graphdef=graphdef, tx=tx, labels=labels, pad_token_id=t.pad_token_id,
-                  decoder_start_token_id=t.decoder_start_token_id, freeze_vision=freeze_vision,
-                  grad_accum_steps=grad_accum_steps, pixel_table=static_table(pixel_table))
     repl = NamedSharding(mesh, jax.sharding.PartitionSpec())
     # Parameters not yet on the mesh (e.g. loaded to one device) go to their rule-given sharding.
     targets = _state_shardings(params, mesh, min_shard_size)
     params = jax.tree.map(lambda x, s: x if _on_mesh(x, mesh) else jax.device_put(x, s), params, targets)
     rest = jax.tree.map(lambda x: x if _on_mesh(x, mesh) else jax.device_put(x, repl), rest)
-    opt_sh = opt_state_shardings(tx, params, mesh)
+    update_sh = update_shardings(params, labels, mesh, min_shard_size) if shard_optimizer else None
+    fns = StepFns(graphdef=graphdef, tx=tx, labels=labels, pad_token_id=t.pad_token_id,
+                  decoder_start_token_id=t.decoder_start_token_id, freeze_vision=freeze_vision,
+                  grad_accum_steps=grad_accum_steps, pixel_table=static_table(pixel_table),
+                  update_sharding=_stored_and_split(params, update_sh))
+    opt_sh = opt_state_shardings(tx, params, mesh, update_sh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params, rest=rest,
                        opt_state=opt_state)
@@ -190,12 +194,34 @@ def _on_mesh(x, mesh) -> bool:
     return isinstance(s, NamedSharding) and s.mesh == mesh
 
 
-def opt_state_shardings(tx, params, mesh: Mesh):
+def update_shardings(params, labels, mesh: Mesh, min_size: int = 2**18):
+    """Per parameter, where its update is computed when the optimizer is split over ``data`` (ZeRO-1):
+    :func:`florence_jax.sharding.optimizer_spec` of its sharding for a trained parameter; a frozen one's
+    own sharding (it has no optimizer state and is never updated). ``params`` may be arrays or
+    ShapeDtypeStructs carrying shardings."""
+
+    def spec(x, lab):
+        if lab == FROZEN:
+            return x.sharding
+        return NamedSharding(mesh, optimizer_spec(x.sharding.spec, tuple(x.shape), mesh, min_size=min_size))
+
+    return jax.tree.map(spec, params, labels)
+
+
+def _stored_and_split(params, update_sh):
+    """``StepFns.update_sharding``: (each parameter's own sharding, its update's), or None."""
+    return None if update_sh is None else (jax.tree.map(lambda x: x.sharding, params), update_sh)
+
+
+def opt_state_shardings(tx, params, mesh: Mesh, update_sharding=None):
     """Shardings of ``tx.init(params)``: Adam moments take their parameter's sharding (their key path
-    ends with the parameter's path); counters and other scalars are replicated. ``params`` may be
-    arrays or ShapeDtypeStructs carrying shardings."""
+    ends with the parameter's path), or its update's when ``update_sharding`` (:func:`update_shardings`)
+    is given; counters and other scalars are replicated. ``params`` may be arrays or ShapeDtypeStructs
+    carrying shardings."""
     repl = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    by_path = {path_str(kp): x.sharding for kp, x in jax.tree_util.tree_leaves_with_path(params)}
+    where = params if update_sharding is None else jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, update_sharding)
+    by_path = {path_str(kp): x.sharding for kp, x in jax.tree_util.tree_leaves_with_path(where)}
 
     def opt_sharding(kp, x):
         parts = path_str(kp).split(".")
@@ -210,7 +236,7 @@ def opt_state_shardings(tx, params, mesh: Mesh):
 
 def abstract_train_state(fc: Florence2Config, optim: OptimConfig, total_steps: int, mesh: Mesh, *,
                          grad_accum_steps: int = 1, min_shard_size: int = 2**18, lora: LoRAConfig | None = None,
-                         pixel_table=None):
+                         pixel_table=None, shard_optimizer: bool = False):
     """``(fns, state)`` with ShapeDtypeStruct leaves carrying their shardings: no memory, no weights.
     Used for ahead-of-time compilation (also for TPU topologies this machine does not have)."""
 
@@ -233,14 +259,15 @@ def abstract_train_state(fc: Florence2Config, optim: OptimConfig, total_steps: i
 
     params = with_sharding(params, _state_shardings(params, mesh, min_shard_size))
     rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), rest)
-    opt_state = with_sharding(jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
+    update_sh = update_shardings(params, labels, mesh, min_shard_size) if shard_optimizer else None
+    opt_state = with_sharding(jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh, update_sh))
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), params=params, rest=rest,
                        opt_state=opt_state)
     t = fc.text_config
     fns = StepFns(graphdef=graphdef, tx=tx, labels=labels, pad_token_id=t.pad_token_id,
                   decoder_start_token_id=t.decoder_start_token_id,
                   freeze_vision=_vision_frozen(labels), grad_accum_steps=grad_accum_steps,
-                  pixel_table=static_table(pixel_table))
+                  pixel_table=static_table(pixel_table), update_sharding=_stored_and_split(params, update_sh))
     return fns, state
 
 
