@@ -169,8 +169,8 @@ class MeshConfig:
     fsdp: int = 1
     fsdp_min_size: int = 2**18  # parameters smaller than this stay replicated
     # ZeRO-1: Adam's moments and the update of each trained parameter (of at least fsdp_min_size) split over
-    # `data` as well, the parameters kept whole; the gradients' all-reduce becomes a reduce-scatter and the
-    # updated parameters are all-gathered. Divides the optimizer's work and moments by `data`.
+    # `data` as well, the parameters kept as stored; each device updates its share and the updated
+    # parameters are all-gathered. Divides the optimizer's work and moments by `data` (docs/scale-out.md).
     shard_optimizer: bool = False
 
 

@@ -180,7 +180,7 @@ def init_train_state(model, optim: OptimConfig, total_steps: int, mesh: Mesh, *,
     fns = StepFns(graphdef=graphdef, tx=tx, labels=labels, pad_token_id=t.pad_token_id,
                   decoder_start_token_id=t.decoder_start_token_id, freeze_vision=freeze_vision,
                   grad_accum_steps=grad_accum_steps, pixel_table=static_table(pixel_table),
-                  update_sharding=_stored_and_split(params, update_sh))
+                  update_sharding=update_sh)
     opt_sh = opt_state_shardings(tx, params, mesh, update_sh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params, rest=rest,
@@ -195,22 +195,19 @@ def _on_mesh(x, mesh) -> bool:
 
 
 def update_shardings(params, labels, mesh: Mesh, min_size: int = 2**18):
-    """Per parameter, where its update is computed when the optimizer is split over ``data`` (ZeRO-1):
-    :func:`florence_jax.sharding.optimizer_spec` of its sharding for a trained parameter; a frozen one's
-    own sharding (it has no optimizer state and is never updated). ``params`` may be arrays or
-    ShapeDtypeStructs carrying shardings."""
+    """Where each parameter's update is computed when the optimizer is split over ``data`` (ZeRO-1), as
+    ``StepFns.update_sharding``: two trees, each parameter's own sharding and its update's
+    (:func:`florence_jax.sharding.optimizer_spec` of its own for a trained parameter; a frozen one's own, as
+    it has no optimizer state and is never updated). ``params`` may be arrays or ShapeDtypeStructs carrying
+    shardings."""
+    stored = jax.tree.map(lambda x: x.sharding, params)
 
-    def spec(x, lab):
+    def split(x, lab):
         if lab == FROZEN:
             return x.sharding
         return NamedSharding(mesh, optimizer_spec(x.sharding.spec, tuple(x.shape), mesh, min_size=min_size))
 
-    return jax.tree.map(spec, params, labels)
-
-
-def _stored_and_split(params, update_sh):
-    """``StepFns.update_sharding``: (each parameter's own sharding, its update's), or None."""
-    return None if update_sh is None else (jax.tree.map(lambda x: x.sharding, params), update_sh)
+    return stored, jax.tree.map(split, params, labels)
 
 
 def opt_state_shardings(tx, params, mesh: Mesh, update_sharding=None):
@@ -219,9 +216,8 @@ def opt_state_shardings(tx, params, mesh: Mesh, update_sharding=None):
     is given; counters and other scalars are replicated. ``params`` may be arrays or ShapeDtypeStructs
     carrying shardings."""
     repl = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    where = params if update_sharding is None else jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, update_sharding)
-    by_path = {path_str(kp): x.sharding for kp, x in jax.tree_util.tree_leaves_with_path(where)}
+    where = jax.tree.map(lambda x: x.sharding, params) if update_sharding is None else update_sharding[1]
+    by_path = {path_str(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(where)}
 
     def opt_sharding(kp, x):
         parts = path_str(kp).split(".")
@@ -267,7 +263,7 @@ def abstract_train_state(fc: Florence2Config, optim: OptimConfig, total_steps: i
     fns = StepFns(graphdef=graphdef, tx=tx, labels=labels, pad_token_id=t.pad_token_id,
                   decoder_start_token_id=t.decoder_start_token_id,
                   freeze_vision=_vision_frozen(labels), grad_accum_steps=grad_accum_steps,
-                  pixel_table=static_table(pixel_table), update_sharding=_stored_and_split(params, update_sh))
+                  pixel_table=static_table(pixel_table), update_sharding=update_sh)
     return fns, state
 
 
