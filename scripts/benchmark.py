@@ -19,7 +19,10 @@ outputs), ``data`` (images/s of one worker turning encoded image bytes + text in
 transformers' processor + ``generate()`` + ``post_process_generation`` in a loop over the same files).
 Each holds ``ours``, ``reference``, ``unit`` and ``ratio`` (ours / reference, higher is better).
 MFU uses the step's FLOP count from the compiled XLA program and the device's peak (``--peak_tflops``;
-known for A100/H100/H200/TPU, not for CPUs).
+known for A100/H100/H200/TPU, not for CPUs). Beside each timed train step a matrix product of the compute
+dtype is timed too (``gemm_probe``; ``--no_gemm`` skips it), and the row gives the share of that product's
+rate the step's counted FLOPs reach (``gemm_share``: per step against the product timed right before it, the
+median): the device's attainable rate, measured in the same minute, where MFU takes a data-sheet peak.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class Settings:
     hardware: str = ""  # ours: the formulations' spec (florence_jax.hardware); "" for this backend's defaults
     label_images: int = 8  # label row: images labelled per timed run
     label_beams: int = 3  # label row: Florence-2's published setting
+    gemm: bool = True  # train rows: measure the device's matrix-product rate beside each timed step
 
 
 def defaults_for(platform_name: str) -> Settings:
@@ -84,6 +88,7 @@ def defaults_for(platform_name: str) -> Settings:
 class Timing:
     first_s: float  # first call: compile / warm-up included
     times_s: list[float]
+    probe: list[float] = dataclasses.field(default_factory=list)  # a probe's reading before each timed run
 
     @property
     def median(self) -> float:
@@ -93,16 +98,55 @@ class Timing:
         return f"{min(self.times_s):.3g}-{max(self.times_s):.3g} s"
 
 
-def measure(fn: Callable[[], Any], repeats: int) -> Timing:
+def measure(fn: Callable[[], Any], repeats: int, probe: Callable[[], float] | None = None) -> Timing:
+    """``fn``'s first call, then ``repeats`` timed calls; ``probe`` (if given) is read right before each timed
+    call, untimed, so that each time has a reading of the same minute beside it."""
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
-    times = []
+    times, readings = [], []
     for _ in range(repeats):
+        if probe is not None:
+            readings.append(probe())
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return Timing(first, times)
+    return Timing(first, times, readings)
+
+
+# The matrix product each train row is held against, (M, K, N) in the compute dtype: on the CPU the float32
+# product docs/benchmarks.md has measured the host's peak with since 2026-12-05; on an accelerator a cube
+# large enough to keep it busy for about a millisecond.
+GEMM_SHAPES = {"cpu": (4096, 768, 3072)}
+ACCELERATOR_GEMM = (8192, 8192, 8192)
+
+
+def gemm_probe(dtype: str, platform_name: str, shape: tuple[int, int, int] | None = None, calls: int = 3,
+               clock: Callable[[], float] = time.perf_counter) -> Callable[[], float]:
+    """A function that measures the device's matrix-product rate now (FLOP/s: the median of ``calls`` timed
+    ``(M, K) @ (K, N)`` products, compiled by XLA). The train rows read it before each timed step
+    (:func:`measure`), so the share of it a step reaches is taken in the same minute: a host whose speed
+    drifts from hour to hour moves both alike."""
+    import jax
+    import jax.numpy as jnp
+
+    m, k, n = shape or GEMM_SHAPES.get(platform_name, ACCELERATOR_GEMM)
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (m, k), jnp.dtype(dtype))
+    b = jax.random.normal(kb, (k, n), jnp.dtype(dtype))
+    product = jax.jit(jnp.dot)
+    jax.block_until_ready(product(a, b))  # compiled and warm before the first reading
+    flops = 2.0 * m * k * n
+
+    def probe() -> float:
+        times = []
+        for _ in range(calls):
+            t0 = clock()
+            jax.block_until_ready(product(a, b))
+            times.append(clock() - t0)
+        return flops / statistics.median(times)
+
+    return probe
 
 
 def progress(msg: str) -> None:
@@ -228,7 +272,8 @@ def bench_train_ours(directory: str, s: Settings, frozen: bool, cached: bool = F
         holder["state"], metrics = compiled(holder["state"], batch, key)
         jax.block_until_ready(metrics["loss"])
 
-    timing = measure(run, s.repeats)
+    probe = gemm_probe(s.dtype, hardware.backend()) if s.gemm else None
+    timing = measure(run, s.repeats, probe)
     timing.first_s += compile_s
     mem = _peak_memory_ours(compiled)
     profile = _profile_step(run, compiled, s, frozen, cached) if s.profile else None
@@ -738,6 +783,9 @@ def main(argv=None) -> int:
                    help="train rows: profile one more step of ours into DIR and print where its device time "
                         "goes, per model scope (forward and backward) and per op")
     p.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: known accelerators)")
+    p.add_argument("--no_gemm", dest="gemm", action="store_false", default=None,
+                   help="train rows: do not measure a matrix product's rate beside each step (its arrays "
+                        "take memory: 0.4 GiB in bfloat16 on an accelerator)")
     p.add_argument("--table", metavar="JSON", help="print the table of an earlier run's --json file (also one a "
                    "time limit cut short: it is rewritten after every row) and exit")
     args = p.parse_args(argv)
@@ -753,7 +801,7 @@ def main(argv=None) -> int:
     s = defaults_for(platform_name)
     for f in dataclasses.fields(Settings):
         v = getattr(args, f.name, None)
-        if v not in (None, False):
+        if v is not None and (v is not False or f.name == "gemm"):
             setattr(s, f.name, v)
     rows = ROWS if not args.only else tuple(r.strip() for r in args.only.split(","))
     unknown = [r for r in rows if r not in ROWS]
@@ -877,6 +925,12 @@ def _train_row(o, r, s: Settings, peak: float | None) -> dict[str, Any]:
         "mfu": (o["flops"] / o["timing"].median / (peak * 1e12)) if (o["flops"] and peak) else None,
         "reference": None, "ratio": None,
     }
+    rates = o["timing"].probe
+    if rates:
+        row["gemm_flops_per_s"] = statistics.median(rates)
+        if o["flops"]:  # each step against the product measured right before it, then the median
+            row["gemm_share"] = statistics.median(
+                o["flops"] / t / g for t, g in zip(o["timing"].times_s, rates, strict=True))
     if r is not None:
         row["reference"] = s.train_batch / r["timing"].median
         row["ratio"] = row["ours"] / row["reference"]
@@ -905,6 +959,10 @@ def _gen_row(o, r, s: Settings) -> dict[str, Any]:
 
 def _gib(x) -> float | None:
     return None if x is None else x / 1024**3
+
+
+def _rate(flops_per_s: float) -> str:
+    return (f"{flops_per_s / 1e12:.3g} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.3g} GFLOP/s")
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -951,6 +1009,9 @@ def _table(results: dict[str, Any], meta: dict[str, Any]) -> str:
             notes.append(f"MFU {100 * row['mfu']:.1f}%")
         if row.get("flops_per_step"):
             notes.append(f"{row['flops_per_step'] / 1e12:.2f} TFLOP/step")
+        if row.get("gemm_share") is not None:
+            notes.append(f"{100 * row['gemm_share']:.0f}% of the {s.dtype} GEMM measured beside each step "
+                         f"({_rate(row['gemm_flops_per_s'])})")
         mem = row.get("peak_memory_gib") or {}
         if mem.get("ours") is not None:
             notes.append(f"memory ours {mem['ours']:.1f} GiB"

@@ -82,7 +82,7 @@ if [ -n "$total_mib" ]; then
   echo "== memory: full fine-tune, global batch 64, inside a 40 GiB pool (fraction $frac of $total_mib MiB)"
   XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=$frac \
     run train_full_b64 105 --only train_full --train_batch 64 --grad_accum_steps 4 --remat_policy full \
-    --no_reference --repeats 2
+    --no_reference --no_gemm --repeats 2
 fi
 if [ "${PARITY:-0}" = 1 ]; then  # about 2 more minutes: two base-size compiles
   echo "== parity: logits of ours against transformers on this GPU (base size, 768x768)"

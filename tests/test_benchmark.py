@@ -94,3 +94,41 @@ def test_label_row_is_images_per_second_over_the_same_folder(capsys):
     # Ours alone (--no_reference): no ratio.
     alone = benchmark._label_row({"ours": timing, "reference": None, "n": 8}, s)
     assert alone["reference"] is None and alone["ratio"] is None and "label" in benchmark.ROWS
+
+
+def test_train_rows_hold_each_step_against_the_product_timed_right_before_it(capsys):
+    calls = []
+    readings = iter([100.0, 50.0, 25.0])
+
+    def probe():
+        calls.append("probe")
+        return next(readings)
+
+    timing = benchmark.measure(lambda: calls.append("step"), 3, probe)
+    # the first call (compile, warm-up) has no reading; every timed call has one just before it
+    assert calls == ["step", "probe", "step", "probe", "step", "probe", "step"]
+    assert timing.probe == [100.0, 50.0, 25.0] and len(timing.times_s) == 3
+    # A host slowing down 4x within the run: the step's times and the product's rates drift together, and
+    # each step's share of the product measured beside it stays 80% (a median of the rates would say 40-160%).
+    drifting = benchmark.Timing(first_s=90.0, times_s=[10.0, 20.0, 40.0], probe=[1e11, 5e10, 2.5e10])
+    s = benchmark.Settings()
+    row = benchmark._train_row({"timing": drifting, "flops": 8e11, "memory_bytes": None}, None, s, None)
+    assert row["gemm_flops_per_s"] == 5e10 and row["gemm_share"] == pytest.approx(0.8, rel=1e-12)
+    table = benchmark._table({"train_frozen": row}, benchmark._meta(s, "CPU test", "2.x", "5.x"))
+    line = next(line for line in table.splitlines() if line.startswith("| train_frozen |"))
+    assert "80% of the float32 GEMM measured beside each step (50 GFLOP/s)" in line
+    # Without a probe (--no_gemm) or a FLOP count, no share is claimed.
+    bare = benchmark._train_row({"timing": benchmark.Timing(90.0, [10.0, 20.0, 40.0]), "flops": 8e11,
+                                 "memory_bytes": None}, None, s, None)
+    assert "gemm_share" not in bare and "GEMM" not in benchmark._table({"train_frozen": bare}, benchmark._meta(
+        s, "CPU test", "2.x", "5.x"))
+
+
+def test_gemm_probe_is_the_products_flops_over_their_median_time():
+    # a clock read before and after each product: they take 1, 3 and 2 s, so the median is 2 s
+    ticks = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0])
+    probe = benchmark.gemm_probe("float32", "cpu", shape=(64, 96, 128), calls=3, clock=lambda: next(ticks))
+    assert probe() == 2 * 64 * 96 * 128 / 2.0
+    with pytest.raises(StopIteration):  # three products a reading, no more
+        probe()
+    assert benchmark.GEMM_SHAPES["cpu"] == (4096, 768, 3072)  # the product docs/benchmarks.md's shares use
