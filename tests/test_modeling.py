@@ -296,6 +296,43 @@ def test_exact_gelu_is_pytorchs_and_lowers_to_erf():
     assert "chlo.erf " in program and "erfc" not in program
 
 
+def test_softmax_is_jaxs_values_and_keeps_only_the_probabilities_for_the_backward(capsys):
+    """``layers.softmax`` gives ``jax.nn.softmax``'s values bit for bit (the same operations) and its
+    gradient, differentiated through the probabilities rather than the quotient rule over the exponentials.
+
+    Tolerance of the gradients: two formulas for the same derivative, each rounded in float32; the
+    probabilities are at most 1 and the cotangents of order 1, so they agree within a few float32 ulps of
+    the largest entry (1e-6 absolute)."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from florence_jax.modeling import layers
+
+    lowest = jnp.finfo(jnp.float32).min
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 7)) * 4
+    x = x.at[0, 0, 1].set(lowest).at[1, 2, :, 3].set(lowest)  # a fully masked row; a masked key
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    for axis in (-1, 1):
+        np.testing.assert_array_equal(layers.softmax(x, axis), jax.nn.softmax(x, axis=axis))
+        ours = jax.vjp(lambda x: layers.softmax(x, axis), x)[1](g)[0]  # noqa: B023
+        theirs = jax.vjp(lambda x: jax.nn.softmax(x, axis=axis), x)[1](g)[0]  # noqa: B023
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    assert jax.hessian(lambda x: layers.softmax(x, -1)[0, 1, 2, 3])(x).shape == x.shape * 2
+
+    # Attention keeps one (batch, heads, queries, keys) array for its backward: the probabilities, which the
+    # value product's gradient needs anyway. With jax.nn.softmax it kept the exponentials too.
+    q, k, v = (jax.random.normal(key, (2, 4, 9, 8)) for key in jax.random.split(jax.random.key(2), 3))
+
+    def scores_kept():
+        capsys.readouterr()
+        print_saved_residuals(lambda q, k, v: layers.attention(q, k, v, scale=0.3, heads_major=True), q, k, v)
+        return sum("[2,4,9,9]" in line for line in capsys.readouterr().out.splitlines())
+
+    assert scores_kept() == 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(layers, "softmax", lambda x, axis=-1: jax.nn.softmax(x, axis=axis))
+        assert scores_kept() == 2
+
+
 def test_space_to_depth_pixels_give_the_towers_features_and_gradients(tiny_hf_dir):
     """The first convolution (7x7, stride 4, padding 3) on pixels in 4x4 blocks of 48 channels computes the
     same sums of the same products as on the image: features and the convolution's gradients agree."""

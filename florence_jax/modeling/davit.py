@@ -28,6 +28,7 @@ from florence_jax.modeling.layers import (
     named,
     recompute_in_backward,
     remat_function,
+    softmax,
 )
 from florence_jax.modeling.window_kernel import fused_window_attention
 
@@ -288,7 +289,7 @@ class ChannelAttention(nnx.Module):
         qkv = dense(self.qkv, x, rngs).reshape(b, n, 3, g, cg)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, G, Cg)
         scores = jnp.einsum("bngi,bngj->bgij", q, k, preferred_element_type=jnp.float32) * (n**-0.5)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = softmax(scores, -1).astype(v.dtype)
         out = jnp.einsum("bgij,bngj->bngi", probs, v).reshape(b, n, c)
         return dense(self.proj, out, rngs)
 
@@ -321,7 +322,7 @@ def _folded_channel_attention(x: jax.Array, qkv: nnx.Linear, proj: nnx.Linear, g
     sq = jnp.einsum("bi,id->bd", total, wq.astype(f32)).reshape(b, g, cg, 1)
     sk = jnp.einsum("bi,id->bd", total, wk.astype(f32)).reshape(b, g, 1, cg)
     scores = scores + sq * bk[None, :, None, :] + bq[None, :, :, None] * sk + n * (bq[:, :, None] * bk[:, None, :])
-    probs = jax.nn.softmax(scores * (n**-0.5), axis=-1)
+    probs = softmax(scores * (n**-0.5), -1)
     # Float32 operands: a small product (C x C x C/groups per example); XLA:CPU has no bfloat16 kernel for
     # this contraction (over the probabilities' rows).
     wp = proj.kernel[...].astype(dt).astype(f32)

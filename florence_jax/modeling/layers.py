@@ -34,6 +34,27 @@ def named(scope: str):
     return wrap
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``jax.nn.softmax(x, axis)``, the same values (the same operations: the maximum subtracted,
+    ``exp``, a division by the sum), differentiated through its result: ``dy = y (dx - sum(y dx))``.
+
+    ``jax.nn.softmax``'s default derivative (while ``jax_softmax_custom_jvp`` is off, as it is by default)
+    goes through ``exp`` and the division, so a backward pass keeps the unnormalized exponentials beside
+    the probabilities and runs the quotient rule over both: attention's ``(batch, heads, queries, keys)``
+    twice over, in memory and in every pass of the softmax's backward. Here the probabilities alone are
+    kept (``tests/test_modeling.py``)."""
+    unnormalized = jnp.exp(x - jnp.max(x, axis, keepdims=True))
+    return unnormalized / jnp.sum(unnormalized, axis, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(axis, primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    y = softmax(x, axis)
+    return y, y * (x_dot - jnp.sum(y * x_dot, axis, keepdims=True))
+
+
 def recompute_in_backward(fn=None, *, static_argnums: tuple[int, ...] = ()):
     """``fn`` with only its inputs kept for the backward pass, which recomputes the rest.
 
@@ -258,7 +279,7 @@ def attention(
     scores = jnp.einsum(qk, q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = softmax(scores, -1).astype(v.dtype)
     if use_dropout:
         probs = dropout(probs, rngs=rngs)
     out = jnp.einsum(pv, probs, v)
