@@ -772,9 +772,10 @@ def main(argv=None) -> int:
     p.add_argument("--attention_impl", choices=("xla", "dot_product"))
     p.add_argument("--hardware", help="ours: formulations to use, as florence_jax.hardware reads them (an A/B: "
                    "'gpu:depthwise_conv=grouped'); default: this backend's")
-    p.add_argument("--torch_compile", action="store_true", help="also wrap the reference's forward in torch.compile")
+    # Flags that set a Settings field default to None, as the other options do: None is "not given".
+    p.add_argument("--torch_compile", action="store_true", default=None, help="also wrap the reference's forward in torch.compile")
     p.add_argument("--no_reference", action="store_true", help="measure ours only")
-    p.add_argument("--memory_only", action="store_true",
+    p.add_argument("--memory_only", action="store_true", default=None,
                    help="train rows only: compile the step and report its memory (arguments + outputs + "
                         "temporaries, from XLA), without running it or the reference; does a batch fit?")
     p.add_argument("--grad_accum_steps", type=int,
@@ -801,7 +802,7 @@ def main(argv=None) -> int:
     s = defaults_for(platform_name)
     for f in dataclasses.fields(Settings):
         v = getattr(args, f.name, None)
-        if v is not None and (v is not False or f.name == "gemm"):
+        if v is not None:
             setattr(s, f.name, v)
     rows = ROWS if not args.only else tuple(r.strip() for r in args.only.split(","))
     unknown = [r for r in rows if r not in ROWS]
