@@ -239,6 +239,48 @@ def test_adamw_follows_torch(tiny_hf_dir, tiny_hf_model):
         np.testing.assert_allclose(v, mapping.TRANSFORMS[t].to_flax(ref[key]), atol=1e-4, err_msg=path)
 
 
+def test_clipping_is_optaxs_rule_as_one_factor_and_reads_the_gradient_once():
+    """``train.optim.clip_by_global_norm`` clips as optax does (same state, same values up to float32
+    rounding, unclipped steps bit-identical), and an AdamW update after it keeps no clipped gradient of its
+    own: per parameter, three parameter-sized fusions (the two moments and the parameter) where optax's
+    clipping needs a fourth (the divided gradient, read by both moments)."""
+    import optax
+
+    from train.optim import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    grads = {"w": jax.numpy.asarray(rng.normal(size=(256, 512)), np.float32),
+             "b": jax.numpy.asarray(rng.normal(size=(512,)), np.float32)}
+    ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(theirs.init(grads))
+    clipped, _ = ours.update(grads, ours.init(grads))
+    expected, _ = theirs.update(grads, theirs.init(grads))
+    assert float(optax.tree.norm(grads)) > 300  # the clipping branch
+    for k in grads:
+        # g * (1/n) against g / n * 1: one rounding against two, within 2 float32 ulps of the value
+        np.testing.assert_allclose(clipped[k], expected[k], rtol=2.5e-7, atol=0)
+        assert not np.array_equal(clipped[k], grads[k])
+    np.testing.assert_allclose(float(optax.tree.norm(clipped)), 1.0, rtol=1e-6)
+    small = jax.tree.map(lambda g: g * 1e-4, grads)  # norm below 1: untouched, bit for bit
+    kept, _ = ours.update(small, ours.init(small))
+    for k in small:
+        assert np.array_equal(kept[k], small[k])
+
+    def fusions(clip) -> int:
+        tx = optax.chain(clip(1.0), optax.adamw(1e-3, weight_decay=0.01))
+
+        def update(p, g, st):
+            u, st = tx.update(g, st, p)
+            return optax.apply_updates(p, u), st
+
+        params = jax.tree.map(jax.numpy.ones_like, grads)
+        hlo = jax.jit(update, donate_argnums=(0, 2)).lower(params, grads, tx.init(params)).compile().as_text()
+        return len(re.findall(r"= f32\[256,512\]\{[0-9,]*\} fusion\(", hlo[hlo.index("ENTRY"):]))
+
+    if jax.default_backend() == "cpu":
+        assert (fusions(clip_by_global_norm), fusions(optax.clip_by_global_norm)) == (3, 4)
+
+
 @pytest.mark.parametrize("bad", ["model.vision_tower.nothing"])
 def test_freeze_regex_matches_nothing_is_visible(bad, tiny_hf_dir):
     from train.optim import count_params, param_labels
