@@ -40,7 +40,9 @@ class Formulations:
     # C x C convolution, or one Pallas kernel for the convolution and its residual that reads the
     # residual stream in the tokens' layout, where XLA:TPU copies it into the grouped convolution's and
     # back ("fused": a TPU kernel, its backward the grouped convolution's; on the CPU it runs in Pallas'
-    # interpreter, for tests; florence_jax.modeling.dwconv_kernel).
+    # interpreter, for tests; florence_jax.modeling.dwconv_kernel), or the CPU kernel for the convolution
+    # and its residual ("kernel": florence_jax.cpu_kernels, its backward the shifted sum's; the shifted sum
+    # elsewhere).
     depthwise_conv: str
     # A vision block's residual stream stored once rather than recomputed by each consumer: XLA:CPU fuses
     # the cheap elementwise stream into every consumer, recomputing long chains of shifted slices.
@@ -158,7 +160,7 @@ class Formulations:
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "platform": PLATFORMS,
-    "depthwise_conv": ("shifted_sum", "grouped", "fused"),
+    "depthwise_conv": ("shifted_sum", "grouped", "fused", "kernel"),
     "store_vision_residuals": (True, False),
     "carry_small_scan_params": (True, False),
     "attention_layout": ("heads_major", "sequence_major"),
@@ -189,7 +191,7 @@ _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spe
 # depthwise convolution, window attention, pixel normalization, pixel layout and LayerNorm statistics
 # follow the TPU compiler's estimates (docs/scale-out.md), no chip having run them.
 DEFAULTS: dict[str, Formulations] = {
-    "cpu": Formulations("cpu", depthwise_conv="shifted_sum", store_vision_residuals=True,
+    "cpu": Formulations("cpu", depthwise_conv="kernel", store_vision_residuals=True,
                         carry_small_scan_params=True, attention_layout="heads_major",
                         beam_cross_attention="per_beam", beam_cache_copy="row_by_row", pixel_normalize="gather",
                         lm_head_product="vocab_major", decode_dots="kernel", decode_attention="kernel",

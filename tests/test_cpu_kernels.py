@@ -1,6 +1,7 @@
-"""The CPU kernels of the decoding loop (florence_jax/cpu_kernels): a few rows times a large float32 matrix
-and a step's cross-attention, against float64 numpy, inside a compiled loop and across XLA's threads; their
-build cache; their bad-input errors; and the fallback to XLA's dots when they cannot be built."""
+"""The CPU kernels (florence_jax/cpu_kernels): a few rows times a large float32 matrix, a step's
+cross-attention, window attention and the depthwise convolution, against float64 numpy, inside a compiled
+loop and across XLA's threads; their build cache; their bad-input errors; and the fallback to XLA's dots
+when they cannot be built."""
 
 import warnings
 
@@ -108,8 +109,9 @@ def test_a_failed_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_decoding_keeps_xlas_dots(monkeypatch):
-    """No compiler: ``available()`` is False with one warning naming the reason, and a decoding loop
-    built under the kernel formulation packs nothing (its layers keep their own products)."""
+    """No compiler: ``available()`` is False with one warning naming the reason, a decoding loop built under
+    the kernel formulation packs nothing (its layers keep their own products), and the tower's depthwise
+    convolutions take the shifted sum."""
     from florence_jax.generation import _kernel_weights
 
     monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
@@ -131,6 +133,16 @@ def test_without_a_compiler_decoding_keeps_xlas_dots(monkeypatch):
         assert _kernel_weights(Model()) == {}
         with cpu_kernels.decode_products({}):
             assert cpu_kernels.packed_product(object(), jnp.ones((3, 8), jnp.float32)) is None
+        # the tower's depthwise convolutions under the kernel formulation take the shifted sum
+        from flax import nnx
+
+        from florence_jax.modeling.davit import DepthwiseConv, _depthwise_conv3x3
+        from train.state import tiny_config
+
+        conv = DepthwiseConv(tiny_config(128, 127), 32, rngs=nnx.Rngs(0))
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 5, 32)), jnp.float32)
+        assert conv.formulation == "kernel" and not conv.runs_cpu_kernel(x)
+        np.testing.assert_array_equal(conv.residual(x), _depthwise_conv3x3(x, conv.kernel[...], conv.bias[...]) + x)
     finally:
         monkeypatch.undo()
         cpu_kernels._library.cache_clear()
@@ -416,3 +428,128 @@ def test_window_attention_runs_per_device_on_a_mesh():
     np.testing.assert_allclose(np.asarray(grad), ref, rtol=0, atol=2e-6 * float(np.abs(ref).max()))
     whole = jax.jit(lambda x: _window_kernel(x, 2, 0.5, "heads_major"), in_shardings=sh)
     assert collectives(whole, qkv)
+
+
+def _depthwise_residual64(x, k, b):
+    """``x + b + conv(x)`` in float64, and the sum of the magnitudes of its terms (for a rounding bound)."""
+    x64, k64 = np.asarray(x, np.float64), np.asarray(k, np.float64).reshape(3, 3, -1)
+    h, w = x64.shape[1:3]
+    xp = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = x64 + np.asarray(b, np.float64)
+    mag = np.abs(out)
+    for i in range(3):
+        for j in range(3):
+            term = xp[:, i:i + h, j:j + w] * k64[i, j]
+            out, mag = out + term, mag + np.abs(term)
+    return out, mag
+
+
+# (batch, H, W, channels in vectors): one pixel; a row shorter than the window; rows and columns at every
+# border; more rows than a thread's chunk (DaViT's rows hold 24K outputs, chunks about 64K), so rows are
+# split among threads; several vectors of channels.
+@pytest.mark.parametrize("b,h,w,cv", [(1, 1, 1, 1), (2, 5, 2, 1), (3, 9, 7, 3), (2, 40, 33, 8)])
+def test_depthwise_residual_matches_float64(b, h, w, cv):
+    """Within 11 float32 roundings of the sum of its terms' magnitudes per element (ten additions in some
+    order, each product rounded once). A tap read from the wrong row, column or channel moves an output by
+    a whole term, far outside it."""
+    c = cv * _lanes()
+    rng = np.random.default_rng(b * 1000 + h * 10 + w)
+    x = rng.standard_normal((b, h, w, c), np.float32)
+    k = rng.standard_normal((3, 3, 1, c), np.float32)
+    bias = rng.standard_normal(c, np.float32)
+    out = jax.jit(cpu_kernels.depthwise_residual)(x, k, bias)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    want, mag = _depthwise_residual64(x, k, bias)
+    err = np.abs(np.asarray(out, np.float64) - want)
+    assert np.all(err <= 11 * np.finfo(np.float32).eps * mag), float((err / mag).max())
+    # not trivially close: the taps move every output by far more than the bound
+    assert np.abs(want - x - bias).max() > 1e4 * np.finfo(np.float32).eps * mag.max()
+
+
+def test_depthwise_residual_limits():
+    lanes = _lanes()
+    assert cpu_kernels.depthwise_supported(lanes) and cpu_kernels.depthwise_supported(64 * lanes)
+    assert not cpu_kernels.depthwise_supported(lanes + 1)  # not whole vectors: the shifted sum
+    with pytest.raises(Exception, match="florence_depthwise_residual"):
+        c = lanes + 1
+        jax.block_until_ready(cpu_kernels.depthwise_residual(jnp.ones((1, 3, 3, c), jnp.float32),
+                                                            jnp.ones((3, 3, 1, c), jnp.float32),
+                                                            jnp.ones(c, jnp.float32)))
+
+
+def test_the_towers_depthwise_convolutions_run_the_kernel_with_the_shifted_sums_gradient():
+    """The CPU's default (``depthwise_conv="kernel"``) against the shifted sum on the demo's tiny model:
+    four kernel calls per block (two per spatial and per channel half) in the compiled tower and none in
+    the shifted sum's; the features within float32 rounding of the largest (the taps summed in another
+    order, through four stages); every parameter's gradient within float32 rounding of its largest entry
+    (the kernel's backward is the shifted sum's, taken at the same input)."""
+    from flax import nnx
+
+    from florence_jax import Florence2ForConditionalGeneration
+    from train.state import tiny_config
+
+    model = Florence2ForConditionalGeneration(tiny_config(128, 127), rngs=nnx.Rngs(0))
+    assert model.formulations.depthwise_conv == "kernel"
+    shifted = model.for_hardware("cpu:depthwise_conv=shifted_sum")
+    x = jnp.asarray(np.random.default_rng(1).uniform(-2, 2, (2, 64, 64, 3)), jnp.float32)
+
+    def run(m):
+        tower = m.model.vision_tower
+        fwd = jax.jit(lambda t, x: t(x))
+        grad = jax.jit(nnx.grad(lambda t, x: jnp.sum(t(x) ** 2)))
+        calls = fwd.lower(tower, x).compile().as_text().count('custom_call_target="florence_depthwise_residual"')
+        grads = nnx.to_flat_state(nnx.state(grad(tower, x), nnx.Param))
+        return calls, np.asarray(fwd(tower, x)), {k: np.asarray(v[...]) for k, v in grads}
+
+    (calls, out, grads), (calls0, out0, grads0) = run(model), run(shifted)
+    assert calls == 4 * sum(model.config.vision_config.depths) and calls0 == 0
+    np.testing.assert_allclose(out, out0, rtol=0, atol=1e-5 * np.abs(out0).max())
+    assert grads.keys() == grads0.keys() and any("conv1" in str(k) for k in grads)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], grads0[k], rtol=0, atol=1e-5 * np.abs(grads0[k]).max() + 1e-30,
+                                   err_msg=str(k))
+
+
+def test_depthwise_residual_runs_per_device_on_a_mesh():
+    """On a data x fsdp mesh with the images split as a step splits its batch, each device convolves its own
+    images (``sharding.per_batch_shard``): the compiled forward and backward move no activations between
+    devices and give the shifted sum's values and gradients (input, taps, bias). The same call without the
+    split gathers the images whole, so the check can fail."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from florence_jax import sharding
+    from florence_jax.modeling.davit import _cpu_depthwise_residual, _depthwise_conv3x3
+
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), sharding.BATCH_AXES)
+    sh = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+    c = 2 * _lanes()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 6, 5, c)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 1, c)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(c,)), jnp.float32)
+
+    def kernel(x, k, b):
+        return sharding.per_batch_shard(_cpu_depthwise_residual, x, k, b)
+
+    def shifted(x, k, b):
+        return _depthwise_conv3x3(x, k, b) + x
+
+    def collectives(fn, *args):
+        # activations moved between devices; an all-reduce is the taps' and bias's gradients summed over
+        # the batch's devices, as every parameter's gradient is
+        import re
+        return re.findall(r"all-gather|all-to-all|collective-permute", fn.lower(*args).compile().as_text())
+
+    forward = jax.jit(kernel)
+    backward = jax.jit(jax.grad(lambda *a: jnp.sum(kernel(*a) ** 2), argnums=(0, 1, 2)))
+    arg = jax.device_put(x, sh)
+    assert collectives(forward, arg, k, b) == [] and collectives(backward, arg, k, b) == []
+    np.testing.assert_allclose(np.asarray(forward(arg, k, b)), np.asarray(shifted(x, k, b)), rtol=0, atol=1e-5)
+    grads = backward(arg, k, b)
+    assert grads[0].sharding.is_equivalent_to(sh, 4)
+    refs = jax.grad(lambda *a: jnp.sum(shifted(*a) ** 2), argnums=(0, 1, 2))(x, k, b)
+    for g, r in zip(grads, refs):
+        r = np.asarray(r)
+        np.testing.assert_allclose(np.asarray(g), r, rtol=0, atol=2e-6 * float(np.abs(r).max()))
+    whole = jax.jit(_cpu_depthwise_residual, in_shardings=(sh, None, None))
+    assert collectives(whole, x, k, b)

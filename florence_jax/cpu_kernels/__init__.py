@@ -22,6 +22,10 @@ Kernels for the decoding loop and the vision tower, built into one library:
   products of each pair as a batch of small products on one core, after transposing q, k and v). Used
   under ``Formulations.window_attention="kernel"`` (the CPU default): :func:`window_attention`, its
   gradient through XLA's einsums (``florence_jax.modeling.davit``).
+- ``depthwise_conv.cc``: DaViT's 3x3 depthwise convolution with its bias and the block's residual in one pass
+  over the image, three input rows per output row (XLA:CPU pads the input in one pass, then slices it nine
+  times per element). Used under ``Formulations.depthwise_conv="kernel"`` (the CPU default):
+  :func:`depthwise_residual`, its gradient through the shifted sum's (``florence_jax.modeling.davit``).
 
 The shared library is compiled with ``-O3 -march=native`` for the host it runs on and cached under
 ``$FLORENCE_JAX_CACHE`` (default ``~/.cache/florence_jax``)/kernels, keyed by the source, the flags, the
@@ -54,13 +58,15 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _SOURCES = tuple(Path(__file__).with_name(f)
-                 for f in ("rows_product.cc", "cross_attention.cc", "top_k.cc", "window_attention.cc"))
+                 for f in ("rows_product.cc", "cross_attention.cc", "top_k.cc", "window_attention.cc",
+                           "depthwise_conv.cc"))
 _HEADERS = (Path(__file__).with_name("kernels.h"),)  # what the sources share; part of the build's key
 _TARGET = "florence_rows_product"
 _CROSS_TARGET = "florence_cross_attention"
 _CACHED_TARGET = "florence_cached_attention"
 _TOP_K_TARGET = "florence_top_k"
 _WINDOW_TARGET = "florence_window_attention"
+_DEPTHWISE_TARGET = "florence_depthwise_residual"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # A product with more rows than this (a prompt's encoder states, a training batch) is a GEMM: XLA's own
 # dot libraries are the right kernel for it.
@@ -125,7 +131,7 @@ def _library() -> ctypes.CDLL | str:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.florence_rows_product), platform="cpu")
-        for target in (_CROSS_TARGET, _CACHED_TARGET, _TOP_K_TARGET, _WINDOW_TARGET):
+        for target in (_CROSS_TARGET, _CACHED_TARGET, _TOP_K_TARGET, _WINDOW_TARGET, _DEPTHWISE_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return f"building or loading {' and '.join(p.name for p in _SOURCES)} failed: {e}"
@@ -146,8 +152,8 @@ def available() -> bool:
 @functools.cache
 def _warn_once(reason: str) -> None:
     warnings.warn(f"florence_jax's CPU kernels are unavailable ({reason}); the model uses XLA's ops (set the "
-                  "hardware formulations decode_dots, decode_attention and decode_top_k to compiler and "
-                  "window_attention to einsum to silence this)", stacklevel=3)
+                  "hardware formulations decode_dots, decode_attention and decode_top_k to compiler, "
+                  "window_attention to einsum and depthwise_conv to shifted_sum to silence this)", stacklevel=3)
 
 
 def _loaded() -> ctypes.CDLL:
@@ -340,6 +346,20 @@ def window_attention(qkv: jax.Array, heads: int, scale: float) -> jax.Array:
     w, n, c3 = qkv.shape
     return jax.ffi.ffi_call(_WINDOW_TARGET, jax.ShapeDtypeStruct((w, n, c3 // 3), jnp.float32))(
         qkv, heads=np.int64(heads), scale=np.float32(scale))
+
+
+def depthwise_residual(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """``x + conv(x) + bias`` for float32 ``x`` (batch, H, W, C), ``conv`` the 3x3 depthwise convolution with
+    padding 1 whose taps ``kernel`` holds as (3, 3, 1, C) (or any shape of 9 x C values, rows first), ``bias``
+    (C,). Forward only: ``florence_jax.modeling.davit`` gives it its gradient."""
+    c = x.shape[-1]
+    return jax.ffi.ffi_call(_DEPTHWISE_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+        x, kernel.reshape(9, c), bias)
+
+
+def depthwise_supported(channels: int) -> bool:
+    """Whether :func:`depthwise_residual` takes this many channels: whole vectors."""
+    return channels % _head_dims()[0] == 0
 
 
 def window_attention_supported(head_dim: int) -> bool:

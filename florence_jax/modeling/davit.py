@@ -43,7 +43,7 @@ def _conv(cfg: Florence2Config, din: int, dout: int, k: int, stride: int, pad: i
 
 class DepthwiseConv(nnx.Module):
     """3x3 depthwise conv (stride 1, padding 1), as nine shifted multiply-adds, XLA's grouped convolution
-    or, with the block's residual, a Pallas TPU kernel.
+    or, with the block's residual, a Pallas TPU kernel or a CPU kernel.
 
     Same parameters as ``nnx.Conv(C, C, (3, 3), feature_group_count=C)`` (kernel (3, 3, 1, C), bias (C,)),
     so checkpoints map identically whichever formulation runs (``Formulations.depthwise_conv``). XLA:CPU
@@ -60,15 +60,29 @@ class DepthwiseConv(nnx.Module):
         f = hardware.resolve(cfg.hardware)
         self.formulation = f.depthwise_conv
         self.interpret = f.platform != "tpu"  # the kernel runs in Pallas' interpreter off the TPU (tests)
+        self.cpu_kernel = f.depthwise_conv == "kernel" and f.platform == "cpu"
 
     @named("dwconv")
     def __call__(self, x: jax.Array) -> jax.Array:
-        fn = _depthwise_conv3x3 if self.formulation == "shifted_sum" else grouped_conv3x3
+        fn = _depthwise_conv3x3 if self.formulation in ("shifted_sum", "kernel") else grouped_conv3x3
         return fn(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype))
+
+    def runs_cpu_kernel(self, x: jax.Array) -> bool:
+        """Whether :meth:`residual` of ``x`` runs the CPU kernel (``depthwise_conv="kernel"``, float32, whole
+        vectors of channels, the kernels built); else it takes the shifted sum."""
+        return (self.cpu_kernel and jnp.dtype(self.dtype) == jnp.float32 and cpu_kernels.available()
+                and cpu_kernels.depthwise_supported(x.shape[-1]))
 
     def residual(self, x: jax.Array) -> jax.Array:
         """``self(x) + x``, as the blocks use it: one Pallas kernel under ``depthwise_conv="fused"``
-        (florence_jax.modeling.dwconv_kernel; the TPU's), the convolution and an add otherwise."""
+        (florence_jax.modeling.dwconv_kernel; the TPU's), one CPU kernel under ``"kernel"`` (the CPU's), the
+        convolution and an add otherwise."""
+        if self.runs_cpu_kernel(x):
+            with jax.named_scope("dwconv"):
+                # not named for remat, as the Pallas kernel: recomputing it costs about what saving it would
+                return sharding.per_batch_shard(_cpu_depthwise_residual, x.astype(jnp.float32),
+                                                self.kernel[...].astype(jnp.float32),
+                                                self.bias[...].astype(jnp.float32))
         if self.formulation != "fused":
             return self(x) + x
         with jax.named_scope("dwconv"):
@@ -87,6 +101,25 @@ def _depthwise_conv3x3(x: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
         for j in range(3):
             out = out + xp[:, i : i + h, j : j + w, :] * k[i, j, 0]
     return out
+
+
+# The CPU kernel computes the forward; the backward is the shifted sum's, which is what the CPU computes
+# without the kernel, so training takes the same gradient either way.
+@jax.custom_vjp
+def _cpu_depthwise_residual(x, k, b):
+    return cpu_kernels.depthwise_residual(x, k, b)
+
+
+def _cpu_depthwise_residual_fwd(x, k, b):
+    return cpu_kernels.depthwise_residual(x, k, b), (x, k, b)
+
+
+def _cpu_depthwise_residual_bwd(saved, dy):
+    _, pullback = jax.vjp(lambda x, k, b: _depthwise_conv3x3(x, k, b) + x, *saved)
+    return pullback(dy)
+
+
+_cpu_depthwise_residual.defvjp(_cpu_depthwise_residual_fwd, _cpu_depthwise_residual_bwd)
 
 
 def _residual_store(x: jax.Array) -> jax.Array:
@@ -363,12 +396,13 @@ class _DaViTBlockHalf(nnx.Module):
     def _forward(self, x: jax.Array, rngs, drop_rate) -> jax.Array:
         store = _residual_store if self.store_residuals else (lambda t: t)
         b, h, w, c = x.shape
-        x = store(self.conv1.residual(x))
+        # a kernel's output is stored as it is: nothing for XLA to recompute in its consumers
+        x = self.conv1.residual(x) if self.conv1.runs_cpu_kernel(x) else store(self.conv1.residual(x))
         tokens = x.reshape(b, h * w, c)
         attn = self._attend(self.norm1(tokens), (h, w), rngs)
         tokens = store(tokens + _apply_drop_path(self.drop_path1, attn, rngs, drop_rate))
         x = tokens.reshape(b, h, w, c)
-        x = store(self.conv2.residual(x))
+        x = self.conv2.residual(x) if self.conv2.runs_cpu_kernel(x) else store(self.conv2.residual(x))
         tokens = x.reshape(b, h * w, c)
         tokens = tokens + _apply_drop_path(self.drop_path2, self.ffn(self.norm2(tokens), rngs), rngs, drop_rate)
         return store(tokens).reshape(b, h, w, c)
