@@ -340,37 +340,45 @@ def test_window_attention_limits():
         jax.block_until_ready(cpu_kernels.window_attention(jnp.ones((2, 4, 99), jnp.float32), 3, 0.5))
 
 
-def test_the_towers_window_attention_runs_the_kernel_with_the_einsums_gradient():
-    """The CPU's default (``window_attention="kernel"``) against the einsums on the demo's tiny model (heads
-    of 16 channels, windows of 16 tokens): one kernel call per spatial block in the compiled tower and none
-    in the einsums'; the features within float32 rounding (the kernel's exponential and sums in another
-    order, through four stages); every parameter's gradient within float32 rounding of its largest entry
-    (the kernel's backward is the einsums', taken at the same qkv)."""
+def _tower_kernel_against(other: str, target: str, seed: int):
+    """The tiny tower (the demo's model) with the CPU's defaults and with ``other``'s formulations: the
+    kernel's calls in each compiled forward, and the features and parameter gradients of each (the kernel's
+    backward is the formulation it replaces, taken at the same input: float32 rounding apart)."""
     from flax import nnx
 
     from florence_jax import Florence2ForConditionalGeneration
     from train.state import tiny_config
 
     model = Florence2ForConditionalGeneration(tiny_config(128, 127), rngs=nnx.Rngs(0))
-    assert model.formulations.window_attention == "kernel"
-    einsum = model.for_hardware("cpu:window_attention=einsum")
-    x = jnp.asarray(np.random.default_rng(0).uniform(-2, 2, (2, 64, 64, 3)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(seed).uniform(-2, 2, (2, 64, 64, 3)), jnp.float32)
 
     def run(m):
         tower = m.model.vision_tower
         fwd = jax.jit(lambda t, x: t(x))
         grad = jax.jit(nnx.grad(lambda t, x: jnp.sum(t(x) ** 2)))
-        calls = fwd.lower(tower, x).compile().as_text().count('custom_call_target="florence_window_attention"')
+        calls = fwd.lower(tower, x).compile().as_text().count(f'custom_call_target="{target}"')
         grads = nnx.to_flat_state(nnx.state(grad(tower, x), nnx.Param))
         return calls, np.asarray(fwd(tower, x)), {k: np.asarray(v[...]) for k, v in grads}
 
-    (calls, out, grads), (calls0, out0, grads0) = run(model), run(einsum)
-    assert calls == sum(model.config.vision_config.depths) and calls0 == 0
+    (calls, out, grads), (calls0, out0, grads0) = run(model), run(model.for_hardware(other))
     np.testing.assert_allclose(out, out0, rtol=0, atol=1e-5 * np.abs(out0).max())
-    assert grads.keys() == grads0.keys() and any("window_attn" in str(k) for k in grads)
+    assert grads.keys() == grads0.keys()
     for k in grads:
         np.testing.assert_allclose(grads[k], grads0[k], rtol=0, atol=1e-5 * np.abs(grads0[k]).max() + 1e-30,
                                    err_msg=str(k))
+    return model, calls, calls0, grads
+
+
+def test_the_towers_window_attention_runs_the_kernel_with_the_einsums_gradient():
+    """The CPU's default (``window_attention="kernel"``) against the einsums on the demo's tiny model (heads
+    of 16 channels, windows of 16 tokens): one kernel call per spatial block in the compiled tower and none
+    in the einsums'; the features within float32 rounding (the kernel's exponential and sums in another
+    order, through four stages); every parameter's gradient within float32 rounding of its largest entry
+    (the kernel's backward is the einsums', taken at the same qkv)."""
+    model, calls, calls0, grads = _tower_kernel_against("cpu:window_attention=einsum", "florence_window_attention", 0)
+    assert model.formulations.window_attention == "kernel"
+    assert calls == sum(model.config.vision_config.depths) and calls0 == 0
+    assert any("window_attn" in str(k) for k in grads)
 
 
 def test_the_kernels_products_count_as_the_einsums_do():
@@ -483,31 +491,11 @@ def test_the_towers_depthwise_convolutions_run_the_kernel_with_the_shifted_sums_
     the shifted sum's; the features within float32 rounding of the largest (the taps summed in another
     order, through four stages); every parameter's gradient within float32 rounding of its largest entry
     (the kernel's backward is the shifted sum's, taken at the same input)."""
-    from flax import nnx
-
-    from florence_jax import Florence2ForConditionalGeneration
-    from train.state import tiny_config
-
-    model = Florence2ForConditionalGeneration(tiny_config(128, 127), rngs=nnx.Rngs(0))
+    model, calls, calls0, grads = _tower_kernel_against("cpu:depthwise_conv=shifted_sum",
+                                                        "florence_depthwise_residual", 1)
     assert model.formulations.depthwise_conv == "kernel"
-    shifted = model.for_hardware("cpu:depthwise_conv=shifted_sum")
-    x = jnp.asarray(np.random.default_rng(1).uniform(-2, 2, (2, 64, 64, 3)), jnp.float32)
-
-    def run(m):
-        tower = m.model.vision_tower
-        fwd = jax.jit(lambda t, x: t(x))
-        grad = jax.jit(nnx.grad(lambda t, x: jnp.sum(t(x) ** 2)))
-        calls = fwd.lower(tower, x).compile().as_text().count('custom_call_target="florence_depthwise_residual"')
-        grads = nnx.to_flat_state(nnx.state(grad(tower, x), nnx.Param))
-        return calls, np.asarray(fwd(tower, x)), {k: np.asarray(v[...]) for k, v in grads}
-
-    (calls, out, grads), (calls0, out0, grads0) = run(model), run(shifted)
     assert calls == 4 * sum(model.config.vision_config.depths) and calls0 == 0
-    np.testing.assert_allclose(out, out0, rtol=0, atol=1e-5 * np.abs(out0).max())
-    assert grads.keys() == grads0.keys() and any("conv1" in str(k) for k in grads)
-    for k in grads:
-        np.testing.assert_allclose(grads[k], grads0[k], rtol=0, atol=1e-5 * np.abs(grads0[k]).max() + 1e-30,
-                                   err_msg=str(k))
+    assert any("conv1" in str(k) for k in grads)
 
 
 def test_depthwise_residual_runs_per_device_on_a_mesh():
