@@ -73,10 +73,11 @@ class DepthwiseConv(nnx.Module):
         return (self.cpu_kernel and jnp.dtype(self.dtype) == jnp.float32 and cpu_kernels.available()
                 and cpu_kernels.depthwise_supported(x.shape[-1]))
 
-    def residual(self, x: jax.Array) -> jax.Array:
-        """``self(x) + x``, as the blocks use it: one Pallas kernel under ``depthwise_conv="fused"``
+    def residual(self, x: jax.Array, store=lambda t: t) -> jax.Array:
+        """``store(self(x) + x)``, as the blocks use it: one Pallas kernel under ``depthwise_conv="fused"``
         (florence_jax.modeling.dwconv_kernel; the TPU's), one CPU kernel under ``"kernel"`` (the CPU's), the
-        convolution and an add otherwise."""
+        convolution and an add otherwise. ``store`` (the block's residual-stream store) is not applied to
+        the CPU kernel's output: a kernel's output is stored as it is, nothing for XLA to recompute."""
         if self.runs_cpu_kernel(x):
             with jax.named_scope("dwconv"):
                 # not named for remat, as the Pallas kernel: recomputing it costs about what saving it would
@@ -84,12 +85,13 @@ class DepthwiseConv(nnx.Module):
                                                 self.kernel[...].astype(jnp.float32),
                                                 self.bias[...].astype(jnp.float32))
         if self.formulation != "fused":
-            return self(x) + x
+            return store(self(x) + x)
         with jax.named_scope("dwconv"):
             # not named for remat (kernel_output): under "dots" the backward runs it again, which costs
             # about what saving its output would (JAX copies a saved value once, rounding it to its dtype)
-            return fused_depthwise_residual(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                                            self.bias[...].astype(self.dtype), interpret=self.interpret)
+            out = fused_depthwise_residual(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                           self.bias[...].astype(self.dtype), interpret=self.interpret)
+        return store(out)
 
 
 @recompute_in_backward  # keeps x, not the nine shifted copies each product's backward would keep
@@ -396,13 +398,12 @@ class _DaViTBlockHalf(nnx.Module):
     def _forward(self, x: jax.Array, rngs, drop_rate) -> jax.Array:
         store = _residual_store if self.store_residuals else (lambda t: t)
         b, h, w, c = x.shape
-        # a kernel's output is stored as it is: nothing for XLA to recompute in its consumers
-        x = self.conv1.residual(x) if self.conv1.runs_cpu_kernel(x) else store(self.conv1.residual(x))
+        x = self.conv1.residual(x, store)
         tokens = x.reshape(b, h * w, c)
         attn = self._attend(self.norm1(tokens), (h, w), rngs)
         tokens = store(tokens + _apply_drop_path(self.drop_path1, attn, rngs, drop_rate))
         x = tokens.reshape(b, h, w, c)
-        x = self.conv2.residual(x) if self.conv2.runs_cpu_kernel(x) else store(self.conv2.residual(x))
+        x = self.conv2.residual(x, store)
         tokens = x.reshape(b, h * w, c)
         tokens = tokens + _apply_drop_path(self.drop_path2, self.ffn(self.norm2(tokens), rngs), rngs, drop_rate)
         return store(tokens).reshape(b, h, w, c)
