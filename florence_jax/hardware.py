@@ -336,6 +336,48 @@ DEVICE_SPECS: dict[str, DeviceSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class GpuTarget:
+    """What XLA:GPU reads from a GPU to build its program, from the GPU's public data sheet: the device kind
+    the driver reports, compute capability, SMs, FP32 units per SM, shared memory per block (opt-in) and per
+    SM, L2 and boost clock (scripts.aot_compile compiles for it without a GPU). Memory size and bandwidth
+    are the :data:`DEVICE_SPECS` row's."""
+
+    kind: str
+    capability: tuple[int, int]
+    sms: int
+    fp32_per_sm: int
+    smem_per_block_optin: int
+    smem_per_sm: int
+    l2_mib: int
+    clock_ghz: float
+
+
+GPU_TARGETS: dict[str, GpuTarget] = {
+    "a100": GpuTarget("NVIDIA A100-SXM4-40GB", (8, 0), 108, 64, 166912, 167936, 40, 1.41),
+    "h100": GpuTarget("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 232448, 233472, 50, 1.98),
+    "h200": GpuTarget("NVIDIA H200", (9, 0), 132, 128, 232448, 233472, 50, 1.98),
+}
+
+
+def gpu_target_config(chip: str) -> str:
+    """XLA:GPU's target description (a ``GpuTargetConfigProto`` in text form) of :data:`GPU_TARGETS`
+    ``chip``: with it the GPU compiler builds a program for that GPU on a machine without one."""
+    t, spec = GPU_TARGETS[chip], DEVICE_SPECS[chip]
+    info = {"threads_per_block_limit": 1024, "threads_per_warp": 32, "shared_memory_per_block": 49152,
+            "shared_memory_per_block_optin": t.smem_per_block_optin, "shared_memory_per_core": t.smem_per_sm,
+            "threads_per_core_limit": 2048, "core_count": t.sms, "fpus_per_core": t.fp32_per_sm,
+            "block_dim_limit_x": 2**31 - 1, "block_dim_limit_y": 65535, "block_dim_limit_z": 65535,
+            "memory_bandwidth": int(spec.hbm_gbps * 1e9), "l2_cache_size": t.l2_mib * 2**20,
+            "clock_rate_ghz": t.clock_ghz, "device_memory_size": int(spec.hbm_gib * 2**30),
+            "registers_per_core_limit": 65536, "registers_per_block_limit": 65536}
+    lines = [f"  {k}: {v}" for k, v in info.items()]
+    major, minor = t.capability
+    lines.append(f"  cuda_compute_capability {{ major: {major} minor: {minor} }}")
+    return ("gpu_device_info {\n" + "\n".join(lines) + "\n}\n"
+            f'platform_name: "CUDA"\ndevice_description_str: "{t.kind}"\n')
+
+
 def device_spec(kind: str) -> DeviceSpec | None:
     """The :data:`DEVICE_SPECS` row whose key occurs in ``kind`` (a device kind, chip or config name)."""
     kind = kind.lower()

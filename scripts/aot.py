@@ -19,7 +19,8 @@ from train.step import jit_train_step
 
 
 def target_devices(topology: str | None):
-    """Devices to compile for: this machine's, or a TPU slice described by libtpu. Returns (devices, chip)."""
+    """Devices to compile for: this machine's, a TPU slice described by libtpu (``v5e:4x4``), or GPUs described
+    by :data:`florence_jax.hardware.GPU_TARGETS` (``h100``, ``a100:8``: that many on one host). Returns (devices, chip)."""
     if not topology:
         devs = jax.devices()
         return devs, devs[0].platform
@@ -27,7 +28,9 @@ def target_devices(topology: str | None):
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover
         raise SystemExit(f"jax.experimental.topologies unavailable: {e}") from e
-    chip = topology.split(":")[0]
+    chip = topology.split(":")[0].lower()
+    if chip in hardware.GPU_TARGETS:
+        return gpu_devices(topology), chip
     try:
         # v4 and v5p chips hold two TensorCores that JAX drives as one device (megacore) with the chip's
         # whole HBM; without this libtpu describes each core as a device with half of it.
@@ -39,6 +42,26 @@ def target_devices(topology: str | None):
         raise SystemExit(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {e}); "
                          "install libtpu: pip install 'florence-jax[tpu]'") from e
     return list(topo.devices), chip
+
+
+def gpu_devices(topology: str):
+    """Compile-only devices for ``chip[:count]`` (one host): XLA:GPU's, from the CUDA plugin, which needs no GPU
+    and no CUDA libraries to compile (``pip install 'florence-jax[gpu-aot]'``)."""
+    chip, _, count = topology.lower().partition(":")
+    if not count.isdigit() or int(count) < 1:
+        if count:
+            raise SystemExit(f"GPU topology {topology!r}: expected {chip} or {chip}:N (N GPUs on one host)")
+        count = "1"
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc("florence", platform="cuda", target_config=hardware.gpu_target_config(chip),
+                                            topology=f"1x1x{int(count)}")
+    except Exception as e:
+        raise SystemExit(f"cannot describe {topology!r} for XLA:GPU ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:300]}); install JAX's CUDA plugin, which compiles "
+                         "without a GPU: pip install -e '.[gpu-aot]'") from e
+    return list(topo.devices)
 
 
 def _chips_per_host(topology: str) -> tuple[int, int, int]:

@@ -2,12 +2,18 @@
 
     python -m scripts.aot_compile --config gpu_a100.py                 # simulated CPU devices
     python -m scripts.aot_compile --config tpu_v4_32.py --topology v4:2x2x4   # a TPU pod slice (needs libtpu)
+    python -m scripts.aot_compile --config gpu_a100.py --topology a100       # XLA:GPU's program for an A100
 
 Nothing is downloaded and no weights are read: the model is abstract (shapes from the config's
 ``model.preset``: tiny, base or large), the batch is abstract at the config's
 shapes, and the step is lowered with the config's mesh and shardings. With ``--topology`` the target is
 a TPU slice described by libtpu (``jax.experimental.topologies``), so a user learns before renting the
-pod whether the step compiles and fits its HBM. Exit code 1 when it does not fit. The step is traced for
+pod whether the step compiles and fits its HBM. A GPU topology (``a100``, ``h100``, ``h200``; ``h100:8`` for
+eight on one host) has XLA:GPU build the step for that GPU, described by its public figures
+(``florence_jax.hardware.GPU_TARGETS``), through JAX's CUDA plugin, which compiles without a GPU (``pip install -e
+".[gpu-aot]"``): the GPU compiler's own fusion and buffer assignment, where simulated CPU devices give the
+CPU compiler's, an upper bound. Without a GPU it cannot measure its kernels (autotuning), so each product
+takes the kernel its heuristics pick. Exit code 1 when the step does not fit. The step is traced for
 the config's hardware (``config.model.hardware``: ``a100``, ``h100``, ``v4``, ...; a TPU with
 ``--topology``; ``--platform`` to choose), so the CPU's formulations (``florence_jax.hardware``) stay
 out of a GPU or TPU program; the memory checked against is the named device's (``--hbm_gib`` to choose).
@@ -23,7 +29,8 @@ import sys
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m scripts.aot_compile", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--topology", help="TPU topology, e.g. v5e:4x4, v4:2x2x4, v5p:2x2x2 (needs libtpu)")
+    p.add_argument("--topology", help="TPU topology, e.g. v5e:4x4, v4:2x2x4, v5p:2x2x2 (needs libtpu), or GPUs, "
+                                      "e.g. a100, h100, h100:8 (needs the [gpu-aot] extra)")
     p.add_argument("--hbm_gib", type=float,
                    help="memory per device to check against (default: the topology's chip or the config's device)")
     p.add_argument("--cpu_devices", type=int, help="simulated CPU devices (default: the config's mesh size)")
@@ -48,7 +55,13 @@ def main(argv=None) -> int:
     import jax  # XLA_FLAGS below still counts: it is read when the backend starts, not on import
 
     llo_dir = None
-    if args.topology:
+    from florence_jax.hardware import GPU_TARGETS
+
+    gpu = bool(args.topology) and args.topology.split(":")[0].lower() in GPU_TARGETS
+    if gpu:
+        # the CUDA plugin compiles for the described GPU from here; as a backend it would look for one
+        jax.config.update("jax_platforms", "cpu")
+    elif args.topology:
         # libtpu looks for a TPU VM's worker list at start-up; compiling for a topology needs none.
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         if args.cost or args.dump:
