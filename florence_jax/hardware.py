@@ -146,7 +146,7 @@ class Formulations:
         for name, other in TPU_KERNELS.items():
             if getattr(self, name) == "fused" and self.platform == "gpu":
                 hint = ("; model.attention_impl='dot_product' hands attention to jax.nn.dot_product_attention "
-                        "(cuDNN's fused attention where it applies)" if name.endswith("attention") else "")
+                        "(XLA's attention in this jax, not cuDNN's)" if name.endswith("attention") else "")
                 raise ValueError(f"hardware formulation {name}='fused' is a TPU kernel; on a GPU, use "
                                  f"{name}={other!r}{hint}")
 

@@ -107,7 +107,11 @@ def abstract_batch(cfg: TrainConfig, fc, sharding):
     }
 
 
-def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -> dict:
+_TRITON_TILING = "Couldn't find output tile sizes"
+
+
+def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None,
+                       compiler_options: dict | None = None) -> dict:
     """Lower and compile the config's train step for ``devices``; return memory figures in bytes.
 
     The step is traced for the config's hardware (``cfg.model.hardware``, see :mod:`florence_jax.hardware`),
@@ -137,7 +141,16 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     step = jit_train_step(fns, state, bsh)
     t0 = time.time()
     lowered = step.lower(state, batch, key)
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile(compiler_options or {})
+    except jax.errors.JaxRuntimeError as e:
+        # Compiling for a described GPU, XLA:GPU cannot time its kernels, and its untimed choice of a Triton
+        # tiling for a product can fail where on the device it would time others; cuBLAS then runs them all.
+        if devices[0].platform not in ("gpu", "cuda") or _TRITON_TILING not in str(e):
+            raise
+        compiled = lowered.compile({**(compiler_options or {}), "xla_gpu_enable_triton_gemm": False})
+        note = "; ".join(filter(None, [note, "products as cuBLAS calls: XLA:GPU found no Triton tiling for one "
+                                             "without timing them on the device"]))
     seconds = time.time() - t0
     mem = compiled_memory(compiled) or CompiledMemory(0, 0, 0, 0)
     return {"mesh": dict(mesh.shape), "compile_seconds": seconds, "dtype": str(resolve_dtype(cfg.model.dtype)),

@@ -7,7 +7,7 @@ The float32 check runs both at full matmul precision (transformers: TF32 off for
 convolutions; ours: ``jax.default_matmul_precision("highest")``), so the only differences left are the
 order of float32 reductions: the CPU test suite holds the same check at 5e-4 (``test_base_size_parity``);
 on a GPU the default tolerance is 2e-3 for its different reduction kernels. The bfloat16 lines (ours in
-bf16 with ``jax.nn.dot_product_attention``, cuDNN's fused attention where the shapes allow, against the
+bf16 with ``jax.nn.dot_product_attention``, which in this jax is XLA's attention, against the
 float32 reference) are reported, not asserted: bf16 rounding makes the size of that difference a
 property of the weights, and the agreement of the next-token argmax is the figure to read.
 """

@@ -73,3 +73,61 @@ def test_a_config_for_a_gpu_compiles_the_gpus_program_here_and_checks_that_gpus_
 def test_a_config_with_no_hardware_compiles_this_machines_program():
     out = _aot()
     assert "traced for cpu (hardware cpu)" in out and "fits in" not in out
+
+
+_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and any(
+    importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
+
+
+def test_each_gpu_target_describes_its_gpu_to_the_compiler():
+    """The target description XLA:GPU compiles against is the named GPU's: its compute capability and SMs, the
+    DEVICE_SPECS row's memory and bandwidth, and a device kind that leads back to the same row (the memory
+    check, MFU and roofline read that row by the kind)."""
+    from florence_jax import hardware
+
+    expected = {"a100": ((8, 0), 108, 40), "h100": ((9, 0), 132, 80), "h200": ((9, 0), 132, 141)}
+    assert set(hardware.GPU_TARGETS) == set(expected)
+    for chip, (capability, sms, gib) in expected.items():
+        text = hardware.gpu_target_config(chip)
+        fields = dict(line.strip().split(": ", 1) for line in text.splitlines()
+                      if ": " in line and "{" not in line)
+        assert f"cuda_compute_capability {{ major: {capability[0]} minor: {capability[1]} }}" in text
+        assert int(fields["core_count"]) == sms
+        assert int(fields["device_memory_size"]) == gib * 2**30
+        spec = hardware.DEVICE_SPECS[chip]
+        assert spec.platform == "gpu" and int(fields["memory_bandwidth"]) == int(spec.hbm_gbps * 1e9)
+        kind = fields["device_description_str"].strip('"')
+        assert hardware.device_spec(kind) is spec, kind
+
+
+@pytest.mark.skipif(_CUDA_PLUGIN, reason="JAX's CUDA plugin is installed: the compile itself is tested below")
+def test_a_gpu_topology_without_the_cuda_plugin_says_what_to_install():
+    cmd = [sys.executable, "-m", "scripts.aot_compile", "--config", "cpu_demo.py", "--topology", "h100",
+           "--config.data.image_size=64"]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "cannot describe 'h100' for XLA:GPU" in out.stderr and "pip install -e '.[gpu-aot]'" in out.stderr
+
+
+@pytest.mark.skipif(not _CUDA_PLUGIN, reason="JAX's CUDA plugin not installed (pip install -e '.[gpu-aot]'); "
+                                             "XLA:GPU cannot compile here")
+def test_a_config_compiles_for_a_described_gpu_with_the_gpu_compiler(tmp_path):
+    """With a GPU topology the step is XLA:GPU's program for that GPU, built on this machine without one: the
+    GPU's formulations, its memory checked against the GPU's, and products in the GPU compiler's kernels
+    (Triton fusions or cuBLAS calls), which no CPU program has."""
+    out = _aot("--topology", "h100", "--dump", str(tmp_path))
+    assert "target       h100  mesh {'data': 1, 'fsdp': 1}" in out
+    assert "traced for gpu (hardware h100)" in out and "fits in 80 GiB" in out
+    hlo = (tmp_path / "hlo.txt").read_text()
+    assert '"kind":"__triton' in hlo or "__cublas$" in hlo
+    out = _aot("--topology", "a100:2", "--config.mesh.data=2")
+    assert "target       a100:2  mesh {'data': 2, 'fsdp': 1}" in out and "fits in 40 GiB" in out
+
+
+@pytest.mark.parametrize("topology", ["h100:x", "a100:0", "h200:-1"])
+def test_a_gpu_topology_is_a_gpu_and_a_count(topology):
+    from scripts.aot import target_devices
+
+    with pytest.raises(SystemExit, match=r"expected (h100|a100|h200) or \1:N \(N GPUs on one host\)"):
+        target_devices(topology)

@@ -109,7 +109,10 @@ class ModelConfig:
     processor: str | None = None  # defaults to name_or_path
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights
-    attention_impl: str = "xla"  # "xla" or "dot_product" (cuDNN flash attention on GPU)
+    # "xla" (einsums around a float32 softmax) or "dot_product" (jax.nn.dot_product_attention with its default
+    # implementation, which in this jax is XLA's own attention on every backend: cuDNN's fused kernel only
+    # when asked for by name, which nothing here does yet)
+    attention_impl: str = "xla"
     remat_policy: str = "none"  # "none", "full", "dots"
     scan_vision_blocks: bool = True  # a vision stage's blocks as one lax.scan (fast compile; False unrolls)
     # The hardware the programs are built for: "cpu", "gpu", "tpu", or "" for the backend that runs them;

@@ -254,8 +254,9 @@ def attention(
     ``mask`` is boolean, broadcastable to ``(batch, heads, q_len, k_len)``, True where attention is
     allowed. Scores and softmax are computed in float32 whatever the compute dtype. A fully masked row
     gives a uniform distribution, as transformers' eager attention does with its finfo.min bias.
-    ``impl="dot_product"`` routes to ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU)
-    when no attention dropout is active.
+    ``impl="dot_product"`` routes to ``jax.nn.dot_product_attention`` when no attention dropout is active,
+    with its default implementation: in this jax, XLA's attention on every backend (cuDNN's fused kernel
+    only when asked for by name; deciding that takes a GPU to measure on).
 
     ``layout`` (``Formulations.attention_layout``) is the einsums' operand layout for inputs that are not
     heads-major: ``"heads_major"`` transposes them first (XLA:CPU's batched matmuls are much faster on
