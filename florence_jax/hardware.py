@@ -42,7 +42,7 @@ class Formulations:
     # back ("fused": a TPU kernel, its backward the grouped convolution's; on the CPU it runs in Pallas'
     # interpreter, for tests; florence_jax.modeling.dwconv_kernel), or the CPU kernel for the convolution
     # and its residual ("kernel": florence_jax.cpu_kernels, its backward the shifted sum's; the shifted sum
-    # elsewhere).
+    # where the kernel cannot be built or take the input; refused off the CPU, as every CPU_ONLY choice).
     depthwise_conv: str
     # A vision block's residual stream stored once rather than recomputed by each consumer: XLA:CPU fuses
     # the cheap elementwise stream into every consumer, recomputing long chains of shifted slices.
@@ -91,19 +91,19 @@ class Formulations:
     # built at first use with the host's C++ compiler; without one the loop keeps XLA's dots, with a
     # warning; florence_jax.cpu_kernels); whatever the compiler picks ("compiler": on XLA:CPU, YNNPACK's); or,
     # on XLA:CPU, its Eigen kernels with YNNPACK's fusions turned off for that program ("eigen"). Between
-    # the last two the faster depends on the host (docs/benchmarks.md). Off the CPU the choice changes
-    # nothing. The vision tower and the train step keep the compiler's choice either way.
+    # the last two the faster depends on the host (docs/benchmarks.md). Off the CPU only "compiler" is
+    # accepted. The vision tower and the train step keep the compiler's choice either way.
     decode_dots: str = "compiler"
     # A decoding step's attention, cross- and self-: XLA's products ("compiler"), or florence_jax's CPU kernel
     # ("kernel": each prompt's encoder keys and values read once for all its beams, and each row's cache,
     # the (row, head) pairs split among threads, where XLA:CPU runs one matrix-vector product per beam and
-    # head on one core; keys stored panel-major over positions; florence_jax.cpu_kernels). Off the CPU, or
-    # where the kernel cannot be built, it changes nothing.
+    # head on one core; keys stored panel-major over positions; florence_jax.cpu_kernels). Where the kernel
+    # cannot be built it changes nothing; off the CPU it is refused.
     decode_attention: str = "compiler"
     # Beam search's choice of each row's best 2 x beams continuations among beams x vocabulary scores: XLA's
     # TopK ("compiler": on XLA:CPU a partial sort, one row at a time) or florence_jax's CPU kernel
     # ("kernel": one pass against the running k-th best, rows split among threads; the same indices, ties
-    # to the lower index). Off the CPU it changes nothing.
+    # to the lower index). Refused off the CPU.
     decode_top_k: str = "compiler"
     # The decoding loop's self-attention cache: one buffer of every slot the generation may write, attended
     # whole at each step behind a mask ("preallocated"), or grown in segments of ``CACHE_SEGMENT`` slots, one
@@ -117,8 +117,8 @@ class Formulations:
     # ("fused": a TPU kernel; on the CPU it runs in Pallas' interpreter, for tests;
     # florence_jax.modeling.window_kernel); or florence_jax's CPU kernel, every (window, head) pair from the
     # qkv projection's output, the pairs split among threads, its gradient through the einsums ("kernel":
-    # about 3x XLA:CPU's speed at 768 px; float32 only, elsewhere and where the kernel cannot be built it
-    # changes nothing; florence_jax.cpu_kernels).
+    # about 3x XLA:CPU's speed at 768 px; float32 only: for other dtypes and where the kernel cannot be built
+    # it changes nothing; refused off the CPU; florence_jax.cpu_kernels).
     window_attention: str = "einsum"
     # BART's encoder self-attention over the image tokens and the prompt: einsums around a float32 masked
     # softmax and its dropout, whose (batch, heads, length, length) scores and dropout draws XLA:TPU passes
@@ -149,6 +149,14 @@ class Formulations:
                         "(XLA's attention in this jax, not cuDNN's)" if name.endswith("attention") else "")
                 raise ValueError(f"hardware formulation {name}='fused' is a TPU kernel; on a GPU, use "
                                  f"{name}={other!r}{hint}")
+        for name, choices in CPU_ONLY.items():
+            value = getattr(self, name)
+            if value in choices and self.platform != "cpu":
+                # elsewhere the choice would change nothing: say so rather than run something else silently
+                what = "an XLA:CPU option" if value == "eigen" else "a CPU kernel (florence_jax.cpu_kernels)"
+                other = getattr(DEFAULTS[self.platform], name)
+                raise ValueError(f"hardware formulation {name}={value!r} is {what}; on a "
+                                 f"{self.platform.upper()}, use {name}={other!r} (its default)")
 
     def spec(self) -> str:
         """The shortest spec that resolves to this set: the platform plus what differs from its defaults."""
@@ -181,6 +189,9 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 # The formulations whose "fused" choice is a Pallas TPU kernel, and what a program compiled for the TPU
 # on other devices takes instead (scripts.aot_compile).
 TPU_KERNELS = {"window_attention": "einsum", "text_attention": "einsum", "depthwise_conv": "grouped"}
+# The choices that exist on the CPU alone (florence_jax.cpu_kernels, XLA:CPU's options): refused elsewhere.
+CPU_ONLY = {"depthwise_conv": ("kernel",), "window_attention": ("kernel",), "decode_dots": ("kernel", "eigen"),
+            "decode_attention": ("kernel",), "decode_top_k": ("kernel",)}
 # Formulations.decode_cache="segments": the cache grows by this many slots at a time.
 CACHE_SEGMENT = 64
 _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spec may change

@@ -55,6 +55,15 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
     ("gpu:window_attention=fused", "is a TPU kernel"),
     ("gpu:text_attention=fused", "text_attention='fused' is a TPU kernel"),
     ("gpu:depthwise_conv=fused", "is a TPU kernel; on a GPU, use depthwise_conv='grouped'"),
+    # the CPU's own kernels and options exist nowhere else: refused, with the platform's default named
+    ("gpu:depthwise_conv=kernel", r"depthwise_conv='kernel' is a CPU kernel .*; on a GPU, use "
+                                  r"depthwise_conv='shifted_sum' \(its default\)"),
+    ("v5e:window_attention=kernel", r"window_attention='kernel' is a CPU kernel .*; on a TPU, use "
+                                    r"window_attention='fused'"),
+    ("h100:decode_dots=kernel", "decode_dots='kernel' is a CPU kernel"),
+    ("tpu:decode_dots=eigen", "decode_dots='eigen' is an XLA:CPU option; on a TPU, use decode_dots='compiler'"),
+    ("gpu:decode_attention=kernel", "decode_attention='kernel' is a CPU kernel"),
+    ("gpu:decode_top_k=kernel", "decode_top_k='kernel' is a CPU kernel"),
 ])
 def test_bad_specs_say_what_is_wrong(spec, message):
     with pytest.raises(ValueError, match=message):
