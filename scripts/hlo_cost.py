@@ -245,51 +245,80 @@ def _condition_bound(cond: list[_Instr]) -> int:
     return 1
 
 
+# XLA:GPU's calls into NVIDIA's libraries for products (cuBLAS) and convolutions (cuDNN): custom calls whose
+# result is a tuple of the product and a scratch workspace, their dimensions in the backend config (cuBLAS)
+# or in the instruction as a convolution's (cuDNN, labelled as the forward convolution).
+_LIBRARY_CALL = re.compile(r'custom_call_target="(__cublas\$[\w$]*|__cudnn\$conv\w*)"')
+
+
+def _product(dims) -> int:
+    n = 1
+    for x in dims:
+        n *= x
+    return n
+
+
 def _matrix_flops(instr: _Instr, shapes: dict[str, str]) -> float:
     out = _arrays(instr.shape)
     if not out:
         return 0.0
-    n_out = 1
-    for x in out[0][1]:
-        n_out *= x
+    n_out = _product(out[0][1])
     if instr.opcode == "dot":
         lhs = _arrays(shapes.get(instr.operands[0], ""))
         if not lhs:
             return 0.0
-        k = 1
-        for d in _dims(instr.line, "lhs_contracting_dims"):
-            k *= lhs[0][1][d]
-        return 2.0 * n_out * k
+        return 2.0 * n_out * _product(lhs[0][1][d] for d in _dims(instr.line, "lhs_contracting_dims"))
     if instr.opcode == "convolution":
-        # 2 x output elements x the real input elements each output's window reads x input features per
-        # group. A TPU program writes batched matmuls as convolutions whose "window" spans a batch dimension
-        # of a dilated input (lhs_dilate), so a window of 256 positions may hold one real element: the
-        # count is taken per window dimension, averaged over the output positions (_real_taps).
-        kernel = _arrays(shapes.get(instr.operands[1], "")) if len(instr.operands) > 1 else []
+        return _conv_flops(instr.line, *(shapes.get(o, "") for o in instr.operands[:2]), instr.shape)
+    library = _LIBRARY_CALL.search(instr.line) if instr.opcode == "custom-call" else None
+    if not library or len(instr.operands) < 2:
+        return 0.0
+    target = library.group(1)
+    if target.startswith("__cublas"):
         lhs = _arrays(shapes.get(instr.operands[0], ""))
-        labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.line)
-        if not kernel or not labels:
+        contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', instr.line)
+        if not lhs or not contracting:
             return 0.0
-        kdims = kernel[0][1]
-        features = kdims[labels.group(2).find("i")]
-        window = re.search(r"window=\{([^}]*)\}", instr.line)
-        taps = 1.0
-        size_field = re.search(r"size=([\dx]+)", window.group(1)) if window else None
-        if size_field:
-            sizes = [int(x) for x in size_field.group(1).split("x")]
+        return 2.0 * n_out * _product(lhs[0][1][int(d.strip(' "'))] for d in contracting.group(1).split(",") if d)
+    # cuDNN: the forward convolution's FLOPs (its dimension labels are the forward's), whichever the call
+    # computes: the forward (input, kernel) -> output, the input's gradient (output gradient, kernel) ->
+    # input gradient, the kernel's (input, output gradient) -> kernel gradient
+    first, second = (shapes.get(o, "") for o in instr.operands[:2])
+    if "BackwardInput" in target:
+        return _conv_flops(instr.line, instr.shape, second, first)
+    if "BackwardFilter" in target:
+        return _conv_flops(instr.line, first, instr.shape, second)
+    return _conv_flops(instr.line, first, second, instr.shape)
 
-            def field(key, default):
-                m = re.search(key + r"=([\d_x]+)", window.group(1))
-                return m.group(1).split("x") if m else [default] * len(sizes)
-            stride, dilate = [int(x) for x in field("stride", "1")], [int(x) for x in field("lhs_dilate", "1")]
-            pads = [int(x.split("_")[0]) for x in field("pad", "0_0")]
-            for d, size in enumerate(sizes):
-                n_in = lhs[0][1][labels.group(1).find(str(d))] if lhs else None
-                n_o = out[0][1][labels.group(3).find(str(d))]
-                taps *= (_real_taps(n_in, size, stride[d], dilate[d], pads[d], n_o) if n_in
-                         else -(-size // dilate[d]))
-        return 2.0 * n_out * taps * features
-    return 0.0
+
+def _conv_flops(line: str, lhs_shape: str, kernel_shape: str, out_shape: str) -> float:
+    """2 x output elements x the real input elements each output's window reads x input features per
+    group. A TPU program writes batched matmuls as convolutions whose "window" spans a batch dimension of a
+    dilated input (lhs_dilate), so a window of 256 positions may hold one real element: the count is taken
+    per window dimension, averaged over the output positions (_real_taps)."""
+    kernel, lhs, out = _arrays(kernel_shape), _arrays(lhs_shape), _arrays(out_shape)
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line)
+    if not kernel or not labels or not out:
+        return 0.0
+    kdims = kernel[0][1]
+    features = kdims[labels.group(2).find("i")]
+    window = re.search(r"window=\{([^}]*)\}", line)
+    taps = 1.0
+    size_field = re.search(r"size=([\dx]+)", window.group(1)) if window else None
+    if size_field:
+        sizes = [int(x) for x in size_field.group(1).split("x")]
+
+        def field(key, default):
+            m = re.search(key + r"=([\d_x]+)", window.group(1))
+            return m.group(1).split("x") if m else [default] * len(sizes)
+        stride, dilate = [int(x) for x in field("stride", "1")], [int(x) for x in field("lhs_dilate", "1")]
+        pads = [int(x.split("_")[0]) for x in field("pad", "0_0")]
+        for d, size in enumerate(sizes):
+            n_in = lhs[0][1][labels.group(1).find(str(d))] if lhs else None
+            n_o = out[0][1][labels.group(3).find(str(d))]
+            taps *= (_real_taps(n_in, size, stride[d], dilate[d], pads[d], n_o) if n_in
+                     else -(-size // dilate[d]))
+    return 2.0 * _product(out[0][1]) * taps * features
 
 
 def _real_taps(n_in: int, size: int, stride: int, dilate: int, pad: int, n_out: int) -> float:
@@ -398,7 +427,9 @@ def ops(text: str) -> list[Op]:
             if sub and i.opcode in ("fusion", "custom-call"):
                 t, a = comp_flops(sub)
                 flops, aux = flops + t, aux + a
-            moved = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands
+            # an array passed several times is read once (a kernel given one buffer for q, k and v reads
+            # each head's block of it)
+            moved = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in dict.fromkeys(i.operands)
                                                 if by_name.get(o) is None or by_name[o].opcode != "constant")
             if i.opcode == "dynamic-update-slice" or (i.opcode == "fusion" and _updates_in_place(comps.get(sub, []))):
                 # written in place: the buffer operand (the result's shape) is not read, only the update is
@@ -417,6 +448,9 @@ def ops(text: str) -> list[Op]:
                 # what the kernel declares it reads and writes: its blocks may cover part of an operand (the
                 # depthwise convolution passes its input a second and third time for the rows around a block)
                 moved = float(stated.group(1))
+            elif i.opcode == "custom-call" and _LIBRARY_CALL.search(i.line) and i.shape.startswith("("):
+                # a library call's scratch workspace (the result tuple's last array) stays in its call
+                moved -= shape_bytes(_ARRAY.findall(i.shape)[-1][0] + "[" + _ARRAY.findall(i.shape)[-1][1] + "]")
             elif i.opcode.endswith("-start"):  # async: the result tuple repeats the operand (and its status word)
                 moved = sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
                 if i.opcode == "copy-start" and "S(1)" not in i.shape:
