@@ -118,7 +118,9 @@ class Formulations:
     # florence_jax.modeling.window_kernel); or florence_jax's CPU kernel, every (window, head) pair from the
     # qkv projection's output, the pairs split among threads, its gradient through the einsums ("kernel":
     # about 3x XLA:CPU's speed at 768 px; float32 only: for other dtypes and where the kernel cannot be built
-    # it changes nothing; refused off the CPU; florence_jax.cpu_kernels).
+    # it changes nothing; refused off the CPU; florence_jax.cpu_kernels); or JAX's Pallas flash-attention
+    # kernels for GPUs, forward and backward, the scores never in HBM ("flash": florence_jax.modeling.
+    # flash_window; on the CPU in Pallas' interpreter, for tests; refused on a TPU).
     window_attention: str = "einsum"
     # BART's encoder self-attention over the image tokens and the prompt: einsums around a float32 masked
     # softmax and its dropout, whose (batch, heads, length, length) scores and dropout draws XLA:TPU passes
@@ -149,6 +151,10 @@ class Formulations:
                         "(XLA's attention in this jax, not cuDNN's)" if name.endswith("attention") else "")
                 raise ValueError(f"hardware formulation {name}='fused' is a TPU kernel; on a GPU, use "
                                  f"{name}={other!r}{hint}")
+        for name in GPU_KERNELS:
+            if getattr(self, name) == "flash" and self.platform == "tpu":
+                raise ValueError(f"hardware formulation {name}='flash' is a GPU kernel; on a TPU, use "
+                                 f"{name}={getattr(DEFAULTS['tpu'], name)!r} (its default)")
         for name, choices in CPU_ONLY.items():
             value = getattr(self, name)
             if value in choices and self.platform != "cpu":
@@ -182,13 +188,16 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "decode_attention": ("compiler", "kernel"),
     "decode_top_k": ("compiler", "kernel"),
     "decode_cache": ("preallocated", "segments"),
-    "window_attention": ("einsum", "fused", "kernel"),
+    "window_attention": ("einsum", "fused", "kernel", "flash"),
     "text_attention": ("einsum", "fused"),
     "layer_norm_stats": ("vector", "matrix"),
 }
 # The formulations whose "fused" choice is a Pallas TPU kernel, and what a program compiled for the TPU
 # on other devices takes instead (scripts.aot_compile).
 TPU_KERNELS = {"window_attention": "einsum", "text_attention": "einsum", "depthwise_conv": "grouped"}
+# The formulations whose "flash" choice is a Pallas kernel for GPUs (Triton), and what a program compiled for
+# a GPU on other devices takes instead (scripts.aot_compile).
+GPU_KERNELS = {"window_attention": "einsum"}
 # The choices that exist on the CPU alone (florence_jax.cpu_kernels, XLA:CPU's options): refused elsewhere.
 CPU_ONLY = {"depthwise_conv": ("kernel",), "window_attention": ("kernel",), "decode_dots": ("kernel", "eigen"),
             "decode_attention": ("kernel",), "decode_top_k": ("kernel",)}

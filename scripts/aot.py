@@ -127,6 +127,13 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None,
         formulations = dataclasses.replace(formulations, **{n: hardware.TPU_KERNELS[n] for n in kernels})
         note = (", ".join(f"{n.replace('_', ' ')} as {hardware.TPU_KERNELS[n]}" for n in kernels)
                 + ": the TPU's Pallas kernels compile only for a TPU target (--topology, with libtpu)")
+    kernels = [n for n in hardware.GPU_KERNELS if getattr(formulations, n) == "flash"]
+    if devices[0].platform != "gpu" and formulations.platform == "gpu" and kernels:
+        # likewise a GPU's Triton kernels, which compile for a GPU target only (--topology h100, say)
+        formulations = dataclasses.replace(formulations, **{n: hardware.GPU_KERNELS[n] for n in kernels})
+        note = "; ".join(filter(None, [note, ", ".join(f"{n.replace('_', ' ')} as {hardware.GPU_KERNELS[n]}"
+                                                        for n in kernels)
+                                       + ": the GPU's Pallas kernels compile only for a GPU target (--topology)"]))
     fc = model_config_of(cfg).replace(hardware=formulations)
     data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp
     mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])

@@ -121,8 +121,26 @@ def test_a_config_compiles_for_a_described_gpu_with_the_gpu_compiler(tmp_path):
     assert "traced for gpu (hardware h100)" in out and "fits in 80 GiB" in out
     hlo = (tmp_path / "hlo.txt").read_text()
     assert '"kind":"__triton' in hlo or "__cublas$" in hlo
+    assert "mha_forward" not in hlo  # the GPU's default window attention is the einsums'
     out = _aot("--topology", "a100:2", "--config.mesh.data=2")
     assert "target       a100:2  mesh {'data': 2, 'fsdp': 1}" in out and "fits in 40 GiB" in out
+
+
+@pytest.mark.skipif(not _CUDA_PLUGIN, reason="JAX's CUDA plugin not installed (pip install -e '.[gpu-aot]'); "
+                                             "XLA:GPU cannot compile here")
+def test_the_flash_window_attention_compiles_for_a_gpu(tmp_path):
+    """``window_attention="flash"``: XLA:GPU compiles the Pallas flash-attention kernel, a Triton custom call
+    per spatial block of the frozen tower."""
+    out = _aot("--topology", "h100", "--config.model.hardware=h100:window_attention=flash", "--dump", str(tmp_path))
+    assert "traced for gpu (hardware h100:window_attention=flash)" in out
+    hlo = (tmp_path / "hlo.txt").read_text()
+    assert hlo.count('custom_call_target="__gpu$xla.gpu.triton"') >= 4 and "mha_forward" in hlo
+
+
+def test_a_gpu_kernel_compiled_on_simulated_cpu_devices_is_replaced_and_said_so():
+    out = _aot("--config.model.hardware=h100:window_attention=flash")
+    assert "traced for gpu (hardware h100)" in out  # the einsums' program
+    assert "window attention as einsum: the GPU's Pallas kernels compile only for a GPU target" in out
 
 
 @pytest.mark.parametrize("topology", ["h100:x", "a100:0", "h200:-1"])

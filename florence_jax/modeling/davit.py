@@ -16,6 +16,7 @@ from flax import nnx
 from florence_jax import cpu_kernels, hardware, sharding
 from florence_jax.config import Florence2Config
 from florence_jax.lora import LoRALinear, dense, dense_of_activation
+from florence_jax.modeling import flash_window
 from florence_jax.modeling.dwconv_kernel import fused_depthwise_residual, grouped_conv3x3
 from florence_jax.modeling.layers import (
     INIT_STD,
@@ -244,6 +245,9 @@ class WindowAttention(nnx.Module):
         self.interpret = f.platform != "tpu"
         # the CPU kernel (florence_jax.cpu_kernels) where it applies, the einsums elsewhere
         self.cpu_kernel = f.window_attention == "kernel" and f.platform == "cpu" and self.impl == "xla"
+        # the GPU's flash kernel compiles for a GPU and runs in Pallas' interpreter elsewhere (tests)
+        self.flash = f.window_attention == "flash"
+        self.flash_interpret = f.platform != "gpu"
         self.qkv = linear(cfg, self.dim, 3 * self.dim, use_bias=v.qkv_bias, rngs=rngs)
         self.proj = linear(cfg, self.dim, self.dim, rngs=rngs)
 
@@ -260,6 +264,9 @@ class WindowAttention(nnx.Module):
         qkv = dense(self.qkv, x, rngs)
         if self.fused:
             out = kernel_output(fused_window_attention(qkv, heads, hd**-0.5, interpret=self.interpret))
+        elif self.flash and flash_window.supported(ws * ws, hd):
+            out = kernel_output(flash_window.flash_window_attention(qkv, heads, hd**-0.5,
+                                                                    interpret=self.flash_interpret))
         elif (self.cpu_kernel and qkv.dtype == jnp.float32 and cpu_kernels.available()
               and cpu_kernels.window_attention_supported(hd)):
             # windows are image-major: on a mesh each device attends over its own images' windows

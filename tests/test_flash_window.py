@@ -1,0 +1,122 @@
+"""DaViT's window attention through JAX's Pallas flash-attention kernels for GPUs (florence_jax.modeling.
+flash_window, ``Formulations.window_attention="flash"``), run here by Pallas' interpreter: the einsum
+formulation's values and gradients, per device on a mesh, and in the tiny tower. That XLA:GPU compiles it
+for a GPU is in tests/test_aot.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import collectives, on_step_mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from florence_jax import hardware
+from florence_jax.modeling.davit import _einsum_window_attention
+from florence_jax.modeling.flash_window import flash_window_attention
+from florence_jax.sharding import BATCH_AXES
+
+
+def _flash(qkv, heads, scale):
+    return flash_window_attention(qkv, heads, scale, interpret=True)
+
+
+def _einsum(qkv, heads, scale):
+    return _einsum_window_attention(qkv, heads, scale, "xla", "heads_major")
+
+
+def _value_and_grad(fn, qkv, w, heads, scale):
+    def loss(x):
+        return jnp.sum(fn(x, heads, scale).astype(jnp.float32) * w)
+    return jax.jit(fn, static_argnums=(1, 2))(qkv, heads, scale), jax.jit(jax.grad(loss))(qkv)
+
+
+# float32: the same products summed in another order (blocks of 16 keys, the softmax's running maximum
+# and sum rescaled per block) and the rows divided after the product: a few float32 roundings of values of
+# order 1. bfloat16: both round the probabilities (here the unnormalized ones) and the result to bfloat16,
+# so they may differ by a bfloat16 rounding (2**-8 relative) of each entry.
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2**-7)])
+# A base window (144 tokens: nine blocks of queries against nine of keys, heads of 32), the tiny model's
+# (16 tokens, one block; heads of 16), and two blocks with one head.
+@pytest.mark.parametrize("windows, tokens, heads, head_dim", [(3, 144, 2, 32), (2, 16, 4, 16), (2, 32, 1, 32)])
+def test_the_kernel_computes_the_einsum_formulation_and_its_gradient(dtype, tol, windows, tokens, heads, head_dim):
+    rng = np.random.default_rng(tokens)
+    qkv = jnp.asarray(rng.normal(size=(windows, tokens, 3 * heads * head_dim)), dtype)
+    w = jnp.asarray(rng.normal(size=(windows, tokens, heads * head_dim)), jnp.float32)
+    scale = head_dim**-0.5
+    out, grad = _value_and_grad(_flash, qkv, w, heads, scale)
+    ref_out, ref_grad = _value_and_grad(_einsum, qkv, w, heads, scale)
+    assert out.shape == ref_out.shape and out.dtype == dtype and grad.dtype == dtype
+    for a, b in ((out, ref_out), (grad, ref_grad)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * float(np.max(np.abs(b))))
+    # not trivially equal: the attention mixes tokens (its output is not v)
+    assert float(np.max(np.abs(np.asarray(out, np.float32) - np.asarray(qkv[..., -heads * head_dim:], np.float32)))) > 0.1
+
+
+@pytest.mark.parametrize("shape, heads", [((2, 9, 96), 2), ((2, 16, 24), 1), ((2, 16, 72), 1), ((2, 16, 20), 3)])
+def test_windows_the_kernel_cannot_take_are_refused(shape, heads):
+    """Tokens not a multiple of the kernel's block of 16, heads of 8 or 24 channels (Triton's tiles are powers
+    of two, its products' at least 16), channels not 3 x heads."""
+    with pytest.raises(ValueError, match="tokens a multiple of 16 and head_dim a power of two >= 16"):
+        _flash(jnp.zeros(shape), heads, 1.0)
+
+
+def test_split_over_windows_as_the_batch_is_split_without_a_gather():
+    """On a data x fsdp mesh with the windows split as a step splits its batch, each device runs the kernel
+    on its own windows: the compiled forward and backward move no activations between devices and give one
+    device's values, with the mesh from sharded arguments or from the step's (as on_step_mesh traces)."""
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), BATCH_AXES)
+    sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    qkv = jnp.asarray(np.random.default_rng(0).normal(size=(16, 16, 96)), jnp.float32)
+
+    def loss(x):
+        return jnp.sum(_flash(x, 2, 0.25) ** 2)
+
+    forward, backward = (lambda x: _flash(x, 2, 0.25)), jax.grad(loss)
+    ref = np.asarray(jax.grad(lambda x: jnp.sum(_einsum(x, 2, 0.25) ** 2))(qkv))
+    for fwd, bwd, arg in [(jax.jit(forward), jax.jit(backward), jax.device_put(qkv, sh)),
+                          (jax.jit(on_step_mesh(forward, mesh), in_shardings=sh, out_shardings=sh),
+                           jax.jit(on_step_mesh(backward, mesh), in_shardings=sh, out_shardings=sh), qkv)]:
+        assert collectives(fwd, arg) == [] and collectives(bwd, arg) == []
+        np.testing.assert_allclose(np.asarray(fwd(arg)), np.asarray(_einsum(qkv, 2, 0.25)), rtol=0, atol=2e-6)
+        grad = bwd(arg)
+        assert grad.sharding.is_equivalent_to(sh, 3)
+        np.testing.assert_allclose(np.asarray(grad), ref, rtol=0, atol=2e-6 * float(np.max(np.abs(ref))))
+    # the same program with neither gathers the windows whole: the check above can fail
+    assert collectives(jax.jit(forward, in_shardings=sh, out_shardings=sh), qkv)
+
+
+def test_the_tiny_tower_runs_the_kernel_with_the_einsums_values_and_gradients():
+    """The demo's tiny model (windows of 16 tokens, heads of 16 channels) with ``window_attention="flash"``
+    against the einsums: one kernel per spatial block in the traced tower and none in the einsums'; the
+    features and every parameter's gradient within float32 rounding of their largest entry (four stages of
+    the same function, summed in another order)."""
+    from flax import nnx
+
+    from florence_jax import Florence2ForConditionalGeneration
+    from train.state import tiny_config
+
+    model = Florence2ForConditionalGeneration(tiny_config(128, 127).replace(hardware="cpu:window_attention=flash"),
+                                              rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).uniform(-2, 2, (2, 64, 64, 3)), jnp.float32)
+
+    def run(m):
+        tower = m.model.vision_tower
+        kernels = str(jax.make_jaxpr(lambda x: tower(x))(x)).count("pallas_call[")
+        grads = nnx.to_flat_state(nnx.state(jax.jit(nnx.grad(lambda t, x: jnp.sum(t(x) ** 2)))(tower, x), nnx.Param))
+        return kernels, np.asarray(jax.jit(lambda t, x: t(x))(tower, x)), {k: np.asarray(v[...]) for k, v in grads}
+
+    (kernels, out, grads), (kernels0, out0, grads0) = run(model), run(model.for_hardware("cpu:window_attention=einsum"))
+    assert kernels == sum(model.config.vision_config.depths) and kernels0 == 0
+    np.testing.assert_allclose(out, out0, rtol=0, atol=1e-5 * np.abs(out0).max())
+    assert grads.keys() == grads0.keys() and any("window_attn" in str(k) for k in grads)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], grads0[k], rtol=0, atol=1e-5 * np.abs(grads0[k]).max() + 1e-30,
+                                   err_msg=str(k))
+
+
+def test_flash_is_a_gpu_kernel_refused_on_a_tpu():
+    assert hardware.resolve("h100:window_attention=flash").window_attention == "flash"
+    with pytest.raises(ValueError, match="window_attention='flash' is a GPU kernel; on a TPU, use "
+                                         "window_attention='fused'"):
+        hardware.resolve("v5e:window_attention=flash")
