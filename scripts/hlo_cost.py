@@ -333,6 +333,22 @@ def _real_taps(n_in: int, size: int, stride: int, dilate: int, pad: int, n_out: 
     return total / n_out
 
 
+def _sliced_parameters(fused: list[_Instr]) -> dict[int, float]:
+    """The parameters of a fused computation that it reads only through dynamic slices (a scan's stacked
+    residuals, of which each iteration takes its own): parameter number -> bytes of the slices it reads."""
+    users: dict[str, list[_Instr]] = defaultdict(list)
+    for i in fused:
+        for o in i.operands:
+            users[o].append(i)
+    out: dict[int, float] = {}
+    for i in fused:
+        number = re.search(r"parameter\((\d+)\)", i.line) if i.opcode == "parameter" else None
+        readers = users.get(i.name, [])
+        if number and readers and all(r.opcode == "dynamic-slice" and r.operands[0] == i.name for r in readers):
+            out[int(number.group(1))] = sum(shape_bytes(r.shape) for r in readers)
+    return out
+
+
 def _updates_in_place(fused: list[_Instr]) -> bool:
     """A fused computation whose result is a dynamic-update-slice of one of its parameters (through
     bitcasts): XLA writes the update into the operand's buffer."""
@@ -428,8 +444,10 @@ def ops(text: str) -> list[Op]:
                 t, a = comp_flops(sub)
                 flops, aux = flops + t, aux + a
             # an array passed several times is read once (a kernel given one buffer for q, k and v reads
-            # each head's block of it)
-            moved = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in dict.fromkeys(i.operands)
+            # each head's block of it); one a fusion reads through dynamic slices only, as far as the slices
+            sliced = _sliced_parameters(comps.get(sub, [])) if sub and i.opcode == "fusion" else {}
+            first = {o: k for k, o in reversed(list(enumerate(i.operands)))}
+            moved = shape_bytes(i.shape) + sum(sliced.get(k, shape_bytes(shapes.get(o, ""))) for o, k in first.items()
                                                 if by_name.get(o) is None or by_name[o].opcode != "constant")
             if i.opcode == "dynamic-update-slice" or (i.opcode == "fusion" and _updates_in_place(comps.get(sub, []))):
                 # written in place: the buffer operand (the result's shape) is not read, only the update is

@@ -310,3 +310,12 @@ def test_a_gpu_programs_library_calls_count_as_products_without_their_workspace(
     assert by_name["pallas_call.8"].bytes == 2 * (8 * 16 * 6 * 16 + 8 * 16 * 2 * 16)
     assert by_name["cudnn-conv-bw-filter.5"].direction == "backward"
     assert by_name["pallas_call.8"].scope == "vision_tower/stage2"
+
+
+def test_a_fusion_reading_one_iterations_slice_moves_the_slice_not_the_stack():
+    """A fusion that takes one iteration's slice of a stacked array (a scan's residuals in its backward pass)
+    reads that slice, not the stack: 9 x 64 x 128 floats stacked, one 64 x 128 slice read and written."""
+    f = jax.jit(lambda xs, i: jnp.tanh(jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)) * 2)
+    op_list = [o for o in hlo_cost.ops(f.lower(jnp.ones((9, 64, 128)), 3).compile().as_text())
+               if o.opcode == "fusion"]
+    assert len(op_list) == 1 and op_list[0].bytes == 2 * 4 * 64 * 128 + 4  # the slice in and out, the index
