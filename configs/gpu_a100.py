@@ -11,6 +11,11 @@ fit 40 GiB), batch 32 needs 35.7 GiB (fits, 89%). The CPU compiler's figure is a
 (it keeps more bf16 work in float32 and schedules without a memory limit), so 32 is the largest batch
 this check guarantees; on the device, try 48 and watch the memory, or raise `grad_accum_steps` for a
 larger effective batch. The vision tower's forward dominates: 192x192 stage-0 grids x 64 images.
+
+XLA:GPU's own compile of the step for an A100-40GB (``--topology a100``, made on a machine without a GPU
+through JAX's CUDA plugin; docs/scale-out.md, 2026-12-07): batch 32 needs 14.1 GiB, batch 64 27.2 GiB. The
+batch stays 32, the recipe's; the device has the last word (autotuning and cuDNN's workspaces are not in
+that figure).
 """
 
 from train.config import DataConfig, EvalConfig, MixtureComponent, ModelConfig, TrainConfig

@@ -26,8 +26,8 @@ drawn by its weight, not exactly once); set ``max_steps`` for a fixed budget.
 Batch size, precision and the frozen vision tower are those of ``gpu_a100.py``. Prompts are longer here
 (The Cauldron's multiple-choice questions list their options): 96 prompt tokens instead of 64, so the
 encoder sees 673 positions instead of 641 (5% more; the vision tower, which dominates memory, is
-unchanged). Not measured for this config: run ``python -m scripts.aot_compile --config gpu_a100_cauldron.py``
-before renting the GPU, and lower ``batch_size`` or raise ``grad_accum_steps`` if it does not fit.
+unchanged). XLA:GPU's own compile of this config for an A100-40GB (``python -m scripts.aot_compile --config
+gpu_a100_cauldron.py --topology a100``, no GPU needed; docs/scale-out.md, 2026-12-07): 15.5 GiB.
 """
 
 import dataclasses

@@ -20,8 +20,9 @@ truncated_target). Learning rate 5e-6 (the usual Florence-2 detection fine-tunin
 
 Memory: the DocVQA step at batch 32 (64 target tokens) needs 35.7 of 40 GiB by the compile-time check; 256
 target tokens add about 2.5 GiB of float32 logits and their gradient (32 x 256 x 51k x 4 bytes, twice). So the
-global batch 32 runs as 2 micro-batches of 16 (`grad_accum_steps=2`, same update). This config has not been
-compiled here: `python -m scripts.aot_compile --config gpu_a100_detection.py` checks it before renting.
+global batch 32 runs as 2 micro-batches of 16 (`grad_accum_steps=2`, same update). XLA:GPU's own compile of
+this config for an A100-40GB (`python -m scripts.aot_compile --config gpu_a100_detection.py --topology a100`,
+no GPU needed; docs/scale-out.md, 2026-12-07): 11.0 GiB.
 """
 
 import dataclasses

@@ -120,7 +120,8 @@ class Formulations:
     # about 3x XLA:CPU's speed at 768 px; float32 only: for other dtypes and where the kernel cannot be built
     # it changes nothing; refused off the CPU; florence_jax.cpu_kernels); or JAX's Pallas flash-attention
     # kernels for GPUs, forward and backward, the scores never in HBM ("flash": florence_jax.modeling.
-    # flash_window; on the CPU in Pallas' interpreter, for tests; refused on a TPU).
+    # flash_window; windows whose tokens are not a multiple of 16 or heads not a power of two of at least 16
+    # channels take the einsums; on the CPU in Pallas' interpreter, for tests; refused on a TPU).
     window_attention: str = "einsum"
     # BART's encoder self-attention over the image tokens and the prompt: einsums around a float32 masked
     # softmax and its dropout, whose (batch, heads, length, length) scores and dropout draws XLA:TPU passes

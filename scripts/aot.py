@@ -110,13 +110,14 @@ def abstract_batch(cfg: TrainConfig, fc, sharding):
 _TRITON_TILING = "Couldn't find output tile sizes"
 
 
-def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None,
-                       compiler_options: dict | None = None) -> dict:
+def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -> dict:
     """Lower and compile the config's train step for ``devices``; return memory figures in bytes.
 
     The step is traced for the config's hardware (``cfg.model.hardware``, see :mod:`florence_jax.hardware`),
-    or for ``platform`` when given (a TPU topology's); with neither, for the devices'. A GPU config
+    or for ``platform`` when given (a topology's chip); with neither, for the devices'. A GPU config
     compiled on simulated CPU devices so traces the GPU's program: the formulations are part of the model.
+    A TPU's or GPU's Pallas kernels compile for their own target only: elsewhere XLA's formulations stand in
+    for them, and the report's note says so.
     """
     formulations = hardware.resolve(cfg.model.hardware, platform=platform, auto=devices[0].platform)
     note = ""
@@ -149,13 +150,13 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None,
     t0 = time.time()
     lowered = step.lower(state, batch, key)
     try:
-        compiled = lowered.compile(compiler_options or {})
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         # Compiling for a described GPU, XLA:GPU cannot time its kernels, and its untimed choice of a Triton
         # tiling for a product can fail where on the device it would time others; cuBLAS then runs them all.
         if devices[0].platform not in ("gpu", "cuda") or _TRITON_TILING not in str(e):
             raise
-        compiled = lowered.compile({**(compiler_options or {}), "xla_gpu_enable_triton_gemm": False})
+        compiled = lowered.compile({"xla_gpu_enable_triton_gemm": False})
         note = "; ".join(filter(None, [note, "products as cuBLAS calls: XLA:GPU found no Triton tiling for one "
                                              "without timing them on the device"]))
     seconds = time.time() - t0
