@@ -8,8 +8,11 @@ kernel; the full step's estimate fell from 267 to 188 ms (docs/scale-out.md). He
 queries, keys and values go through JAX's Pallas flash-attention kernel for GPUs
 (``jax.experimental.pallas.ops.gpu.attention``, written in Pallas' Triton dialect): scores and probabilities
 stay on chip, blocks of 16 queries against blocks of 16 keys (a window's 144 tokens are nine of them; the
-kernel's blocks must be powers of two that divide the tokens). Its backward is the same library's pair of
-kernels (dq, and dk with dv), from the output and the softmax's log-sum-exp it saves.
+kernel's blocks must be powers of two that divide the tokens). The forward runs the library's kernel under
+our own ``pallas_call``, which hands it each head's q, k and v where the qkv projection wrote them (the
+library's ``mha`` takes them as three arrays, which would be copies). The backward is the library's, on
+slices of the saved qkv: its forward again, for the softmax's log-sum-exp it saves, then its dq and dk/dv
+kernels.
 
 Numerics follow the einsum path within rounding: scores and softmax in float32, products accumulated in
 float32, the softmax's numerators rounded to the input dtype for the ``p v`` product and the rows divided
