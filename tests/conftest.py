@@ -63,3 +63,61 @@ def on_step_mesh(fn, mesh):
         with fsdp_compute(mesh):
             return fn(*args)
     return step
+
+
+def assert_window_kernel_matches(kernel, reference, dtype, tol: float, windows: int, tokens: int, heads: int,
+                                 head_dim: int):
+    """A window-attention kernel ``kernel(qkv, heads, scale)`` against ``reference`` (the einsum formulation)
+    on random ``(windows, tokens, 3 * heads * head_dim)`` inputs: the output and the gradient of a random
+    projection of it, each within ``tol`` times its largest entry, in the input's dtype; and the output is
+    not v (the attention mixes tokens, so the comparison can fail)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(windows * 1000 + tokens)
+    qkv = jnp.asarray(rng.normal(size=(windows, tokens, 3 * heads * head_dim)), dtype)
+    w = jnp.asarray(rng.normal(size=(windows, tokens, heads * head_dim)), jnp.float32)
+    scale = head_dim**-0.5
+
+    def value_and_grad(fn):
+        def loss(x):
+            return jnp.sum(fn(x, heads, scale).astype(jnp.float32) * w)
+        return jax.jit(fn, static_argnums=(1, 2))(qkv, heads, scale), jax.jit(jax.grad(loss))(qkv)
+
+    (out, grad), (ref_out, ref_grad) = value_and_grad(kernel), value_and_grad(reference)
+    assert out.shape == ref_out.shape and out.dtype == dtype and grad.dtype == dtype
+    for a, b in ((out, ref_out), (grad, ref_grad)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * float(np.max(np.abs(b))))
+    v = np.asarray(qkv[..., -heads * head_dim:], np.float32)
+    assert float(np.max(np.abs(np.asarray(out, np.float32) - v))) > 0.1
+
+
+def assert_window_kernel_runs_per_device(kernel, reference, qkv, heads: int, scale: float):
+    """On a data x fsdp mesh with the windows split as a step splits its batch, ``kernel(qkv, heads, scale)``
+    runs on each device's own windows: its compiled forward and backward move no activations between devices
+    and give the reference's values (float32 rounding), with the mesh taken from sharded arguments or from the
+    step's (as on_step_mesh traces). The same program with neither gathers the windows, so the check can fail."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from florence_jax.sharding import BATCH_AXES
+
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), BATCH_AXES)
+    sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+    def loss(x):
+        return jnp.sum(kernel(x, heads, scale) ** 2)
+
+    forward, backward = (lambda x: kernel(x, heads, scale)), jax.grad(loss)
+    ref = np.asarray(jax.grad(lambda x: jnp.sum(reference(x, heads, scale) ** 2))(qkv))
+    for fwd, bwd, arg in [(jax.jit(forward), jax.jit(backward), jax.device_put(qkv, sh)),
+                          (jax.jit(on_step_mesh(forward, mesh), in_shardings=sh, out_shardings=sh),
+                           jax.jit(on_step_mesh(backward, mesh), in_shardings=sh, out_shardings=sh), qkv)]:
+        assert collectives(fwd, arg) == [] and collectives(bwd, arg) == []
+        np.testing.assert_allclose(np.asarray(fwd(arg)), np.asarray(reference(qkv, heads, scale)), rtol=0, atol=2e-6)
+        grad = bwd(arg)
+        assert grad.sharding.is_equivalent_to(sh, 3)
+        np.testing.assert_allclose(np.asarray(grad), ref, rtol=0, atol=2e-6 * float(np.max(np.abs(ref))))
+    assert collectives(jax.jit(forward, in_shardings=sh, out_shardings=sh), qkv)

@@ -7,13 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import collectives, on_step_mesh
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from conftest import assert_window_kernel_matches, assert_window_kernel_runs_per_device
 
 from florence_jax import hardware
 from florence_jax.modeling.davit import _einsum_window_attention
 from florence_jax.modeling.flash_window import flash_window_attention
-from florence_jax.sharding import BATCH_AXES
 
 
 def _flash(qkv, heads, scale):
@@ -22,12 +20,6 @@ def _flash(qkv, heads, scale):
 
 def _einsum(qkv, heads, scale):
     return _einsum_window_attention(qkv, heads, scale, "xla", "heads_major")
-
-
-def _value_and_grad(fn, qkv, w, heads, scale):
-    def loss(x):
-        return jnp.sum(fn(x, heads, scale).astype(jnp.float32) * w)
-    return jax.jit(fn, static_argnums=(1, 2))(qkv, heads, scale), jax.jit(jax.grad(loss))(qkv)
 
 
 # float32: the same products summed in another order (blocks of 16 keys, the softmax's running maximum
@@ -39,18 +31,7 @@ def _value_and_grad(fn, qkv, w, heads, scale):
 # (16 tokens, one block; heads of 16), and two blocks with one head.
 @pytest.mark.parametrize("windows, tokens, heads, head_dim", [(3, 144, 2, 32), (2, 16, 4, 16), (2, 32, 1, 32)])
 def test_the_kernel_computes_the_einsum_formulation_and_its_gradient(dtype, tol, windows, tokens, heads, head_dim):
-    rng = np.random.default_rng(tokens)
-    qkv = jnp.asarray(rng.normal(size=(windows, tokens, 3 * heads * head_dim)), dtype)
-    w = jnp.asarray(rng.normal(size=(windows, tokens, heads * head_dim)), jnp.float32)
-    scale = head_dim**-0.5
-    out, grad = _value_and_grad(_flash, qkv, w, heads, scale)
-    ref_out, ref_grad = _value_and_grad(_einsum, qkv, w, heads, scale)
-    assert out.shape == ref_out.shape and out.dtype == dtype and grad.dtype == dtype
-    for a, b in ((out, ref_out), (grad, ref_grad)):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        np.testing.assert_allclose(a, b, rtol=0, atol=tol * float(np.max(np.abs(b))))
-    # not trivially equal: the attention mixes tokens (its output is not v)
-    assert float(np.max(np.abs(np.asarray(out, np.float32) - np.asarray(qkv[..., -heads * head_dim:], np.float32)))) > 0.1
+    assert_window_kernel_matches(_flash, _einsum, dtype, tol, windows, tokens, heads, head_dim)
 
 
 @pytest.mark.parametrize("shape, heads", [((2, 9, 96), 2), ((2, 16, 24), 1), ((2, 16, 72), 1), ((2, 16, 20), 3)])
@@ -62,28 +43,9 @@ def test_windows_the_kernel_cannot_take_are_refused(shape, heads):
 
 
 def test_split_over_windows_as_the_batch_is_split_without_a_gather():
-    """On a data x fsdp mesh with the windows split as a step splits its batch, each device runs the kernel
-    on its own windows: the compiled forward and backward move no activations between devices and give one
-    device's values, with the mesh from sharded arguments or from the step's (as on_step_mesh traces)."""
-    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), BATCH_AXES)
-    sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    """Each device runs the kernel on its own windows (conftest.assert_window_kernel_runs_per_device)."""
     qkv = jnp.asarray(np.random.default_rng(0).normal(size=(16, 16, 96)), jnp.float32)
-
-    def loss(x):
-        return jnp.sum(_flash(x, 2, 0.25) ** 2)
-
-    forward, backward = (lambda x: _flash(x, 2, 0.25)), jax.grad(loss)
-    ref = np.asarray(jax.grad(lambda x: jnp.sum(_einsum(x, 2, 0.25) ** 2))(qkv))
-    for fwd, bwd, arg in [(jax.jit(forward), jax.jit(backward), jax.device_put(qkv, sh)),
-                          (jax.jit(on_step_mesh(forward, mesh), in_shardings=sh, out_shardings=sh),
-                           jax.jit(on_step_mesh(backward, mesh), in_shardings=sh, out_shardings=sh), qkv)]:
-        assert collectives(fwd, arg) == [] and collectives(bwd, arg) == []
-        np.testing.assert_allclose(np.asarray(fwd(arg)), np.asarray(_einsum(qkv, 2, 0.25)), rtol=0, atol=2e-6)
-        grad = bwd(arg)
-        assert grad.sharding.is_equivalent_to(sh, 3)
-        np.testing.assert_allclose(np.asarray(grad), ref, rtol=0, atol=2e-6 * float(np.max(np.abs(ref))))
-    # the same program with neither gathers the windows whole: the check above can fail
-    assert collectives(jax.jit(forward, in_shardings=sh, out_shardings=sh), qkv)
+    assert_window_kernel_runs_per_device(_flash, _einsum, qkv, 2, 0.25)
 
 
 def test_the_tiny_tower_runs_the_kernel_with_the_einsums_values_and_gradients():

@@ -6,8 +6,6 @@ by rule (``convs[i].conv``, ``blocks[i][j].spatial_block.window_attn.qkv``, ...)
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +28,7 @@ from florence_jax.modeling.layers import (
     recompute_in_backward,
     remat_function,
     softmax,
+    with_gradient_of,
 )
 from florence_jax.modeling.window_kernel import fused_window_attention
 
@@ -288,23 +287,11 @@ def _einsum_window_attention(qkv: jax.Array, heads: int, scale: float, impl: str
     return out.reshape(w, n, c3 // 3)
 
 
-# The CPU kernel computes the forward; the backward is the einsums' (recomputing the probabilities from
-# the saved qkv), so training takes the same gradient either way.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _window_kernel(qkv, heads, scale, layout):
-    return cpu_kernels.window_attention(qkv, heads, scale)
-
-
-def _window_kernel_fwd(qkv, heads, scale, layout):
-    return cpu_kernels.window_attention(qkv, heads, scale), qkv
-
-
-def _window_kernel_bwd(heads, scale, layout, qkv, d_out):
-    _, pullback = jax.vjp(lambda t: _einsum_window_attention(t, heads, scale, "xla", layout), qkv)
-    return pullback(d_out)
-
-
-_window_kernel.defvjp(_window_kernel_fwd, _window_kernel_bwd)
+    """The CPU kernel's forward with the einsums' backward (recomputing the probabilities from the saved qkv),
+    so training takes the same gradient either way."""
+    return with_gradient_of(lambda t: cpu_kernels.window_attention(t, heads, scale),
+                            lambda t: _einsum_window_attention(t, heads, scale, "xla", layout))(qkv)
 
 
 class ChannelAttention(nnx.Module):

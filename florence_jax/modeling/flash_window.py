@@ -30,6 +30,7 @@ import functools
 import jax
 
 from florence_jax import sharding
+from florence_jax.modeling.layers import with_gradient_of
 
 # Query and key block of the kernel: a power of two (Triton's tiles), at least 16 (its products' smallest
 # tile), dividing the window's tokens. 144 = 9 x 16.
@@ -94,19 +95,8 @@ def _in_place(qkv, heads, scale, interpret):
     return out.reshape(w, n, heads * d)
 
 
-# The forward reads qkv in place; the backward is the library's (its forward again, for the softmax's
-# log-sum-exp it saves, then its dq and dk/dv kernels), on slices of the saved qkv.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _attention(qkv, heads, scale, interpret):
-    return _in_place(qkv, heads, scale, interpret)
-
-
-def _attention_fwd(qkv, heads, scale, interpret):
-    return _in_place(qkv, heads, scale, interpret), qkv
-
-
-def _attention_bwd(heads, scale, interpret, qkv, d_out):
-    return jax.vjp(lambda t: _sliced(t, heads, scale, interpret), qkv)[1](d_out)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+    """The forward reads qkv in place; the backward is the library's (its forward again, for the softmax's
+    log-sum-exp it saves, then its dq and dk/dv kernels), on slices of the saved qkv."""
+    return with_gradient_of(lambda t: _in_place(t, heads, scale, interpret),
+                            lambda t: _sliced(t, heads, scale, interpret))(qkv)

@@ -73,6 +73,19 @@ def recompute_in_backward(fn=None, *, static_argnums: tuple[int, ...] = ()):
 _SQRT_HALF = 0.7071067811865476
 
 
+def with_gradient_of(forward, reference):
+    """``forward`` (a kernel) with ``reference``'s gradient: the same function of one array in another
+    formulation, whose ``vjp`` is taken at the saved input in the backward pass (recomputing its own forward).
+    How a kernel without a backward of its own trains: the gradient is the reference's exactly."""
+
+    @jax.custom_vjp
+    def fn(x):
+        return forward(x)
+
+    fn.defvjp(lambda x: (forward(x), x), lambda x, d_out: jax.vjp(reference, x)[1](d_out))
+    return fn
+
+
 def gelu_exact(x: jax.Array) -> jax.Array:
     """The exact GELU as PyTorch computes it: ``x / 2 * (1 + erf(x / sqrt(2)))`` in float32, rounded once.
 
