@@ -110,6 +110,20 @@ def abstract_batch(cfg: TrainConfig, fc, sharding):
 _TRITON_TILING = "Couldn't find output tile sizes"
 
 
+def compile_lowered(lowered, platform: str):
+    """``lowered.compile()``, and what the report should say about how. Compiling for a described GPU, XLA:GPU
+    cannot time its kernels, and its untimed choice of a Triton tiling for a product can fail where on the
+    device it would time others: the program is then compiled with every product on cuBLAS, and said so.
+    Any other failure, or one on another platform, is raised."""
+    try:
+        return lowered.compile(), ""
+    except jax.errors.JaxRuntimeError as e:
+        if platform not in ("gpu", "cuda") or _TRITON_TILING not in str(e):
+            raise
+    return (lowered.compile({"xla_gpu_enable_triton_gemm": False}),
+            "products as cuBLAS calls: XLA:GPU found no Triton tiling for one without timing them on the device")
+
+
 def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -> dict:
     """Lower and compile the config's train step for ``devices``; return memory figures in bytes.
 
@@ -149,16 +163,8 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     step = jit_train_step(fns, state, bsh)
     t0 = time.time()
     lowered = step.lower(state, batch, key)
-    try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-        # Compiling for a described GPU, XLA:GPU cannot time its kernels, and its untimed choice of a Triton
-        # tiling for a product can fail where on the device it would time others; cuBLAS then runs them all.
-        if devices[0].platform not in ("gpu", "cuda") or _TRITON_TILING not in str(e):
-            raise
-        compiled = lowered.compile({"xla_gpu_enable_triton_gemm": False})
-        note = "; ".join(filter(None, [note, "products as cuBLAS calls: XLA:GPU found no Triton tiling for one "
-                                             "without timing them on the device"]))
+    compiled, fallback = compile_lowered(lowered, devices[0].platform)
+    note = "; ".join(filter(None, [note, fallback]))
     seconds = time.time() - t0
     mem = compiled_memory(compiled) or CompiledMemory(0, 0, 0, 0)
     return {"mesh": dict(mesh.shape), "compile_seconds": seconds, "dtype": str(resolve_dtype(cfg.model.dtype)),

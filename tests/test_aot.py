@@ -149,3 +149,36 @@ def test_a_gpu_topology_is_a_gpu_and_a_count(topology):
 
     with pytest.raises(SystemExit, match=r"expected (h100|a100|h200) or \1:N \(N GPUs on one host\)"):
         target_devices(topology)
+
+
+class _Lowered:
+    """A lowered program whose first compile fails with ``error``; records the options of each compile."""
+
+    def __init__(self, error: str):
+        self.error, self.options = error, []
+
+    def compile(self, options=None):
+        import jax
+
+        self.options.append(options)
+        if len(self.options) == 1:
+            raise jax.errors.JaxRuntimeError(self.error)
+        return "compiled"
+
+
+def test_a_gpu_compile_that_finds_no_triton_tiling_is_redone_on_cublas_and_said_so():
+    """XLA:GPU without a device cannot time its kernels; where its untimed Triton tiling of a product fails,
+    the step is compiled again with every product on cuBLAS and the report says so. Other failures, and the
+    same message on another platform, are raised."""
+    from scripts.aot import compile_lowered
+
+    tiling = "INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.1173 = bf16[41024,768]"
+    lowered = _Lowered(tiling)
+    compiled, note = compile_lowered(lowered, "gpu")
+    assert compiled == "compiled" and lowered.options == [None, {"xla_gpu_enable_triton_gemm": False}]
+    assert note.startswith("products as cuBLAS calls")
+    import jax
+
+    for error, platform in [(tiling, "cpu"), ("RESOURCE_EXHAUSTED: out of memory", "gpu")]:
+        with pytest.raises(jax.errors.JaxRuntimeError):
+            compile_lowered(_Lowered(error), platform)
