@@ -134,21 +134,16 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     for them, and the report's note says so.
     """
     formulations = hardware.resolve(cfg.model.hardware, platform=platform, auto=devices[0].platform)
-    note = ""
-    kernels = [n for n in hardware.TPU_KERNELS if getattr(formulations, n) == "fused"]
-    if devices[0].platform != "tpu" and formulations.platform == "tpu" and kernels:
-        # a Pallas TPU kernel compiles for a TPU target only: on simulated devices the TPU's program takes
-        # XLA's formulations (the einsum attention holds its scores in memory: the figure is an upper bound)
-        formulations = dataclasses.replace(formulations, **{n: hardware.TPU_KERNELS[n] for n in kernels})
-        note = (", ".join(f"{n.replace('_', ' ')} as {hardware.TPU_KERNELS[n]}" for n in kernels)
-                + ": the TPU's Pallas kernels compile only for a TPU target (--topology, with libtpu)")
-    kernels = [n for n in hardware.GPU_KERNELS if getattr(formulations, n) == "flash"]
-    if devices[0].platform != "gpu" and formulations.platform == "gpu" and kernels:
-        # likewise a GPU's Triton kernels, which compile for a GPU target only (--topology h100, say)
-        formulations = dataclasses.replace(formulations, **{n: hardware.GPU_KERNELS[n] for n in kernels})
-        note = "; ".join(filter(None, [note, ", ".join(f"{n.replace('_', ' ')} as {hardware.GPU_KERNELS[n]}"
-                                                        for n in kernels)
-                                       + ": the GPU's Pallas kernels compile only for a GPU target (--topology)"]))
+    notes = []
+    # A Pallas kernel compiles for its own target only: on other devices the platform's program takes XLA's
+    # formulations (the einsum attention holds its scores in memory: the figure is an upper bound).
+    for target, choice, stand_ins, where in (("tpu", "fused", hardware.TPU_KERNELS, "(--topology, with libtpu)"),
+                                             ("gpu", "flash", hardware.GPU_KERNELS, "(--topology)")):
+        kernels = [n for n in stand_ins if getattr(formulations, n) == choice]
+        if devices[0].platform != target and formulations.platform == target and kernels:
+            formulations = dataclasses.replace(formulations, **{n: stand_ins[n] for n in kernels})
+            notes.append(", ".join(f"{n.replace('_', ' ')} as {stand_ins[n]}" for n in kernels)
+                         + f": the {target.upper()}'s Pallas kernels compile only for a {target.upper()} target {where}")
     fc = model_config_of(cfg).replace(hardware=formulations)
     data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp
     mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])
@@ -164,7 +159,7 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     t0 = time.time()
     lowered = step.lower(state, batch, key)
     compiled, fallback = compile_lowered(lowered, devices[0].platform)
-    note = "; ".join(filter(None, [note, fallback]))
+    note = "; ".join(filter(None, [*notes, fallback]))
     seconds = time.time() - t0
     mem = compiled_memory(compiled) or CompiledMemory(0, 0, 0, 0)
     return {"mesh": dict(mesh.shape), "compile_seconds": seconds, "dtype": str(resolve_dtype(cfg.model.dtype)),

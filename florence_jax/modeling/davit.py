@@ -107,21 +107,8 @@ def _depthwise_conv3x3(x: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
 
 # The CPU kernel computes the forward; the backward is the shifted sum's, which is what the CPU computes
 # without the kernel, so training takes the same gradient either way.
-@jax.custom_vjp
-def _cpu_depthwise_residual(x, k, b):
-    return cpu_kernels.depthwise_residual(x, k, b)
-
-
-def _cpu_depthwise_residual_fwd(x, k, b):
-    return cpu_kernels.depthwise_residual(x, k, b), (x, k, b)
-
-
-def _cpu_depthwise_residual_bwd(saved, dy):
-    _, pullback = jax.vjp(lambda x, k, b: _depthwise_conv3x3(x, k, b) + x, *saved)
-    return pullback(dy)
-
-
-_cpu_depthwise_residual.defvjp(_cpu_depthwise_residual_fwd, _cpu_depthwise_residual_bwd)
+_cpu_depthwise_residual = with_gradient_of(lambda x, k, b: cpu_kernels.depthwise_residual(x, k, b),
+                                           lambda x, k, b: _depthwise_conv3x3(x, k, b) + x)
 
 
 def _residual_store(x: jax.Array) -> jax.Array:

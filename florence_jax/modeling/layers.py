@@ -74,15 +74,15 @@ _SQRT_HALF = 0.7071067811865476
 
 
 def with_gradient_of(forward, reference):
-    """``forward`` (a kernel) with ``reference``'s gradient: the same function of one array in another
-    formulation, whose ``vjp`` is taken at the saved input in the backward pass (recomputing its own forward).
-    How a kernel without a backward of its own trains: the gradient is the reference's exactly."""
+    """``forward`` (a kernel) with ``reference``'s gradient: the same function of its arrays in another
+    formulation, whose ``vjp`` is taken at the saved inputs in the backward pass (recomputing its own
+    forward). How a kernel without a backward of its own trains: the gradient is the reference's exactly."""
 
     @jax.custom_vjp
-    def fn(x):
-        return forward(x)
+    def fn(*args):
+        return forward(*args)
 
-    fn.defvjp(lambda x: (forward(x), x), lambda x, d_out: jax.vjp(reference, x)[1](d_out))
+    fn.defvjp(lambda *args: (forward(*args), args), lambda args, d_out: jax.vjp(reference, *args)[1](d_out))
     return fn
 
 
