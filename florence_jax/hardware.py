@@ -127,7 +127,11 @@ class Formulations:
     # softmax and its dropout, whose (batch, heads, length, length) scores and dropout draws XLA:TPU passes
     # through HBM several times ("einsum"), or one Pallas kernel per example and four heads that reads the
     # projections' outputs as they lie and keeps scores and dropout draws on chip ("fused": a TPU kernel; on
-    # the CPU it runs in Pallas' interpreter, for tests; florence_jax.modeling.text_attention_kernel).
+    # the CPU it runs in Pallas' interpreter, for tests; florence_jax.modeling.text_attention_kernel), or
+    # flash-attention kernels for GPUs, forward and backward, with the same dropout draws computed on chip
+    # and kept as a byte of four heads' bits per query and key for the backward ("flash": florence_jax.
+    # modeling.flash_text; heads not in fours of a power of two of at least 16 channels take the einsums;
+    # on the CPU in Pallas' interpreter, for tests; refused on a TPU).
     text_attention: str = "einsum"
     # DaViT blocks' LayerNorm statistics, for bfloat16 inputs of at least 512 channels: float32 reductions
     # over the channels ("vector"), or float32 sums of exact products with a matrix of ones on the matrix
@@ -150,8 +154,9 @@ class Formulations:
             if getattr(self, name) == "fused" and self.platform == "gpu":
                 hint = ("; model.attention_impl='dot_product' hands attention to jax.nn.dot_product_attention "
                         "(XLA's attention in this jax, not cuDNN's)" if name.endswith("attention") else "")
+                flash = " or 'flash' (the GPU's kernel)" if name in GPU_KERNELS else ""
                 raise ValueError(f"hardware formulation {name}='fused' is a TPU kernel; on a GPU, use "
-                                 f"{name}={other!r}{hint}")
+                                 f"{name}={other!r}{flash}{hint}")
         for name in GPU_KERNELS:
             if getattr(self, name) == "flash" and self.platform == "tpu":
                 raise ValueError(f"hardware formulation {name}='flash' is a GPU kernel; on a TPU, use "
@@ -190,7 +195,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "decode_top_k": ("compiler", "kernel"),
     "decode_cache": ("preallocated", "segments"),
     "window_attention": ("einsum", "fused", "kernel", "flash"),
-    "text_attention": ("einsum", "fused"),
+    "text_attention": ("einsum", "fused", "flash"),
     "layer_norm_stats": ("vector", "matrix"),
 }
 # The formulations whose "fused" choice is a Pallas TPU kernel, and what a program compiled for the TPU
@@ -198,7 +203,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 TPU_KERNELS = {"window_attention": "einsum", "text_attention": "einsum", "depthwise_conv": "grouped"}
 # The formulations whose "flash" choice is a Pallas kernel for GPUs (Triton), and what a program compiled for
 # a GPU on other devices takes instead (scripts.aot_compile).
-GPU_KERNELS = {"window_attention": "einsum"}
+GPU_KERNELS = {"window_attention": "einsum", "text_attention": "einsum"}
 # The choices that exist on the CPU alone (florence_jax.cpu_kernels, XLA:CPU's options): refused elsewhere.
 CPU_ONLY = {"depthwise_conv": ("kernel",), "window_attention": ("kernel",), "decode_dots": ("kernel", "eigen"),
             "decode_attention": ("kernel",), "decode_top_k": ("kernel",)}

@@ -137,6 +137,23 @@ def test_the_flash_window_attention_compiles_for_a_gpu(tmp_path):
     assert hlo.count('custom_call_target="__gpu$xla.gpu.triton"') >= 4 and "mha_forward" in hlo
 
 
+@pytest.mark.skipif(not _CUDA_PLUGIN, reason="JAX's CUDA plugin not installed (pip install -e '.[gpu-aot]'); "
+                                             "XLA:GPU cannot compile here")
+def test_the_flash_text_attention_compiles_for_a_gpu_with_its_dropout(tmp_path):
+    """``text_attention="flash"`` with attention dropout on: XLA:GPU compiles the three Triton kernels (forward
+    with its on-chip draws, dk/dv and dq reading the keep bits) for each text encoder layer, and the
+    encoder's attention no longer goes through XLA's scores."""
+    out = _aot("--topology", "h100", "--config.model.hardware=h100:text_attention=flash", "--config.model.dropout=0.1",
+               "--config.optim.freeze=()", "--dump", str(tmp_path))
+    assert "traced for gpu (hardware h100:text_attention=flash)" in out
+    hlo = (tmp_path / "hlo.txt").read_text()
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="__gpu$xla.gpu.triton"' in line]
+    layers = 2  # the tiny reader's encoder
+    for kernel in ("text_flash_forward", "text_flash_dkv", "text_flash_dq"):
+        assert sum(kernel in line for line in calls) == layers, kernel
+    assert any("u8[" in line for line in calls if "text_flash_forward" in line)  # the keep bits: dropout is on
+
+
 def test_a_gpu_kernel_compiled_on_simulated_cpu_devices_is_replaced_and_said_so():
     out = _aot("--config.model.hardware=h100:window_attention=flash")
     assert "traced for gpu (hardware h100)" in out  # the einsums' program

@@ -52,8 +52,10 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
     ("gpu:depthwise_conv=fft", "depthwise_conv='fft'"),
     ("gpu:store_vision_residuals=yes", "takes true or false"),
     ("gpu:depthwise_conv", "is not name=value"),
-    ("gpu:window_attention=fused", "is a TPU kernel"),
-    ("gpu:text_attention=fused", "text_attention='fused' is a TPU kernel"),
+    ("gpu:window_attention=fused", "is a TPU kernel; on a GPU, use window_attention='einsum' or 'flash'"),
+    ("gpu:text_attention=fused", "text_attention='fused' is a TPU kernel; on a GPU, use text_attention='einsum' "
+                                 "or 'flash' \\(the GPU's kernel\\)"),
+    ("v5e:text_attention=flash", "text_attention='flash' is a GPU kernel; on a TPU, use text_attention='fused'"),
     ("gpu:depthwise_conv=fused", "is a TPU kernel; on a GPU, use depthwise_conv='grouped'"),
     # the CPU's own kernels and options exist nowhere else: refused, with the platform's default named
     ("gpu:depthwise_conv=kernel", r"depthwise_conv='kernel' is a CPU kernel .*; on a GPU, use "

@@ -18,7 +18,7 @@ from flax import nnx
 from florence_jax import cpu_kernels, hardware
 from florence_jax.config import Florence2Config
 from florence_jax.lora import dense
-from florence_jax.modeling import text_attention_kernel
+from florence_jax.modeling import flash_text, text_attention_kernel
 from florence_jax.modeling.dropout import AttentionDropout, ElementDropout
 from florence_jax.modeling.layers import (
     activation,
@@ -81,12 +81,14 @@ class BartAttention(nnx.Module):
         self.head_dim = d // num_heads
         self.impl = cfg.attention_impl
         f = hardware.resolve(cfg.hardware)
-        # The encoder's self-attention as one TPU kernel (Formulations.text_attention; it runs in Pallas'
-        # interpreter off the TPU, for tests); the einsums where the kernel does not take the heads or, at
-        # call time, the length (text_attention_kernel.MAX_LENGTH).
-        self.fused = (self_attention_kernel and f.text_attention == "fused"
-                      and text_attention_kernel.supported(num_heads, d))
-        self.interpret = f.platform != "tpu"
+        # The encoder's self-attention as one TPU kernel or as the GPU's flash kernels (Formulations.
+        # text_attention; they run in Pallas' interpreter off their platform, for tests); the einsums where
+        # the kernel does not take the heads or, at call time, the length (text_attention_kernel.MAX_LENGTH;
+        # the flash kernels take any length).
+        self.kernel = {"fused": text_attention_kernel, "flash": flash_text}.get(f.text_attention)
+        self.fused = (self_attention_kernel and self.kernel is not None and self.kernel.supported(num_heads, d))
+        self.max_length = text_attention_kernel.MAX_LENGTH if f.text_attention == "fused" else None
+        self.interpret = f.platform != {"fused": "tpu", "flash": "gpu"}.get(f.text_attention)
         # Beam search's cross-attention: a matrix-vector product per beam (XLA:CPU runs those faster than one
         # product with a row's beams as query rows, though each reads the keys) or one product per row
         # (Formulations.beam_cross_attention; figures in docs/benchmarks.md).
@@ -108,11 +110,13 @@ class BartAttention(nnx.Module):
         return self._heads(dense(self.k_proj, x, rngs)), self._heads(dense(self.v_proj, x, rngs))
 
     def fused_self_attention(self, x, mask, rngs=None):
-        """``x`` (batch, length, d_model) attends to itself through the TPU kernel; ``mask`` (batch, 1, 1,
-        length) allows keys, as for ``__call__``."""
+        """``x`` (batch, length, d_model) attends to itself through the TPU kernel or the GPU's flash kernels;
+        ``mask`` (batch, 1, 1, length) allows keys, as for ``__call__``."""
         q, k, v = (dense(p, x, rngs) for p in (self.q_proj, self.k_proj, self.v_proj))
         active = self.dropout.active()
-        out = text_attention_kernel.fused_text_attention(
+        attend = (text_attention_kernel.fused_text_attention if self.kernel is text_attention_kernel
+                  else flash_text.flash_text_attention)
+        out = attend(
             q, k, v, None if mask is None else mask.reshape(x.shape[0], -1), self.num_heads, self.head_dim**-0.5,
             rate=self.dropout.rate if active else 0.0, key=self.dropout.key(rngs) if active else None,
             interpret=self.interpret)
@@ -184,7 +188,7 @@ class EncoderLayer(_FFN):
 
     def __call__(self, h, mask, rngs=None):
         with jax.named_scope("self_attn"):
-            if self.self_attn.fused and h.shape[1] <= text_attention_kernel.MAX_LENGTH:
+            if self.self_attn.fused and h.shape[1] <= (self.self_attn.max_length or h.shape[1]):
                 a = self.self_attn.fused_self_attention(h, mask, rngs)
             else:
                 k, v = self.self_attn.project_kv(h, rngs)

@@ -79,13 +79,23 @@ def fused_text_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax
     if not supported(heads, c, max(lq, lk)):
         raise ValueError(f"fused text attention holds at most {MAX_LENGTH} positions in a TPU core's memory; "
                          f"got {lq} queries and {lk} keys (the einsum formulation takes any length)")
+    fn = functools.partial(_attention, heads=heads, scale=scale, rate=rate, interpret=interpret)
+    return run_per_device(fn, q, k, v, key_mask, rate, key)
+
+
+def run_per_device(fn, q, k, v, key_mask, rate, key):
+    """``fn(q, k, v, mask, seed)`` for a text attention kernel: ``mask`` (batch, 1, keys) int32, nonzero
+    where a key is allowed; ``seed`` three int32 words, the threefry key's two and the index of ``q``'s first
+    example in the batch (the dropout counters' offset). On a mesh, under ``shard_map`` over the batch axes
+    (:func:`florence_jax.sharding.kernel_batch_split`), each device on its own examples with their global
+    indices, so the dropout mask does not depend on the mesh."""
+    b, lk = k.shape[0], k.shape[1]
     mask = (jnp.ones((b, 1, lk), jnp.int32) if key_mask is None
             else (key_mask != 0).astype(jnp.int32).reshape(b, 1, lk))
     words = threefry_words(key) if rate > 0.0 and key is not None else None
     if rate > 0.0 and words is None:
-        raise ValueError("fused text attention with dropout needs a threefry key")
+        raise ValueError("text attention kernels with dropout need a threefry key")
     seed = jax.lax.bitcast_convert_type(jnp.stack(words), jnp.int32) if words else jnp.zeros((2,), jnp.int32)
-    fn = functools.partial(_attention, heads=heads, scale=scale, rate=rate, interpret=interpret)
     mesh, axes = sharding.kernel_batch_split(q)
     if not axes:
         return fn(q, k, v, mask, jnp.concatenate([seed, jnp.zeros((1,), jnp.int32)]))
@@ -237,4 +247,4 @@ def _backward(q, k, v, d_out, mask, seed, heads, scale, rate, interpret):
                        q, k, heads, _cost(q, k, heads, 5, 7), interpret))
 
 
-__all__ = ["fused_text_attention", "supported"]
+__all__ = ["fused_text_attention", "run_per_device", "supported"]
