@@ -122,7 +122,9 @@ class Florence2Config:
     param_dtype: Any = jnp.float32
     attention_impl: str = "xla"  # "xla" (einsum softmax), "dot_product" (jax.nn.dot_product_attention)
     remat_policy: str = "none"  # "none", "full", "dots": rematerialise vision blocks and BART layers
-    scan_vision_blocks: bool = True  # run a vision stage's blocks as one lax.scan (see DaViT._scan_stage)
+    # run a vision stage's blocks as one lax.scan (see DaViT._scan_stage) where the hardware's formulation
+    # scans (Formulations.vision_stages: the CPU's and TPU's); False unrolls everywhere
+    scan_vision_blocks: bool = True
     final_logits_bias: bool = False  # original layout: a frozen bias added to the logits
     mask_padded_vocab: bool = False  # original layout: rows >= num_real_tokens take no probability mass
     # The hardware the program is built for: a spec ("cpu", "gpu:depthwise_conv=grouped"; None for the

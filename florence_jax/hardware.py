@@ -133,6 +133,13 @@ class Formulations:
     # modeling.flash_text; heads not in fours of a power of two of at least 16 channels take the einsums;
     # on the CPU in Pallas' interpreter, for tests; refused on a TPU).
     text_attention: str = "einsum"
+    # A vision stage's identical blocks (nine in the third stage of base and large): one lax.scan over their
+    # stacked parameters ("scan": one block compiled; unrolled, XLA:CPU fused nine blocks' elementwise work
+    # together and never finished compiling the float32 step), or one block after another ("unrolled":
+    # XLA:GPU compiles the full base step so in 88 s here, and its program no longer copies each block's
+    # saved activations into the scan's stacks and back; the full step's roofline estimate on an H100
+    # 172.1 -> 144.4 ms, docs/scale-out.md). model.scan_vision_blocks=False unrolls on every platform.
+    vision_stages: str = "scan"
     # DaViT blocks' LayerNorm statistics, for bfloat16 inputs of at least 512 channels: float32 reductions
     # over the channels ("vector"), or float32 sums of exact products with a matrix of ones on the matrix
     # unit, the square split into two exact bfloat16 parts ("matrix": XLA:TPU reduces over the lanes on the
@@ -196,6 +203,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "decode_cache": ("preallocated", "segments"),
     "window_attention": ("einsum", "fused", "kernel", "flash"),
     "text_attention": ("einsum", "fused", "flash"),
+    "vision_stages": ("scan", "unrolled"),
     "layer_norm_stats": ("vector", "matrix"),
 }
 # The formulations whose "fused" choice is a Pallas TPU kernel, and what a program compiled for the TPU
@@ -213,9 +221,10 @@ _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spe
 
 # Each backend's defaults. docs/benchmarks.md ("Formulations per backend") gives the measurement behind
 # each and lists the ones no run on that hardware has chosen yet: the GPU keeps the CPU's depthwise
-# convolution and attention layout until scripts/device_bench.sh (MODE=ab) compares them there; the TPU's
-# depthwise convolution, window attention, pixel normalization, pixel layout and LayerNorm statistics
-# follow the TPU compiler's estimates (docs/scale-out.md), no chip having run them.
+# convolution and attention layout until scripts/device_bench.sh (MODE=ab) compares them there, and its
+# unrolled vision stages follow XLA:GPU's program compiled here (docs/scale-out.md), no GPU having run them;
+# the TPU's depthwise convolution, window attention, pixel normalization, pixel layout and LayerNorm
+# statistics follow the TPU compiler's estimates (docs/scale-out.md), no chip having run them.
 DEFAULTS: dict[str, Formulations] = {
     "cpu": Formulations("cpu", depthwise_conv="kernel", store_vision_residuals=True,
                         carry_small_scan_params=True, attention_layout="heads_major",
@@ -224,7 +233,8 @@ DEFAULTS: dict[str, Formulations] = {
                         decode_top_k="kernel", decode_cache="segments", window_attention="kernel"),
     "gpu": Formulations("gpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
-                        beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="gather"),
+                        beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="gather",
+                        vision_stages="unrolled"),
     "tpu": Formulations("tpu", depthwise_conv="fused", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="affine",

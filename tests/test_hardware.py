@@ -88,12 +88,17 @@ def _tower_program(model, x) -> str:
 def test_the_formulations_are_part_of_the_model_so_jit_caches_by_them(tiny_hf_dir):
     """One jitted function traced with a CPU-built tower, then a GPU-built one, then the CPU one again:
     each trace is its hardware's program (the CPU's stores each block's residual stream through a division
-    by 1.0, which survives XLA's optimizations; the GPU's does not), with no cache cleared in between."""
+    by 1.0, which survives XLA's optimizations; the GPU's does not; the CPU's runs a stage's blocks in a
+    loop, the GPU's one after another), with no cache cleared in between. For the division count both keep
+    their stages in loops (``vision_stages=scan``), so that each block's divisions appear once."""
     cpu = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
-    gpu = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir, hardware="gpu")
-    assert cpu.formulations == hardware.DEFAULTS["cpu"] and gpu.formulations == hardware.DEFAULTS["gpu"]
+    gpu_default = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir, hardware="gpu")
+    gpu = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir, hardware="gpu:vision_stages=scan")
+    assert cpu.formulations == hardware.DEFAULTS["cpu"] and gpu_default.formulations == hardware.DEFAULTS["gpu"]
     x = jnp.asarray(tiny_batch(seed=1)["pixel_values"]).transpose(0, 2, 3, 1)
     fn = jax.jit(lambda t, x: t(x))
+    loops = [fn.lower(m.model.vision_tower, x).as_text().count("stablehlo.while") for m in (cpu, gpu_default, cpu)]
+    assert loops[0] == loops[2] > loops[1] == 0
     divides = [fn.lower(m.model.vision_tower, x).as_text().count("stablehlo.divide") for m in (cpu, gpu, cpu)]
     assert divides[0] == divides[2] > divides[1]
     compiled = [fn.lower(m.model.vision_tower, x).compile().as_text().count("divide(") for m in (cpu, gpu)]

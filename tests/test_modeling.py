@@ -221,6 +221,29 @@ def test_scanned_vision_stage_equals_unrolled(tiny_hf_dir):
                                    err_msg=str(k))
 
 
+def test_the_gpu_unrolls_vision_stages_and_the_cpu_scans_them():
+    """``Formulations.vision_stages``: the CPU's (and TPU's) tower runs a stage's blocks as one lax.scan, the
+    GPU's one block after another; ``scan_vision_blocks=False`` unrolls on any platform. Read from the traced
+    program (the values are the same either way: test_scanned_vision_stage_equals_unrolled, slow)."""
+    from florence_jax import hardware
+    from florence_jax.modeling.davit import DaViT
+    from train.state import tiny_config
+
+    x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+
+    def scans(spec, scan_blocks=True):
+        cfg = tiny_config(128, 127).replace(hardware=spec, scan_vision_blocks=scan_blocks)
+        cfg = cfg.replace(vision_config=dataclasses.replace(cfg.vision_config, depths=(1, 1, 2, 1)))
+        tower = DaViT(cfg, rngs=nnx.Rngs(0))
+        assert max(len(b) for b in tower.blocks) > 1  # a stage with several blocks
+        return str(jax.make_jaxpr(lambda x: tower(x))(x)).count(" scan[")
+
+    assert hardware.resolve("gpu").vision_stages == "unrolled" and hardware.resolve("tpu").vision_stages == "scan"
+    assert scans("cpu") >= 1 and scans("tpu") >= 1
+    assert scans("gpu") == 0 and scans("cpu:vision_stages=unrolled") == 0 and scans("cpu", scan_blocks=False) == 0
+    assert scans("gpu:vision_stages=scan") >= 1
+
+
 def test_drop_path_with_a_traced_rate():
     """Inside the scan each block's stochastic-depth rate is a traced value: whole samples are dropped at
     that rate and the kept ones scaled by 1 / (1 - rate)."""

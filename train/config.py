@@ -114,7 +114,9 @@ class ModelConfig:
     # when asked for by name, which nothing here does yet)
     attention_impl: str = "xla"
     remat_policy: str = "none"  # "none", "full", "dots"
-    scan_vision_blocks: bool = True  # a vision stage's blocks as one lax.scan (fast compile; False unrolls)
+    # a vision stage's blocks as one lax.scan where the hardware's formulation scans (the CPU's and TPU's;
+    # hardware vision_stages=unrolled, the GPU's default, does not); False unrolls everywhere
+    scan_vision_blocks: bool = True
     # The hardware the programs are built for: "cpu", "gpu", "tpu", or "" for the backend that runs them;
     # ":name=value,..." changes single formulations (florence_jax.hardware), e.g. "gpu:depthwise_conv=grouped".
     hardware: str = ""

@@ -447,7 +447,9 @@ class DaViT(nnx.Module):
             offset += 2 * depth
         self.convs = nnx.List(convs)
         self.blocks = nnx.List(blocks)
-        self.scan_blocks = cfg.scan_vision_blocks
+        # a stage's blocks as one lax.scan where the hardware's formulation scans (Formulations.vision_stages)
+        # and the config does not unroll
+        self.scan_blocks = cfg.scan_vision_blocks and hardware.resolve(cfg.hardware).vision_stages == "scan"
         self.carry_small = hardware.resolve(cfg.hardware).carry_small_scan_params
         # (spatial, channel) stochastic-depth rate of every block, per stage, for the scan.
         starts = np.cumsum([0, *v.depths[:-1]]) * 2
