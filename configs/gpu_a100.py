@@ -6,8 +6,9 @@ gradient, no moments), padding excluded from the loss, gradient clipping at 1.0,
 master weights, validation on the whole split (beam 3), resumable checkpoints.
 
 Batch size: `python -m scripts.aot_compile --config gpu_a100.py` compiles this step (base model, 768x768,
-frozen tower, bf16) with the CPU compiler and reports per-device memory: batch 64 needs 68.6 GiB (does not
-fit 40 GiB), batch 32 needs 35.7 GiB (fits, 89%). The CPU compiler's figure is an upper bound for the GPU
+frozen tower, bf16) with the CPU compiler and reports per-device memory: batch 64 needs 50.9 GiB (does not
+fit 40 GiB), batch 32 needs 26.9 GiB (fits, 67%; at 7f1962d, the GPU's vision stages unrolled: 68.6 and
+35.7 GiB with them scanned, 2026-11-28). The CPU compiler's figure is an upper bound for the GPU
 (it keeps more bf16 work in float32 and schedules without a memory limit), so 32 is the largest batch
 this check guarantees; on the device, try 48 and watch the memory, or raise `grad_accum_steps` for a
 larger effective batch. The vision tower's forward dominates: 192x192 stage-0 grids x 64 images.

@@ -18,7 +18,8 @@ truncated_target). Learning rate 5e-6 (the usual Florence-2 detection fine-tunin
 1e-6 moves the location head too slowly), linear decay with a short warmup, vision tower frozen as in
 `gpu_a100.py`.
 
-Memory: the DocVQA step at batch 32 (64 target tokens) needs 35.7 of 40 GiB by the compile-time check; 256
+Memory: the DocVQA step at batch 32 (64 target tokens) needed 35.7 of 40 GiB by the CPU compiler's check (26.9
+since 7f1962d unrolled the GPU's vision stages); 256
 target tokens add about 2.5 GiB of float32 logits and their gradient (32 x 256 x 51k x 4 bytes, twice). So the
 global batch 32 runs as 2 micro-batches of 16 (`grad_accum_steps=2`, same update). XLA:GPU's own compile of
 this config for an A100-40GB (`python -m scripts.aot_compile --config gpu_a100_detection.py --topology a100`,

@@ -11,7 +11,8 @@ adapters. The run exports both the merged model (export/, loads in transformers 
 ``--config.lora.targets`` plus a pattern such as ``window_attn\\.qkv$`` and ``--config.optim.freeze=()``.
 
 Memory (``python -m scripts.aot_compile --config gpu_a100_lora.py``, the CPU compiler's upper bound, batch
-32): 33.9 GiB per device, fits 40 GiB (gpu_a100.py without adapters: 35.7 GiB). Adapter dropout 0.05 raises it to
+32): 25.1 GiB per device at 7f1962d, fits 40 GiB (gpu_a100.py without adapters: 26.9 GiB; 33.9 and 35.7 with
+the vision stages scanned, before 7f1962d). Adapter dropout 0.05 raised the scanned figure to
 43.5 GiB (each adapted layer keeps a dropped copy of its input for the backward pass), which does not fit:
 with dropout, lower the batch or raise ``grad_accum_steps``. XLA:GPU's own compile for an A100-40GB
 (``--topology a100``; docs/scale-out.md, 2026-12-07): 12.9 GiB without adapter dropout.

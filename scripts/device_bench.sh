@@ -57,8 +57,8 @@ if [ "${MODE:-}" = ab ]; then
   train=(--only train_frozen --train_batch 32 --repeats 5)
   ab defaults 80 gpu "${train[@]}"
   # the Pallas flash kernels for window attention and for the text encoder's attention with its dropout:
-  # XLA:GPU's compile for an H100 estimates the step at 88.6 ms of memory traffic, 75.3 with the first and
-  # 59.1 with both (the kernels' own work not counted; docs/scale-out.md); these rows measure them
+  # XLA:GPU's compile for an H100 estimates the step (stages scanned) at 88.6 ms of memory traffic, 75.3 with
+  # the first and 59.1 with both (the kernels' own work not counted; docs/scale-out.md); these rows measure them
   ab flash_window 55 gpu:window_attention=flash "${train[@]}"
   ab flash_text 55 gpu:text_attention=flash "${train[@]}"
   ab flash_both 55 gpu:window_attention=flash,text_attention=flash "${train[@]}"
