@@ -9,7 +9,7 @@ parameter tree holds it at one path (PyTorch's tied ``embed_tokens`` copies are 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +73,21 @@ class KernelLayerCache(NamedTuple):
         return self._replace(source=jnp.take(self.source, rows, axis=0))
 
 
+class _TextKernel(NamedTuple):
+    module: Any  # supported(heads, channels)
+    attend: Any  # (q, k, v, key_mask, heads, scale, *, rate, key, interpret) -> output
+    platform: str  # where it compiles; elsewhere Pallas' interpreter runs it
+    max_length: int | None  # the longest sequence it takes
+
+
+# Formulations.text_attention's kernels for the encoder's self-attention.
+_TEXT_KERNELS = {
+    "fused": _TextKernel(text_attention_kernel, text_attention_kernel.fused_text_attention, "tpu",
+                         text_attention_kernel.MAX_LENGTH),
+    "flash": _TextKernel(flash_text, flash_text.flash_text_attention, "gpu", None),
+}
+
+
 class BartAttention(nnx.Module):
     def __init__(self, cfg: Florence2Config, num_heads: int, *, self_attention_kernel: bool = False,
                  rngs: nnx.Rngs):
@@ -85,10 +100,11 @@ class BartAttention(nnx.Module):
         # text_attention; they run in Pallas' interpreter off their platform, for tests); the einsums where
         # the kernel does not take the heads or, at call time, the length (text_attention_kernel.MAX_LENGTH;
         # the flash kernels take any length).
-        self.kernel = {"fused": text_attention_kernel, "flash": flash_text}.get(f.text_attention)
-        self.fused = (self_attention_kernel and self.kernel is not None and self.kernel.supported(num_heads, d))
-        self.max_length = text_attention_kernel.MAX_LENGTH if f.text_attention == "fused" else None
-        self.interpret = f.platform != {"fused": "tpu", "flash": "gpu"}.get(f.text_attention)
+        kernel = _TEXT_KERNELS.get(f.text_attention)
+        self.fused = self_attention_kernel and kernel is not None and kernel.module.supported(num_heads, d)
+        if self.fused:
+            self.attend, self.max_length = kernel.attend, kernel.max_length
+            self.interpret = f.platform != kernel.platform
         # Beam search's cross-attention: a matrix-vector product per beam (XLA:CPU runs those faster than one
         # product with a row's beams as query rows, though each reads the keys) or one product per row
         # (Formulations.beam_cross_attention; figures in docs/benchmarks.md).
@@ -114,9 +130,7 @@ class BartAttention(nnx.Module):
         ``mask`` (batch, 1, 1, length) allows keys, as for ``__call__``."""
         q, k, v = (dense(p, x, rngs) for p in (self.q_proj, self.k_proj, self.v_proj))
         active = self.dropout.active()
-        attend = (text_attention_kernel.fused_text_attention if self.kernel is text_attention_kernel
-                  else flash_text.flash_text_attention)
-        out = attend(
+        out = self.attend(
             q, k, v, None if mask is None else mask.reshape(x.shape[0], -1), self.num_heads, self.head_dim**-0.5,
             rate=self.dropout.rate if active else 0.0, key=self.dropout.key(rngs) if active else None,
             interpret=self.interpret)

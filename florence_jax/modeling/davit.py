@@ -449,8 +449,9 @@ class DaViT(nnx.Module):
         self.blocks = nnx.List(blocks)
         # a stage's blocks as one lax.scan where the hardware's formulation scans (Formulations.vision_stages)
         # and the config does not unroll
-        self.scan_blocks = cfg.scan_vision_blocks and hardware.resolve(cfg.hardware).vision_stages == "scan"
-        self.carry_small = hardware.resolve(cfg.hardware).carry_small_scan_params
+        f = hardware.resolve(cfg.hardware)
+        self.scan_blocks = cfg.scan_vision_blocks and f.vision_stages == "scan"
+        self.carry_small = f.carry_small_scan_params
         # (spatial, channel) stochastic-depth rate of every block, per stage, for the scan.
         starts = np.cumsum([0, *v.depths[:-1]]) * 2
         self.drop_rates = tuple(tuple((dpr[o + 2 * j], dpr[o + 2 * j + 1]) for j in range(d))

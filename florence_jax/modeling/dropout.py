@@ -59,9 +59,10 @@ def threefry_words(key: jax.Array) -> tuple[jax.Array, jax.Array] | None:
     return data[0], data[1]
 
 
-def hash_draws(k1, k2, rows, cols):
-    """The four 16-bit draws (uint32) of each hash of counters ``(rows, cols)``: heads 4g .. 4g+3."""
-    hi, lo = threefry2x32_p.bind(k1, k2, rows, cols)
+def hash_draws(k1, k2, rows, cols, threefry=threefry2x32_p.bind):
+    """The four 16-bit draws (uint32) of each hash of counters ``(rows, cols)``: heads 4g .. 4g+3.
+    ``threefry`` computes the hash (another formulation of it where a kernel's lowering lacks the primitive)."""
+    hi, lo = threefry(k1, k2, rows, cols)
     low = jnp.uint32(_LOW16)
     return hi & low, hi >> 16, lo & low, lo >> 16
 

@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from florence_jax.modeling.dropout import HEADS_PER_HASH, keep_threshold
+from florence_jax.modeling import text_attention_kernel
+from florence_jax.modeling.dropout import HEADS_PER_HASH, hash_draws, keep_threshold
 
 # Query and key block of the kernels: a power of two (Triton's tiles), at least 16 (its products' smallest
 # tile). 641 positions pad to 672.
@@ -82,11 +83,9 @@ def threefry2x32(k1, k2, x0, x1):
 def _keep_bits(k1, k2, rows, cols, threshold):
     """The four heads' keep decisions of a group, packed as bits 0..3 of a uint8: the draws of
     :func:`florence_jax.modeling.dropout.hash_draws`, head ``4g + j`` kept when its draw >= ``threshold``."""
-    hi, lo = threefry2x32(k1, k2, rows, cols)
-    low = jnp.uint32(0xFFFF)
     t = jnp.uint32(threshold)
     bits = jnp.zeros(rows.shape, jnp.uint32)
-    for j, draw in enumerate((hi & low, hi >> 16, lo & low, lo >> 16)):
+    for j, draw in enumerate(hash_draws(k1, k2, rows, cols, threefry=threefry2x32)):
         bits = bits | jnp.where(draw >= t, jnp.uint32(1 << j), jnp.uint32(0))
     return bits.astype(jnp.uint8)
 
@@ -242,8 +241,6 @@ def flash_text_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax
     allowed where ``key_mask`` (batch, length) is nonzero, probabilities dropped with probability ``rate``
     under ``key`` (a threefry key). The result has ``q``'s layout. ``interpret`` runs Pallas' interpreter
     instead of compiling the GPU kernels."""
-    from florence_jax.modeling import text_attention_kernel
-
     if q.shape != k.shape or k.shape != v.shape or not supported(heads, q.shape[2]):
         raise ValueError(f"flash text attention needs q, k and v of one shape (batch, length, C), C in heads "
                          f"taken four at a time of a power-of-two head size >= 16; got {q.shape}, {k.shape}, "
