@@ -224,6 +224,23 @@ def _attr(line: str, key: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _attr_block(line: str, key: str) -> str:
+    """The braced value of ``key={...}`` (nested braces included), or ''."""
+    start = line.find(f"{key}={{")
+    if start < 0:
+        return ""
+    depth, i = 0, start + len(key) + 1
+    for j in range(i, len(line)):
+        depth += {"{": 1, "}": -1}.get(line[j], 0)
+        if depth == 0:
+            return line[i:j + 1]
+    return ""
+
+
+# output_to_operand_aliasing={{}: (8, {})}: the operand number of each aliased output
+_ALIASED = re.compile(r":\s*\((\d+),")
+
+
 def _dims(line: str, key: str) -> list[int]:
     m = re.search(rf"\b{key}=\{{([\d,]*)\}}", line)
     return [int(x) for x in m.group(1).split(",") if x] if m else []
@@ -447,8 +464,12 @@ def ops(text: str) -> list[Op]:
             # each head's block of it); one a fusion reads through dynamic slices only, as far as the slices
             sliced = _sliced_parameters(comps.get(sub, [])) if sub and i.opcode == "fusion" else {}
             first = {o: k for k, o in reversed(list(enumerate(i.operands)))}
+            # an operand aliased to the result is the buffer the call writes in place (a kernel writing its
+            # part of a buffer another kernel filled): counted once, as the result
+            aliased = {i.operands[int(n)] for n in _ALIASED.findall(_attr_block(i.line, "output_to_operand_aliasing"))}
             moved = shape_bytes(i.shape) + sum(sliced.get(k, shape_bytes(shapes.get(o, ""))) for o, k in first.items()
-                                                if by_name.get(o) is None or by_name[o].opcode != "constant")
+                                                if (by_name.get(o) is None or by_name[o].opcode != "constant")
+                                                and o not in aliased)
             if i.opcode == "dynamic-update-slice" or (i.opcode == "fusion" and _updates_in_place(comps.get(sub, []))):
                 # written in place: the buffer operand (the result's shape) is not read, only the update is
                 # read and written into it (a scan stacking each iteration's residuals does this)

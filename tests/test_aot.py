@@ -121,7 +121,7 @@ def test_a_config_compiles_for_a_described_gpu_with_the_gpu_compiler(tmp_path):
     assert "traced for gpu (hardware h100)" in out and "fits in 80 GiB" in out
     hlo = (tmp_path / "hlo.txt").read_text()
     assert '"kind":"__triton' in hlo or "__cublas$" in hlo
-    assert "mha_forward" not in hlo  # the GPU's default window attention is the einsums'
+    assert "flash_forward" not in hlo  # the GPU's default attentions are the einsums'
     out = _aot("--topology", "a100:2", "--config.mesh.data=2")
     assert "target       a100:2  mesh {'data': 2, 'fsdp': 1}" in out and "fits in 40 GiB" in out
 
@@ -129,12 +129,17 @@ def test_a_config_compiles_for_a_described_gpu_with_the_gpu_compiler(tmp_path):
 @pytest.mark.skipif(not _CUDA_PLUGIN, reason="JAX's CUDA plugin not installed (pip install -e '.[gpu-aot]'); "
                                              "XLA:GPU cannot compile here")
 def test_the_flash_window_attention_compiles_for_a_gpu(tmp_path):
-    """``window_attention="flash"``: XLA:GPU compiles the Pallas flash-attention kernel, a Triton custom call
-    per spatial block of the frozen tower."""
-    out = _aot("--topology", "h100", "--config.model.hardware=h100:window_attention=flash", "--dump", str(tmp_path))
+    """``window_attention="flash"`` with the tower trained: XLA:GPU compiles the three Triton kernels per
+    spatial block (forward, dk/dv, and dq writing into dk/dv's buffer, aliased)."""
+    out = _aot("--topology", "h100", "--config.model.hardware=h100:window_attention=flash",
+               "--config.optim.freeze=()", "--dump", str(tmp_path))
     assert "traced for gpu (hardware h100:window_attention=flash)" in out
     hlo = (tmp_path / "hlo.txt").read_text()
-    assert hlo.count('custom_call_target="__gpu$xla.gpu.triton"') >= 4 and "mha_forward" in hlo
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="__gpu$xla.gpu.triton"' in line]
+    blocks = 4  # the tiny reader's tower: one spatial block per stage
+    for kernel in ("window_flash_forward", "window_flash_dkv", "window_flash_dq"):
+        assert sum(kernel in line for line in calls) == blocks, kernel
+    assert all("output_to_operand_aliasing" in line for line in calls if "window_flash_dq" in line)
 
 
 @pytest.mark.skipif(not _CUDA_PLUGIN, reason="JAX's CUDA plugin not installed (pip install -e '.[gpu-aot]'); "

@@ -1,7 +1,7 @@
-"""DaViT's window attention through JAX's Pallas flash-attention kernels for GPUs (florence_jax.modeling.
+"""DaViT's window attention through the project's flash-attention kernels for GPUs (florence_jax.modeling.
 flash_window, ``Formulations.window_attention="flash"``), run here by Pallas' interpreter: the einsum
-formulation's values and gradients, per device on a mesh, and in the tiny tower. That XLA:GPU compiles it
-for a GPU is in tests/test_aot.py."""
+formulation's values and gradients, the gradient written as one buffer, per device on a mesh, and in the
+tiny tower. That XLA:GPU compiles it for a GPU is in tests/test_aot.py."""
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,22 @@ def _einsum(qkv, heads, scale):
 @pytest.mark.parametrize("windows, tokens, heads, head_dim", [(3, 144, 2, 32), (2, 16, 4, 16), (2, 32, 1, 32)])
 def test_the_kernel_computes_the_einsum_formulation_and_its_gradient(dtype, tol, windows, tokens, heads, head_dim):
     assert_window_kernel_matches(_flash, _einsum, dtype, tol, windows, tokens, heads, head_dim)
+
+
+def test_the_backward_writes_the_projections_gradient_in_place_without_a_second_forward():
+    """The gradient of qkv is the dq kernel's output, written into the dk/dv kernel's buffer (aliased), in
+    qkv's layout: three kernels in all (the forward once), and no slice, copy or concatenation of q, k, v
+    or of their gradients around them (the library's backward took slices of qkv, ran its forward again
+    and concatenated dq, dk and dv)."""
+    qkv = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 3 * 4 * 16)), jnp.float32)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda t: jnp.sum(_flash(t, 4, 0.25) ** 2)))(qkv)
+    calls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]
+    assert [str(e.params["name"]) for e in calls] == [
+        "window_flash_forward", "window_flash_dkv", "window_flash_dq"]
+    dkv, dq = calls[1], calls[2]
+    assert dq.params["input_output_aliases"] == ((len(dq.invars) - 1, 0),)
+    assert dq.invars[-1] is dkv.outvars[0] and dkv.outvars[0].aval.shape == (2, 32, 3, 4, 16)
+    assert not {"slice", "dynamic_slice", "concatenate", "copy", "gather"} & {e.primitive.name for e in jaxpr.jaxpr.eqns}
 
 
 @pytest.mark.parametrize("shape, heads", [((2, 9, 96), 2), ((2, 16, 24), 1), ((2, 16, 72), 1), ((2, 16, 20), 3)])

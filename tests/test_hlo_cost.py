@@ -275,21 +275,24 @@ def test_a_kernels_static_schedule_counts_each_loops_bundles_times_its_trips(tmp
 
 # XLA:GPU's program for a described GPU (scripts.aot_compile --topology h100), shortened: products as cuBLAS
 # calls and convolutions as cuDNN calls, each a tuple of its result and a scratch workspace, and a Pallas
-# kernel given one buffer three times (florence_jax.modeling.flash_window reads q, k and v in place).
+# kernel given one buffer three times (florence_jax.modeling.flash_window reads q, k and v in place), and one
+# writing into a buffer it is given, aliased (the window kernels' dq into the dk/dv kernel's output).
 _GPU_PROGRAM = """HloModule jit_step, entry_computation_layout={()->()}
 
-ENTRY %main.1 (a: bf16[64,32], b: bf16[32,16], x: f32[4,8,8,64], w: f32[96,3,3,64], g: f32[4,4,4,96], qkv: bf16[8,16,6,16]) -> bf16[64,16] {
+ENTRY %main.1 (a: bf16[64,32], b: bf16[32,16], x: f32[4,8,8,64], w: f32[96,3,3,64], g: f32[4,4,4,96], qkv: bf16[8,16,6,16], dkv: bf16[8,16,6,16]) -> bf16[64,16] {
   %a = bf16[64,32]{1,0} parameter(0)
   %b = bf16[32,16]{1,0} parameter(1)
   %x = f32[4,8,8,64]{3,2,1,0} parameter(2)
   %w = f32[96,3,3,64]{3,2,1,0} parameter(3)
   %g = f32[4,4,4,96]{3,2,1,0} parameter(4)
   %qkv = bf16[8,16,6,16]{3,2,1,0} parameter(5)
+  %dkv = bf16[8,16,6,16]{3,2,1,0} parameter(6)
   %cublas-lt-matmul.1 = (bf16[64,16]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/jvp(encoder)/fc1/dot_general"}, backend_config={"operation_queue_id":"0","gemm_backend_config":{"selected_algorithm":"0","alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
   %cudnn-conv.1 = (f32[4,4,4,96]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3 stride=2x2 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(vision_tower)/stage2/patch_embed/conv_general_dilated"}
   %cudnn-conv-bw-input.2 = (f32[4,8,8,64]{3,2,1,0}, u8[0]{0}) custom-call(%g, %w), window={size=3x3 stride=2x2 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardInput", metadata={op_name="jit(train_step)/transpose(jvp(vision_tower))/stage2/patch_embed/conv_general_dilated"}
   %cudnn-conv-bw-filter.5 = (f32[96,3,3,64]{3,2,1,0}, u8[0]{0}) custom-call(%x, %g), window={size=3x3 stride=2x2 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(train_step)/transpose(jvp(vision_tower))/stage2/patch_embed/conv_general_dilated"}
   %pallas_call.8 = bf16[8,16,2,16]{3,2,1,0} custom-call(%qkv, %qkv, %qkv), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(train_step)/jvp(vision_tower)/stage2/spatial/window_attn/window_flash_forward/pallas_call"}
+  %pallas_call.9 = bf16[8,16,6,16]{3,2,1,0} custom-call(%qkv, %qkv, %dkv), custom_call_target="__gpu$xla.gpu.triton", output_to_operand_aliasing={{}: (2, {})}, metadata={op_name="jit(train_step)/transpose(jvp(vision_tower))/stage2/spatial/window_attn/window_flash_dq/pallas_call"}
   ROOT %r = bf16[64,16]{1,0} get-tuple-element(%cublas-lt-matmul.1), index=0
 }
 """
@@ -299,7 +302,8 @@ def test_a_gpu_programs_library_calls_count_as_products_without_their_workspace(
     """cuBLAS products count 2 x output x contracted size; a cuDNN convolution its forward's FLOPs, in the
     forward and both backward calls: 2 x the forward output's elements x 64 input features x the real taps
     (stride 2, padding 1 over 8 rows: the first output row reads 2 real rows, the other three 3, so 2.75 per
-    dimension on average); no call moves its scratch workspace; a buffer passed three times is read once."""
+    dimension on average); no call moves its scratch workspace; a buffer passed three times is read once; a
+    buffer aliased to the result is the result, written, not read as well."""
     by_name = {o.name: o for o in hlo_cost.ops(_GPU_PROGRAM)}
     conv = 2 * (4 * 4 * 4 * 96) * 2.75**2 * 64
     assert by_name["cublas-lt-matmul.1"].flops == 2 * 64 * 16 * 32
@@ -308,6 +312,8 @@ def test_a_gpu_programs_library_calls_count_as_products_without_their_workspace(
     assert by_name["cublas-lt-matmul.1"].bytes == 2 * (64 * 32 + 32 * 16 + 64 * 16)  # not the 4 MiB workspace
     assert by_name["cudnn-conv-bw-input.2"].bytes == 4 * (4 * 4 * 4 * 96 + 96 * 9 * 64 + 4 * 8 * 8 * 64)
     assert by_name["pallas_call.8"].bytes == 2 * (8 * 16 * 6 * 16 + 8 * 16 * 2 * 16)
+    assert by_name["pallas_call.9"].bytes == 2 * (8 * 16 * 6 * 16 + 8 * 16 * 6 * 16)  # qkv once, dkv as the result
+    assert by_name["pallas_call.9"].direction == "backward"
     assert by_name["cudnn-conv-bw-filter.5"].direction == "backward"
     assert by_name["pallas_call.8"].scope == "vision_tower/stage2"
 

@@ -13,7 +13,7 @@ from conftest import collectives, on_step_mesh
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from florence_jax.modeling import flash_text
+from florence_jax.modeling import flash_attention, flash_text
 from florence_jax.modeling.dropout import AttentionDropout, attention_draws
 from florence_jax.modeling.layers import attention
 from florence_jax.modeling.text_attention_kernel import MAX_LENGTH, fused_text_attention, supported
@@ -136,16 +136,16 @@ def test_the_flash_kernels_hash_as_jax_random_and_drop_as_the_einsum_formulation
 
     rng = np.random.default_rng(0)
     k1, k2, x0, x1 = (jnp.asarray(rng.integers(0, 2**32, size=n, dtype=np.uint64), jnp.uint32) for n in (1, 1, 999, 999))
-    for ours, theirs in zip(flash_text.threefry2x32(k1[0], k2[0], x0, x1), threefry2x32_p.bind(k1[0], k2[0], x0, x1)):
+    for ours, theirs in zip(flash_attention.threefry2x32(k1[0], k2[0], x0, x1), threefry2x32_p.bind(k1[0], k2[0], x0, x1)):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
     b, length, heads, rate, key = 2, 40, 8, 0.3, jax.random.key(11)
     x = jnp.asarray(rng.normal(size=(b, length, heads * 16)), jnp.float32)
     seed = jax.lax.bitcast_convert_type(jnp.stack(threefry_words(key)), jnp.int32)
     padded = -(-length // flash_text.BLOCK) * flash_text.BLOCK
-    view = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0))).reshape(b, padded, heads, 16)
+    view = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0))).reshape(b, padded, 1, heads, 16)
     mask = jnp.ones((b, padded), jnp.int32)
     seed = jnp.concatenate([seed, jnp.zeros((2,), jnp.int32)])
-    *_, bits = flash_text._forward(view, view, view, mask, seed, 0.25, rate, length, True)
+    *_, bits = flash_text.forward(view, view, view, mask, seed, 0.25, rate, length, True)
     bits = np.asarray(bits)[:, :, :length, :length]  # (b, heads / 4, queries, keys)
     keep = np.asarray(attention_draws(key, (b, heads, length, length))) >= keep_threshold(rate)[0]
     ours = np.stack([(bits[:, g] >> j) & 1 for g in range(heads // 4) for j in range(4)], axis=1).astype(bool)

@@ -1,18 +1,16 @@
-"""DaViT's window attention as a flash-attention kernel for GPUs (``Formulations.window_attention="flash"``).
+"""DaViT's window attention as flash-attention kernels for GPUs (``Formulations.window_attention="flash"``).
 
 Written with einsums, XLA:GPU writes each window's float32 scores to HBM, reads them back for the softmax,
 writes the probabilities and reads them again for the ``p v`` product (cuBLAS or Triton products around a
 softmax fusion). Compiled for an H100 (``scripts.aot_compile --topology h100 --cost``), the window attention
-was a fifth of the frozen base step's roofline estimate at batch 32, 17.8 of 88.6 ms, and 4.6 ms through this
-kernel; the full step's estimate fell from 267 to 188 ms (docs/scale-out.md). Here each window's
-queries, keys and values go through JAX's Pallas flash-attention kernel for GPUs
-(``jax.experimental.pallas.ops.gpu.attention``, written in Pallas' Triton dialect): scores and probabilities
-stay on chip, blocks of 16 queries against blocks of 16 keys (a window's 144 tokens are nine of them; the
-kernel's blocks must be powers of two that divide the tokens). The forward runs the library's kernel under
-our own ``pallas_call``, which hands it each head's q, k and v where the qkv projection wrote them (the
-library's ``mha`` takes them as three arrays, which would be copies). The backward is the library's, on
-slices of the saved qkv: its forward again, for the softmax's log-sum-exp it saves, then its dq and dk/dv
-kernels.
+was a fifth of the frozen base step's roofline estimate at batch 32, 17.8 of 88.6 ms, and 4.6 ms through a
+flash kernel (docs/scale-out.md). Here each window goes through the project's flash-attention kernels
+(:mod:`florence_jax.modeling.flash_attention`, Pallas' Triton dialect): scores and probabilities stay on
+chip, blocks of 16 queries against blocks of 16 keys (a window's 144 tokens are nine of them; Triton's tiles
+are powers of two). The kernels read q, k and v where the qkv projection wrote them, a
+``(windows, tokens, 3, heads, head size)`` view of its output; the forward saves each row's softmax
+statistics, and the backward's dk/dv and dq kernels write the gradient of that output as one buffer, with
+no copy of q, k or v, no second forward and no concatenation of dq, dk and dv.
 
 Numerics follow the einsum path within rounding: scores and softmax in float32, products accumulated in
 float32, the softmax's numerators rounded to the input dtype for the ``p v`` product and the rows divided
@@ -30,22 +28,22 @@ import functools
 import jax
 
 from florence_jax import sharding
-from florence_jax.modeling.layers import with_gradient_of
+from florence_jax.modeling import flash_attention
 
-# Query and key block of the kernel: a power of two (Triton's tiles), at least 16 (its products' smallest
+# Query and key block of the kernels: a power of two (Triton's tiles), at least 16 (its products' smallest
 # tile), dividing the window's tokens. 144 = 9 x 16.
 BLOCK = 16
 
 
 def supported(tokens: int, head_dim: int) -> bool:
-    """Whether the kernel takes windows of ``tokens`` tokens with heads of ``head_dim`` channels."""
-    return tokens % BLOCK == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    """Whether the kernels take windows of ``tokens`` tokens with heads of ``head_dim`` channels."""
+    return tokens % BLOCK == 0 and flash_attention.head_dim_supported(head_dim)
 
 
 def flash_window_attention(qkv: jax.Array, heads: int, scale: float, *, interpret: bool) -> jax.Array:
     """Softmax attention inside each window: ``qkv`` is ``(windows, tokens, 3 * C)`` in the qkv projection's
     order (q, k, v, each heads x head size), the result ``(windows, tokens, C)`` in heads x head size order.
-    ``interpret`` runs Pallas' interpreter instead of compiling the GPU kernel."""
+    ``interpret`` runs Pallas' interpreter instead of compiling the GPU kernels."""
     w, n, c3 = qkv.shape
     if c3 % (3 * heads) or not supported(n, c3 // (3 * heads)):
         raise ValueError(f"flash window attention takes (windows, tokens, 3 * heads * head_dim) with tokens a "
@@ -54,49 +52,36 @@ def flash_window_attention(qkv: jax.Array, heads: int, scale: float, *, interpre
     return sharding.per_batch_shard(lambda t: _attention(t, heads, scale, interpret), qkv)
 
 
-def _sliced(qkv, heads, scale, interpret):
-    """The library's ``mha`` on q, k and v sliced out of ``qkv`` (copies): its forward and backward kernels."""
-    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
-
+def _attention(qkv, heads, scale, interpret):
     w, n, c3 = qkv.shape
-    blocks = pallas_attention.BlockSizes(block_q=BLOCK, block_k=BLOCK, block_q_dkv=BLOCK, block_kv_dkv=BLOCK,
-                                         block_q_dq=BLOCK, block_kv_dq=BLOCK)
-    q, k, v = (qkv.reshape(w, n, 3, heads, c3 // (3 * heads))[:, :, i] for i in range(3))
-    out = pallas_attention.mha(q, k, v, None, sm_scale=scale, block_sizes=blocks, interpret=interpret)
+    out = _flash(qkv.reshape(w, n, 3, heads, c3 // (3 * heads)), scale, interpret)
     return out.reshape(w, n, c3 // 3)
 
 
-def _in_place(qkv, heads, scale, interpret):
-    """The library's forward kernel reading each head's q, k and v where the projection wrote them: ``qkv``
-    viewed as (windows, tokens, 3 x heads, head size) and passed three times, each with its own block of
-    heads, so no copy of q, k or v is made (the library's ``mha`` takes them as separate arrays)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
-
-    w, n, c3 = qkv.shape
-    d = c3 // (3 * heads)
-    view = qkv.reshape(w, n, 3 * heads, d)
-    kernel = functools.partial(pallas_attention.mha_forward_kernel, sm_scale=scale, causal=False, block_q=BLOCK,
-                               block_k=BLOCK, head_dim=d)
-    out = pl.pallas_call(
-        kernel,
-        grid=(n // BLOCK, w, heads),
-        in_specs=[pl.BlockSpec((None, BLOCK, None, d), lambda i, j, h: (j, i, h, 0)),
-                  pl.BlockSpec((None, n, None, d), lambda i, j, h: (j, 0, heads + h, 0)),
-                  pl.BlockSpec((None, n, None, d), lambda i, j, h: (j, 0, 2 * heads + h, 0)),
-                  None],
-        out_specs=pl.BlockSpec((None, BLOCK, None, d), lambda i, j, h: (j, i, h, 0)),
-        out_shape=jax.ShapeDtypeStruct((w, n, heads, d), qkv.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret,
-        name="window_flash_forward",
-    )(view, view, view, None)
-    return out.reshape(w, n, heads * d)
+def _options(view, scale, interpret):
+    return dict(scale=scale, rate=0.0, length=view.shape[1], block=BLOCK, name="window", interpret=interpret)
 
 
-def _attention(qkv, heads, scale, interpret):
-    """The forward reads qkv in place; the backward is the library's (its forward again, for the softmax's
-    log-sum-exp it saves, then its dq and dk/dv kernels), on slices of the saved qkv."""
-    return with_gradient_of(lambda t: _in_place(t, heads, scale, interpret),
-                            lambda t: _sliced(t, heads, scale, interpret))(qkv)
+def _forward(view, scale, interpret):
+    # a forward program per head (the text kernels take four, for their shared dropout hash)
+    return flash_attention.forward((view, 0), (view, 1), (view, 2), None, None, group=1,
+                                   **_options(view, scale, interpret))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _flash(view, scale, interpret):
+    return _forward(view, scale, interpret)[0]
+
+
+def _flash_fwd(view, scale, interpret):
+    out, m, r, _ = _forward(view, scale, interpret)
+    return out, (view, out, m, r)
+
+
+def _flash_bwd(scale, interpret, saved, d_out):
+    view, out, m, r = saved
+    return (flash_attention.backward((view, 0), (view, 1), (view, 2), out, d_out, None, m, r, None,
+                                     **_options(view, scale, interpret)),)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
