@@ -254,6 +254,41 @@ def test_folded_channel_attention_is_the_projected_one(dtype, tolerance):
                                atol=tolerance * np.abs(ref).max())  # LoRA's B starts at zero: the same function
 
 
+def _dot_outputs(jaxpr, shape):
+    """The dtypes of every dot_general result of ``shape`` in ``jaxpr`` and the jaxprs inside it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape == shape:
+            found.append(eqn.outvars[0].aval.dtype)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dot_outputs(inner, shape)
+    return found
+
+
+def test_folded_channel_attention_writes_token_sized_products_in_the_compute_dtype():
+    """In bfloat16 every product of the folded channel attention with a (tokens x channels) result, forward
+    and backward, writes bfloat16 (float32 accumulation): the output product, and the Gram matrix's
+    backward as one product, x (dG + dG^T). Differentiated as einsums with a float32 preference, the Gram
+    matrix's backward was two products with float32 (n, C) results, summed after, and the output product
+    wrote float32 forward and backward (XLA:GPU's program for an H100: 10.8 GB of the base full step's
+    stage 2, docs/scale-out.md)."""
+    from florence_jax.config import PRESETS
+    from florence_jax.modeling.davit import ChannelAttention
+
+    fc = PRESETS["base"]().replace(dtype=jnp.dtype("bfloat16"), hardware="gpu")
+    assert hardware.resolve("gpu").channel_attention == "folded"
+    mod = ChannelAttention(fc, 1, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 600, 256), jnp.bfloat16)
+    graph, state = nnx.split(mod)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda s, x: jnp.sum(nnx.merge(graph, s)(x).astype(jnp.float32)),
+                                    argnums=(0, 1)))(state, x)
+    outputs = _dot_outputs(jaxpr.jaxpr, (2, 600, 256))
+    assert outputs == [jnp.dtype("bfloat16")] * 3  # y = x M; dx from y; dx from the Gram matrix
+
+
 def test_bfloat16_squares_split_into_two_exact_parts():
     """The matrix statistics' split of a square (layers.square_parts): for every finite bfloat16 whose
     square's rest is a normal float32 (squares from 2**-111 up), both parts are bfloat16 and they sum to the square exactly."""

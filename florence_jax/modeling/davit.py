@@ -330,7 +330,7 @@ def _folded_channel_attention(x: jax.Array, qkv: nnx.Linear, proj: nnx.Linear, g
     wq, wk, wv = w[:, :c], w[:, c : 2 * c], w[:, 2 * c :]
     bias = jnp.zeros((3 * c,), f32) if qkv.bias is None else qkv.bias[...].astype(f32)
     bq, bk, bv = bias[:c].reshape(g, cg), bias[c : 2 * c].reshape(g, cg), bias[2 * c :]
-    gram = jnp.einsum("bni,bnj->bij", x, x, preferred_element_type=f32)
+    gram = _gram(x)
     total = jnp.sum(x, axis=1, dtype=f32)
     gram_wk = jnp.einsum("bij,jd->bid", gram.astype(dt), wk, preferred_element_type=f32)
     scores = jnp.einsum("igx,bigy->bgxy", wq.reshape(c, g, cg), gram_wk.astype(dt).reshape(b, c, g, cg),
@@ -347,8 +347,31 @@ def _folded_channel_attention(x: jax.Array, qkv: nnx.Linear, proj: nnx.Linear, g
     out_bias = jnp.einsum("j,bjc->bc", bv, probs_wp)
     if proj.bias is not None:
         out_bias = out_bias + proj.bias[...].astype(f32)
-    y = jnp.einsum("bnd,bdc->bnc", x, folded.astype(dt), preferred_element_type=f32) + out_bias[:, None, :]
-    return y.astype(dt)
+    # the product in the compute dtype (accumulated in float32), the bias added after it, as a projection
+    # computes: in bfloat16 a float32 (n, C) result would be written, read back and rounded (and its
+    # backward's products would write float32 too)
+    return jnp.einsum("bnd,bdc->bnc", x, folded.astype(dt)) + out_bias.astype(dt)[:, None, :]
+
+
+@jax.custom_vjp
+def _gram(x: jax.Array) -> jax.Array:
+    """``x^T x`` per example, (B, C, C) float32, from ``x`` (B, n, C)."""
+    return jnp.einsum("bni,bnj->bij", x, x, preferred_element_type=jnp.float32)
+
+
+def _gram_fwd(x):
+    return _gram(x), x
+
+
+def _gram_bwd(x, d_gram):
+    # x (dG + dG^T): one product over the channels, in x's dtype (float32 accumulation). Differentiated as
+    # an einsum, it is two products with float32 (n, C) results summed after (the float32 preference
+    # carries into the transposed products).
+    sym = (d_gram + jnp.swapaxes(d_gram, 1, 2)).astype(x.dtype)
+    return (jnp.einsum("bnj,bji->bni", x, sym),)
+
+
+_gram.defvjp(_gram_fwd, _gram_bwd)
 
 
 class _DaViTBlockHalf(nnx.Module):
