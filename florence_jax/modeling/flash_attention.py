@@ -187,6 +187,8 @@ def _score_grad(p, dp, delta, valid, scale):
 
 
 def _backward_inputs(refs, has_mask, dropout, outputs):
+    """A backward kernel's refs: (mask or None, the seven inputs, keep bits or None, the ``outputs`` results);
+    an aliased buffer passed between the bits and the results is not read."""
     refs = list(refs)
     valid_ref = refs.pop(0) if has_mask else None
     ins = refs[:7]
