@@ -64,6 +64,7 @@ def test_split_over_windows_as_the_batch_is_split_without_a_gather():
     assert_window_kernel_runs_per_device(_flash, _einsum, qkv, 2, 0.25)
 
 
+@pytest.mark.slow  # about a minute on a slow host; the kernel tests above cover values and gradients by default
 def test_the_tiny_tower_runs_the_kernel_with_the_einsums_values_and_gradients():
     """The demo's tiny model (windows of 16 tokens, heads of 16 channels) with ``window_attention="flash"``
     against the einsums: one kernel per spatial block in the traced tower and none in the einsums'; the

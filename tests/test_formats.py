@@ -386,6 +386,7 @@ def get_config():
 """
 
 
+@pytest.mark.slow  # 93 s on a slow host; the mixture's sampling, evaluation and configs are tested by default
 def test_training_on_a_mixture_of_every_format(tmp_path, capsys):
     """JSONL prefix/suffix (relative images), a Cauldron-schema parquet (every turn, held-out tail slice), a
     save_to_disk folder through mapped columns and a DocVQA-schema parquet (train only), trained together for

@@ -182,7 +182,7 @@ def cpu_tower(tiny_hf_dir):
 #    interpreter here), which also normalizes the softmax by a reciprocal, and the fused depthwise
 #    convolution kernel, which adds the residual as 1 on the centre tap. The folded channel attention
 #    regroups the products (a Gram matrix, the probabilities folded into the output projection).
-# The GPU's defaults and the CPU's shifted sum in the default suite (the stores' exactness is proven above);
+# The GPU's defaults, the CPU's shifted sum and the projected channel attention in the default suite (the stores' exactness is proven above);
 # each other formulation alone is slow.
 @pytest.mark.parametrize("change, exact_features", [
     ("gpu", False),  # the stores change no bit (above); the CPU's depthwise kernel sums in another order
@@ -191,8 +191,8 @@ def cpu_tower(tiny_hf_dir):
     pytest.param("cpu:carry_small_scan_params=false", True, marks=pytest.mark.slow),
     pytest.param("cpu:depthwise_conv=grouped", False, marks=pytest.mark.slow),
     pytest.param("cpu:attention_layout=sequence_major", False, marks=pytest.mark.slow),
-    ("cpu:window_attention=fused", False),
-    ("cpu:depthwise_conv=fused", False),
+    pytest.param("cpu:window_attention=fused", False, marks=pytest.mark.slow),  # the TPU's kernels: their
+    pytest.param("cpu:depthwise_conv=fused", False, marks=pytest.mark.slow),    # own tests run by default
     ("cpu:channel_attention=projected", False),
 ])
 def test_every_vision_formulation_computes_the_same_tower(cpu_tower, change, exact_features):

@@ -107,6 +107,7 @@ def test_peft_adapter_loads_with_same_logits(trained, tiny_hf_dir, tmp_path):
     np.testing.assert_allclose(_hf_logits(peft_model, b), _ours(model, b), atol=1e-4)
 
 
+@pytest.mark.slow  # 41 s on a slow host; the other peft exports are tested by default
 def test_lm_head_adapter_in_peft_and_not_mergeable(tiny_hf_dir, tmp_path):
     """The tied LM head's adapter (a separate low-rank term on the logits) and vision-tower adapters match
     peft's LoRA on the same modules."""

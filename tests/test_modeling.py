@@ -259,7 +259,8 @@ def test_drop_path_with_a_traced_rate():
     assert abs(kept.mean() - 0.75) < 0.03  # 4000 Bernoulli draws: 0.03 is > 4 standard deviations
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+# full: 46 s on a slow host, in the slow suite; dots by default
+@pytest.mark.parametrize("policy", [pytest.param("full", marks=pytest.mark.slow), "dots"])
 def test_remat_policies_keep_the_towers_gradients(tiny_hf_dir, policy):
     """Rematerialisation (inside the scan over a stage's blocks too) recomputes, it does not change results."""
     from florence_jax.modeling.davit import DaViT
@@ -422,7 +423,8 @@ def _subjaxprs(eqn):
                 yield item
 
 
-@pytest.mark.parametrize("policy", ["dots", "full"])
+# dots: 55 s on a slow host, in the slow suite; full by default
+@pytest.mark.parametrize("policy", [pytest.param("dots", marks=pytest.mark.slow), "full"])
 def test_under_dots_the_backward_runs_no_forward_kernel(policy):
     """A kernel is not a matrix product to the ``dots`` policy: the attention kernels' outputs are named
     (``kernel_output``) so that the backward reads them instead of running the forward kernels again.

@@ -78,7 +78,8 @@ def test_eight_devices_equal_one(tiny_hf_dir):
         np.testing.assert_allclose(b[k], a[k], atol=1e-5, err_msg=k)
 
 
-@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2)])
+# (8, 1) in the slow suite; (4, 2), both axes, by default
+@pytest.mark.parametrize("data,fsdp", [pytest.param(8, 1, marks=pytest.mark.slow), (4, 2)])
 def test_optimizer_split_over_data_equals_the_whole_update(tiny_hf_dir, data, fsdp):
     """ZeRO-1 (MeshConfig.shard_optimizer): each device keeps and updates its share of the moments, the
     parameters stay as stored; two steps give the losses and parameters of the unsplit update."""
@@ -138,6 +139,7 @@ def test_optimizer_spec_splits_one_more_dimension_over_data():
     assert optimizer_spec(P(), (8,), make_mesh(data=1, fsdp=8), min_size=1) == P()
 
 
+@pytest.mark.slow  # 43 s on a slow host; resuming is covered by default in tests/test_train_loop.py
 def test_a_checkpoint_resumes_across_the_optimizer_split(tiny_hf_dir, tmp_path):
     """Saved with the whole update, restored into the split one's shardings (and back): same values."""
     mesh = make_mesh(data=8)
