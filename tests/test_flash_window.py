@@ -50,6 +50,17 @@ def test_the_backward_writes_the_projections_gradient_in_place_without_a_second_
     assert not {"slice", "dynamic_slice", "concatenate", "copy", "gather"} & {e.primitive.name for e in jaxpr.jaxpr.eqns}
 
 
+def test_a_packed_backward_needs_the_parts_of_one_array():
+    """``flash_attention.backward(packed=True)`` writes one buffer of q, k and v's layout: asked of three
+    arrays (the text encoder's layout) it refuses instead of writing a buffer of the wrong shape."""
+    from florence_jax.modeling import flash_attention
+
+    q = jnp.zeros((2, 16, 1, 1, 16))
+    with pytest.raises(ValueError, match=r"packed=True needs q, k and v as the parts 0, 1, 2 of one"):
+        flash_attention.backward((q, 0), (q + 1, 0), (q + 2, 0), None, None, None, None, None, None, scale=1.0,
+                                 rate=0.0, length=16, block=16, name="t", interpret=True, packed=True)
+
+
 @pytest.mark.parametrize("shape, heads", [((2, 9, 96), 2), ((2, 16, 24), 1), ((2, 16, 72), 1), ((2, 16, 20), 3)])
 def test_windows_the_kernel_cannot_take_are_refused(shape, heads):
     """Tokens not a multiple of the kernel's block of 16, heads of 8 or 24 channels (Triton's tiles are powers

@@ -303,13 +303,17 @@ def forward(q, k, v, mask, seed, *, scale, rate, length, block, group, name, int
     return outs[0], outs[1], outs[2], outs[3] if dropout else None
 
 
-def backward(q, k, v, out, d_out, mask, m, r, bits, *, scale, rate, length, block, name, interpret):
-    """(dq, dk, dv) for ``forward``'s arguments and results, ``d_out`` the output's cotangent; with q, k and v
-    the parts 0, 1, 2 of one array, that array's cotangent (one buffer) instead."""
+def backward(q, k, v, out, d_out, mask, m, r, bits, *, scale, rate, length, block, name, interpret,
+             packed=False):
+    """(dq, dk, dv) for ``forward``'s arguments and results, ``d_out`` the output's cotangent. ``packed``: q, k
+    and v are the parts 0, 1, 2 of one ``(batch, length, 3, heads, d)`` array, and the result is that array's
+    cotangent, one buffer (the dk/dv kernel writes parts 1 and 2, the dq kernel part 0 into it, aliased)."""
     (qa, qp), (ka, kp), (va, vp) = q, k, v
     b, padded, _, heads, d = qa.shape
     _, keep_prob = keep_threshold(rate)
-    packed = qa is ka is va and (qp, kp, vp) == (0, 1, 2) and qa.shape[2] == 3
+    if packed and not (qa is ka is va and (qp, kp, vp) == (0, 1, 2) and qa.shape[2] == 3):
+        raise ValueError("packed=True needs q, k and v as the parts 0, 1, 2 of one (batch, length, 3, heads, d) "
+                         f"array; got parts {(qp, kp, vp)} of arrays shaped {qa.shape}, {ka.shape}, {va.shape}")
     d_out = d_out.astype(qa.dtype)
     # each row's sum of dO * O: the softmax's backward term (the dropout's mask and scaling are in O)
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))

@@ -81,7 +81,7 @@ def _flash_fwd(view, scale, interpret):
 def _flash_bwd(scale, interpret, saved, d_out):
     view, out, m, r = saved
     return (flash_attention.backward((view, 0), (view, 1), (view, 2), out, d_out, None, m, r, None,
-                                     **_options(view, scale, interpret)),)
+                                     packed=True, **_options(view, scale, interpret)),)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
