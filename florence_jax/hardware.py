@@ -118,10 +118,11 @@ class Formulations:
     # florence_jax.modeling.window_kernel); or florence_jax's CPU kernel, every (window, head) pair from the
     # qkv projection's output, the pairs split among threads, its gradient through the einsums ("kernel":
     # about 3x XLA:CPU's speed at 768 px; float32 only: for other dtypes and where the kernel cannot be built
-    # it changes nothing; refused off the CPU; florence_jax.cpu_kernels); or JAX's Pallas flash-attention
-    # kernels for GPUs, forward and backward, the scores never in HBM ("flash": florence_jax.modeling.
-    # flash_window; windows whose tokens are not a multiple of 16 or heads not a power of two of at least 16
-    # channels take the einsums; on the CPU in Pallas' interpreter, for tests; refused on a TPU).
+    # it changes nothing; refused off the CPU; florence_jax.cpu_kernels); or the project's Pallas
+    # flash-attention kernels for GPUs, forward and backward, the scores never in HBM ("flash", the GPU's
+    # default: florence_jax.modeling.flash_window; windows whose tokens are not a multiple of 16 or heads not a
+    # power of two of at least 16 channels take the einsums; on the CPU in Pallas' interpreter, for tests;
+    # refused on a TPU).
     window_attention: str = "einsum"
     # BART's encoder self-attention over the image tokens and the prompt: einsums around a float32 masked
     # softmax and its dropout, whose (batch, heads, length, length) scores and dropout draws XLA:TPU passes
@@ -129,9 +130,9 @@ class Formulations:
     # projections' outputs as they lie and keeps scores and dropout draws on chip ("fused": a TPU kernel; on
     # the CPU it runs in Pallas' interpreter, for tests; florence_jax.modeling.text_attention_kernel), or
     # flash-attention kernels for GPUs, forward and backward, with the same dropout draws computed on chip
-    # and kept as a byte of four heads' bits per query and key for the backward ("flash": florence_jax.
-    # modeling.flash_text; heads not in fours of a power of two of at least 16 channels take the einsums;
-    # on the CPU in Pallas' interpreter, for tests; refused on a TPU).
+    # and kept as a byte of four heads' bits per query and key for the backward ("flash", the GPU's default:
+    # florence_jax.modeling.flash_text; heads not in fours of a power of two of at least 16 channels take the
+    # einsums; on the CPU in Pallas' interpreter, for tests; refused on a TPU).
     text_attention: str = "einsum"
     # A vision stage's identical blocks (nine in the third stage of base and large): one lax.scan over their
     # stacked parameters ("scan": one block compiled; unrolled, XLA:CPU fused nine blocks' elementwise work
@@ -206,12 +207,13 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "vision_stages": ("scan", "unrolled"),
     "layer_norm_stats": ("vector", "matrix"),
 }
-# The formulations whose "fused" choice is a Pallas TPU kernel, and what a program compiled for the TPU
-# on other devices takes instead (scripts.aot_compile).
+# The formulations whose "fused" choice is a Pallas TPU kernel, and what a program built for the TPU takes
+# instead on other devices (kernels_for).
 TPU_KERNELS = {"window_attention": "einsum", "text_attention": "einsum", "depthwise_conv": "grouped"}
-# The formulations whose "flash" choice is a Pallas kernel for GPUs (Triton), and what a program compiled for
-# a GPU on other devices takes instead (scripts.aot_compile).
+# The formulations whose "flash" choice is a Pallas kernel for GPUs (Triton), and what a program built for a
+# GPU takes instead on other devices (kernels_for).
 GPU_KERNELS = {"window_attention": "einsum", "text_attention": "einsum"}
+_PALLAS_KERNELS = {"tpu": ("fused", TPU_KERNELS), "gpu": ("flash", GPU_KERNELS)}
 # The choices that exist on the CPU alone (florence_jax.cpu_kernels, XLA:CPU's options): refused elsewhere.
 CPU_ONLY = {"depthwise_conv": ("kernel",), "window_attention": ("kernel",), "decode_dots": ("kernel", "eigen"),
             "decode_attention": ("kernel",), "decode_top_k": ("kernel",)}
@@ -222,7 +224,8 @@ _FORMULATIONS = tuple(n for n in _CHOICES if n != "platform")  # the names a spe
 # Each backend's defaults. docs/benchmarks.md ("Formulations per backend") gives the measurement behind
 # each and lists the ones no run on that hardware has chosen yet: the GPU keeps the CPU's depthwise
 # convolution and attention layout until scripts/device_bench.sh (MODE=ab) compares them there, and its
-# unrolled vision stages follow XLA:GPU's program compiled here (docs/scale-out.md), no GPU having run them;
+# unrolled vision stages and flash attention kernels follow XLA:GPU's program compiled here
+# (docs/scale-out.md), no GPU having run them;
 # the TPU's depthwise convolution, window attention, pixel normalization, pixel layout and LayerNorm
 # statistics follow the TPU compiler's estimates (docs/scale-out.md), no chip having run them.
 DEFAULTS: dict[str, Formulations] = {
@@ -234,7 +237,7 @@ DEFAULTS: dict[str, Formulations] = {
     "gpu": Formulations("gpu", depthwise_conv="shifted_sum", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="gather",
-                        vision_stages="unrolled"),
+                        vision_stages="unrolled", window_attention="flash", text_attention="flash"),
     "tpu": Formulations("tpu", depthwise_conv="fused", store_vision_residuals=False,
                         carry_small_scan_params=False, attention_layout="heads_major",
                         beam_cross_attention="batched", beam_cache_copy="gather", pixel_normalize="affine",
@@ -266,6 +269,21 @@ def _parse_value(name: str, text: str) -> Any:
             raise ValueError(f"hardware formulation {name} takes true or false, got {text!r}")
         return text.lower() == "true"
     return text
+
+
+def kernels_for(f: Formulations, runs_on: str) -> tuple[Formulations, str]:
+    """``f`` for a program that compiles for ``runs_on`` (a platform): a TPU's or GPU's Pallas kernels compile
+    for their own platform only, so where the formulations are another platform's, XLA's formulations stand
+    in for its kernels (the einsum attention, the grouped convolution: the same values, rounded differently).
+    Returns the formulations and a note naming what stands in ("" where nothing does)."""
+    runs_on = platform_name(runs_on)
+    choice, stand_ins = _PALLAS_KERNELS.get(f.platform, ("", {}))
+    kernels = [n for n in stand_ins if getattr(f, n) == choice] if runs_on != f.platform else []
+    if not kernels:
+        return f, ""
+    note = (", ".join(f"{n.replace('_', ' ')} as {stand_ins[n]}" for n in kernels)
+            + f": the {f.platform.upper()}'s Pallas kernels compile only for a {f.platform.upper()}")
+    return dataclasses.replace(f, **{n: stand_ins[n] for n in kernels}), note
 
 
 def backend() -> str:

@@ -134,16 +134,11 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     for them, and the report's note says so.
     """
     formulations = hardware.resolve(cfg.model.hardware, platform=platform, auto=devices[0].platform)
-    notes = []
     # A Pallas kernel compiles for its own target only: on other devices the platform's program takes XLA's
     # formulations (the einsum attention holds its scores in memory: the figure is an upper bound).
-    for target, choice, stand_ins, where in (("tpu", "fused", hardware.TPU_KERNELS, "(--topology, with libtpu)"),
-                                             ("gpu", "flash", hardware.GPU_KERNELS, "(--topology)")):
-        kernels = [n for n in stand_ins if getattr(formulations, n) == choice]
-        if devices[0].platform != target and formulations.platform == target and kernels:
-            formulations = dataclasses.replace(formulations, **{n: stand_ins[n] for n in kernels})
-            notes.append(", ".join(f"{n.replace('_', ' ')} as {stand_ins[n]}" for n in kernels)
-                         + f": the {target.upper()}'s Pallas kernels compile only for a {target.upper()} target {where}")
+    formulations, stand_in = hardware.kernels_for(formulations, devices[0].platform)
+    where = {"tpu": " target (--topology, with libtpu)", "gpu": " target (--topology)"}
+    notes = [stand_in + where[formulations.platform]] if stand_in else []
     fc = model_config_of(cfg).replace(hardware=formulations)
     data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp
     mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])

@@ -63,10 +63,14 @@ def test_a_config_for_a_tpu_compiles_here_without_the_tpu_kernel():
 
 def test_a_config_for_a_gpu_compiles_the_gpus_program_here_and_checks_that_gpus_memory():
     """On simulated CPU devices, a config whose model.hardware names a GPU gets the GPU's program (its
-    formulations, not this machine's) and the memory check of that GPU. (With no hardware named, the
-    program is the CPU's and there is no device memory to check against: the slow test below.)"""
+    formulations, not this machine's) and the memory check of that GPU, the einsums standing in for its
+    flash kernels, which compile for a GPU only: the output says so. (With no hardware named, the program is
+    the CPU's and there is no device memory to check against: the slow test below.)"""
     out = _aot("--config.model.hardware=h100")
-    assert "traced for gpu (hardware h100)" in out and "fits in 80 GiB" in out
+    assert "traced for gpu (hardware h100:window_attention=einsum,text_attention=einsum)" in out
+    assert "fits in 80 GiB" in out
+    assert ("window attention as einsum, text attention as einsum: the GPU's Pallas kernels compile only for a "
+            "GPU target (--topology)") in out
 
 
 @pytest.mark.slow  # another compile of the step, about a minute
@@ -121,7 +125,8 @@ def test_a_config_compiles_for_a_described_gpu_with_the_gpu_compiler(tmp_path):
     assert "traced for gpu (hardware h100)" in out and "fits in 80 GiB" in out
     hlo = (tmp_path / "hlo.txt").read_text()
     assert '"kind":"__triton' in hlo or "__cublas$" in hlo
-    assert "flash_forward" not in hlo  # the GPU's default attentions are the einsums'
+    # the GPU's default attentions are the flash kernels (the frozen tower's window attention: forward only)
+    assert "window_flash_forward" in hlo and "window_flash_dkv" not in hlo and "text_flash_dkv" in hlo
     out = _aot("--topology", "a100:2", "--config.mesh.data=2")
     assert "target       a100:2  mesh {'data': 2, 'fsdp': 1}" in out and "fits in 40 GiB" in out
 
@@ -131,9 +136,9 @@ def test_a_config_compiles_for_a_described_gpu_with_the_gpu_compiler(tmp_path):
 def test_the_flash_window_attention_compiles_for_a_gpu(tmp_path):
     """``window_attention="flash"`` with the tower trained: XLA:GPU compiles the three Triton kernels per
     spatial block (forward, dk/dv, and dq writing into dk/dv's buffer, aliased)."""
-    out = _aot("--topology", "h100", "--config.model.hardware=h100:window_attention=flash",
+    out = _aot("--topology", "h100", "--config.model.hardware=h100:text_attention=einsum",
                "--config.optim.freeze=()", "--dump", str(tmp_path))
-    assert "traced for gpu (hardware h100:window_attention=flash)" in out
+    assert "traced for gpu (hardware h100:text_attention=einsum)" in out  # the window kernels alone
     hlo = (tmp_path / "hlo.txt").read_text()
     calls = [line for line in hlo.splitlines() if 'custom_call_target="__gpu$xla.gpu.triton"' in line]
     blocks = 4  # the tiny reader's tower: one spatial block per stage
@@ -148,9 +153,9 @@ def test_the_flash_text_attention_compiles_for_a_gpu_with_its_dropout(tmp_path):
     """``text_attention="flash"`` with attention dropout on: XLA:GPU compiles the three Triton kernels (forward
     with its on-chip draws, dk/dv and dq reading the keep bits) for each text encoder layer, and the
     encoder's attention no longer goes through XLA's scores."""
-    out = _aot("--topology", "h100", "--config.model.hardware=h100:text_attention=flash", "--config.model.dropout=0.1",
-               "--config.optim.freeze=()", "--dump", str(tmp_path))
-    assert "traced for gpu (hardware h100:text_attention=flash)" in out
+    out = _aot("--topology", "h100", "--config.model.hardware=h100:window_attention=einsum",
+               "--config.model.dropout=0.1", "--config.optim.freeze=()", "--dump", str(tmp_path))
+    assert "traced for gpu (hardware h100:window_attention=einsum)" in out  # the text kernels alone
     hlo = (tmp_path / "hlo.txt").read_text()
     calls = [line for line in hlo.splitlines() if 'custom_call_target="__gpu$xla.gpu.triton"' in line]
     layers = 2  # the tiny reader's encoder
@@ -160,9 +165,9 @@ def test_the_flash_text_attention_compiles_for_a_gpu_with_its_dropout(tmp_path):
 
 
 def test_a_gpu_kernel_compiled_on_simulated_cpu_devices_is_replaced_and_said_so():
-    out = _aot("--config.model.hardware=h100:window_attention=flash")
-    assert "traced for gpu (hardware h100)" in out  # the einsums' program
-    assert "window attention as einsum: the GPU's Pallas kernels compile only for a GPU target" in out
+    out = _aot("--config.model.hardware=h100:text_attention=einsum")
+    assert "traced for gpu (hardware h100:window_attention=einsum,text_attention=einsum)" in out  # the einsums'
+    assert "note       window attention as einsum: the GPU's Pallas kernels compile only for a GPU target" in out
 
 
 @pytest.mark.parametrize("topology", ["h100:x", "a100:0", "h200:-1"])

@@ -20,7 +20,7 @@ def test_each_mode_of_the_device_script_fits_in_eight_minutes():
     ab_part, _, main_part = text.partition("\nfi\n# --profile")
     ab = _limits(ab_part, "ab")
     main = _limits(main_part, "run")
-    assert {"defaults", "flash_window", "flash_text", "flash_both", "grouped_conv"} <= ab.keys()
+    assert {"defaults", "einsum_window", "einsum_text", "einsum_both", "grouped_conv"} <= ab.keys()
     assert {"train", "generate", "train_full_b64"} <= main.keys()
     for mode, limits in (("MODE=ab", ab), ("default", main)):
         assert sum(limits.values()) + START_S <= BUDGET_S, (mode, limits)

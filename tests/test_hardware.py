@@ -27,10 +27,10 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
     assert hardware.resolve("v5e").pixel_normalize == "affine"
     assert hardware.resolve("v5e").window_attention == "fused"  # the Pallas kernel is the TPU's
     assert hardware.resolve("cpu").window_attention == "kernel"  # the CPU's own (florence_jax.cpu_kernels)
-    assert hardware.resolve("gpu").window_attention == "einsum"
+    assert hardware.resolve("gpu").window_attention == "flash"  # the GPU's Pallas kernels (Triton)
     assert hardware.resolve("v4").text_attention == "fused"  # so is the text encoder's
     assert hardware.resolve("v5e").depthwise_conv == "fused"  # and the depthwise convolution's
-    assert hardware.resolve("cpu").text_attention == hardware.resolve("gpu").text_attention == "einsum"
+    assert hardware.resolve("cpu").text_attention == "einsum" and hardware.resolve("gpu").text_attention == "flash"
     assert hardware.resolve("v5e").layer_norm_stats == "matrix"  # LayerNorm's statistics on the matrix unit
     assert hardware.resolve("cpu").layer_norm_stats == hardware.resolve("gpu").layer_norm_stats == "vector"
     ab = hardware.resolve("gpu:depthwise_conv=grouped, store_vision_residuals=true")
@@ -44,6 +44,27 @@ def test_specs_resolve_to_each_backends_defaults_with_single_changes():
         hardware.DEFAULTS["tpu"], beam_cache_copy="gather")
     assert hardware.resolve("", auto="tpu").platform == "tpu"
     assert hash(ab) != hash(hardware.DEFAULTS["gpu"])  # usable as a static jit key
+
+
+def test_another_platforms_kernels_give_way_to_xlas_formulations_where_they_cannot_compile():
+    """A GPU's flash kernels and a TPU's fused ones compile for their own platform only: built to run
+    elsewhere (a GPU config tried on a CPU), the program takes the einsums and the grouped convolution in
+    their place and says which; on its own platform, or where no kernel is chosen, nothing changes."""
+    gpu = hardware.resolve("a100")
+    runnable, note = hardware.kernels_for(gpu, "cpu")
+    assert (runnable.window_attention, runnable.text_attention) == ("einsum", "einsum")
+    assert runnable.spec() == "a100:window_attention=einsum,text_attention=einsum"
+    assert dataclasses.replace(runnable, window_attention="flash", text_attention="flash") == gpu  # nothing else
+    assert note == ("window attention as einsum, text attention as einsum: the GPU's Pallas kernels compile "
+                    "only for a GPU")
+    assert hardware.kernels_for(gpu, "cuda") == (gpu, "")
+    assert hardware.kernels_for(hardware.resolve("gpu:text_attention=einsum"), "tpu")[1].startswith(
+        "window attention as einsum: ")
+    tpu, note = hardware.kernels_for(hardware.resolve("v5e"), "cpu")
+    assert (tpu.window_attention, tpu.text_attention, tpu.depthwise_conv) == ("einsum", "einsum", "grouped")
+    assert note.endswith("the TPU's Pallas kernels compile only for a TPU")
+    cpu = hardware.resolve("cpu")  # the CPU's kernels are its own (florence_jax.cpu_kernels): refused elsewhere
+    assert hardware.kernels_for(cpu, "gpu") == (cpu, "")
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -82,12 +82,16 @@ def create_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: int = 0,
                  lora: LoRAConfig | None = None):
     """Load (or randomly initialise) the model straight into its sharding on ``mesh``; then give rows to
     ``cfg.add_tokens`` and wrap ``lora.targets`` with adapters when ``lora.enabled``."""
-    model = _create_base_model(cfg, mesh, tokenizer=tokenizer, seed=seed, min_shard_size=min_shard_size)
-    built_for, runs_on = model.formulations.platform, hardware.backend()
-    if built_for != runs_on:
+    built_for, runs_on = hardware.resolve(cfg.hardware), hardware.backend()
+    if built_for.platform != runs_on:
+        # another platform's Pallas kernels do not compile here: XLA's formulations stand in for them
+        runnable, stand_in = hardware.kernels_for(built_for, runs_on)
         log.warning("the model's programs are built for %s (config.model.hardware=%r) but run on %s: they "
-                    "compute the same, with that hardware's formulations; --config.model.hardware=%s uses "
-                    "this machine's", built_for, cfg.hardware, runs_on, runs_on)
+                    "compute the same, with that hardware's formulations%s; --config.model.hardware=%s uses "
+                    "this machine's", built_for.platform, cfg.hardware, runs_on,
+                    f" ({stand_in} target)" if stand_in else "", runs_on)
+        cfg = dataclasses.replace(cfg, hardware=runnable.spec())
+    model = _create_base_model(cfg, mesh, tokenizer=tokenizer, seed=seed, min_shard_size=min_shard_size)
     if cfg.add_tokens:
         if tokenizer is None:
             raise ValueError("config.model.add_tokens needs the tokenizer")
