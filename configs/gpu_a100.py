@@ -14,7 +14,8 @@ this check guarantees; on the device, try 48 and watch the memory, or raise `gra
 larger effective batch. The vision tower's forward dominates: 192x192 stage-0 grids x 64 images.
 
 XLA:GPU's own compile of the step for an A100-40GB (``--topology a100``, made on a machine without a GPU
-through JAX's CUDA plugin; docs/scale-out.md, 2026-12-07): batch 32 needs 14.1 GiB, batch 64 27.2 GiB. The
+through JAX's CUDA plugin; docs/scale-out.md, 2026-12-07, at 21d7994 with the GPU's flash attention kernels):
+batch 32 needs 8.4 GiB, batch 64 15.7 GiB (14.1 and 27.2 with the einsums for attention, at 7f1962d). The
 batch stays 32, the recipe's; the device has the last word (autotuning and cuDNN's workspaces are not in
 that figure).
 """

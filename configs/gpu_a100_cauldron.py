@@ -27,7 +27,7 @@ Batch size, precision and the frozen vision tower are those of ``gpu_a100.py``. 
 (The Cauldron's multiple-choice questions list their options): 96 prompt tokens instead of 64, so the
 encoder sees 673 positions instead of 641 (5% more; the vision tower, which dominates memory, is
 unchanged). XLA:GPU's own compile of this config for an A100-40GB (``python -m scripts.aot_compile --config
-gpu_a100_cauldron.py --topology a100``, no GPU needed; docs/scale-out.md, 2026-12-07): 15.5 GiB.
+gpu_a100_cauldron.py --topology a100``, no GPU needed; docs/scale-out.md, 2026-12-07, at 21d7994): 9.1 GiB.
 """
 
 import dataclasses

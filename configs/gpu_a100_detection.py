@@ -23,7 +23,7 @@ since 7f1962d unrolled the GPU's vision stages); 256
 target tokens add about 2.5 GiB of float32 logits and their gradient (32 x 256 x 51k x 4 bytes, twice). So the
 global batch 32 runs as 2 micro-batches of 16 (`grad_accum_steps=2`, same update). XLA:GPU's own compile of
 this config for an A100-40GB (`python -m scripts.aot_compile --config gpu_a100_detection.py --topology a100`,
-no GPU needed; docs/scale-out.md, 2026-12-07): 11.0 GiB.
+no GPU needed; docs/scale-out.md, 2026-12-07, at 21d7994): 8.5 GiB.
 """
 
 import dataclasses

@@ -84,7 +84,7 @@ run generate 115 --only generate_beam3,decode_beam3,generate_greedy --gen_batch 
 # A full fine-tune at global batch 64 within 40 GiB: JAX's allocator gets a 40 GiB pool and nothing more
 # (preallocated, so the step either runs inside it or fails with out-of-memory). 4 micro-batches of 16
 # with full remat; compiled for the CPU the step needs 41.3 GiB, an upper bound for the GPU's compiler; XLA:GPU's
-# own compile here (--topology h100, no GPU) of the same update at the DocVQA config's lengths: 10.5 GiB.
+# own compile here (--topology a100, no GPU) of the same update at the DocVQA config's lengths: 8.6 GiB (21d7994).
 total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
 if [ -n "$total_mib" ]; then
   frac=$("$PY" -c "print(f'{min(0.99, 40 * 1024 / $total_mib):.4f}')")
