@@ -67,6 +67,22 @@ def test_another_platforms_kernels_give_way_to_xlas_formulations_where_they_cann
     assert hardware.kernels_for(cpu, "gpu") == (cpu, "")
 
 
+def test_a_gpu_config_built_on_this_cpu_takes_the_einsums_and_says_so(caplog, tiny_hf_dir):
+    """train.state.create_model for a config naming a GPU, on this CPU: the GPU's program but for its flash
+    kernels (which would not compile here), and the warning names what stands in for them."""
+    from florence_jax.sharding import make_mesh
+    from train.config import ModelConfig
+    from train.state import create_model
+
+    with caplog.at_level("WARNING", logger="train.state"):
+        model = create_model(ModelConfig(name_or_path=str(tiny_hf_dir), dtype="float32", hardware="a100"),
+                             make_mesh(1, 1, devices=jax.devices()[:1]))
+    assert model.formulations == hardware.resolve("a100:window_attention=einsum,text_attention=einsum")
+    assert model.formulations.vision_stages == "unrolled"  # the rest is the GPU's
+    assert "window attention as einsum, text attention as einsum: the GPU's Pallas kernels compile only for a GPU" \
+        in caplog.text
+
+
 @pytest.mark.parametrize("spec, message", [
     ("metal", "unknown hardware 'metal'"),
     ("gpu:depthwise=grouped", "unknown hardware formulation 'depthwise'"),
