@@ -67,6 +67,32 @@ def test_another_platforms_kernels_give_way_to_xlas_formulations_where_they_cann
     assert hardware.kernels_for(cpu, "gpu") == (cpu, "")
 
 
+def test_loading_for_a_gpu_on_this_cpu_takes_the_einsums_and_says_so(caplog, tmp_path):
+    """``from_pretrained(hardware="a100")`` here: the weights run on this CPU, so the GPU's flash kernels give
+    way to the einsums and the warning says so. The demo's tiny model has windows the kernel takes: built
+    whole for the GPU (``for_hardware``, for ahead-of-time compiles), its tower fails to compile here."""
+    from train.state import tiny_config
+
+    Florence2ForConditionalGeneration(tiny_config(128, 127), rngs=nnx.Rngs(0)).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="florence_jax.modeling.florence2"):
+        model = Florence2ForConditionalGeneration.from_pretrained(tmp_path, hardware="a100")
+    assert model.formulations == hardware.resolve("a100:window_attention=einsum,text_attention=einsum")
+    assert "JAX runs them on the CPU here: window attention as einsum, text attention as einsum" in caplog.text
+    x = jnp.asarray(np.random.default_rng(0).uniform(-2, 2, (1, 64, 64, 3)), jnp.float32)
+    features = jax.jit(lambda t, x: t(x))(model.model.vision_tower, x)
+    assert features.shape[0] == 1 and bool(jnp.all(jnp.isfinite(features)))
+    whole = model.for_hardware("a100")
+    assert whole.formulations == hardware.resolve("a100")
+    with pytest.raises(Exception, match="Only interpret mode is supported on CPU backend"):
+        jax.jit(lambda t, x: t(x))(whole.model.vision_tower, x)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="florence_jax.modeling.florence2"):  # nothing to stand in: as asked
+        asked = Florence2ForConditionalGeneration.from_pretrained(
+            tmp_path, hardware="gpu:window_attention=einsum,text_attention=einsum")
+    assert asked.formulations == hardware.resolve("gpu:window_attention=einsum,text_attention=einsum")
+    assert caplog.text == ""
+
+
 def test_a_gpu_config_built_on_this_cpu_takes_the_einsums_and_says_so(caplog, tiny_hf_dir):
     """train.state.create_model for a config naming a GPU, on this CPU: the GPU's program but for its flash
     kernels (which would not compile here), and the warning names what stands in for them."""
@@ -129,8 +155,9 @@ def test_the_formulations_are_part_of_the_model_so_jit_caches_by_them(tiny_hf_di
     loop, the GPU's one after another), with no cache cleared in between. For the division count both keep
     their stages in loops (``vision_stages=scan``), so that each block's divisions appear once."""
     cpu = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir)
-    gpu_default = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir, hardware="gpu")
-    gpu = Florence2ForConditionalGeneration.from_pretrained(tiny_hf_dir, hardware="gpu:vision_stages=scan")
+    # for_hardware builds the GPU's program whole (from_pretrained would swap its flash kernels for the
+    # einsums, below; this tiny tower's windows are too small for them anyway, so the GPU's program runs here)
+    gpu_default, gpu = cpu.for_hardware("gpu"), cpu.for_hardware("gpu:vision_stages=scan")
     assert cpu.formulations == hardware.DEFAULTS["cpu"] and gpu_default.formulations == hardware.DEFAULTS["gpu"]
     x = jnp.asarray(tiny_batch(seed=1)["pixel_values"]).transpose(0, 2, 3, 1)
     fn = jax.jit(lambda t, x: t(x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Any
 
@@ -18,6 +19,8 @@ from florence_jax.lora import dense
 from florence_jax.modeling.bart import BartModel
 from florence_jax.modeling.davit import DaViT
 from florence_jax.modeling.layers import embed, kernel_outputs_unsaved, layer_norm, linear, named
+
+log = logging.getLogger(__name__)
 
 
 class Buffer(nnx.Variable):
@@ -118,6 +121,19 @@ def _vocab_major_logits(hidden: jax.Array, shared: nnx.Embed) -> jax.Array:
     rows = query.reshape(-1, query.shape[-1])
     by_vocab = jax.lax.optimization_barrier(embedding @ rows.T)
     return by_vocab.T.reshape(*query.shape[:-1], embedding.shape[0])
+
+
+def _runnable_here(spec) -> hardware.Formulations:
+    """``spec``'s formulations for programs that run on this backend: another platform's Pallas kernels
+    (which compile only for it) replaced by XLA's formulations, with a warning that names them."""
+    built_for, runs_on = hardware.resolve(spec), hardware.backend()
+    runnable, stand_in = hardware.kernels_for(built_for, runs_on)
+    if stand_in:
+        log.warning("hardware=%r builds the programs for a %s, but JAX runs them on the %s here: %s, so XLA's "
+                    "formulations stand in for them (the same values, rounded differently); for_hardware(%r) "
+                    "builds the %s's program whole, to compile ahead of time", spec, built_for.platform.upper(),
+                    runs_on.upper(), stand_in, spec, built_for.platform.upper())
+    return runnable
 
 
 class Florence2ForConditionalGeneration(nnx.Module):
@@ -281,13 +297,17 @@ class Florence2ForConditionalGeneration(nnx.Module):
         """Load a Hub id or local directory (either checkpoint layout); see :mod:`florence_jax.weights`.
 
         ``hardware`` is what the programs are built for (:mod:`florence_jax.hardware`: ``"gpu"``,
-        ``"tpu:pixel_normalize=gather"``, ...); by default the backend JAX runs on. ``max_positions=N`` grows the
-        BART encoder's and decoder's learned positions to ``N`` when the checkpoint has fewer (new rows by
-        ``position_init``, :mod:`florence_jax.positions`; the checkpoint's rows are kept bit for bit).
+        ``"tpu:pixel_normalize=gather"``, ...); by default the backend JAX runs on. The loaded weights run
+        here, so another platform's Pallas kernels, which compile only for it, give way to XLA's formulations
+        (:func:`florence_jax.hardware.kernels_for`; a warning names them); :meth:`for_hardware` builds that
+        platform's program whole, to compile ahead of time. ``max_positions=N`` grows the BART encoder's and
+        decoder's learned positions to ``N`` when the checkpoint has fewer (new rows by ``position_init``,
+        :mod:`florence_jax.positions`; the checkpoint's rows are kept bit for bit).
         """
         from florence_jax.weights.load import load_pretrained
 
         if hardware is not None:
+            hardware = _runnable_here(hardware)
             kwargs["config_overrides"] = {**(kwargs.get("config_overrides") or {}), "hardware": hardware}
         return load_pretrained(cls, name_or_path, revision=revision, dtype=dtype, param_dtype=param_dtype,
                                **kwargs)
