@@ -208,7 +208,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "layer_norm_stats": ("vector", "matrix"),
 }
 # The formulations whose "fused" choice is a Pallas TPU kernel, and what a program built for the TPU takes
-# instead on other devices (kernels_for).
+# instead on other devices (kernels_for, runnable_on).
 TPU_KERNELS = {"window_attention": "einsum", "text_attention": "einsum", "depthwise_conv": "grouped"}
 # The formulations whose "flash" choice is a Pallas kernel for GPUs (Triton), and what a program built for a
 # GPU takes instead on other devices (kernels_for).
@@ -282,8 +282,26 @@ def kernels_for(f: Formulations, runs_on: str) -> tuple[Formulations, str]:
     if not kernels:
         return f, ""
     note = (", ".join(f"{n.replace('_', ' ')} as {stand_ins[n]}" for n in kernels)
-            + f": the {f.platform.upper()}'s Pallas kernels compile only for a {f.platform.upper()}")
+            + f": the {f.platform.upper()}'s Pallas kernels compile only for a {f.platform.upper()} target")
     return dataclasses.replace(f, **{n: stand_ins[n] for n in kernels}), note
+
+
+def runnable_on(f: Formulations, runs_on: str) -> tuple[Formulations, str]:
+    """``f`` for a program that XLA compiles for ``runs_on`` (a platform) and that may run there: what
+    :func:`kernels_for` replaces and, on the CPU, the vision blocks' residual stream stored where shifted sums
+    would read it unstored (XLA:CPU fuses the sums' slices with an unstored stream and recomputes it block
+    after block: the GPU's float32 vision tower, base at 192 px, outgrew 8 GiB in six minutes of compiling;
+    with the stores, which change no value, it compiles in seconds). Returns the formulations and a note
+    naming each change ("" where nothing changes)."""
+    runs_on = platform_name(runs_on)
+    f, note = kernels_for(f, runs_on)
+    notes = [note] if note else []
+    if (runs_on == "cpu" and f.platform != "cpu" and f.depthwise_conv == "shifted_sum"
+            and not f.store_vision_residuals):
+        f = dataclasses.replace(f, store_vision_residuals=True)
+        notes.append("the vision blocks' residual stream stored: XLA:CPU recomputes an unstored one inside "
+                     "the shifted sums' fusions")
+    return f, "; ".join(notes)
 
 
 def backend() -> str:

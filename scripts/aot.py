@@ -131,14 +131,16 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     or for ``platform`` when given (a topology's chip); with neither, for the devices'. A GPU config
     compiled on simulated CPU devices so traces the GPU's program: the formulations are part of the model.
     A TPU's or GPU's Pallas kernels compile for their own target only: elsewhere XLA's formulations stand in
-    for them, and the report's note says so.
+    for them (and XLA:CPU gets the stored residual stream it needs: :func:`florence_jax.hardware.runnable_on`),
+    and the report's note says so.
     """
     formulations = hardware.resolve(cfg.model.hardware, platform=platform, auto=devices[0].platform)
     # A Pallas kernel compiles for its own target only: on other devices the platform's program takes XLA's
     # formulations (the einsum attention holds its scores in memory: the figure is an upper bound).
-    formulations, stand_in = hardware.kernels_for(formulations, devices[0].platform)
-    where = {"tpu": " target (--topology, with libtpu)", "gpu": " target (--topology)"}
-    notes = [stand_in + where[formulations.platform]] if stand_in else []
+    formulations, changed = hardware.runnable_on(formulations, devices[0].platform)
+    where = {"tpu": "; --topology (with libtpu) compiles the TPU's own",
+             "gpu": "; --topology compiles the GPU's own"}
+    notes = [changed + where.get(formulations.platform, "")] if changed else []
     fc = model_config_of(cfg).replace(hardware=formulations)
     data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp
     mesh = make_mesh(data, cfg.mesh.fsdp, devices=devices[: data * cfg.mesh.fsdp])

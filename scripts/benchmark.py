@@ -977,7 +977,8 @@ def _meta(s: Settings, dev_name: str, torch_version: str, tf_version: str) -> di
 
     return {"device": dev_name, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
             "torch": torch_version, "transformers": tf_version, "settings": dataclasses.asdict(s),
-            "hardware": hardware.resolve(s.hardware).spec()}
+            # the formulations ours runs with here (another platform's program gives way where it must)
+            "hardware": hardware.runnable_on(hardware.resolve(s.hardware), hardware.backend())[0].spec()}
 
 
 def _table(results: dict[str, Any], meta: dict[str, Any]) -> str:

@@ -67,10 +67,12 @@ def test_a_config_for_a_gpu_compiles_the_gpus_program_here_and_checks_that_gpus_
     flash kernels, which compile for a GPU only: the output says so. (With no hardware named, the program is
     the CPU's and there is no device memory to check against: the slow test below.)"""
     out = _aot("--config.model.hardware=h100")
-    assert "traced for gpu (hardware h100:window_attention=einsum,text_attention=einsum)" in out
+    assert ("traced for gpu (hardware h100:store_vision_residuals=true,window_attention=einsum,"
+            "text_attention=einsum)") in out
     assert "fits in 80 GiB" in out
     assert ("window attention as einsum, text attention as einsum: the GPU's Pallas kernels compile only for a "
-            "GPU target (--topology)") in out
+            "GPU target; the vision blocks' residual stream stored: XLA:CPU recomputes an unstored one inside "
+            "the shifted sums' fusions; --topology compiles the GPU's own") in out
 
 
 @pytest.mark.slow  # another compile of the step, about a minute
@@ -166,7 +168,8 @@ def test_the_flash_text_attention_compiles_for_a_gpu_with_its_dropout(tmp_path):
 
 def test_a_gpu_kernel_compiled_on_simulated_cpu_devices_is_replaced_and_said_so():
     out = _aot("--config.model.hardware=h100:text_attention=einsum")
-    assert "traced for gpu (hardware h100:window_attention=einsum,text_attention=einsum)" in out  # the einsums'
+    assert ("traced for gpu (hardware h100:store_vision_residuals=true,window_attention=einsum,"
+            "text_attention=einsum)") in out  # the einsums'
     assert "note       window attention as einsum: the GPU's Pallas kernels compile only for a GPU target" in out
 
 

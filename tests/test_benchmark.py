@@ -132,3 +132,11 @@ def test_gemm_probe_is_the_products_flops_over_their_median_time():
     with pytest.raises(StopIteration):  # three products a reading, no more
         probe()
     assert benchmark.GEMM_SHAPES["cpu"] == (4096, 768, 3072)  # the product docs/benchmarks.md's shares use
+
+
+def test_the_table_names_the_formulations_ours_ran_with():
+    """``--hardware a100`` on this CPU runs the GPU's program less what cannot compile well here
+    (``hardware.runnable_on``): the table's header names that, not the spec asked for."""
+    meta = benchmark._meta(benchmark.Settings(hardware="a100"), "CPU test", "2.x", "5.x")
+    assert meta["hardware"] == "a100:store_vision_residuals=true,window_attention=einsum,text_attention=einsum"
+    assert benchmark._meta(benchmark.Settings(), "CPU test", "2.x", "5.x")["hardware"] == "cpu"

@@ -84,12 +84,12 @@ def create_model(cfg: ModelConfig, mesh: Mesh, *, tokenizer=None, seed: int = 0,
     ``cfg.add_tokens`` and wrap ``lora.targets`` with adapters when ``lora.enabled``."""
     built_for, runs_on = hardware.resolve(cfg.hardware), hardware.backend()
     if built_for.platform != runs_on:
-        # another platform's Pallas kernels do not compile here: XLA's formulations stand in for them
-        runnable, stand_in = hardware.kernels_for(built_for, runs_on)
+        # another platform's program, compiled by this platform's XLA: what cannot compile here gives way
+        runnable, changed = hardware.runnable_on(built_for, runs_on)
         log.warning("the model's programs are built for %s (config.model.hardware=%r) but run on %s: they "
                     "compute the same, with that hardware's formulations%s; --config.model.hardware=%s uses "
                     "this machine's", built_for.platform, cfg.hardware, runs_on,
-                    f" ({stand_in} target)" if stand_in else "", runs_on)
+                    f" ({changed})" if changed else "", runs_on)
         cfg = dataclasses.replace(cfg, hardware=runnable.spec())
     model = _create_base_model(cfg, mesh, tokenizer=tokenizer, seed=seed, min_shard_size=min_shard_size)
     if cfg.add_tokens:

@@ -124,15 +124,15 @@ def _vocab_major_logits(hidden: jax.Array, shared: nnx.Embed) -> jax.Array:
 
 
 def _runnable_here(spec) -> hardware.Formulations:
-    """``spec``'s formulations for programs that run on this backend: another platform's Pallas kernels
-    (which compile only for it) replaced by XLA's formulations, with a warning that names them."""
+    """``spec``'s formulations for programs that run on this backend (:func:`florence_jax.hardware.runnable_on`:
+    another platform's Pallas kernels replaced by XLA's formulations, ...), with a warning that names them."""
     built_for, runs_on = hardware.resolve(spec), hardware.backend()
-    runnable, stand_in = hardware.kernels_for(built_for, runs_on)
-    if stand_in:
-        log.warning("hardware=%r builds the programs for a %s, but JAX runs them on the %s here: %s, so XLA's "
-                    "formulations stand in for them (the same values, rounded differently); for_hardware(%r) "
+    runnable, changed = hardware.runnable_on(built_for, runs_on)
+    if changed:
+        log.warning("hardware=%r builds the programs for a %s, but JAX runs them on the %s here, so they change "
+                    "what would not compile well here (%s; the same values up to rounding); for_hardware(%r) "
                     "builds the %s's program whole, to compile ahead of time", spec, built_for.platform.upper(),
-                    runs_on.upper(), stand_in, spec, built_for.platform.upper())
+                    runs_on.upper(), changed, spec, built_for.platform.upper())
     return runnable
 
 
@@ -299,7 +299,7 @@ class Florence2ForConditionalGeneration(nnx.Module):
         ``hardware`` is what the programs are built for (:mod:`florence_jax.hardware`: ``"gpu"``,
         ``"tpu:pixel_normalize=gather"``, ...); by default the backend JAX runs on. The loaded weights run
         here, so another platform's Pallas kernels, which compile only for it, give way to XLA's formulations
-        (:func:`florence_jax.hardware.kernels_for`; a warning names them); :meth:`for_hardware` builds that
+        (:func:`florence_jax.hardware.runnable_on`; a warning names them); :meth:`for_hardware` builds that
         platform's program whole, to compile ahead of time. ``max_positions=N`` grows the BART encoder's and
         decoder's learned positions to ``N`` when the checkpoint has fewer (new rows by ``position_init``,
         :mod:`florence_jax.positions`; the checkpoint's rows are kept bit for bit).
