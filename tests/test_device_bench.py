@@ -46,9 +46,12 @@ def _run_with_stub(tmp_path, failure: str) -> list[str]:
     stub = tmp_path / "python"
     stub.write_text(STUB)
     stub.chmod(0o755)
+    smi = tmp_path / "nvidia-smi"  # says nothing, as on a machine without a GPU: the 40 GiB part is skipped
+    smi.write_text("#!/usr/bin/env bash\nexit 1\n")
+    smi.chmod(0o755)
     calls = tmp_path / "calls"
     env = {**os.environ, "PYTHON": str(stub), "CALLS": str(calls), "FAILURE": failure,
-           "PATH": "/usr/bin:/bin"}  # no nvidia-smi: the 40 GiB part is skipped
+           "PATH": f"{tmp_path}:/usr/bin:/bin"}
     out = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
