@@ -138,8 +138,8 @@ def compile_train_step(cfg: TrainConfig, devices, platform: str | None = None) -
     # A Pallas kernel compiles for its own target only: on other devices the platform's program takes XLA's
     # formulations (the einsum attention holds its scores in memory: the figure is an upper bound).
     formulations, changed = hardware.runnable_on(formulations, devices[0].platform)
-    where = {"tpu": "; --topology (with libtpu) compiles the TPU's own",
-             "gpu": "; --topology compiles the GPU's own"}
+    where = {"tpu": "; --topology (with libtpu) compiles the TPU's own program",
+             "gpu": "; --topology compiles the GPU's own program"}
     notes = [changed + where.get(formulations.platform, "")] if changed else []
     fc = model_config_of(cfg).replace(hardware=formulations)
     data = cfg.mesh.data if cfg.mesh.data > 0 else len(devices) // cfg.mesh.fsdp

@@ -72,7 +72,7 @@ def test_a_config_for_a_gpu_compiles_the_gpus_program_here_and_checks_that_gpus_
     assert "fits in 80 GiB" in out
     assert ("window attention as einsum, text attention as einsum: the GPU's Pallas kernels compile only for a "
             "GPU target; the vision blocks' residual stream stored: XLA:CPU recomputes an unstored one inside "
-            "the shifted sums' fusions; --topology compiles the GPU's own") in out
+            "the shifted sums' fusions; --topology compiles the GPU's own program") in out
 
 
 @pytest.mark.slow  # another compile of the step, about a minute
