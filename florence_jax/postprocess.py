@@ -55,6 +55,7 @@ checkpoints; "desciption" is misspelt in the original and kept so: the text is p
 
 # Largest float32 below 2**31: pixel values are saturated here before the int32 cast.
 _INT32_LIMIT: Final = np.float32(2**31 - 128)
+_INT64_MAX: Final = 2**63 - 1
 
 # --------------------------------------------------------------------------------------------------
 # Published settings and the task table
@@ -240,10 +241,12 @@ def _to_bin(digits: str) -> int:
     """A location number as written in the text.
 
     Real ``<loc_N>`` tokens stop at 999, but a confused model can spell ``<loc_123456789012...>``
-    out of ordinary text pieces; transformers then overflows and raises. We cap it instead, so the
-    instance survives with a saturated coordinate.
+    out of ordinary text pieces. Transformers reads any number an int64 holds (``<loc_0000000100>`` is
+    bin 100) and raises past that; we cap such a number at the int64 limit instead, so the instance
+    survives with a saturated coordinate.
     """
-    return int(digits) if len(digits) <= 9 else 2**31 - 1
+    digits = digits.lstrip("0") or "0"
+    return _INT64_MAX if len(digits) > 19 else min(int(digits), _INT64_MAX)
 
 
 def _strip_sequence_tokens(text: str) -> str:
@@ -316,9 +319,10 @@ def _parse_ocr(
         quad = _dequantize_flat((_to_bin(b) for b in quad_bins), image_size, integer=not original)
         if area_threshold > 0:
             xs, ys = quad[0::2], quad[1::2]
-            # Matches transformers: its shoelace sum stops one edge short (the closing edge from the
-            # last corner back to the first is left out), so this is not the true quad area.
-            area = 0.5 * abs(sum(xs[i] * ys[i + 1] - xs[i + 1] * ys[i] for i in range(len(xs) - 1)))
+            # Matches transformers and the original: the shoelace sum takes the first three edges only (the
+            # closing edge from the last corner back to the first is left out, and so is every edge past
+            # the fourth corner of a PATTERN with more), so this is not the true area.
+            area = 0.5 * abs(sum(xs[i] * ys[i + 1] - xs[i + 1] * ys[i] for i in range(min(3, len(xs) - 1))))
             if area < width * height * area_threshold:
                 continue
         quad_boxes.append(quad)
@@ -327,7 +331,8 @@ def _parse_ocr(
 
 
 def _polygon_instances(
-    text: str, image_size: tuple[float, float], allow_unlabelled: bool, integer: bool = True
+    text: str, image_size: tuple[float, float], allow_unlabelled: bool, integer: bool = True,
+    original: bool = False,
 ) -> list[tuple[str, list[list[int]]]]:
     """``label<poly>locs<sep>locs</poly>...`` -> ``[(label, [polygon, ...]), ...]``.
 
@@ -337,8 +342,10 @@ def _polygon_instances(
     pattern = _UNLABELLED_POLYGONS if allow_unlabelled else _LABELLED_POLYGONS
     found = []
     for chunk in pattern.findall(_strip_sequence_tokens(text)):
-        # Matches transformers: one leading location is skipped before reading the label.
-        label_text = re.sub(r"^<loc_\d+>", "", chunk, count=1)
+        # Matches transformers: one leading location is skipped before reading the label. The original's
+        # pattern for it lacks the "<", so it skips nothing: a chunk that starts with a location is labelled
+        # "" there, where transformers reads the label after that location ("<sep>", say).
+        label_text = chunk if original else re.sub(r"^<loc_\d+>", "", chunk, count=1)
         if not label_text and not allow_unlabelled:
             continue
         label_match = _LABEL_BEFORE_POLYGON.search(label_text)
@@ -362,15 +369,16 @@ def _polygon_instances(
 
 
 def _parse_polygons(text: str, image_size: tuple[float, float], allow_unlabelled: bool,
-                    integer: bool = True) -> dict[str, list]:
-    instances = _polygon_instances(text, image_size, allow_unlabelled, integer)
+                    original: bool = False) -> dict[str, list]:
+    instances = _polygon_instances(text, image_size, allow_unlabelled, integer=not original, original=original)
     return {"polygons": [polys for _, polys in instances], "labels": [label for label, _ in instances]}
 
 
-def _parse_boxes_or_polygons(text: str, image_size: tuple[float, float], integer: bool = True) -> dict[str, list]:
+def _parse_boxes_or_polygons(text: str, image_size: tuple[float, float], original: bool = False) -> dict[str, list]:
     # One answer holds either kind; transformers picks the parser by whether "<poly>" occurs at all.
+    integer = not original
     if "<poly>" in text:
-        polygons = _parse_polygons(text, image_size, allow_unlabelled=False, integer=integer)
+        polygons = _parse_polygons(text, image_size, allow_unlabelled=False, original=original)
         bboxes = {"bboxes": [], "labels": []}
     else:
         polygons = {"polygons": [], "labels": []}
@@ -459,9 +467,9 @@ def post_process_generation(
     elif parse_type in ("description_with_bboxes", "bboxes"):
         answer = _parse_bboxes(text, image_size, allow_unlabelled=parse_type == "bboxes", integer=integer)
     elif parse_type in ("description_with_polygons", "polygons"):
-        answer = _parse_polygons(text, image_size, allow_unlabelled=parse_type == "polygons", integer=integer)
+        answer = _parse_polygons(text, image_size, allow_unlabelled=parse_type == "polygons", original=original)
     elif parse_type == "description_with_bboxes_or_polygons":
-        answer = _parse_boxes_or_polygons(text, image_size, integer)
+        answer = _parse_boxes_or_polygons(text, image_size, original)
     else:  # pragma: no cover - TASKS only names the types above
         raise ValueError(f"Unknown post-processing type: {parse_type}")
     return {task: answer}

@@ -26,9 +26,10 @@ Design notes:
 * *Tasks.* A task from :data:`~florence_jax.postprocess.TASKS` is validated against ``--text`` (needed or
   forbidden). Anything that is not a lone ``<TOKEN>`` is a free-form prompt (``task + text``) answered as
   plain text; a lone token we do not know is almost always a typo (``<od>``), so it is an error.
-* *Errors* the user can fix (task, text, images, model path) end with one ``error: ...`` line on stderr
-  and exit status 2 (1 when loading or running the model fails), never a traceback. Images and the model
-  path are checked before the (slow) model load.
+* *Errors* the user can fix (task, text, options, model path) end with one ``error: ...`` line on stderr
+  and exit status 2 (1 when loading or running the model fails), never a traceback; they are checked
+  before the (slow) model load. An image that cannot be read gets its own ``error`` line (stderr and the
+  JSON lines) while the others are answered, and the exit status is then 1.
 """
 
 from __future__ import annotations

@@ -139,6 +139,19 @@ def test_answers_post_process_as_the_original_does(processor):
     # The native processor (and native checkpoints) keep transformers' integers and stripping.
     native = post_process_generation("</s><s>car<loc_10><loc_20><loc_300><loc_400></s>", "<OD>", size)
     assert native["<OD>"]["bboxes"] == [[int(x(10)), int(y(20)), int(x(300)), int(y(400))]]
+    # A polygon answer that starts with a location: transformers skips that location and reads the label
+    # after it ("<sep>", "</poly>"); the original's pattern for the skip lacks its "<" and skips nothing, so
+    # the label is "" and a lone location before "<sep>" still makes an (empty) polygon.
+    seg = "<REFERRING_EXPRESSION_SEGMENTATION>"
+    for answer, native_label in [("<loc_5><sep><loc_6><sep><loc_7>", "<sep>"),
+                                 ("<loc_1></poly><loc_2><loc_3><loc_4>", "</poly>")]:
+        text = f"</s><s>{answer}</s>"
+        assert processor.post_process_generation(text, task=seg, image_size=size)[seg]["labels"] == [""]
+        assert post_process_generation(text, seg, size)[seg]["labels"] == [native_label]
+    lone = processor.post_process_generation("</s><s><loc_1><sep><sep><sep></s>", task=seg, image_size=size)
+    assert lone == {seg: {"polygons": [[[]]], "labels": [""]}}
+    assert post_process_generation("</s><s><loc_1><sep><sep><sep></s>", seg, size) == {
+        seg: {"polygons": [], "labels": []}}
 
 
 # ------------------------------------------------------------------------------------------ model

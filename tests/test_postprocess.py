@@ -68,6 +68,8 @@ CASES: list[tuple[str, str]] = [
     ("<OD>", _gen("two\nlines" + BOX_A + "ok" + BOX_B)),  # a label across a newline is dropped
     ("<OD>", _gen("<od>car" + BOX_A + "</od>")),  # "od>car" becomes the label (reference quirk)
     ("<OD>", _gen("car")),
+    ("<OD>", _gen("car<loc_0000000100>" + _locs(100, 200, 200))),  # a number as written: bin 100
+    ("<OD>", _gen("car<loc_1234567890>" + _locs(1, 2, 3))),  # past 2**31: as transformers reads it
     ("<OD>", ""),
     (
         "<DENSE_REGION_CAPTION>",
@@ -231,7 +233,7 @@ def test_survives_where_transformers_crashes(processor, task, text, expected):
         assert answer[key] == value
     coords = _ints({k: v for k, v in answer.items() if k != "labels"})
     assert coords[:3] == [0, 1, 2]  # bins 1, 2, 3 at 0.64 / 0.48 px per bin
-    assert 10**9 < max(coords) < 2**31  # the bin is capped at 2**31 - 1, not wrapped to a negative
+    assert 10**9 < max(coords) < 2**31  # the pixel is capped below 2**31, not wrapped to a negative
 
 
 def _ints(obj: Any) -> list[int]:
@@ -269,6 +271,16 @@ def test_settings_come_from_the_processor(processor):
         config["ocr"] = {"area_threshold": 0.5}
         out = post_process_generation(small_and_big, "<OCR_WITH_REGION>", (640, 480), processor)
         assert out["<OCR_WITH_REGION>"]["labels"] == ["small", "big"]
+        # A PATTERN of more than four corners: the area sums the first three edges, as transformers does
+        # (here the first four corners lie on a line through the origin, so those edges add nothing; the
+        # next two edges would add a quarter of the image).
+        config["ocr"] = {"AREA_THRESHOLD": 0.01,
+                         "PATTERN": r"(.+?)" + "".join([r"<loc_(\d+)>"] * 12)}
+        processor.post_processor = type(processor.post_processor)(config=config, tokenizer=processor.tokenizer)
+        hexagon = _gen("flat" + _locs(100, 100, 200, 200, 300, 300, 400, 400, 400, 100, 100, 100))
+        ref = processor.post_process_generation(text=hexagon, task="<OCR_WITH_REGION>", image_size=(640, 480))
+        assert ref["<OCR_WITH_REGION>"]["labels"] == []
+        assert_same(post_process_generation(hexagon, "<OCR_WITH_REGION>", (640, 480), processor=processor), ref)
         # A config that lacks the parse type is an error, as in transformers.
         del config["ocr"]
         with pytest.raises(ValueError, match="Unsupported parse task"):
