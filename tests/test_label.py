@@ -335,6 +335,8 @@ def test_an_output_folder_of_another_run_is_refused(tmp_path, image_dir, capsys)
     (["--task", "<OD>", "--task", "<OD>"], "given twice"),
     (["--task", "<REGION_TO_CATEGORY>"], "COCO JSON"),
     (["--task", "<CAPTION>", "--categories", "a,b"], "needs a box task"),
+    (["--task", "<OD>", "--text", "a car"], "no task takes input text"),
+    (["--task", "<OD>", "--task", "<CAPTION>", "--text_column", "q"], "--text_column is given but no task"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(argv_extra, needle, image_dir, tmp_path, capsys):
     assert main(_argv(image_dir, tmp_path / "out", *argv_extra)) == 2

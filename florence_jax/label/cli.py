@@ -92,6 +92,10 @@ def _check(args: argparse.Namespace) -> None:
             build_prompt(task, "x" if has_text and task_takes_text(task) else None)
     if region and has_text:
         raise PredictError(f"{region[0]} takes its text from the COCO boxes; drop --text/--text_column")
+    if has_text and not any(task_takes_text(task) for task in tasks):
+        given = "--text" if args.text is not None else "--text_column"
+        raise PredictError(f"{given} is given but no task takes input text ({', '.join(tasks)}); drop it or add "
+                           "a task that does, such as <DocVQA> or <CAPTION_TO_PHRASE_GROUNDING>")
     for name in ("batch_size", "shard_size", "num_beams", "max_new_tokens", "prompt_multiple"):
         value = getattr(args, name)
         if value is not None and value < 1:
