@@ -52,7 +52,7 @@ class MixtureComponent:
     subset: str | None = None  # Hub config name (a subset such as "chartqa" of HuggingFaceM4/the_cauldron)
     # Validation data when it is another file/folder (local data); None: `source` at `eval_split`.
     eval_source: str | None = None
-    format: str | None = None  # source kind (hub, parquet, arrow, disk, jsonl, coco); None: detected from the path
+    format: str | None = None  # source kind (hub, parquet, arrow, disk, jsonl, coco, prepared); None: detected
     image_root: str | None = None  # folder of a COCO JSON's images (None: the JSON's folder)
     eval_image_root: str | None = None  # the same for eval_source
     # Splits may carry a slice, e.g. train_split="train[:-500]", eval_split="train[-500:]".
