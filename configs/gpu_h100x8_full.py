@@ -7,7 +7,8 @@ Data: eight GPUs at 200 examples/s each need 1,600 examples/s from this host. De
 DocVQA page takes a worker about 50 ms (20/s on a slow core), so even 64 workers may fall short; from a
 prepared dataset (pixels resized once, ~100 examples/s per worker) 16 keep up:
     python -m scripts.prepare_data --config gpu_h100x8_full.py --out /data/docvqa_768
-    python -m train.main --config gpu_h100x8_full.py --config.data.source=/data/docvqa_768/train.array_record
+    python -m train.main --config gpu_h100x8_full.py --config.data.source=/data/docvqa_768/train.array_record \
+        --config.data.eval_source=/data/docvqa_768/validation.array_record
 The log's data_busy (near 1: the step waits for data) says which case a run is in (docs/scale-out.md).
 """
 

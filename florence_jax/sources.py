@@ -54,9 +54,12 @@ class SourceSpec:
 
     ``path``: a Hub dataset id (``"lmms-lab/DocVQA"``), a parquet/arrow file, glob or folder, a
     ``save_to_disk`` folder, or a ``.jsonl`` file. ``kind`` is detected from the path when None (see
-    ``detect_kind``). ``split`` selects the split for Hub datasets and ``DatasetDict`` folders and may carry a
-    slice in ``datasets``' syntax (``"train[:-300]"``, ``"train[-300:]"``): for single-split local files
-    (parquet, arrow, JSONL) only the slice applies. ``name`` is the Hub config name (a subset, e.g.
+    ``detect_kind``). ``split`` selects the split for Hub datasets, ``DatasetDict`` folders and folders whose
+    parquet/arrow files name their splits as Hub repositories do (``train.parquet``, ``validation.parquet``,
+    ``data/test-00000-of-00001.parquet``), and may carry a slice in ``datasets``' syntax (``"train[:-300]"``,
+    ``"train[-300:]"``). A source with one split (JSONL, COCO, a parquet/arrow file or glob, a folder whose files
+    name no split, a saved ``Dataset``) calls it ``"train"``: with ``split_must_exist`` another name is an error
+    (training's validation split must not quietly be its training records); without, only the slice applies. ``name`` is the Hub config name (a subset, e.g.
     ``"chartqa"`` of ``HuggingFaceM4/the_cauldron``). ``image_column`` is the column holding images: it is read
     undecoded, and for JSONL relative paths in it are resolved against the JSONL file's folder. ``image_root`` is
     the folder a COCO JSON's ``file_name`` entries are relative to (None: the JSON's folder).
@@ -70,6 +73,70 @@ class SourceSpec:
     cache_dir: str | None = None
     image_column: str = "image"
     image_root: str | None = None
+    split_must_exist: bool = False
+
+
+ONE_SPLIT = "train"
+"""The name of a one-split source's split."""
+
+
+def _one_split(spec: SourceSpec, what: str) -> None:
+    """Check the split name asked of a source with one split (see :class:`SourceSpec`)."""
+    name, _ = split_name_and_slice(spec.split)
+    if spec.split_must_exist and name != ONE_SPLIT:
+        raise SourceError(
+            f"data source {spec.path!r}: {what} holds one split, {ONE_SPLIT!r}, and no {name!r} split; give the "
+            f"{name} records as a source of their own, or hold out part of this one with slices "
+            f"('{ONE_SPLIT}[:-N]' and '{ONE_SPLIT}[-N:]')")
+
+
+def _named_split_files(path: str, suffix: str) -> dict[str, list[str]] | None:
+    """A folder's ``suffix`` files by the split their names give, as ``datasets`` reads a Hub repository's
+    files (``train.parquet``, ``data/validation-00000-of-00001.parquet``, ``test/x.parquet``); None when the
+    names give no split (the folder is one split)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = get_data_patterns(path)
+    except Exception:  # noqa: BLE001 - datasets raises EmptyDatasetError and others: treat as one split
+        return None
+    if all(list(p) == ["**"] for p in patterns.values()):
+        return None
+    resolved = DataFilesDict.from_patterns(patterns, base_path=path)
+    files = {str(name): sorted(f for f in found if f.endswith(suffix)) for name, found in resolved.items()}
+    return {name: found for name, found in files.items() if found} or None
+
+
+class _SlicedRecords(Sequence):
+    """Records ``[start, stop)`` of another sequence; its other attributes (``categories``, ``path``) pass
+    through. Picklable when the sequence is."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], start: int, stop: int):
+        self.records, self.start, self.stop = records, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self.records[self.start + index % len(self)]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "records":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.records, name)
+
+    def __repr__(self) -> str:
+        return f"{self.records!r}[{self.start}:{self.stop}]"
+
+
+def _sliced(records: Sequence[dict[str, Any]], spec: SourceSpec, what: str) -> Sequence[dict[str, Any]]:
+    """A one-split source's records after the split check and its slice."""
+    _one_split(spec, what)
+    start, stop = slice_bounds(spec.split, len(records))
+    return records if (start, stop) == (0, len(records)) else _SlicedRecords(records, start, stop)
 
 
 def _expand(path: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -354,7 +421,15 @@ def _open_datasets(spec: SourceSpec, kind: str) -> Any:
             spec.path, spec.name, split=spec.split, revision=spec.revision, cache_dir=spec.cache_dir
         )
     elif kind in ("parquet", "arrow"):
-        files = _expand(spec.path, (f".{kind}",))
+        by_split = _named_split_files(spec.path, f".{kind}") if os.path.isdir(spec.path) else None
+        if by_split is None:
+            _one_split(spec, f"{kind} data whose file names give no split")
+            files = _expand(spec.path, (f".{kind}",))
+        else:
+            name, _ = split_name_and_slice(spec.split)
+            if name not in by_split:
+                raise SourceError(f"data source {spec.path!r}: no split {name!r} (its files give {sorted(by_split)})")
+            files = by_split[name]
         if not files:
             raise SourceError(f"data source {spec.path!r}: no {kind} files match")
         if kind == "parquet":
@@ -371,6 +446,8 @@ def _open_datasets(spec: SourceSpec, kind: str) -> Any:
                     f"data source {spec.path!r}: no split {name!r} (has {sorted(ds.keys())})"
                 )
             ds = ds[name]
+        else:
+            _one_split(spec, "a saved Dataset (not a DatasetDict)")
     else:
         raise SourceError(f"data source {spec.path!r}: unknown kind {kind!r} (expected one of {KINDS})")
     if not isinstance(ds, datasets.Dataset):
@@ -398,10 +475,11 @@ def open_source(spec: SourceSpec | str,
         raise SourceError(f"data source {spec.path!r}: unknown kind {kind!r} (expected one of {KINDS})")
     try:
         if openers and kind in openers:
-            records: Sequence[dict[str, Any]] = openers[kind](spec)
+            records: Sequence[dict[str, Any]] = _sliced(openers[kind](spec), spec, f"{kind} data")
         elif kind == "jsonl":
             if not os.path.isfile(spec.path):
                 raise SourceError(f"data source {spec.path!r}: no such JSONL file")
+            _one_split(spec, "a JSONL file")
             jsonl = JsonlRecords(spec.path, spec.image_column)
             records = jsonl.select(*slice_bounds(spec.split, len(jsonl)))
         elif kind == "prepared":
@@ -410,7 +488,8 @@ def open_source(spec: SourceSpec | str,
         elif kind == "coco":
             if not os.path.isfile(spec.path):
                 raise SourceError(f"data source {spec.path!r}: no such COCO JSON file")
-            records = CocoRecords(spec.path, spec.image_root)
+            _one_split(spec, "a COCO JSON")
+            records = _sliced(CocoRecords(spec.path, spec.image_root), spec, "a COCO JSON")
         else:
             description = f"{kind}:{spec.path}" + (f"/{spec.name}" if spec.name else "") + f"[{spec.split}]"
             records = DatasetRecords(_open_datasets(spec, kind), description)

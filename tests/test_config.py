@@ -96,6 +96,13 @@ SMALL_DEMO = ["--config.data.synthetic.num_train=48", "--config.data.synthetic.n
     (["--config.data.image_size=128", "--config.data.synthetic.image_size=128"], "--config.data.image_size=64"),
     (["--config.lora.enabled=true", r"--config.lora.targets=('q_projj$',)"], "matches no linear layer"),
     (["--config.optim.freeze=('^model\\.vision_towr',)"], "matches no parameter path"),
+    # Each was a traceback (or, for the optimizer's, a run that silently did something else).
+    (["--config.optim.warmup_steps=-5"], "config.optim.warmup_steps must be >= 0"),
+    (["--config.optim.max_grad_norm=-1"], "config.optim.max_grad_norm must be >= 0, got -1.0 (0: no clipping)"),
+    (["--config.optim.b2=1.0"], "config.optim.b2 must be in [0, 1)"),
+    (["--config.data.max_prompt_tokens=1"], "config.data.max_prompt_tokens must be at least 2"),
+    (["--config.data.synthetic.num_train=4"], "4 training records give no full batch of 8"),
+    (["--config.data.columns=question=qry"], "column 'qry' (mapped to the 'docvqa' template's 'question'"),
 ])
 def test_start_up_errors_are_one_line_with_exit_2(tmp_path, capsys, overrides, needle):
     from train.main import main

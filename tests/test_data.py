@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from train.config import ConfigError
 from train.data import sources
 from train.data.pipeline import DataPipeline, PipelineConfig, load_image
 from train.data.sources import SourceError, SourceSpec, detect_kind, open_source
@@ -112,8 +113,26 @@ def test_all_bad_training_data_raises_instead_of_spinning(tmp_path, processor):
     )
     cfg = dataclasses.replace(CFG, template="prefix_suffix")  # repeats forever
     it = iter(DataPipeline(open_source(str(path)), processor, cfg).train(0, 1))
-    with pytest.raises(RuntimeError, match="unusable"):
+    # One error line (a setting to change), naming a record and why it was skipped.
+    with pytest.raises(ConfigError, match=r"unusable.*missing_image.*for example record 0: missing_image: .*0\.png"):
         next(it)
+
+
+def test_a_run_whose_first_records_are_all_unusable_stops_before_compiling(tmp_path, capsys):
+    """Image paths written relative to the wrong folder: the run names the records at start, exit status 2."""
+    from train.main import main
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps({"image": f"pages/{i}.png", "prefix": "p", "suffix": "s"}) + "\n"
+                            for i in range(40)))
+    argv = ["--config", "cpu_demo.py", "--workdir", str(tmp_path / "run"), f"--config.data.source={path}",
+            "--config.data.template=prefix_suffix", "--config.data.train_split=train[:-8]",
+            "--config.data.eval_split=train[-8:]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config.data: none of the first 16 training records can be used "
+                          "({'missing_image': 16}); for example record 0: missing_image") and "pages/0.png" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_unreadable_sources_fail_at_start_naming_the_path(tmp_path):
@@ -285,6 +304,22 @@ def test_training_shards_are_even(files, processor):
     cfg = dataclasses.replace(CFG, num_epochs=1, batch_size=3)
     counts = [len(list(iter(DataPipeline(clean, processor, cfg).train(i, 3)))) for i in range(3)]
     assert counts == [2, 2, 2]
+
+
+def test_a_data_position_of_another_worker_count_is_refused_with_what_to_set(dirty):
+    """grain keeps a worker pipeline's position per worker: a resume with another data.num_workers cannot use it
+    (before: a KeyError from inside grain). The error names the count to resume with."""
+    it = iter(dirty.train(0, 1))
+    _take(it, 1)
+    state = it.get_state()
+    assert state["workers"] == 0
+    with pytest.raises(ConfigError, match=r"saved with data.num_workers=2 and this run has 0.*num_workers=2"):
+        iter(dirty.train(0, 1)).set_state({**state, "workers": 2})
+    # A checkpoint from before the count was saved: a position that does not fit is the same kind of error.
+    legacy = {k: v for k, v in state.items() if k != "workers"}
+    with pytest.raises(ConfigError, match="does not restore into this pipeline.*num_workers the checkpoint"):
+        iter(dirty.train(0, 1)).set_state({**legacy, "parent": {"workers_state": {}}})
+    iter(dirty.train(0, 1)).set_state(legacy)  # one that fits still restores
 
 
 def test_iterator_state_restores_the_batch_sequence(dirty):

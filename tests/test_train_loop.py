@@ -43,12 +43,13 @@ def test_parquet_with_bad_records_trains_and_counts_skips(tmp_path):
                                                         long_question=1, long_answer=1))
     wd = tmp_path / "run"
     _run_main(wd, [f"--config.data.source={paths['train']}", f"--config.data.eval_source={paths['validation']}",
-                   "--config.max_steps=3"])
+                   "--config.max_steps=5"])  # 5 batches of 8 pass the 35 good records: every bad one is read
     summary = json.loads((wd / "summary.json").read_text())
     # The best checkpoint is one that exists (the evaluation before training has none).
     assert summary["best"]["step"] > 0 and (wd / "checkpoints" / str(summary["best"]["step"])).is_dir()
     counters = summary["data_counters"]
     assert counters["skipped"] >= 5  # 2 corrupt + 1 missing + 2 empty answers, each counted
+    assert counters["examples"] == 5 * 8  # the rows the steps took, not the batches the prefetcher read ahead
     assert counters.get("skipped_empty_answers", 0) >= 1 and counters.get("skipped_bad_image", 0) >= 1
     # Skipped records do not change batch shapes: the step compiled at most once (zero on a cache hit).
     assert summary["train_step_recompiles"] == 0 and summary["train_step_compiles"] <= 1

@@ -461,6 +461,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("config.max_steps and config.num_epochs are both 0: nothing to train")
     if cfg.optim.learning_rate <= 0:
         raise ValueError(f"config.optim.learning_rate must be positive, got {cfg.optim.learning_rate}")
+    for name in ("warmup_steps", "max_grad_norm", "weight_decay", "eps"):
+        if getattr(cfg.optim, name) < 0:
+            raise ValueError(f"config.optim.{name} must be >= 0, got {getattr(cfg.optim, name)}"
+                             + (" (0: no clipping)" if name == "max_grad_norm" else ""))
+    for name in ("b1", "b2"):
+        if not 0 <= getattr(cfg.optim, name) < 1:
+            raise ValueError(f"config.optim.{name} must be in [0, 1), got {getattr(cfg.optim, name)}")
+    for name in ("max_prompt_tokens", "max_target_tokens"):
+        if getattr(cfg.data, name) < 2:
+            raise ValueError(f"config.data.{name} must be at least 2 (room for <s> and </s>), got "
+                             f"{getattr(cfg.data, name)}")
     for pattern in cfg.optim.freeze:
         check_regex(pattern, "config.optim.freeze")
     if cfg.lora.enabled:

@@ -36,6 +36,7 @@ from train.setup import (
     check_batch_sizes,
     check_export,
     check_lengths,
+    check_training_records,
     export_model,
     get_datasets,
     get_processor,
@@ -196,11 +197,14 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
     check_batch_sizes(cfg, mesh)
     processor = get_processor(cfg, workdir)
     pipes = build_pipelines(cfg, processor, get_datasets(cfg, workdir))
+    check_training_records(pipes)
     # A mixture's "epoch" is as many examples as all its datasets hold together (not each seen once).
     per_process_records = pipes.num_train // jax.process_count()
     steps_per_epoch = per_process_records // (cfg.batch_size // jax.process_count())
     if steps_per_epoch == 0:
-        raise ValueError(f"{pipes.num_train} training records give no full batch of {cfg.batch_size}")
+        raise ConfigError(f"{pipes.num_train} training records give no full batch of {cfg.batch_size} (per process: "
+                          f"{per_process_records} records, batches of {cfg.batch_size // jax.process_count()}): lower "
+                          "config.batch_size or give more training data")
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
 
     model = create_model(cfg.model, mesh, tokenizer=processor.tokenizer, seed=cfg.seed,
@@ -240,6 +244,13 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
         rep.print(f"Resuming from step {start} ({workdir / 'checkpoints'})")
         rep.forget_after(start)  # what the interrupted launch logged past the checkpoint is redone now
     step = int(state.step)
+    data_state = iterator.get_state()  # as of the last batch a step took (the prefetcher reads ahead of it)
+
+    def consumed_counters() -> dict[str, int]:
+        """The data counters as of the last batch a step took: the iterator's own run ahead by the batches the
+        prefetcher holds."""
+        counters = data_state.get("counters") if isinstance(data_state, dict) else None
+        return dict(getattr(iterator, "counters", {}) if counters is None else counters)
 
     _print_start(rep, cfg, mesh, model, count_params(state.params, fns.labels), steps_per_epoch, total_steps, pipes)
 
@@ -252,7 +263,7 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
         rep.eval_metrics(rec)
         rep.print(f"[{tag}] step {step} epoch {epoch:.2f}: val_loss {res.val_loss:.4f}  {res.summary()} "
                   f"({rec['seconds']}s)")
-        for line in data_notes(getattr(iterator, "counters", {}), res.num_examples, pipes.num_val):
+        for line in data_notes(consumed_counters(), res.num_examples, pipes.num_val):
             rep.print(f"  {line}")
         if res.samples:
             rep.print(format_samples(res.samples))
@@ -267,7 +278,6 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
     rep.start_training(step, total_steps, batch_size=cfg.batch_size, steps_per_epoch=steps_per_epoch,
                        log_every_steps=cfg.log_every_steps, num_workers=cfg.data.num_workers, busy=busy_start)
     first_step = step  # of this launch
-    data_state = iterator.get_state()
     preempted = False
     step_compiles = CompileWatch("train step")
     with _Preemption() as preemption:
@@ -300,7 +310,7 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
     rep.end_training()
     ckpt.wait()
     summary = {"step": step, "total_steps": total_steps, "best": best, "last_train": rep.last_train,
-               "preempted": preempted, "data_counters": dict(getattr(iterator, "counters", {})),
+               "preempted": preempted, "data_counters": consumed_counters(),
                "train_step_compiles": step_compiles.compiles, "train_step_recompiles": step_compiles.recompiles,
                "data_busy": data_busy(busy_start, prefetch.busy())}
     if not preempted and step >= total_steps:

@@ -154,6 +154,7 @@ class RunDataset:
 def get_datasets(cfg: TrainConfig, workdir: Path) -> list[RunDataset]:
     """Open every dataset of the run (``data.mixture``: one or several) and check, at start, that
     each template finds its columns (after ``columns`` renames)."""
+    from florence_jax.sources import SourceError
     from train.data.sources import SourceSpec, open_source
     from train.data.templates import ConfiguredTemplate
 
@@ -166,18 +167,51 @@ def get_datasets(cfg: TrainConfig, workdir: Path) -> list[RunDataset]:
         else:
             image = template.column("image")  # JSONL: relative image paths resolve in this column
             train = open_source(SourceSpec(path=c.source, kind=c.format, split=c.train_split, name=c.subset,
-                                           image_column=image, image_root=c.image_root))
+                                           image_column=image, image_root=c.image_root, split_must_exist=True))
             val = None
             if c.eval_split is not None:
-                val = open_source(SourceSpec(
-                    path=c.eval_source or c.source, kind=c.format, split=c.eval_split, name=c.subset,
-                    image_column=image, image_root=c.eval_image_root if c.eval_source else c.image_root))
+                # Validation from the training source must be a split of its own (a one-split file's "validation"
+                # would be its training records); a separate eval_source is its own split whatever the name.
+                try:
+                    val = open_source(SourceSpec(
+                        path=c.eval_source or c.source, kind=c.format, split=c.eval_split, name=c.subset,
+                        image_column=image, image_root=c.eval_image_root if c.eval_source else c.image_root,
+                        split_must_exist=c.eval_source is None))
+                except SourceError as e:
+                    if c.eval_source is not None:
+                        raise
+                    raise ConfigError(
+                        f"{where}.eval_split={c.eval_split!r}: {e}. Set {where}.eval_source to the validation "
+                        f"data, or hold out part of the training data ({where}.train_split='train[:-500]' and "
+                        f"{where}.eval_split='train[-500:]')") from None
         template.check_columns(train, where)
         if val is not None:
             template.check_columns(val, where)
         val = None if c.eval_split is None else template.prepare(val)
         out.append(RunDataset(c, template, template.prepare(train), val))
     return out
+
+
+def check_training_records(pipes: RunPipelines, probe: int = 16) -> None:
+    """Read the first ``probe`` training records of each dataset before anything compiles. When none of them
+    can be used (image paths relative to another folder, the wrong image column), stop now and name them, rather
+    than after the compile, when the training loop has skipped two epochs' worth. Raises ``ConfigError``."""
+    import collections
+
+    for d, pipe in zip(pipes.datasets, pipes.train_pipes, strict=True):
+        n = min(probe, len(pipe.source))
+        problems = []
+        for i in range(n):
+            problem = pipe.encoder.problem(i)
+            if problem is None:
+                break
+            problems.append((i, problem))
+        else:
+            where = f"config.data.mixture[{d.name}]" if d.name else "config.data"
+            reasons = collections.Counter(p.reason for _, p in problems)
+            raise ConfigError(
+                f"{where}: none of the first {n} training records can be used ({dict(reasons)}); for example "
+                + "; ".join(f"record {i}: {p}" for i, p in problems[:3]))
 
 
 def get_sources(cfg: TrainConfig, workdir: Path):

@@ -239,14 +239,26 @@ class ExampleEncoder:
     def example(self, index: int) -> Example:
         return self.template(self.source[int(index)])
 
+    def _read(self, index: int) -> Example:
+        try:
+            record = self.source[index]
+        except Exception as e:  # noqa: BLE001 - an unreadable row is one bad record, not a dead run
+            raise BadRecordError("unreadable_record", f"{type(e).__name__}: {e}") from e
+        return self.template(record)
+
+    def problem(self, index: int) -> BadRecordError | None:
+        """Why record ``index`` cannot be trained on (its row, its template, its image decoded and resized), or
+        None when it can. Reads the image even where a feature cache stands in for it."""
+        try:
+            self._pixels(self._read(int(index)))
+        except BadRecordError as e:
+            return e
+        return None
+
     def __call__(self, index: int) -> dict[str, Any]:
         index = int(index)
         try:
-            try:
-                record = self.source[index]
-            except Exception as e:  # noqa: BLE001 - an unreadable row is one bad record, not a dead run
-                raise BadRecordError("unreadable_record", f"{type(e).__name__}: {e}") from e
-            example = self.template(record)
+            example = self._read(index)
             if self.features is not None:
                 # Vision features computed once (train/feature_cache.py): no image decode at all.
                 pixels = self.features[index]
@@ -256,7 +268,7 @@ class ExampleEncoder:
                 pixels = self._pixels(example)
         except BadRecordError as e:
             log.debug("skipping record %d: %s", index, e)
-            return {_SKIP: e.reason, "index": index}
+            return {_SKIP: e.reason, "detail": str(e)[:300], "index": index}
         prompt_ids, prompt_cut = self.prompt_ids(example.prompt)
         target_ids, target_cut = self.target_ids(example.target)
         return {
@@ -313,6 +325,8 @@ class _CountingBatchIterator(grain.DatasetIterator):
         self._emitted = 0
         self._exhausted = False
         self._skip_runs = [0] * len(batcher.max_skip_runs)
+        # The first record of each dataset skipped for each reason (for the error below).
+        self._skip_examples: dict[tuple[int, str], str] = {}
 
     def __next__(self) -> dict[str, np.ndarray]:
         b = self._b
@@ -332,13 +346,17 @@ class _CountingBatchIterator(grain.DatasetIterator):
                 if b.names:
                     self.counters[f"skipped/{b.names[k]}"] += 1
                 self._skip_runs[k] += 1
+                self._skip_examples.setdefault(
+                    (k, element[_SKIP]), f"record {element['index']}: {element.get('detail', element[_SKIP])}")
                 limit = b.max_skip_runs[k]
                 if limit is not None and self._skip_runs[k] >= limit:
                     which = f" of dataset {b.names[k]!r}" if b.names else ""
-                    raise RuntimeError(
+                    from train.errors import ConfigError
+
+                    raise ConfigError(
                         f"{self._skip_runs[k]} records in a row{which} were unusable (two epochs of this "
-                        f"process's share): nothing to train on. Counters: {dict(self.counters)}"
-                    )
+                        f"process's share): nothing to train on. Counters: {dict(self.counters)}; for example "
+                        + "; ".join(v for (d, _), v in self._skip_examples.items() if d == k))
                 continue
             self._skip_runs[k] = 0
             self.counters["examples"] += 1
@@ -366,10 +384,24 @@ class _CountingBatchIterator(grain.DatasetIterator):
             "emitted": self._emitted,
             "exhausted": self._exhausted,
             "skip_run": list(self._skip_runs),
+            "workers": self._b.workers,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
+        from train.errors import ConfigError
+
+        # grain saves a worker pipeline's position per worker: it restores into the same number of workers only.
+        saved = state.get("workers")  # absent in checkpoints written before it was saved
+        hint = ("resume with the data.num_workers the checkpoint was written with" if saved is None else
+                f"resume with --config.data.num_workers={saved}")
+        if saved is not None and int(saved) != self._b.workers:
+            raise ConfigError(f"the checkpoint's data position was saved with data.num_workers={saved} and this run "
+                              f"has {self._b.workers}: a data position restores into as many workers only; {hint}")
+        try:
+            self._parent.set_state(state["parent"])
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            raise ConfigError(f"the checkpoint's data position does not restore into this pipeline "
+                              f"({type(e).__name__}: {e}); {hint}") from e
         self.counters = collections.Counter(state["counters"])
         self._emitted = int(state["emitted"])
         self._exhausted = bool(state["exhausted"])
@@ -388,8 +420,10 @@ class _CountingBatcher(grain.IterDataset):
         num_batches: int | None,
         max_skip_run: int | None | Sequence[int | None],
         names: Sequence[str] = (),
+        workers: int = 0,
     ):
         super().__init__(parent)
+        self.workers = workers  # the parent's worker processes: its saved position depends on their number
         # One limit per mixed dataset (a single one otherwise); ``names`` label their counters.
         self.max_skip_runs = list(max_skip_run) if isinstance(max_skip_run, list | tuple) else [max_skip_run]
         self.names = tuple(names)
@@ -571,7 +605,7 @@ def _batched(
             grain.MultiprocessingOptions(num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size)
         )
     return _CountingBatcher(ds, cfg.batch_size, cfg.drop_remainder, padding, eval_mode, num_batches,
-                            max_skip_run, names)
+                            max_skip_run, names, workers=cfg.worker_count)
 
 
 class _Tagged:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from florence_jax.postprocess import quantize_coordinates
+from train.errors import ConfigError
 
 __all__ = [
     "BOX_TEMPLATES",
@@ -284,7 +285,7 @@ class ConfiguredTemplate:
         return example
 
     def check_columns(self, source: Any, where: str) -> None:
-        """Raise ``ValueError`` naming the config entry when a column the template needs is not in ``source``.
+        """Raise ``ConfigError`` naming the config entry when a column the template needs is not in ``source``.
 
         Sources without ``column_names`` (plain sequences) are not checked here; their records are checked one
         by one (``missing_field``).
@@ -295,13 +296,13 @@ class ConfiguredTemplate:
         names = set(names)
         for field, column in self.renames.items():
             if column not in names:
-                raise ValueError(
+                raise ConfigError(
                     f"{where}: column {column!r} (mapped to the {self.name!r} template's {field!r} by columns) is "
                     f"not in {source!r}; its columns: {sorted(names)}"
                 )
         for field in self.fields:
             if self.column(field) not in names:
-                raise ValueError(
+                raise ConfigError(
                     f"{where}: the {self.name!r} template reads {field!r}, which is not a column of {source!r} "
                     f"(columns: {sorted(names)}); map it with columns=(\"{field}=YOUR_COLUMN\",) or pick another "
                     f"template ({template_names()})"
