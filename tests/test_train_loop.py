@@ -66,7 +66,7 @@ def test_parquet_with_bad_records_trains_and_counts_skips(tmp_path):
     assert (wd / "training_curves.png").exists() and list((wd / "tensorboard").iterdir())
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, capsys):
     cache = tmp_path / "jax_cache"
     extra = [f"--config.compilation_cache_dir={cache}", "--config.checkpoint_every_steps=2"]
     ref = tmp_path / "ref"
@@ -108,6 +108,21 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
                  "--config.optim.learning_rate=0.5", "--allow_config_change"]) == 0
     assert len(list(ref.glob("config.previous-*.json"))) == 1
     assert json.loads((ref / "config.json").read_text())["optim"]["learning_rate"] == 0.5
+
+    # Training records edited between launches (the same settings): the data order and the saved position are
+    # the old records', so the resume is refused naming the change; allowed on request.
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(ref / "data" / "train.parquet")
+    pq.write_table(table.slice(0, table.num_rows - 8), ref / "data" / "train.parquet")
+    same = ["--config", "cpu_demo.py", "--workdir", str(ref), *SMALL, *extra, "--config.optim.learning_rate=0.5"]
+    capsys.readouterr()
+    assert main(same) == 2
+    assert "error: the training data changed since the checkpoint of step 6 (48 training records, now 40)" in (
+        capsys.readouterr().err)
+    assert main([*same, "--allow_config_change"]) == 0
+    assert "Resuming on changed training data (--allow_config_change): 48 training records, now 40" in (
+        capsys.readouterr().out)
 
     # scripts.export rebuilds the same model from the run's last checkpoint.
     from scripts.export import main as export_main

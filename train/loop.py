@@ -237,8 +237,17 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
     restored = ckpt.restore_latest(abstract_like(state))
     start = None if restored is None else restored[0]
     best: dict[str, Any] = {"score": None, "step": None}  # score: EvalResult.score, higher is better
+    train_records = [len(d.train) for d in pipes.datasets]
     if restored is not None:
         start, state, data_state, meta = restored
+        change = data_change(meta.get("train_records"), train_records, [d.name for d in pipes.datasets])
+        if change and not allow_config_change:
+            raise ConfigError(f"the training data changed since the checkpoint of step {start} ({change}): the "
+                              "data order and the saved position are the old records'. Restore the data, pass "
+                              "--allow_config_change to go on from the saved position in the new records, or use "
+                              "a new --workdir")
+        if change:
+            rep.print(f"Resuming on changed training data (--allow_config_change): {change}")
         iterator.set_state(data_state)
         best = meta.get("best", best)
         rep.print(f"Resuming from step {start} ({workdir / 'checkpoints'})")
@@ -302,7 +311,7 @@ def run(cfg: TrainConfig, workdir: str | Path, *, allow_config_change: bool = Fa
                     best = {"score": res.score, "step": step}
             preempted = preemption.should_stop(step)
             if checkpoint_now(step, cfg, steps_per_epoch, total_steps, evaluated=evaluated, preempted=preempted):
-                ckpt.save(step, state, data_state, _meta(cfg, step, steps_per_epoch, best),
+                ckpt.save(step, state, data_state, _meta(cfg, step, steps_per_epoch, best, train_records),
                           metrics=ckpt_metrics, force=True)
             if preempted:
                 rep.print(f"SIGTERM received: checkpoint saved at step {step}; rerun the same command to resume")
@@ -459,8 +468,20 @@ def nnx_update(model, state) -> None:
     nnx.update(model, state.params, state.rest)
 
 
-def _meta(cfg: TrainConfig, step: int, steps_per_epoch: int, best: dict) -> dict:
-    return {"step": step, "epoch": step / steps_per_epoch, "best": best, "config": cfg.to_dict()}
+def _meta(cfg: TrainConfig, step: int, steps_per_epoch: int, best: dict, train_records: list[int]) -> dict:
+    return {"step": step, "epoch": step / steps_per_epoch, "best": best, "config": cfg.to_dict(),
+            "train_records": train_records}
+
+
+def data_change(saved: list[int] | None, now: list[int], names: list[str]) -> str | None:
+    """How the training records differ from those a checkpoint was trained on (counted per dataset), or None.
+    The data order and the saved position are the old records': a file edited between launches changes both."""
+    if saved is None or list(saved) == list(now):
+        return None
+    if len(saved) != len(now):
+        return f"{len(saved)} dataset(s), now {len(now)}"
+    return ", ".join(f"{name + ': ' if name else ''}{a:,} training records, now {b:,}"
+                     for name, a, b in zip(names, saved, now, strict=True) if a != b)
 
 
 def _summary(cfg, mesh, counts, steps_per_epoch, total_steps, n_train, n_val) -> str:
