@@ -10,12 +10,9 @@ different records and may have skipped different numbers of bad ones.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,41 +121,21 @@ class Checkpointer:
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         failures = []
-        failed_log: Path | None = None
         for step in steps:
-            # A failed read leaves the checkpointer's pending reads to complete into a closed event loop, each
-            # printing a traceback (hundreds for a model), some while the next checkpoint restores: what a
-            # restore prints goes to a buffer, kept beside a checkpoint moved aside (restore.log) when it fails,
-            # added to the last such log when it succeeds after one, and replayed otherwise.
-            printed, error, moved = io.StringIO(), None, None
-            with contextlib.redirect_stderr(printed):
-                try:
-                    restored = self.restore(step, abstract_state)
-                except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled the same way
-                    error = e
-                    if jax.process_count() == 1:
-                        moved = self._move_aside(step)
-            if error is None:
-                if failed_log is None:
-                    sys.stderr.write(printed.getvalue())
-                elif printed.getvalue():
-                    with failed_log.open("a") as f:
-                        f.write(printed.getvalue())
-                return (step, *restored)
-            reason = _one_line(error)
-            if moved is None:
-                sys.stderr.write(printed.getvalue())
-                raise CheckpointRestoreError(
-                    f"checkpoint {step} in {self.directory} does not restore ({reason}); with several processes "
-                    f"it is not moved automatically: move {self.directory / str(step)} out of the way and rerun"
-                ) from error
-            failed_log = moved / "restore.log"
-            failed_log.write_text(printed.getvalue())
-            _quiet_failed_reads()
-            log.warning("checkpoint %d does not restore (%s); moved to %s (what the attempt printed: restore.log "
-                        "there), trying an older one", step, reason, moved)
-            print(f"warning: checkpoint {step} does not restore ({reason}); moved to {moved}", flush=True)
-            failures.append(step)
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled the same way
+                reason = _one_line(e)
+                if jax.process_count() > 1:
+                    raise CheckpointRestoreError(
+                        f"checkpoint {step} in {self.directory} does not restore ({reason}); with several processes "
+                        f"it is not moved automatically: move {self.directory / str(step)} out of the way and rerun"
+                    ) from e
+                moved = self._move_aside(step)
+                log.warning("checkpoint %d does not restore (%s); moved to %s, trying an older one", step, reason,
+                            moved)
+                print(f"warning: checkpoint {step} does not restore ({reason}); moved to {moved}", flush=True)
+                failures.append(step)
         if failures:
             raise CheckpointRestoreError(
                 f"no checkpoint in {self.directory} restores (steps {failures} were moved to "
@@ -184,21 +161,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-class _FailedReads(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for the checkpointer's reads of a checkpoint that did
-    not restore (one per array, logged whenever the tasks are collected): the warning above names the failure."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("Task exception was never retrieved" in message and "async_deserialize" in message)
-
-
-def _quiet_failed_reads() -> None:
-    logger = logging.getLogger("asyncio")
-    if not any(isinstance(f, _FailedReads) for f in logger.filters):
-        logger.addFilter(_FailedReads())
 
 
 class CheckpointRestoreError(RuntimeError):
