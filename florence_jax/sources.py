@@ -59,10 +59,11 @@ class SourceSpec:
     ``data/test-00000-of-00001.parquet``), and may carry a slice in ``datasets``' syntax (``"train[:-300]"``,
     ``"train[-300:]"``). A source with one split (JSONL, COCO, a parquet/arrow file or glob, a folder whose files
     name no split, a saved ``Dataset``) calls it ``"train"``: with ``split_must_exist`` another name is an error
-    (training's validation split must not quietly be its training records); without, only the slice applies. ``name`` is the Hub config name (a subset, e.g.
-    ``"chartqa"`` of ``HuggingFaceM4/the_cauldron``). ``image_column`` is the column holding images: it is read
-    undecoded, and for JSONL relative paths in it are resolved against the JSONL file's folder. ``image_root`` is
-    the folder a COCO JSON's ``file_name`` entries are relative to (None: the JSON's folder).
+    (training's validation split must not quietly be its training records); without, only the slice applies.
+    ``name`` is the Hub config name (a subset, e.g. ``"chartqa"`` of ``HuggingFaceM4/the_cauldron``).
+    ``image_column`` is the column holding images: it is read undecoded, and for JSONL relative paths in it are
+    resolved against the JSONL file's folder. ``image_root`` is the folder a COCO JSON's ``file_name`` entries are
+    relative to (None: the JSON's folder).
     """
 
     path: str
@@ -132,9 +133,8 @@ class _SlicedRecords(Sequence):
         return f"{self.records!r}[{self.start}:{self.stop}]"
 
 
-def _sliced(records: Sequence[dict[str, Any]], spec: SourceSpec, what: str) -> Sequence[dict[str, Any]]:
-    """A one-split source's records after the split check and its slice."""
-    _one_split(spec, what)
+def _sliced(records: Sequence[dict[str, Any]], spec: SourceSpec) -> Sequence[dict[str, Any]]:
+    """A one-split source's records within the slice of ``spec.split`` (its name checked by :func:`_one_split`)."""
     start, stop = slice_bounds(spec.split, len(records))
     return records if (start, stop) == (0, len(records)) else _SlicedRecords(records, start, stop)
 
@@ -475,7 +475,8 @@ def open_source(spec: SourceSpec | str,
         raise SourceError(f"data source {spec.path!r}: unknown kind {kind!r} (expected one of {KINDS})")
     try:
         if openers and kind in openers:
-            records: Sequence[dict[str, Any]] = _sliced(openers[kind](spec), spec, f"{kind} data")
+            _one_split(spec, f"{kind} data")
+            records: Sequence[dict[str, Any]] = _sliced(openers[kind](spec), spec)
         elif kind == "jsonl":
             if not os.path.isfile(spec.path):
                 raise SourceError(f"data source {spec.path!r}: no such JSONL file")
@@ -489,7 +490,7 @@ def open_source(spec: SourceSpec | str,
             if not os.path.isfile(spec.path):
                 raise SourceError(f"data source {spec.path!r}: no such COCO JSON file")
             _one_split(spec, "a COCO JSON")
-            records = _sliced(CocoRecords(spec.path, spec.image_root), spec, "a COCO JSON")
+            records = _sliced(CocoRecords(spec.path, spec.image_root), spec)
         else:
             description = f"{kind}:{spec.path}" + (f"/{spec.name}" if spec.name else "") + f"[{spec.split}]"
             records = DatasetRecords(_open_datasets(spec, kind), description)

@@ -42,6 +42,7 @@ from PIL import Image
 from florence_jax.processing import S2D_BLOCK, ImageTransform, pixel_shape, space_to_depth
 from train.data import MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS
 from train.data.templates import BadRecordError, Example, get_template
+from train.errors import ConfigError
 
 __all__ = ["PipelineConfig", "DataPipeline", "ExampleEncoder", "load_image", "mixture_train"]
 
@@ -351,8 +352,6 @@ class _CountingBatchIterator(grain.DatasetIterator):
                 limit = b.max_skip_runs[k]
                 if limit is not None and self._skip_runs[k] >= limit:
                     which = f" of dataset {b.names[k]!r}" if b.names else ""
-                    from train.errors import ConfigError
-
                     raise ConfigError(
                         f"{self._skip_runs[k]} records in a row{which} were unusable (two epochs of this "
                         f"process's share): nothing to train on. Counters: {dict(self.counters)}; for example "
@@ -388,8 +387,6 @@ class _CountingBatchIterator(grain.DatasetIterator):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        from train.errors import ConfigError
-
         # grain saves a worker pipeline's position per worker: it restores into the same number of workers only.
         saved = state.get("workers")  # absent in checkpoints written before it was saved
         hint = ("resume with the data.num_workers the checkpoint was written with" if saved is None else
